@@ -79,6 +79,21 @@ def cmd_db_status(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# handlers: worker (run, worker)
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# handlers: operator tools (registry, ingest, status, backfill, verify, cleanup, demo)
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# handlers: observability (serve)
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
 # the parser
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_db_status)
 
+    add_worker_commands(commands)
+    add_operator_commands(commands)
+    add_observability_commands(commands)
     return parser
+
+
+def add_worker_commands(commands: argparse._SubParsersAction) -> None:
+    """run, worker."""
+
+
+def add_operator_commands(commands: argparse._SubParsersAction) -> None:
+    """registry, ingest, status, backfill, verify, cleanup, demo."""
+
+
+def add_observability_commands(commands: argparse._SubParsersAction) -> None:
+    """serve."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
