@@ -157,6 +157,15 @@ def main() -> None:
             print(f"generated {rows:,} 1m rows in {time.perf_counter() - t0:.1f} s")
 
             results: dict[str, list[float]] = {"select": [], "ceiling": [], "5m": [], "up": []}
+            written: dict[str, int] = {}
+
+            def five_minutes() -> None:
+                written["5m"] = catch_up_level(conn, "5m", symbols, args.max_windows)
+
+            def upper_levels() -> None:
+                for tf in ("15m", "1h", "4h", "1d"):
+                    written[tf] = catch_up_level(conn, tf, symbols, args.max_windows)
+
             for run in range(args.runs):
                 reset_derived(conn)
                 results["select"].append(
@@ -165,21 +174,8 @@ def main() -> None:
                 results["ceiling"].append(timed(conn, lambda: conn.execute(CEILING_INSERT)))
                 (ceiling_bars,) = conn.execute("SELECT count(*) FROM derived_data_bars").fetchone()
                 reset_derived(conn)
-                written: dict[str, int] = {}
-                results["5m"].append(
-                    timed(
-                        conn,
-                        lambda: written.__setitem__(
-                            "5m", catch_up_level(conn, "5m", symbols, args.max_windows)
-                        ),
-                    )
-                )
+                results["5m"].append(timed(conn, five_minutes))
                 assert written["5m"] == ceiling_bars, (written["5m"], ceiling_bars)
-
-                def upper_levels() -> None:
-                    for tf in ("15m", "1h", "4h", "1d"):
-                        written[tf] = catch_up_level(conn, tf, symbols, args.max_windows)
-
                 results["up"].append(timed(conn, upper_levels))
                 print(
                     f"run {run + 1}: select {results['select'][-1]:.2f}s ceiling {results['ceiling'][-1]:.2f}s"
