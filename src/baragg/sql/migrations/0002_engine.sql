@@ -463,3 +463,68 @@ BEGIN
     RETURN v_result;
 END
 $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- agg_recompute_windows: rebuild the listed windows of one task from the current source bars
+-- (late or corrected data, DESIGN.md 5). Each window is upserted if its quality allows, otherwise
+-- its active bar (if any) is soft-deleted (deleted_at = now()), never hard-deleted. Same
+-- aggregation core (_agg_window_bars) and the same ON CONFLICT as the catch-up. Does not look at
+-- cursors, finality or agg_start: the caller decides which windows are due.
+-- Result: success, windows, bars_written, bars_deleted, bars_quality_poor.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION agg_recompute_windows(p_symbol text, p_to_tf text, p_window_starts timestamptz[],
+                                                 p_derivation_version integer DEFAULT 1)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_result jsonb;
+BEGIN
+    WITH wanted AS (
+        SELECT DISTINCT date_bin(v_tf.bucket_interval, w.ws, v_tf.bucket_origin) AS ws
+        FROM unnest(p_window_starts) AS w(ws)
+        WHERE w.ws IS NOT NULL
+    ),
+    fresh AS (
+        SELECT b.*
+        FROM wanted x
+        CROSS JOIN LATERAL _agg_window_bars(p_to_tf, p_symbol, x.ws, x.ws + v_tf.bucket_interval) b
+        WHERE b.quality_score IS NOT NULL
+    ),
+    written AS (
+        INSERT INTO derived_data_bars AS d (
+            canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
+            is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
+            quality_score, derivation_version, raw, deleted_at)
+        SELECT p_symbol, p_to_tf, f.ts_utc, f.open, f.high, f.low, f.close, f.vol, f.vwap, f.trade_count,
+               false, 'agg', now(), v_tf.source_timeframe, f.source_candles, f.expected_candles,
+               f.quality_score, p_derivation_version, '{}'::jsonb, NULL
+        FROM fresh f
+        ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
+        DO UPDATE SET
+            open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+            vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
+            is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
+            source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
+            expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
+            derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = now()
+        RETURNING d.quality_score
+    ),
+    removed AS (
+        UPDATE derived_data_bars d
+        SET deleted_at = now(), updated_at = now()
+        FROM wanted x
+        WHERE d.canonical_symbol = p_symbol AND d.timeframe = p_to_tf AND d.ts_utc = x.ws
+          AND d.deleted_at IS NULL
+          AND NOT EXISTS (SELECT 1 FROM fresh f WHERE f.ts_utc = x.ws)
+        RETURNING d.ts_utc
+    )
+    SELECT jsonb_build_object(
+               'success', true,
+               'windows', (SELECT count(*) FROM wanted),
+               'bars_written', (SELECT count(*) FROM written),
+               'bars_deleted', (SELECT count(*) FROM removed),
+               'bars_quality_poor', (SELECT count(*) FROM written w WHERE w.quality_score <= 0))
+    INTO v_result;
+    RETURN v_result;
+END
+$$;
