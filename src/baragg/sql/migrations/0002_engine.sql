@@ -87,6 +87,43 @@ LANGUAGE sql STABLE AS $$
       AND b.deleted_at IS NULL AND NOT b.is_partial
 $$;
 
+-- The first, last and n-th (0-based) source bar time in [p_from, p_to). Each branch is a plain
+-- ordered index scan that stops at the row it wants (through the UNION ALL above, PostgreSQL would
+-- read every row and sort them).
+CREATE OR REPLACE FUNCTION _agg_source_ts(p_source_table text, p_symbol text, p_source_tf text,
+                                          p_from timestamptz, p_to timestamptz, p_last boolean DEFAULT false,
+                                          p_offset integer DEFAULT 0)
+RETURNS timestamptz LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_ts timestamptz;
+BEGIN
+    IF p_source_table = 'data_bars' THEN
+        IF p_last THEN
+            SELECT b.ts_utc INTO v_ts FROM data_bars b
+            WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+              AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
+            ORDER BY b.ts_utc DESC OFFSET p_offset LIMIT 1;
+        ELSE
+            SELECT b.ts_utc INTO v_ts FROM data_bars b
+            WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+              AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
+            ORDER BY b.ts_utc OFFSET p_offset LIMIT 1;
+        END IF;
+    ELSIF p_last THEN
+        SELECT b.ts_utc INTO v_ts FROM derived_data_bars b
+        WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+          AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
+        ORDER BY b.ts_utc DESC OFFSET p_offset LIMIT 1;
+    ELSE
+        SELECT b.ts_utc INTO v_ts FROM derived_data_bars b
+        WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+          AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
+        ORDER BY b.ts_utc OFFSET p_offset LIMIT 1;
+    END IF;
+    RETURN v_ts;
+END
+$$;
+
 -- ---------------------------------------------------------------------------------------------
 -- The aggregation core, shared by the catch-up, the single-window functions and recomputation:
 -- one bar per non-empty bucket of p_to_tf in [p_from, p_to) for one symbol (DESIGN.md 3), with
@@ -199,9 +236,7 @@ DECLARE
     v_agg_start timestamptz := (_agg_task_settings(p_symbol, p_to_tf)).agg_start_utc;
     v_first timestamptz;
 BEGIN
-    SELECT s.ts_utc INTO v_first
-    FROM _agg_source_bars(v_tf.source_table, p_symbol, v_tf.source_timeframe, v_agg_start, 'infinity') s
-    ORDER BY s.ts_utc LIMIT 1;
+    v_first := _agg_source_ts(v_tf.source_table, p_symbol, v_tf.source_timeframe, v_agg_start, 'infinity');
     IF v_first IS NULL THEN
         RETURN date_bin(v_tf.bucket_interval, COALESCE(p_now_utc, now()), v_tf.bucket_origin)
                + v_tf.bucket_interval;
@@ -337,11 +372,9 @@ BEGIN
             -- Rule 3: windows ending after the source task's first unprocessed input wait. That
             -- input is the first row of its own source at or after its cursor (NULL cursor: none
             -- processed yet); with none, nothing waits. (max(c_s, r) = r since r >= c_s.)
-            SELECT COALESCE((SELECT b.ts_utc
-                             FROM _agg_source_bars(v_sos.source_table, s.sym, v_sos.source_timeframe,
-                                      COALESCE(src.last_agg_bar_ts_utc, timestamptz '-infinity'),
-                                      timestamptz 'infinity') b
-                             ORDER BY b.ts_utc LIMIT 1),
+            SELECT COALESCE(_agg_source_ts(v_sos.source_table, s.sym, v_sos.source_timeframe,
+                                           COALESCE(src.last_agg_bar_ts_utc, timestamptz '-infinity'),
+                                           timestamptz 'infinity'),
                             timestamptz 'infinity') AS bound
             FROM data_agg_state src
             WHERE v_derived AND src.canonical_symbol = s.sym AND src.timeframe = v_tf.source_timeframe
@@ -355,17 +388,14 @@ BEGIN
     ),
     bounded AS (
         SELECT p.*,
-               (SELECT b.ts_utc
-                FROM _agg_source_bars(v_tf.source_table, p.sym, v_tf.source_timeframe, p.s0,
-                                      timestamptz 'infinity') b
-                ORDER BY b.ts_utc DESC LIMIT 1) AS last_source_ts,
+               _agg_source_ts(v_tf.source_table, p.sym, v_tf.source_timeframe, p.s0,
+                              timestamptz 'infinity', p_last => true) AS last_source_ts,
                -- Where to stop reading: a window holds at most max_source_bars source bars, so the
                -- first p_max_windows * max_source_bars rows span at least p_max_windows windows.
                CASE WHEN p_max_windows IS NULL THEN p.nxt
-                    ELSE COALESCE((SELECT date_bin(v_iv, b.ts_utc, v_origin) + v_iv
-                                   FROM _agg_source_bars(v_tf.source_table, p.sym, v_tf.source_timeframe,
-                                                         p.s0, p.nxt) b
-                                   ORDER BY b.ts_utc OFFSET v_scan_rows - 1 LIMIT 1),
+                    ELSE COALESCE(date_bin(v_iv, _agg_source_ts(v_tf.source_table, p.sym,
+                                                   v_tf.source_timeframe, p.s0, p.nxt,
+                                                   p_offset => v_scan_rows - 1), v_origin) + v_iv,
                                   p.nxt) END AS scan_end
         FROM planned p
     ),
