@@ -214,7 +214,7 @@ class _Claimer:
                 "registry sync (%s): %s",
                 self.settings.env,
                 ", ".join(f"{n} {k}" for k, n in changed.items()),
-                extra={"event": "registry_sync", **changes},
+                extra={"event": "registry_sync", "changes": changes},
             )
         return changes
 
