@@ -273,8 +273,8 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
         p.add_argument(
             "--batch-size",
             type=_positive(int),
-            default=env("BARAGG_BATCH_SIZE", "100"),
-            help="tasks claimed per statement (env BARAGG_BATCH_SIZE; default 100)",
+            default=env("BARAGG_BATCH_SIZE", "500"),
+            help="tasks claimed per statement (env BARAGG_BATCH_SIZE; default 500)",
         )
 
     p = commands.add_parser(

@@ -42,7 +42,7 @@ STAT_KEYS = ("windows_processed", "bars_created", "bars_quality_poor", "bars_ski
 DEFAULT_LEASE_SECONDS = 300
 DEFAULT_TIME_BUDGET = 60.0
 DEFAULT_MAX_WINDOWS = 2000
-DEFAULT_BATCH_SIZE = 100
+DEFAULT_BATCH_SIZE = 500
 # Test hook: seconds to sleep after each committed catch-up call (to kill a worker mid catch-up).
 PAUSE_ENV = "BARAGG_TEST_PAUSE_BETWEEN_CALLS"
 
