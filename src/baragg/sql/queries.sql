@@ -59,11 +59,14 @@ SELECT agg_release(%(symbol)s, %(timeframe)s, %(worker_id)s, %(now)s::timestampt
 
 -- name: worker_seconds_to_next_due
 -- How long until some task becomes due (idle/hard_failed: next_run_at; running: its lease end).
-SELECT EXTRACT(epoch FROM min(CASE WHEN status = 'running'
-                                   THEN _agg_lease_end(lease_expires_at, running_started_at_utc)
-                                   ELSE COALESCE(next_run_at, now()) END) - now())::float8
-FROM data_agg_state
-WHERE enabled AND status IN ('idle', 'hard_failed', 'running');
+-- Only tasks a claim can take (their timeframe is on the ladder).
+SELECT EXTRACT(epoch FROM min(CASE WHEN s.status = 'running'
+                                   THEN GREATEST(_agg_lease_end(s.lease_expires_at, s.running_started_at_utc),
+                                                 s.next_run_at)
+                                   ELSE COALESCE(s.next_run_at, now()) END) - now())::float8
+FROM data_agg_state s
+JOIN agg_timeframes t ON t.timeframe = s.timeframe
+WHERE s.enabled AND s.status IN ('idle', 'hard_failed', 'running');
 
 -- name: worker_has_function
 SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = %(name)s AND pronamespace = 'public'::regnamespace);

@@ -32,7 +32,10 @@ ALTER TABLE data_agg_state
     ADD COLUMN IF NOT EXISTS total_hard_failures bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS total_rescues bigint NOT NULL DEFAULT 0;
 
--- The four states a task can be in (the seed used 'idle', 'running' and 'disabled').
+-- The four states a task can be in (the seed used 'idle', 'running' and 'disabled'). A status the
+-- seed's code never wrote (hand edits) means nothing to the worker: such a task becomes idle.
+UPDATE data_agg_state SET status = 'idle'
+WHERE status NOT IN ('idle', 'running', 'hard_failed', 'disabled');
 ALTER TABLE data_agg_state DROP CONSTRAINT IF EXISTS data_agg_state_status_check;
 ALTER TABLE data_agg_state ADD CONSTRAINT data_agg_state_status_check
     CHECK (status IN ('idle', 'running', 'hard_failed', 'disabled'));
