@@ -364,3 +364,24 @@ def test_run_once_on_an_upgraded_seed_database(empty_db: Database) -> None:
         assert task(conn, "DXY", "5m")["total_bars_created"] == 12
         assert task(conn, "DXY", "1h")["total_bars_created"] == 1
         assert task(conn, "XAUUSD", "5m")["status"] == "idle"  # created by the sync
+
+
+def test_worker_daemon_wakes_when_a_task_becomes_due_before_the_interval_ends(db: Database, conn) -> None:
+    add_assets(conn, ["AAA"])
+    conn.execute("SELECT sync_agg_state_from_registry('prod')")
+    conn.execute("UPDATE data_agg_state SET next_run_at = now() + interval '1 day' WHERE timeframe = '1h'")
+    conn.execute(
+        "UPDATE data_agg_state SET next_run_at = now() + interval '2 seconds' WHERE timeframe = '5m'"
+    )
+    daemon = worker.Worker(db, interval=600)
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and task(conn, "AAA", "5m")["total_runs"] == 0:
+            time.sleep(0.1)
+        assert task(conn, "AAA", "5m")["total_runs"] == 1, "not woken by next_run_at"
+    finally:
+        daemon.stop()
+        thread.join(30)
+    assert not thread.is_alive()
