@@ -226,3 +226,9 @@ def test_now_without_offset_is_utc_and_distort_env_selects_the_environment(db: D
     }
     # 00:30 UTC: the windows up to 00:25 are final (30 s delay), so 5 bars exist.
     assert sql1(conn, "SELECT count(*) FROM derived_data_bars WHERE timeframe = '5m'") == 5
+
+
+def test_run_on_a_database_without_the_schema_says_to_upgrade(empty_db: Database) -> None:
+    result = run_cli("run", "--once", url=empty_db.url)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "baragg db upgrade" in result.stderr

@@ -132,6 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InvalidInput("baragg run: only --once is supported (use `baragg worker` for a daemon)")
     _setup_worker_logging(args)
     db = database(args)
+    worker.check_schema(db)
     stop = threading.Event()
     _install_stop_signals(stop)
     summary = worker.run_once(
@@ -162,8 +163,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from baragg import worker
 
     _setup_worker_logging(args)
+    db = database(args)
+    worker.check_schema(db)
     daemon = worker.Worker(
-        database(args),
+        db,
         env=worker.resolve_env(args.env),
         interval=args.interval,
         concurrency=args.concurrency,

@@ -34,6 +34,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from baragg.db import Database
+from baragg.errors import BaraggError
 from baragg.sql import query
 
 log = logging.getLogger(__name__)
@@ -484,6 +485,32 @@ def _describe(r: TaskResult) -> str:
 # ---------------------------------------------------------------------------------------------
 # run --once
 # ---------------------------------------------------------------------------------------------
+REQUIRED_FUNCTIONS = (
+    "agg_claim_tasks",
+    "agg_catchup_tasks",
+    "agg_finish_many",
+    "sync_agg_state_from_registry",
+)
+
+
+def check_schema(db: Database) -> None:
+    """Fail with a clear message when the worker's SQL functions are missing (schema not upgraded).
+
+    Checks the functions themselves, not the migrations table: the migrations may have been applied
+    with psql or the Supabase CLI, which record nothing.
+    """
+    with db.connect(autocommit=True) as conn:
+        missing = [
+            name
+            for name in REQUIRED_FUNCTIONS
+            if not conn.execute(query("worker_has_function"), {"name": name}).fetchone()[0]
+        ]
+    if missing:
+        raise BaraggError(
+            f"the database schema is not current (function {missing[0]} is missing): run `baragg db upgrade`"
+        )
+
+
 def run_once(
     db: Database,
     *,
