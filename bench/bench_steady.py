@@ -20,8 +20,6 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
-import psycopg
-
 from _common import add_symbols, header, load, med, scratch_database
 from baragg import worker
 from baragg.db import Database
@@ -87,7 +85,11 @@ class Daemon:
 
 
 def bench_size(n: int, ticks: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {"run_once (in process)": [], "baragg run --once (process)": [], "daemon tick": []}
+    times: dict[str, list[float]] = {
+        "run_once (in process)": [],
+        "baragg run --once (process)": [],
+        "daemon tick": [],
+    }
     with scratch_database() as db:
         symbols = [f"S{i:05d}" for i in range(n)]
         with db.connect() as conn:
@@ -113,11 +115,14 @@ def bench_size(n: int, ticks: int) -> dict[str, list[float]]:
                     add_minutes(db, symbols, hour, hour + timedelta(minutes=55))  # untimed
                     worker.run_once(db, now=hour + timedelta(minutes=56))
             with db.connect() as conn:
-                assert conn.execute(
-                    "SELECT count(*) FROM data_agg_state WHERE last_agg_bar_ts_utc IS DISTINCT FROM"
-                    " CASE timeframe WHEN '5m' THEN %s::timestamptz + interval '55 minutes' ELSE %s END",
-                    (hour, hour),
-                ).fetchone()[0] == 0
+                assert (
+                    conn.execute(
+                        "SELECT count(*) FROM data_agg_state WHERE last_agg_bar_ts_utc IS DISTINCT FROM"
+                        " CASE timeframe WHEN '5m' THEN %s::timestamptz + interval '55 minutes' ELSE %s END",
+                        (hour, hour),
+                    ).fetchone()[0]
+                    == 0
+                )
                 head = header(conn, LOAD_AT_START)
         finally:
             daemon.close()
@@ -138,7 +143,10 @@ def main() -> None:
         times = bench_size(n, args.ticks)
         for name, values in times.items():
             rows.append((n, name, med(values), values))
-            print(f"{n} symbols, {name}: median {med(values):.3f}s ({', '.join(f'{v:.3f}' for v in values)})", flush=True)
+            print(
+                f"{n} symbols, {name}: median {med(values):.3f}s ({', '.join(f'{v:.3f}' for v in values)})",
+                flush=True,
+            )
     print()
     print("| symbols | tasks | what | median seconds | per task (ms) |")
     print("|---|---|---|---|---|")
