@@ -124,6 +124,40 @@ BEGIN
 END
 $$;
 
+-- The same lookups as a set-returning SQL function that the planner inlines into the caller's
+-- query (LATERAL): no PL/pgSQL call per row. Each branch is an ordered index scan that stops at its
+-- row; the branches not chosen by p_source_table / p_last are one-time filters that never run.
+-- Returns one row (the time) or none. The set-based catch-up uses this one: per task, a
+-- PL/pgSQL call costs tens of microseconds, the inlined scan a few.
+CREATE OR REPLACE FUNCTION _agg_source_edge(p_source_table text, p_symbol text, p_source_tf text,
+                                            p_from timestamptz, p_to timestamptz, p_last boolean DEFAULT false,
+                                            p_offset integer DEFAULT 0)
+RETURNS TABLE (ts_utc timestamptz) LANGUAGE sql STABLE AS $$
+    (SELECT b.ts_utc FROM data_bars b
+     WHERE p_source_table = 'data_bars' AND NOT p_last
+       AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+       AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
+     ORDER BY b.ts_utc OFFSET p_offset LIMIT 1)
+    UNION ALL
+    (SELECT b.ts_utc FROM data_bars b
+     WHERE p_source_table = 'data_bars' AND p_last
+       AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+       AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
+     ORDER BY b.ts_utc DESC OFFSET p_offset LIMIT 1)
+    UNION ALL
+    (SELECT b.ts_utc FROM derived_data_bars b
+     WHERE p_source_table = 'derived_data_bars' AND NOT p_last
+       AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+       AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
+     ORDER BY b.ts_utc OFFSET p_offset LIMIT 1)
+    UNION ALL
+    (SELECT b.ts_utc FROM derived_data_bars b
+     WHERE p_source_table = 'derived_data_bars' AND p_last
+       AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+       AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
+     ORDER BY b.ts_utc DESC OFFSET p_offset LIMIT 1)
+$$;
+
 -- ---------------------------------------------------------------------------------------------
 -- The aggregation core, shared by the catch-up, the single-window functions and recomputation:
 -- one bar per non-empty bucket of p_to_tf in [p_from, p_to) for one symbol (DESIGN.md 3), with
@@ -131,8 +165,11 @@ $$;
 -- open/close are first/last by time; vwap is volume-weighted over the rows that have both vwap
 -- and vol, NULL if there are none or their volume sums to 0.
 -- ---------------------------------------------------------------------------------------------
+-- p_is_sparse: the asset's flag when the caller has it already (the catch-up joins the registry once
+-- per task); NULL looks it up, once per bar.
+DROP FUNCTION IF EXISTS _agg_window_bars(text, text, timestamptz, timestamptz);
 CREATE OR REPLACE FUNCTION _agg_window_bars(p_to_tf text, p_symbol text, p_from timestamptz,
-                                            p_to timestamptz)
+                                            p_to timestamptz, p_is_sparse boolean DEFAULT NULL)
 RETURNS TABLE (ts_utc timestamptz, open double precision, high double precision, low double precision,
                close double precision, vol double precision, vwap double precision, trade_count integer,
                source_candles integer, expected_candles integer, quality_score integer)
@@ -148,7 +185,8 @@ LANGUAGE sql STABLE AS $$
            count(*)::integer,
            tf.expected_source_bars,
            agg_quality_score(count(*)::integer, tf.expected_source_bars,
-                             COALESCE((SELECT r.is_sparse FROM core_asset_registry_all r
+                             COALESCE(p_is_sparse,
+                                      (SELECT r.is_sparse FROM core_asset_registry_all r
                                        WHERE r.canonical_symbol = p_symbol), false))
     FROM agg_timeframes tf
     CROSS JOIN LATERAL _agg_source_bars(tf.source_table, p_symbol, tf.source_timeframe, p_from, p_to) s
@@ -352,12 +390,18 @@ BEGIN
 
     RETURN QUERY
     WITH input AS (
-        SELECT u.sym, u.ord, u.cur, st.delay_seconds, st.agg_start_utc
+        -- The task's settings, as _agg_task_settings gives them (defaults without a task row), by a
+        -- join: one index probe per task instead of a function call.
+        SELECT u.sym, u.ord, u.cur,
+               COALESCE(st.aggregation_delay_seconds, 0) AS delay_seconds,
+               COALESCE(st.agg_start_utc, timestamptz '2025-07-01 00:00:00+00') AS agg_start_utc,
+               COALESCE(r.is_sparse, false) AS is_sparse
         FROM unnest(p_symbols, p_cursors) WITH ORDINALITY AS u(sym, cur, ord)
-        CROSS JOIN LATERAL _agg_task_settings(u.sym, p_to_tf) st
+        LEFT JOIN data_agg_state st ON st.canonical_symbol = u.sym AND st.timeframe = p_to_tf
+        LEFT JOIN core_asset_registry_all r ON r.canonical_symbol = u.sym
     ),
     started AS (
-        SELECT i.sym, i.ord, i.delay_seconds, i.agg_start_utc,
+        SELECT i.sym, i.ord, i.delay_seconds, i.agg_start_utc, i.is_sparse,
                GREATEST(
                    date_bin(v_iv, COALESCE(i.cur, agg_bootstrap_cursor(i.sym, p_to_tf, v_now)), v_origin),
                    CASE WHEN date_bin(v_iv, i.agg_start_utc, v_origin) = i.agg_start_utc
@@ -375,11 +419,11 @@ BEGIN
             -- Rule 3: windows ending after the source task's first unprocessed input wait. That
             -- input is the first row of its own source at or after its cursor (NULL cursor: none
             -- processed yet); with none, nothing waits. (max(c_s, r) = r since r >= c_s.)
-            SELECT COALESCE(_agg_source_ts(v_sos.source_table, s.sym, v_sos.source_timeframe,
-                                           COALESCE(src.last_agg_bar_ts_utc, timestamptz '-infinity'),
-                                           timestamptz 'infinity'),
-                            timestamptz 'infinity') AS bound
+            SELECT COALESCE(e.ts_utc, timestamptz 'infinity') AS bound
             FROM data_agg_state src
+            LEFT JOIN LATERAL _agg_source_edge(v_sos.source_table, s.sym, v_sos.source_timeframe,
+                                               COALESCE(src.last_agg_bar_ts_utc, timestamptz '-infinity'),
+                                               timestamptz 'infinity') e ON true
             WHERE v_derived AND src.canonical_symbol = s.sym AND src.timeframe = v_tf.source_timeframe
         ) w ON true
     ),
@@ -391,21 +435,21 @@ BEGIN
     ),
     bounded AS (
         SELECT p.*,
-               _agg_source_ts(v_tf.source_table, p.sym, v_tf.source_timeframe, p.s0,
-                              timestamptz 'infinity', p_last => true) AS last_source_ts,
+               le.ts_utc AS last_source_ts,
                -- Where to stop reading: a window holds at most max_source_bars source bars, so the
                -- first p_max_windows * max_source_bars rows span at least p_max_windows windows.
                CASE WHEN p_max_windows IS NULL THEN p.nxt
-                    ELSE COALESCE(date_bin(v_iv, _agg_source_ts(v_tf.source_table, p.sym,
-                                                   v_tf.source_timeframe, p.s0, p.nxt,
-                                                   p_offset => v_scan_rows - 1), v_origin) + v_iv,
-                                  p.nxt) END AS scan_end
+                    ELSE COALESCE(date_bin(v_iv, se.ts_utc, v_origin) + v_iv, p.nxt) END AS scan_end
         FROM planned p
+        LEFT JOIN LATERAL _agg_source_edge(v_tf.source_table, p.sym, v_tf.source_timeframe, p.s0,
+                                           timestamptz 'infinity', true) le ON true
+        LEFT JOIN LATERAL _agg_source_edge(v_tf.source_table, p.sym, v_tf.source_timeframe, p.s0, p.nxt,
+                                           false, v_scan_rows - 1) se ON p_max_windows IS NOT NULL
     ),
     windows AS (
         SELECT b.sym, w.*, row_number() OVER (PARTITION BY b.sym ORDER BY w.ts_utc) AS rn
         FROM bounded b
-        CROSS JOIN LATERAL _agg_window_bars(p_to_tf, b.sym, b.s0, b.scan_end) w
+        CROSS JOIN LATERAL _agg_window_bars(p_to_tf, b.sym, b.s0, b.scan_end, b.is_sparse) w
         WHERE b.scan_end > b.s0
     ),
     handled AS (
