@@ -20,3 +20,50 @@ SELECT version, name, checksum, applied_at FROM baragg_schema_migrations ORDER B
 
 -- name: migrations_record
 INSERT INTO baragg_schema_migrations (version, name, checksum) VALUES (%(version)s, %(name)s, %(checksum)s);
+
+-- ==== worker ====
+
+-- name: worker_sync
+SELECT sync_agg_state_from_registry(%(env)s, %(now)s::timestamptz);
+
+-- name: worker_claim
+SELECT canonical_symbol, timeframe, source_timeframe, last_agg_bar_ts_utc, is_mandatory, lease_expires_at,
+       rescued_from
+FROM agg_claim_tasks(%(worker_id)s, %(limit)s, %(lease_seconds)s, %(now)s::timestamptz,
+                     %(symbols)s::text[], %(timeframes)s::text[]);
+
+-- name: worker_bootstrap
+SELECT agg_bootstrap_cursor(%(symbol)s, %(timeframe)s, COALESCE(%(now)s::timestamptz, now()));
+
+-- name: worker_catchup
+SELECT catchup_aggregation_range(%(symbol)s, %(timeframe)s, %(cursor)s::timestamptz, %(max_windows)s,
+                                 %(now)s::timestamptz);
+
+-- name: worker_checkpoint
+SELECT agg_checkpoint(%(symbol)s, %(timeframe)s, %(worker_id)s, %(cursor)s::timestamptz, %(stats)s::jsonb,
+                      %(now)s::timestamptz, %(lease_seconds)s);
+
+-- name: worker_finish_ok
+SELECT agg_finish(%(symbol)s, %(timeframe)s, true, %(cursor)s::timestamptz, %(stats)s::jsonb, NULL, NULL,
+                  %(now)s::timestamptz, %(worker_id)s);
+
+-- name: worker_finish_failed
+SELECT agg_finish(%(symbol)s, %(timeframe)s, false, NULL, NULL, %(fail_kind)s, %(error)s,
+                  %(now)s::timestamptz, %(worker_id)s);
+
+-- name: worker_finish_many
+SELECT agg_finish_many(%(worker_id)s, %(results)s::jsonb, %(now)s::timestamptz);
+
+-- name: worker_release
+SELECT agg_release(%(symbol)s, %(timeframe)s, %(worker_id)s, %(now)s::timestamptz);
+
+-- name: worker_seconds_to_next_due
+-- How long until some task becomes due (idle/hard_failed: next_run_at; running: its lease end).
+SELECT EXTRACT(epoch FROM min(CASE WHEN status = 'running'
+                                   THEN _agg_lease_end(lease_expires_at, running_started_at_utc)
+                                   ELSE COALESCE(next_run_at, now()) END) - now())::float8
+FROM data_agg_state
+WHERE enabled AND status IN ('idle', 'hard_failed', 'running');
+
+-- name: worker_has_function
+SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = %(name)s AND pronamespace = 'public'::regnamespace);

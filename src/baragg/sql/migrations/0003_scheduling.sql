@@ -391,6 +391,25 @@ BEGIN
 END $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- agg_release: give back a claimed task untouched (shutdown before its work began)
+-- ---------------------------------------------------------------------------------------------
+-- Idle again and due at once; no run is counted. Only the owner's running row changes.
+CREATE OR REPLACE FUNCTION agg_release(p_symbol text, p_to_tf text, p_worker_id text,
+    p_now_utc timestamptz DEFAULT now())
+RETURNS jsonb LANGUAGE sql AS $$
+    WITH changed AS (
+        UPDATE data_agg_state s
+        SET status = CASE WHEN s.hard_fail_streak >= 3 AND s.is_mandatory THEN 'hard_failed' ELSE 'idle' END,
+            lease_owner = NULL, lease_expires_at = NULL, rerun_requested = false,
+            next_run_at = LEAST(s.next_run_at, COALESCE(p_now_utc, now())), updated_at = now()
+        WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
+          AND s.status = 'running' AND s.lease_owner = p_worker_id
+        RETURNING 1
+    )
+    SELECT jsonb_build_object('changed', EXISTS (SELECT 1 FROM changed))
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- agg_reenable_task: the operator's way back for a task disabled after three hard failures
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION agg_reenable_task(p_symbol text, p_to_tf text, p_now_utc timestamptz DEFAULT now())
