@@ -38,6 +38,7 @@ from baragg.sql import query
 log = logging.getLogger(__name__)
 
 STAT_KEYS = ("windows_processed", "bars_created", "bars_quality_poor", "bars_skipped", "gaps_skipped")
+REAGGREGATE_KEYS = ("bars_reaggregated", "bars_withdrawn")
 DEFAULT_LEASE_SECONDS = 300
 DEFAULT_TIME_BUDGET = 60.0
 DEFAULT_MAX_WINDOWS = 2000
@@ -77,6 +78,9 @@ class TaskResult:
     seconds: float
     outcome: str
     error: str | None = None
+    # Late data (migration 0004): bars rewritten / soft-deleted because their source changed.
+    bars_reaggregated: int = 0
+    bars_withdrawn: int = 0
 
     def log_fields(self) -> dict[str, Any]:
         return {
@@ -88,6 +92,8 @@ class TaskResult:
             "bars_quality_poor": self.bars_quality_poor,
             "bars_skipped": self.bars_skipped,
             "gaps_skipped": self.gaps_skipped,
+            "bars_reaggregated": self.bars_reaggregated,
+            "bars_withdrawn": self.bars_withdrawn,
             "cursor_before": self.cursor_before,
             "cursor_after": self.cursor_after,
             "seconds": round(self.seconds, 4),
@@ -113,6 +119,8 @@ class RunSummary:
             "bars_quality_poor": sum(t.bars_quality_poor for t in self.tasks),
             "bars_skipped": sum(t.bars_skipped for t in self.tasks),
             "gaps_skipped": sum(t.gaps_skipped for t in self.tasks),
+            "bars_reaggregated": sum(t.bars_reaggregated for t in self.tasks),
+            "bars_withdrawn": sum(t.bars_withdrawn for t in self.tasks),
         }
         for outcome in ("ok", "continue", "transient", "hard", "lease_lost"):
             out[outcome] = sum(1 for t in self.tasks if t.outcome == outcome)
@@ -277,13 +285,22 @@ class _Claimer:
         s = self.settings
         started = time.monotonic()
         totals = dict.fromkeys(STAT_KEYS, 0)
+        reaggregated = dict.fromkeys(REAGGREGATE_KEYS, 0)
         cursor_before = cursor = task.cursor
         outcome, error = "ok", None
         try:
             with self.connect() as conn:
                 self.active = conn
+                first = True
                 while True:
                     with conn.transaction():
+                        if first:
+                            # Late data first: rewrite the windows invalidated behind the cursor,
+                            # committed with the first catch-up call (migration 0004).
+                            fixed = conn.execute(
+                                query("worker_reaggregate"),
+                                self.params(symbol=task.symbol, timeframe=task.timeframe),
+                            ).fetchone()[0]
                         if cursor is None:
                             cursor = conn.execute(
                                 query("worker_bootstrap"),
@@ -333,6 +350,10 @@ class _Claimer:
                     cursor = new_cursor
                     for k in STAT_KEYS:
                         totals[k] += stats[k]
+                    if first:
+                        first = False
+                        for k in REAGGREGATE_KEYS:
+                            reaggregated[k] += int(fixed.get(k) or 0)
                     if not more:
                         outcome = "continue" if backlog else "ok"
                         break
@@ -358,6 +379,8 @@ class _Claimer:
             seconds=time.monotonic() - started,
             outcome=outcome,
             error=error,
+            bars_reaggregated=reaggregated["bars_reaggregated"],
+            bars_withdrawn=reaggregated["bars_withdrawn"],
         )
 
     def record_failure(self, task: Task, kind: str, error: str) -> None:
@@ -398,6 +421,7 @@ def _describe(r: TaskResult) -> str:
     text = (
         f"{r.symbol} {r.timeframe} {r.outcome}: {r.windows} windows, {r.bars_created} bars "
         f"({r.bars_quality_poor} poor, {r.bars_skipped} skipped, {r.gaps_skipped} gaps), "
+        f"{r.bars_reaggregated} re-aggregated, {r.bars_withdrawn} withdrawn, "
         f"cursor {_short(r.cursor_before)} -> {_short(r.cursor_after)} in {r.seconds:.3f}s"
     )
     return f"{text}: {r.error}" if r.error else text

@@ -67,3 +67,19 @@ WHERE enabled AND status IN ('idle', 'hard_failed', 'running');
 
 -- name: worker_has_function
 SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = %(name)s AND pronamespace = 'public'::regnamespace);
+
+-- ==== late data (migration 0004) ====
+
+-- name: worker_reaggregate
+-- Re-aggregate the task's invalidated windows (all of them, one statement); {} keys: windows,
+-- bars_reaggregated, bars_withdrawn, entries_dropped.
+SELECT agg_reaggregate_invalidated(%(symbol)s, %(timeframe)s);
+
+-- name: pending_invalidations
+-- Per task: windows waiting to be re-aggregated because their source changed after aggregation.
+SELECT s.canonical_symbol, s.timeframe, count(i.window_start)::bigint AS pending_invalidations,
+       min(i.window_start) AS oldest_invalidated_window, min(i.first_seen_at) AS first_seen_at
+FROM data_agg_state s
+LEFT JOIN agg_invalidations i ON i.canonical_symbol = s.canonical_symbol AND i.timeframe = s.timeframe
+GROUP BY s.canonical_symbol, s.timeframe
+ORDER BY s.canonical_symbol, s.timeframe;

@@ -50,7 +50,8 @@ ALTER TABLE data_agg_state
 -- triggers' "before the dependent task's cursor" filter; bulk ingest of new data never gets here.
 -- Records the windows, then wakes the tasks that got a new entry: an idle task becomes due at once
 -- (next_run_at NULL: due under any clock, including a replayed one), a running one runs again right
--- after its finish (rerun_requested, as agg_finish does for the tasks built from a task).
+-- after its finish (rerun_requested, as agg_finish does for the tasks built from a task). A disabled
+-- task is woken too: it is not due while disabled, and runs as soon as it is enabled again.
 CREATE OR REPLACE FUNCTION _agg_record_invalidations(p_symbols text[], p_timeframes text[],
                                                      p_windows timestamptz[], p_reason text)
 RETURNS integer LANGUAGE plpgsql AS $$
@@ -73,7 +74,6 @@ BEGIN
     locked AS (
         SELECT s.canonical_symbol, s.timeframe
         FROM data_agg_state s JOIN tasks t USING (canonical_symbol, timeframe)
-        WHERE s.enabled
         ORDER BY s.canonical_symbol, s.timeframe
         FOR NO KEY UPDATE OF s
     ),
@@ -280,6 +280,7 @@ CREATE OR REPLACE FUNCTION agg_reaggregate_tasks(p_to_tf text, p_symbols text[],
                                                  p_derivation_version integer DEFAULT 1)
 RETURNS TABLE (canonical_symbol text, result jsonb)
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
     v_tf agg_timeframes := _agg_ladder(p_to_tf);
 BEGIN
