@@ -9,6 +9,7 @@ rows: cursors reset, derived rows removed, one run.
 from __future__ import annotations
 
 import math
+import os
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -390,7 +391,7 @@ def apply(conn: psycopg.Connection, op: str, start: int, length: int, bump: floa
 
 
 @settings(
-    max_examples=12,
+    max_examples=int(os.environ.get("BARAGG_LATE_EXAMPLES", "12")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
