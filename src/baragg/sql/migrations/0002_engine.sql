@@ -273,9 +273,9 @@ $$;
 -- How one task is planned (equivalent to the window-by-window rules, tests/reference_model.py):
 --   s0    = max(cursor, first bucket start >= agg_start_utc)          -- rule 1
 --   limit = min(now - delay, W): windows [ws, we) with we <= limit are allowed   -- rules 2, 3
---           W (derived sources only) = max(c_s, first source-of-source row >= c_s), where c_s is the
---           source task's cursor; a window waits iff c_s < we and such a row lies before we.
---   next  = first window start >= s0 that is not allowed
+--           W (derived sources only) = first row of the source task's own source at or after its
+--           cursor c_s (+infinity if none): a window waits iff c_s < we and such a row lies before we.
+--   next  = first window start >= s0 that is not allowed = max(s0, date_bin(limit))
 --   The non-empty allowed windows from s0 are aggregated and written (the first p_max_windows);
 --   the empty ones between them are gaps (later data exists), passed over for free (rules 4-6).
 --   cursor = end of the p_max_windows-th non-empty window if the bound was reached (continue),
@@ -334,14 +334,15 @@ BEGIN
                      COALESCE(w.bound, timestamptz 'infinity')) AS lim
         FROM started s
         LEFT JOIN LATERAL (
-            SELECT GREATEST(
-                       COALESCE(src.last_agg_bar_ts_utc, timestamptz '-infinity'),
-                       COALESCE((SELECT b.ts_utc
-                                 FROM _agg_source_bars(v_sos.source_table, s.sym, v_sos.source_timeframe,
-                                          COALESCE(src.last_agg_bar_ts_utc, timestamptz '-infinity'),
-                                          timestamptz 'infinity') b
-                                 ORDER BY b.ts_utc LIMIT 1),
-                                timestamptz 'infinity')) AS bound
+            -- Rule 3: windows ending after the source task's first unprocessed input wait. That
+            -- input is the first row of its own source at or after its cursor (NULL cursor: none
+            -- processed yet); with none, nothing waits. (max(c_s, r) = r since r >= c_s.)
+            SELECT COALESCE((SELECT b.ts_utc
+                             FROM _agg_source_bars(v_sos.source_table, s.sym, v_sos.source_timeframe,
+                                      COALESCE(src.last_agg_bar_ts_utc, timestamptz '-infinity'),
+                                      timestamptz 'infinity') b
+                             ORDER BY b.ts_utc LIMIT 1),
+                            timestamptz 'infinity') AS bound
             FROM data_agg_state src
             WHERE v_derived AND src.canonical_symbol = s.sym AND src.timeframe = v_tf.source_timeframe
         ) w ON true
@@ -349,7 +350,7 @@ BEGIN
     planned AS (
         SELECT l.*,
                CASE WHEN l.lim = timestamptz 'infinity' THEN timestamptz 'infinity'
-                    ELSE GREATEST(l.s0, date_bin(v_iv, l.lim - v_iv, v_origin) + v_iv) END AS nxt
+                    ELSE GREATEST(l.s0, date_bin(v_iv, l.lim, v_origin)) END AS nxt
         FROM limited l
     ),
     bounded AS (
