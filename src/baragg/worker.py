@@ -16,6 +16,7 @@ hand, a second signal exits at once.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import FrameType
 from typing import Any
@@ -38,6 +39,7 @@ from baragg.sql import query
 log = logging.getLogger(__name__)
 
 STAT_KEYS = ("windows_processed", "bars_created", "bars_quality_poor", "bars_skipped", "gaps_skipped")
+# Late data (migration 0004): bars rewritten / soft-deleted because their source rows changed.
 REAGGREGATE_KEYS = ("bars_reaggregated", "bars_withdrawn")
 DEFAULT_LEASE_SECONDS = 300
 DEFAULT_TIME_BUDGET = 60.0
@@ -78,7 +80,6 @@ class TaskResult:
     seconds: float
     outcome: str
     error: str | None = None
-    # Late data (migration 0004): bars rewritten / soft-deleted because their source changed.
     bars_reaggregated: int = 0
     bars_withdrawn: int = 0
 
@@ -221,13 +222,18 @@ class _Claimer:
                 "registry sync (%s): %s",
                 self.settings.env,
                 ", ".join(f"{n} {k}" for k, n in changed.items()),
-                extra={"event": "registry_sync", **changes},
+                extra={"event": "registry_sync", "changes": changes},
             )
         return changes
 
     # -- one round: claim a batch, run it ------------------------------------------------------
     def run_round(self) -> list[TaskResult]:
-        """Claim up to batch_size due tasks and run them in due order; [] when none was due."""
+        """Claim up to batch_size due tasks and run them in due order; [] when none was due.
+
+        Claimed tasks come back ordered by timeframe duration, so a round's 5m tasks are done
+        (committed) before its 1h tasks start: an hour waits for its 5m source (DESIGN.md 4 rule 3).
+        Tasks of one timeframe are caught up together, one statement for all their symbols.
+        """
         s = self.settings
         with self.connect() as conn:
             rows = conn.execute(
@@ -240,14 +246,10 @@ class _Claimer:
                 ),
             ).fetchall()
         tasks = [Task(r[0], r[1], r[2], r[3], r[4], r[6]) for r in rows]
-        results: list[TaskResult] = []
-        for i, task in enumerate(tasks):
-            if self.stop.is_set():
-                self.release(tasks[i:])
-                break
+        for task in tasks:
             if task.rescued_from:
                 log.warning(
-                    "%s %s: lease of %s had expired; rescued",
+                    "%s %s: the lease of %s had expired; task rescued",
                     task.symbol,
                     task.timeframe,
                     task.rescued_from,
@@ -258,9 +260,15 @@ class _Claimer:
                         "rescued_from": task.rescued_from,
                     },
                 )
-            result = self.catch_up(task)
-            results.append(result)
-            self.report(result)
+        results: list[TaskResult] = []
+        groups = [list(g) for _, g in itertools.groupby(tasks, key=lambda t: t.timeframe)]
+        for i, group in enumerate(groups):
+            if self.stop.is_set():
+                self.release([t for g in groups[i:] for t in g])
+                break
+            for result in self.catch_up(group):
+                results.append(result)
+                self.report(result)
         return results
 
     def report(self, result: TaskResult) -> None:
@@ -279,109 +287,120 @@ class _Claimer:
         if tasks:
             log.info("released %d claimed task(s) at shutdown", len(tasks), extra={"event": "released"})
 
-    # -- one task ------------------------------------------------------------------------------
-    def catch_up(self, task: Task) -> TaskResult:
-        """Catch one claimed task up: call after call while ``continue``, within the time budget."""
+    # -- catching up -----------------------------------------------------------------------------
+    def catch_up(self, tasks: list[Task]) -> list[TaskResult]:
+        """Catch claimed tasks of one timeframe up: call after call while ``continue``, within the
+        time budget. Each call (one statement for all symbols still behind) commits together with
+        the new cursors; the last call of a task finishes it in the same transaction.
+
+        If a transaction fails, nothing of it was written; the tasks still behind are then run one
+        by one, so that a failure is recorded against the task that caused it (and a lost lease
+        only costs its own task).
+        """
         s = self.settings
+        timeframe = tasks[0].timeframe
         started = time.monotonic()
-        totals = dict.fromkeys(STAT_KEYS, 0)
-        reaggregated = dict.fromkeys(REAGGREGATE_KEYS, 0)
-        cursor_before = cursor = task.cursor
-        outcome, error = "ok", None
+        progress = {t.symbol: _Progress(t) for t in tasks}
+        pending = list(tasks)
+        first = True
         try:
             with self.connect() as conn:
                 self.active = conn
-                first = True
-                while True:
+                while pending:
+                    symbols = [t.symbol for t in pending]
                     with conn.transaction():
+                        conn.execute(
+                            query("worker_clear_rerun"), self.params(symbols=symbols, timeframe=timeframe)
+                        )
                         if first:
-                            # Late data first: rewrite the windows invalidated behind the cursor,
+                            # Late data first: rewrite the windows invalidated behind the cursors,
                             # committed with the first catch-up call (migration 0004).
                             fixed = conn.execute(
-                                query("worker_reaggregate"),
-                                self.params(symbol=task.symbol, timeframe=task.timeframe),
-                            ).fetchone()[0]
-                        if cursor is None:
-                            cursor = conn.execute(
-                                query("worker_bootstrap"),
-                                self.params(symbol=task.symbol, timeframe=task.timeframe),
-                            ).fetchone()[0]
-                        result = conn.execute(
-                            query("worker_catchup"),
+                                query("worker_reaggregate_many"),
+                                self.params(timeframe=timeframe, symbols=symbols),
+                            ).fetchall()
+                        rows = conn.execute(
+                            query("worker_catchup_many"),
                             self.params(
-                                symbol=task.symbol,
-                                timeframe=task.timeframe,
-                                cursor=cursor,
+                                timeframe=timeframe,
+                                symbols=symbols,
+                                cursors=[progress[t.symbol].cursor for t in pending],
                                 max_windows=s.max_windows,
                             ),
-                        ).fetchone()[0]
-                        if not result.get("success", False):
-                            raise CatchupFailed(str(result.get("error") or result))
-                        new_cursor = _timestamp(result.get("cursor_advanced_to")) or cursor
-                        stats = {k: int(result.get(k) or 0) for k in STAT_KEYS}
-                        backlog = bool(result.get("continue"))
-                        more = (
-                            backlog and not self.stop.is_set() and time.monotonic() - started < s.time_budget
-                        )
-                        if more:
+                        ).fetchall()
+                        in_time = not self.stop.is_set() and time.monotonic() - started < s.time_budget
+                        finishing, continuing, calls = [], [], {}
+                        for symbol, result in rows:
+                            if not result.get("success", False):
+                                raise CatchupFailed(f"{symbol} {timeframe}: {result.get('error') or result}")
+                            call = _Call(result, progress[symbol].cursor)
+                            calls[symbol] = call
+                            item = {
+                                "canonical_symbol": symbol,
+                                "timeframe": timeframe,
+                                "new_cursor_utc": call.cursor.isoformat() if call.cursor else None,
+                                "stats": call.stats,
+                            }
+                            if call.backlog and in_time:
+                                continuing.append(item)
+                            else:
+                                finishing.append({**item, "stats": {**call.stats, "continue": call.backlog}})
+                        unchanged: list[dict[str, Any]] = []
+                        if finishing:
                             answer = conn.execute(
-                                query("worker_checkpoint"),
-                                self.params(
-                                    symbol=task.symbol,
-                                    timeframe=task.timeframe,
-                                    cursor=new_cursor,
-                                    stats=Jsonb(stats),
-                                    lease_seconds=s.lease_seconds,
-                                ),
+                                query("worker_finish_many"), self.params(results=Jsonb(finishing))
                             ).fetchone()[0]
-                        else:
+                            unchanged += answer["unchanged"]
+                        if continuing:
                             answer = conn.execute(
-                                query("worker_finish_ok"),
-                                self.params(
-                                    symbol=task.symbol,
-                                    timeframe=task.timeframe,
-                                    cursor=new_cursor,
-                                    stats=Jsonb({**stats, "continue": backlog}),
-                                ),
+                                query("worker_checkpoint_many"),
+                                self.params(items=Jsonb(continuing), lease_seconds=s.lease_seconds),
                             ).fetchone()[0]
-                        if not answer.get("changed"):
-                            raise LeaseLost(answer.get("reason") or "task no longer held")
-                    # committed: bars and cursor together
-                    cursor = new_cursor
-                    for k in STAT_KEYS:
-                        totals[k] += stats[k]
+                            unchanged += answer["unchanged"]
+                        if unchanged:
+                            raise LeaseLost("; ".join(u["reason"] for u in unchanged))
+                    # committed: bars and cursors together
+                    for symbol, call in calls.items():
+                        progress[symbol].add(call)
                     if first:
                         first = False
-                        for k in REAGGREGATE_KEYS:
-                            reaggregated[k] += int(fixed.get(k) or 0)
-                    if not more:
-                        outcome = "continue" if backlog else "ok"
-                        break
-                    if self.pause:
+                        for symbol, result in fixed:
+                            progress[symbol].add_reaggregated(result)
+                    still = {item["canonical_symbol"] for item in continuing}
+                    for t in pending:
+                        if t.symbol not in still:
+                            progress[t.symbol].outcome = "continue" if calls[t.symbol].backlog else "ok"
+                    pending = [t for t in pending if t.symbol in still]
+                    if pending and self.pause:
                         time.sleep(self.pause)
-        except LeaseLost as exc:
-            outcome, error = "lease_lost", str(exc)
         except Exception as exc:
-            outcome, error = classify(exc), _error_text(exc)
-            self.record_failure(task, outcome, error)
+            if len(tasks) == 1:
+                only = progress[tasks[0].symbol]
+                if isinstance(exc, LeaseLost):
+                    only.outcome, only.error = "lease_lost", str(exc)
+                else:
+                    only.outcome, only.error = classify(exc), _error_text(exc)
+                    self.record_failure(tasks[0], only.outcome, only.error)
+                pending = []
+            else:
+                log.debug(
+                    "batch of %d %s tasks failed (%s); running them one by one",
+                    len(pending),
+                    timeframe,
+                    _error_text(exc),
+                )
         finally:
             self.active = None
-        return TaskResult(
-            symbol=task.symbol,
-            timeframe=task.timeframe,
-            windows=totals["windows_processed"],
-            bars_created=totals["bars_created"],
-            bars_quality_poor=totals["bars_quality_poor"],
-            bars_skipped=totals["bars_skipped"],
-            gaps_skipped=totals["gaps_skipped"],
-            cursor_before=cursor_before,
-            cursor_after=cursor,
-            seconds=time.monotonic() - started,
-            outcome=outcome,
-            error=error,
-            bars_reaggregated=reaggregated["bars_reaggregated"],
-            bars_withdrawn=reaggregated["bars_withdrawn"],
-        )
+        seconds = time.monotonic() - started
+        results = []
+        for t in tasks:
+            p = progress[t.symbol]
+            if any(t is q for q in pending):
+                alone = self.catch_up([replace(t, cursor=p.cursor)])[0]
+                results.append(p.merged(alone, seconds / len(tasks)))
+            else:
+                results.append(p.result(seconds / len(tasks)))
+        return results
 
     def record_failure(self, task: Task, kind: str, error: str) -> None:
         """agg_finish(false) on a fresh connection; if even that fails, the lease expires instead."""
@@ -407,6 +426,71 @@ class _Claimer:
         return None if row is None or row[0] is None else max(0.0, float(row[0]))
 
 
+class _Call:
+    """One catch-up call's answer for one task."""
+
+    def __init__(self, result: dict[str, Any], cursor_before: datetime | None) -> None:
+        self.cursor = _timestamp(result.get("cursor_advanced_to")) or cursor_before
+        self.stats = {k: int(result.get(k) or 0) for k in STAT_KEYS}
+        self.backlog = bool(result.get("continue"))
+
+
+class _Progress:
+    """What the committed calls of one claim did so far."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.cursor_before = task.cursor
+        self.cursor = task.cursor
+        self.totals = dict.fromkeys(STAT_KEYS, 0)
+        self.reaggregated = dict.fromkeys(REAGGREGATE_KEYS, 0)
+        self.outcome = "continue"
+        self.error: str | None = None
+
+    def add(self, call: _Call) -> None:
+        self.cursor = call.cursor
+        for k in STAT_KEYS:
+            self.totals[k] += call.stats[k]
+
+    def add_reaggregated(self, result: dict[str, Any]) -> None:
+        for k in REAGGREGATE_KEYS:
+            self.reaggregated[k] += int(result.get(k) or 0)
+
+    def result(self, seconds: float) -> TaskResult:
+        return TaskResult(
+            symbol=self.task.symbol,
+            timeframe=self.task.timeframe,
+            windows=self.totals["windows_processed"],
+            bars_created=self.totals["bars_created"],
+            bars_quality_poor=self.totals["bars_quality_poor"],
+            bars_skipped=self.totals["bars_skipped"],
+            gaps_skipped=self.totals["gaps_skipped"],
+            cursor_before=self.cursor_before,
+            cursor_after=self.cursor,
+            seconds=seconds,
+            outcome=self.outcome,
+            error=self.error,
+            bars_reaggregated=self.reaggregated["bars_reaggregated"],
+            bars_withdrawn=self.reaggregated["bars_withdrawn"],
+        )
+
+    def merged(self, later: TaskResult, seconds: float) -> TaskResult:
+        """This claim's committed batch calls followed by its run alone."""
+        mine = self.result(seconds)
+        return replace(
+            later,
+            windows=mine.windows + later.windows,
+            bars_created=mine.bars_created + later.bars_created,
+            bars_quality_poor=mine.bars_quality_poor + later.bars_quality_poor,
+            bars_skipped=mine.bars_skipped + later.bars_skipped,
+            gaps_skipped=mine.gaps_skipped + later.gaps_skipped,
+            bars_reaggregated=mine.bars_reaggregated + later.bars_reaggregated,
+            bars_withdrawn=mine.bars_withdrawn + later.bars_withdrawn,
+            cursor_before=self.cursor_before,
+            seconds=seconds + later.seconds,
+        )
+
+
 def _timestamp(value: Any) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value
@@ -421,7 +505,6 @@ def _describe(r: TaskResult) -> str:
     text = (
         f"{r.symbol} {r.timeframe} {r.outcome}: {r.windows} windows, {r.bars_created} bars "
         f"({r.bars_quality_poor} poor, {r.bars_skipped} skipped, {r.gaps_skipped} gaps), "
-        f"{r.bars_reaggregated} re-aggregated, {r.bars_withdrawn} withdrawn, "
         f"cursor {_short(r.cursor_before)} -> {_short(r.cursor_after)} in {r.seconds:.3f}s"
     )
     return f"{text}: {r.error}" if r.error else text

@@ -68,12 +68,27 @@ WHERE enabled AND status IN ('idle', 'hard_failed', 'running');
 -- name: worker_has_function
 SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = %(name)s AND pronamespace = 'public'::regnamespace);
 
+-- name: worker_clear_rerun
+-- Before each catch-up call: a wake-up from the source task that arrived before this call is
+-- served by it, so it must not schedule another run (one arriving later still does).
+UPDATE data_agg_state SET rerun_requested = false
+WHERE canonical_symbol = ANY (%(symbols)s::text[]) AND timeframe = %(timeframe)s
+  AND lease_owner = %(worker_id)s AND rerun_requested;
+
+-- name: worker_catchup_many
+SELECT canonical_symbol, result
+FROM agg_catchup_tasks(%(timeframe)s, %(symbols)s::text[], %(cursors)s::timestamptz[], %(max_windows)s,
+                       %(now)s::timestamptz);
+
+-- name: worker_checkpoint_many
+SELECT agg_checkpoint_many(%(worker_id)s, %(items)s::jsonb, %(now)s::timestamptz, %(lease_seconds)s);
+
 -- ==== late data (migration 0004) ====
 
--- name: worker_reaggregate
--- Re-aggregate the task's invalidated windows (all of them, one statement); {} keys: windows,
--- bars_reaggregated, bars_withdrawn, entries_dropped.
-SELECT agg_reaggregate_invalidated(%(symbol)s, %(timeframe)s);
+-- name: worker_reaggregate_many
+-- Re-aggregate the invalidated windows of claimed tasks of one timeframe (all of them, one
+-- statement); result keys: windows, bars_reaggregated, bars_withdrawn, entries_dropped.
+SELECT canonical_symbol, result FROM agg_reaggregate_tasks(%(timeframe)s, %(symbols)s::text[]);
 
 -- name: pending_invalidations
 -- Per task: windows waiting to be re-aggregated because their source changed after aggregation.

@@ -150,11 +150,16 @@ LANGUAGE sql AS $$
         RETURNING s.canonical_symbol, s.timeframe, s.source_timeframe, s.last_agg_bar_ts_utc,
                   s.run_interval_minutes, s.aggregation_delay_seconds, s.is_mandatory, s.task_priority,
                   s.agg_start_utc, s.lease_expires_at,
-                  CASE WHEN due.old_status = 'running' THEN COALESCE(due.old_owner, '(unknown)') END
+                  CASE WHEN due.old_status = 'running' THEN COALESCE(due.old_owner, '(unknown)') END AS rescued_from,
+                  s.last_successful_at_utc
     )
-    SELECT c.* FROM claimed c
+    SELECT c.canonical_symbol, c.timeframe, c.source_timeframe, c.last_agg_bar_ts_utc, c.run_interval_minutes,
+           c.aggregation_delay_seconds, c.is_mandatory, c.task_priority, c.agg_start_utc, c.lease_expires_at,
+           c.rescued_from
+    FROM claimed c
     JOIN agg_timeframes t ON t.timeframe = c.timeframe
-    ORDER BY c.is_mandatory DESC, t.bucket_interval, c.task_priority, c.canonical_symbol
+    ORDER BY c.is_mandatory DESC, t.bucket_interval, c.task_priority, c.last_successful_at_utc NULLS FIRST,
+             c.canonical_symbol
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -387,6 +392,35 @@ BEGIN
         END IF;
     END LOOP;
     RETURN jsonb_build_object('finished', jsonb_array_length(p_results) - jsonb_array_length(v_unchanged),
+                              'unchanged', v_unchanged);
+END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- agg_checkpoint_many: agg_checkpoint for many tasks in one statement
+-- ---------------------------------------------------------------------------------------------
+-- p_items: a jsonb array of {"canonical_symbol", "timeframe", "new_cursor_utc", "stats"}; returns
+-- {"checkpointed": n, "unchanged": [elements not held by p_worker_id, with the reason]}.
+CREATE OR REPLACE FUNCTION agg_checkpoint_many(p_worker_id text, p_items jsonb,
+    p_now_utc timestamptz DEFAULT now(), p_lease_seconds integer DEFAULT 300)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_item jsonb;
+    v_out jsonb;
+    v_unchanged jsonb := '[]'::jsonb;
+BEGIN
+    FOR v_item IN
+        SELECT e FROM jsonb_array_elements(p_items) e
+        ORDER BY e->>'canonical_symbol', e->>'timeframe'
+    LOOP
+        v_out := agg_checkpoint(v_item->>'canonical_symbol', v_item->>'timeframe', p_worker_id,
+                                (v_item->>'new_cursor_utc')::timestamptz, v_item->'stats', p_now_utc,
+                                p_lease_seconds);
+        IF NOT (v_out->>'changed')::boolean THEN
+            v_unchanged := v_unchanged || jsonb_build_object('canonical_symbol', v_item->>'canonical_symbol',
+                'timeframe', v_item->>'timeframe', 'reason', v_out->>'reason');
+        END IF;
+    END LOOP;
+    RETURN jsonb_build_object('checkpointed', jsonb_array_length(p_items) - jsonb_array_length(v_unchanged),
                               'unchanged', v_unchanged);
 END $$;
 
