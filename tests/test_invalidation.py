@@ -8,6 +8,7 @@ rows: cursors reset, derived rows removed, one run.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from datetime import UTC, datetime, timedelta
@@ -146,13 +147,16 @@ def week(db: Database, conn: psycopg.Connection) -> psycopg.Connection:
 # ---------------------------------------------------------------------------------------------
 # the cases of issue 6
 # ---------------------------------------------------------------------------------------------
-def test_corrected_bar_deep_in_history_fixes_every_level_in_one_run(db: Database, week) -> None:
+def test_corrected_bar_deep_in_history_fixes_every_level_in_one_run(
+    db: Database, week, caplog: pytest.LogCaptureFixture
+) -> None:
     conn = week
     ts = MONDAY + timedelta(days=1, hours=10, minutes=7)  # Tuesday 10:07
     conn.execute("UPDATE data_bars SET high = 1000 WHERE canonical_symbol = %s AND ts_utc = %s", (SYMBOL, ts))
     assert pending(conn) == [(SYMBOL, "5m", ts - timedelta(minutes=2), "update")]
 
-    summary = run(db)
+    with caplog.at_level(logging.INFO, logger="baragg.worker"):
+        summary = run(db)
 
     tuesday = MONDAY + timedelta(days=1)
     windows = {
@@ -170,6 +174,11 @@ def test_corrected_bar_deep_in_history_fixes_every_level_in_one_run(db: Database
     assert summary.totals["bars_reaggregated"] == 6
     assert summary.totals["bars_withdrawn"] == 0
     assert {t.timeframe for t in summary.tasks if t.bars_reaggregated} == set(ALL_TFS)
+    # the run's log event and each task's event carry the counts
+    finished = [r for r in caplog.records if getattr(r, "event", None) == "run_finished"]
+    assert [(r.bars_reaggregated, r.bars_withdrawn) for r in finished] == [(6, 0)]
+    task_events = [r for r in caplog.records if getattr(r, "event", None) == "task_run"]
+    assert sum(r.bars_reaggregated for r in task_events) == 6
     totals = dict(conn.execute("SELECT timeframe, total_bars_reaggregated FROM data_agg_state").fetchall())
     assert totals == dict.fromkeys(ALL_TFS, 1)
     assert_matches_scratch(db, conn)
