@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -155,8 +155,8 @@ def bench_ingest(admin: str, runs: int, n_symbols: int) -> dict[str, dict[str, f
         drop_database(admin, db)
 
 
-def _params(symbols: list[str]) -> dict[str, object]:
-    return {"symbols": symbols, "start": START, "end": END}
+def _params(symbols: list[str], days: int = 366) -> dict[str, object]:
+    return {"symbols": symbols, "start": START, "end": min(END, START + timedelta(days=days))}
 
 
 def query_sync() -> str:
@@ -185,7 +185,7 @@ GROUP BY t.timeframe ORDER BY min(t.duration_rank)
 """
 
 
-def bench_corrections(admin: str, runs: int, n_symbols: int) -> dict[str, object]:
+def bench_corrections(admin: str, runs: int, n_symbols: int, days: int = 366) -> dict[str, object]:
     db = fresh_database(admin)
     symbols = [f"SYM{i:02d}" for i in range(n_symbols)]
     rng = random.Random(42)
@@ -193,7 +193,7 @@ def bench_corrections(admin: str, runs: int, n_symbols: int) -> dict[str, object
         with db.connect(autocommit=True) as conn:
             register(conn, symbols, daily=True)
             started = time.perf_counter()
-            conn.execute(f"INSERT INTO data_bars ({COLUMNS}) {GENERATE}", _params(symbols))
+            conn.execute(f"INSERT INTO data_bars ({COLUMNS}) {GENERATE}", _params(symbols, days))
             load_seconds = time.perf_counter() - started
             conn.execute("VACUUM ANALYZE data_bars")
             rows = conn.execute("SELECT count(*) FROM data_bars").fetchone()[0]
@@ -262,6 +262,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--ingest-symbols", type=int, default=3)
     parser.add_argument("--symbols", type=int, default=10)
+    parser.add_argument("--days", type=int, default=366, help="history length (a year by default)")
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--skip-corrections", action="store_true")
     args = parser.parse_args()
@@ -284,7 +285,7 @@ def main() -> None:
                     f"  overhead {m['overhead_pct']:+.1f}%  (median of {args.runs})"
                 )
         if not args.skip_corrections:
-            r = bench_corrections(admin, args.runs, args.symbols)
+            r = bench_corrections(admin, args.runs, args.symbols, args.days)
             print(
                 f"corrections: {r['rows']} 1m rows, {args.symbols} symbols; loaded in {r['load_seconds']:.1f}s,"
                 f" caught up in {r['catchup_seconds']:.1f}s ({r['catchup_task_runs']} task runs): {r['derived']}"
