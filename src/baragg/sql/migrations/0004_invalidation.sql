@@ -284,6 +284,17 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_tf agg_timeframes := _agg_ladder(p_to_tf);
 BEGIN
+    -- The common case, every catch-up of a task with nothing pending: one index probe, and the
+    -- statement below is not even planned.
+    IF NOT EXISTS (SELECT 1 FROM agg_invalidations i
+                   WHERE i.timeframe = p_to_tf AND i.canonical_symbol = ANY (p_symbols)) THEN
+        RETURN QUERY
+        SELECT u.sym, jsonb_build_object('success', true, 'windows', 0, 'bars_reaggregated', 0,
+                                         'bars_withdrawn', 0, 'entries_dropped', 0)
+        FROM unnest(p_symbols) WITH ORDINALITY AS u(sym, ord)
+        ORDER BY u.ord;
+        RETURN;
+    END IF;
     RETURN QUERY
     WITH input AS (
         SELECT u.sym, u.ord FROM unnest(p_symbols) WITH ORDINALITY AS u(sym, ord)
