@@ -425,3 +425,27 @@ def test_any_changes_end_equal_to_from_scratch(db: Database, conn: psycopg.Conne
             apply(conn, op, start, length, bump)
     run(db)
     assert_matches_scratch(db, conn)
+
+
+def test_a_running_task_runs_again_after_its_finish(db: Database, week) -> None:
+    """A correction logged while another worker holds the task is not lost to that worker's finish."""
+    conn = week
+    conn.execute("UPDATE data_agg_state SET next_run_at = NULL WHERE timeframe = '5m'")
+    claimed = conn.execute(
+        "SELECT count(*) FROM agg_claim_tasks('other', 10, 300, %s, ARRAY[%s], ARRAY['5m'])", (NOW, SYMBOL)
+    ).fetchone()[0]
+    assert claimed == 1
+    last_minute = MONDAY + timedelta(hours=2, minutes=4)  # the close of the 5m bar at 02:00
+    conn.execute("UPDATE data_bars SET close = close + 1 WHERE ts_utc = %s", (last_minute,))
+    state = conn.execute(
+        "SELECT status, rerun_requested FROM data_agg_state WHERE timeframe = '5m'"
+    ).fetchone()
+    assert state == ("running", True)
+    finish = conn.execute(
+        "SELECT agg_finish(%s, '5m', true, NULL, '{}'::jsonb, NULL, NULL, %s, 'other')", (SYMBOL, NOW)
+    ).fetchone()[0]
+    assert finish["next_run_at"] is not None
+    run(db)
+    assert pending(conn) == []
+    assert bar(conn, "5m", MONDAY + timedelta(hours=2))[3] == minute_bar(last_minute)[4] + 1
+    assert_matches_scratch(db, conn)
