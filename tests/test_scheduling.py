@@ -253,6 +253,29 @@ def test_progress_of_a_source_task_wakes_its_dependents(one) -> None:
     )
     assert task(conn, "EURUSD", "1h")["next_run_at"] == later
 
+    # A dependent whose next window is not final yet is not woken: it is scheduled for that moment.
+    hour_cursor = later - timedelta(minutes=30)  # window [later-30m, later+30m): final at later+31m
+    conn.execute(
+        "UPDATE data_agg_state SET last_agg_bar_ts_utc = %s, next_run_at = %s WHERE timeframe = '1h'",
+        (hour_cursor, later + timedelta(minutes=31)),
+    )
+    start(conn, "EURUSD", "5m", now=later)
+    finish(
+        conn,
+        "EURUSD",
+        "5m",
+        True,
+        cursor=T0 + timedelta(minutes=10),
+        stats={"windows_processed": 1},
+        now=later,
+    )
+    assert task(conn, "EURUSD", "1h")["next_run_at"] == later + timedelta(minutes=31)
+    conn.execute("UPDATE data_agg_state SET last_agg_bar_ts_utc = NULL, next_run_at = NULL WHERE timeframe = '1h'")
+    conn.execute(
+        "UPDATE data_agg_state SET last_agg_bar_ts_utc = %s WHERE timeframe = '5m'",
+        (T0 + timedelta(minutes=5),),
+    )
+
     # A dependent running while its source advances runs again right after it finishes.
     start(conn, "EURUSD", "1h", "w9", now=later)
     start(conn, "EURUSD", "5m", now=later + MIN)

@@ -337,14 +337,20 @@ BEGIN
                                                  'moved', u.moved)), '[]'::jsonb)
     INTO v_done FROM upd u;
 
-    -- Wake the tasks built from the ones that moved (new source rows may exist): idle ones become
+    -- Wake the tasks built from the ones that moved (new source rows may exist), if their next
+    -- window is final already (else they are scheduled for that moment anyway): idle ones become
     -- due now, running ones run again right after their finish (no lost wake-up).
     UPDATE data_agg_state d
     SET next_run_at = CASE WHEN d.status = 'running' THEN d.next_run_at ELSE v_now END,
         rerun_requested = d.rerun_requested OR d.status = 'running',
         updated_at = now()
-    FROM jsonb_to_recordset(v_done) AS m(canonical_symbol text, timeframe text, moved boolean)
+    FROM jsonb_to_recordset(v_done) AS m(canonical_symbol text, timeframe text, moved boolean),
+         agg_timeframes t
     WHERE m.moved AND d.canonical_symbol = m.canonical_symbol AND d.source_timeframe = m.timeframe AND d.enabled
+      AND t.timeframe = d.timeframe
+      AND (d.last_agg_bar_ts_utc IS NULL
+           OR d.last_agg_bar_ts_utc + t.bucket_interval
+              + make_interval(secs => COALESCE(d.aggregation_delay_seconds, 0)) <= v_now)
       AND ((d.status = 'idle' AND (d.next_run_at IS NULL OR d.next_run_at > v_now))
            OR (d.status = 'running' AND NOT d.rerun_requested));
 
