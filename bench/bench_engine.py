@@ -68,8 +68,7 @@ WHERE agg_quality_score(g.n, 5) IS NOT NULL
 
 def machine() -> str:
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    load = os.getloadavg()[0]
-    return f"{os.cpu_count()} CPUs, {mem_gb:.0f} GB RAM, {platform.platform()}, load {load:.2f} at start"
+    return f"{os.cpu_count()} CPUs, {mem_gb:.0f} GB RAM, {platform.platform()}"
 
 
 def server() -> tuple[str, object | None]:
@@ -128,6 +127,7 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=None, help="per call (default: no bound)")
     args = parser.parse_args()
 
+    load_at_start = os.getloadavg()[0]
     admin, srv = server()
     name = f"baragg_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin, autocommit=True) as c:
@@ -184,7 +184,8 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in results.items()}
             print()
             print(
-                f"{time.strftime('%Y-%m-%d')}, {machine()}, PostgreSQL {version}, load now {os.getloadavg()[0]:.2f}"
+                f"{time.strftime('%Y-%m-%d')}, {machine()}, PostgreSQL {version},"
+                f" load {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
             )
             print(
                 f"{args.symbols} symbols, {rows:,} 1m rows, {ceiling_bars:,} 5m bars, median of {args.runs} runs"

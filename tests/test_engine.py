@@ -429,3 +429,12 @@ def test_recompute_windows_upserts_and_soft_deletes(conn: psycopg.Connection) ->
         "SELECT ts_utc, high, deleted_at IS NOT NULL FROM derived_data_bars ORDER BY ts_utc, deleted_at"
     ).fetchall()
     assert rows == [(FRI, 50.0, False), (FRI + timedelta(minutes=5), 10.0, True)]
+
+
+def test_catchup_tasks_refuses_repeated_symbols(conn: psycopg.Connection) -> None:
+    add_asset(conn)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="distinct"):
+        conn.execute(
+            "SELECT * FROM agg_catchup_tasks('5m', ARRAY['EURUSD', 'EURUSD'], ARRAY[%s, %s]::timestamptz[])",
+            (FRI, FRI),
+        )

@@ -343,6 +343,9 @@ BEGIN
         RAISE EXCEPTION 'p_symbols and p_cursors differ in length (% vs %)',
             cardinality(p_symbols), cardinality(p_cursors) USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF (SELECT count(DISTINCT x) FROM unnest(p_symbols) x) <> cardinality(p_symbols) THEN
+        RAISE EXCEPTION 'p_symbols must be distinct and not NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF v_derived THEN
         v_sos := _agg_ladder(v_tf.source_timeframe);
     END IF;
