@@ -270,7 +270,9 @@ def test_progress_of_a_source_task_wakes_its_dependents(one) -> None:
         now=later,
     )
     assert task(conn, "EURUSD", "1h")["next_run_at"] == later + timedelta(minutes=31)
-    conn.execute("UPDATE data_agg_state SET last_agg_bar_ts_utc = NULL, next_run_at = NULL WHERE timeframe = '1h'")
+    conn.execute(
+        "UPDATE data_agg_state SET last_agg_bar_ts_utc = NULL, next_run_at = NULL WHERE timeframe = '1h'"
+    )
     conn.execute(
         "UPDATE data_agg_state SET last_agg_bar_ts_utc = %s WHERE timeframe = '5m'",
         (T0 + timedelta(minutes=5),),
