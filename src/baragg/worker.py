@@ -269,7 +269,8 @@ class _Claimer:
 
     def report(self, result: TaskResult) -> None:
         level = logging.INFO if result.outcome in ("ok", "continue") else logging.WARNING
-        log.log(level, _describe(result), extra=result.log_fields())
+        if log.isEnabledFor(level):
+            log.log(level, _describe(result), extra=result.log_fields())
         if self.on_task is not None:
             self.on_task(result)
 
