@@ -9,6 +9,8 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
 from scheduling_helpers import T0, add_assets, sql1, task
@@ -493,3 +495,116 @@ def test_sync_corrects_the_source_of_seed_tasks(conn) -> None:
     assert out["corrected"] == ["AAA 1h"] and out["created"] == ["AAA 5m"]
     t = task(conn, "AAA", "1h")
     assert (t["source_timeframe"], t["is_mandatory"], t["last_agg_bar_ts_utc"]) == ("5m", True, T0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The task life cycle against a plain model (hypothesis): any sequence of claims, successes,
+# failures and clock moves by several workers.
+# ---------------------------------------------------------------------------------------------
+LEASE = timedelta(seconds=300)
+BACKOFF = {1: timedelta(minutes=5), 2: timedelta(minutes=15)}
+
+
+class TaskModel:
+    """DESIGN.md 6 for one 5m task (delay 30 s), written as plainly as possible."""
+
+    def __init__(self, mandatory: bool) -> None:
+        self.mandatory = mandatory
+        self.status, self.streak, self.owner = "idle", 0, None
+        self.lease_end = self.next_run = self.cursor = None
+
+    def due(self, now) -> bool:
+        if self.next_run is not None and self.next_run > now:
+            return False
+        return self.status in ("idle", "hard_failed") or (self.status == "running" and self.lease_end <= now)
+
+    def claim(self, worker: str, now) -> bool:
+        if not self.due(now):
+            return False
+        self.status, self.owner, self.lease_end = "running", worker, now + LEASE
+        return True
+
+    def succeed(self, worker: str, now, cursor, backlog: bool) -> bool:
+        if self.status != "running" or self.owner != worker:
+            return False
+        self.status, self.streak, self.owner, self.lease_end, self.cursor = "idle", 0, None, None, cursor
+        final = cursor + timedelta(minutes=5, seconds=30)
+        self.next_run = now if backlog else (final if final > now else now + timedelta(minutes=1))
+        return True
+
+    def fail(self, worker: str, now, kind: str) -> bool:
+        if self.status != "running" or self.owner != worker:
+            return False
+        self.owner = self.lease_end = None
+        if kind == "transient":
+            self.status = "hard_failed" if self.streak >= 3 and self.mandatory else "idle"
+            self.next_run = now + timedelta(minutes=1)
+            return True
+        self.streak += 1
+        if self.streak >= 3:
+            self.status = "hard_failed" if self.mandatory else "disabled"
+            self.next_run = now + timedelta(hours=1) if self.mandatory else None
+        else:
+            self.status, self.next_run = "idle", now + BACKOFF[self.streak]
+        return True
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("claim"), st.sampled_from(["w1", "w2"])),
+        st.tuples(st.just("ok"), st.sampled_from(["w1", "w2"]), st.integers(0, 50), st.booleans()),
+        st.tuples(st.just("fail"), st.sampled_from(["w1", "w2"]), st.sampled_from(["transient", "hard"])),
+        st.tuples(st.just("wait"), st.sampled_from([1, 30, 61, 299, 300, 301, 900, 3600])),
+    ),
+    max_size=25,
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(mandatory=st.booleans(), ops=operations)
+def test_task_life_cycle_matches_the_model(conn, mandatory: bool, ops: list[tuple]) -> None:
+    conn.execute("DELETE FROM data_agg_state")
+    conn.execute(
+        "INSERT INTO data_agg_state (canonical_symbol, timeframe, source_timeframe, is_mandatory,"
+        " run_interval_minutes, aggregation_delay_seconds) VALUES ('M', '5m', '1m', %s, 5, 30)",
+        (mandatory,),
+    )
+    model, now = TaskModel(mandatory), NOW
+    for op in ops:
+        if op[0] == "wait":
+            now = now + timedelta(seconds=op[1])
+            continue
+        worker = op[1]
+        if op[0] == "claim":
+            expected = model.claim(worker, now)
+            got = start(conn, "M", "5m", worker, now=now)["claimed"]
+        elif op[0] == "ok":
+            cursor = T0 + timedelta(minutes=5 * op[2])
+            expected = model.succeed(worker, now, cursor, op[3])
+            got = finish(
+                conn, "M", "5m", True, cursor=cursor, stats={"continue": op[3]}, now=now, worker=worker
+            )
+            got = got["changed"]
+        else:
+            expected = model.fail(worker, now, op[2])
+            got = finish(conn, "M", "5m", False, kind=op[2], error="x", now=now, worker=worker)["changed"]
+        assert got == expected, (op, now)
+        t = task(conn, "M", "5m")
+        assert (
+            t["status"],
+            t["hard_fail_streak"],
+            t["lease_owner"],
+            t["next_run_at"],
+            t["last_agg_bar_ts_utc"],
+        ) == (
+            model.status,
+            model.streak,
+            model.owner,
+            model.next_run,
+            model.cursor,
+        ), (op, now)
+        assert (t["lease_expires_at"] is not None) == (t["status"] == "running")
