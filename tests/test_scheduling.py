@@ -549,24 +549,27 @@ class TaskModel:
         return True
 
 
-operations = st.lists(
-    st.one_of(
-        st.tuples(st.just("claim"), st.sampled_from(["w1", "w2"])),
-        st.tuples(st.just("ok"), st.sampled_from(["w1", "w2"]), st.integers(0, 50), st.booleans()),
-        st.tuples(st.just("fail"), st.sampled_from(["w1", "w2"]), st.sampled_from(["transient", "hard"])),
-        st.tuples(st.just("wait"), st.sampled_from([1, 30, 61, 299, 300, 301, 900, 3600])),
+# One step: move the clock, a worker tries to claim, then that worker (or, sometimes, the other
+# one) succeeds, fails or does nothing (it died: its lease will expire).
+steps = st.lists(
+    st.tuples(
+        st.sampled_from([0, 30, 61, 299, 300, 301, 900, 3600]),
+        st.sampled_from(["w1", "w2"]),
+        st.sampled_from(["ok", "ok-backlog", "transient", "hard", "hard", "hard", "die"]),
+        st.sampled_from(["same", "same", "same", "other"]),
+        st.integers(0, 50),
     ),
-    max_size=25,
+    max_size=15,
 )
 
 
 @settings(
-    max_examples=60,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(mandatory=st.booleans(), ops=operations)
-def test_task_life_cycle_matches_the_model(conn, mandatory: bool, ops: list[tuple]) -> None:
+@given(mandatory=st.booleans(), steps=steps)
+def test_task_life_cycle_matches_the_model(conn, mandatory: bool, steps: list[tuple]) -> None:
     conn.execute("DELETE FROM data_agg_state")
     conn.execute(
         "INSERT INTO data_agg_state (canonical_symbol, timeframe, source_timeframe, is_mandatory,"
@@ -574,25 +577,25 @@ def test_task_life_cycle_matches_the_model(conn, mandatory: bool, ops: list[tupl
         (mandatory,),
     )
     model, now = TaskModel(mandatory), NOW
-    for op in ops:
-        if op[0] == "wait":
-            now = now + timedelta(seconds=op[1])
-            continue
-        worker = op[1]
-        if op[0] == "claim":
-            expected = model.claim(worker, now)
-            got = start(conn, "M", "5m", worker, now=now)["claimed"]
-        elif op[0] == "ok":
-            cursor = T0 + timedelta(minutes=5 * op[2])
-            expected = model.succeed(worker, now, cursor, op[3])
+    for wait, claimer, action, who, n in steps:
+        now = now + timedelta(seconds=wait)
+        assert start(conn, "M", "5m", claimer, now=now)["claimed"] == model.claim(claimer, now), (
+            claimer,
+            now,
+        )
+        worker = claimer if who == "same" else ({"w1": "w2", "w2": "w1"}[claimer])
+        if action in ("ok", "ok-backlog"):
+            cursor = T0 + timedelta(minutes=5 * n)
+            backlog = action == "ok-backlog"
+            expected = model.succeed(worker, now, cursor, backlog)
             got = finish(
-                conn, "M", "5m", True, cursor=cursor, stats={"continue": op[3]}, now=now, worker=worker
+                conn, "M", "5m", True, cursor=cursor, stats={"continue": backlog}, now=now, worker=worker
             )
-            got = got["changed"]
-        else:
-            expected = model.fail(worker, now, op[2])
-            got = finish(conn, "M", "5m", False, kind=op[2], error="x", now=now, worker=worker)["changed"]
-        assert got == expected, (op, now)
+            assert got["changed"] == expected
+        elif action in ("transient", "hard"):
+            expected = model.fail(worker, now, action)
+            got = finish(conn, "M", "5m", False, kind=action, error="x", now=now, worker=worker)
+            assert got["changed"] == expected
         t = task(conn, "M", "5m")
         assert (
             t["status"],
@@ -606,5 +609,5 @@ def test_task_life_cycle_matches_the_model(conn, mandatory: bool, ops: list[tupl
             model.owner,
             model.next_run,
             model.cursor,
-        ), (op, now)
+        ), (wait, claimer, action, who, now)
         assert (t["lease_expires_at"] is not None) == (t["status"] == "running")
