@@ -12,7 +12,9 @@ N 5m windows and N 1h windows, 2N task runs, plus the registry sync. Prints the 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +45,31 @@ def server_url() -> tuple[str, object | None]:
     return server.get_uri(), server
 
 
+_spent: dict[str, float] = collections.defaultdict(float)
+_execute = psycopg.Connection.execute
+
+
+def _timed_execute(self, query, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """Seconds per statement kind (the first words of the SQL), for the breakdown."""
+    started = time.perf_counter()
+    try:
+        return _execute(self, query, *args, **kwargs)
+    finally:
+        words = " ".join(str(query).split())
+        name = next((f for f in FUNCTIONS if f in words), words[:40])
+        _spent[name] += time.perf_counter() - started
+
+
+FUNCTIONS = (
+    "sync_agg_state_from_registry",
+    "agg_claim_tasks",
+    "agg_catchup_tasks",
+    "agg_finish_many",
+    "agg_checkpoint_many",
+    "rerun_requested = false",
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--symbols", type=int, default=1000)
@@ -63,27 +90,39 @@ def main() -> None:
             add_assets(conn, symbols)
             add_minutes(conn, symbols, day + timedelta(hours=9), day + timedelta(hours=10, minutes=55))
         worker.run_once(db, now=day + timedelta(hours=10, minutes=56), batch_size=args.batch_size)
-        times = []
+        times: list[float] = []
+        breakdown: dict[str, float] = {}
         hour = day + timedelta(hours=10)
         for _ in range(args.ticks):
             with db.connect(autocommit=True) as conn:
                 add_minutes(conn, symbols, hour + timedelta(minutes=55), hour + timedelta(minutes=60))
                 conn.execute("ANALYZE")
+            _spent.clear()
+            psycopg.Connection.execute = _timed_execute  # type: ignore[method-assign]
             started = time.perf_counter()
             summary = worker.run_once(
                 db, now=hour + timedelta(hours=1, minutes=1), batch_size=args.batch_size
             )
             times.append(time.perf_counter() - started)
+            psycopg.Connection.execute = _execute  # type: ignore[method-assign]
+            breakdown = dict(_spent)
             totals = summary.totals
             assert totals["windows"] == 2 * args.symbols, totals
             hour += timedelta(hours=1)
             with db.connect(autocommit=True) as conn:  # the next hour up to :55, untimed
                 add_minutes(conn, symbols, hour, hour + timedelta(minutes=55))
             worker.run_once(db, now=hour + timedelta(minutes=56), batch_size=args.batch_size)
+        with db.connect() as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]
+        print(
+            f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, PostgreSQL {version}, "
+            f"load average {os.getloadavg()[0]:.1f}"
+        )
         print(
             f"{args.symbols} symbols x 2 tasks, one new window each, batch {args.batch_size}: "
             f"median {statistics.median(times):.3f}s  (ticks: {', '.join(f'{t:.3f}' for t in times)})"
         )
+        print("last tick by statement: " + ", ".join(f"{k} {v:.3f}s" for k, v in breakdown.items()))
     finally:
         with psycopg.connect(url, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -125,9 +125,18 @@ def _install_stop_signals(stop: threading.Event) -> None:
         signal.signal(sig, handler)
 
 
+def _check_budget(args: argparse.Namespace) -> None:
+    if args.time_budget >= args.lease_seconds:
+        raise InvalidInput(
+            f"--time-budget ({args.time_budget:g}s) must be shorter than --lease-seconds ({args.lease_seconds}s): "
+            "a claim renews its lease only while it works"
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from baragg import worker
 
+    _check_budget(args)
     if not args.once:
         raise InvalidInput("baragg run: only --once is supported (use `baragg worker` for a daemon)")
     _setup_worker_logging(args)
@@ -162,6 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from baragg import worker
 
+    _check_budget(args)
     _setup_worker_logging(args)
     db = database(args)
     worker.check_schema(db)

@@ -262,19 +262,23 @@ class _Claimer:
                     },
                 )
         results: list[TaskResult] = []
+        # One time budget for the whole round: the leases of tasks in later groups are not renewed
+        # while they wait, and the budget is shorter than a lease.
+        deadline = time.monotonic() + s.time_budget
         groups = [list(g) for _, g in itertools.groupby(tasks, key=lambda t: t.timeframe)]
         for i, group in enumerate(groups):
             if self.stop.is_set():
                 self.release([t for g in groups[i:] for t in g])
                 break
-            for result in self.catch_up(group):
+            for result in self.catch_up(group, deadline):
                 results.append(result)
                 self.report(result)
         return results
 
     def report(self, result: TaskResult) -> None:
         level = logging.INFO if result.outcome in ("ok", "continue") else logging.WARNING
-        log.log(level, _describe(result), extra=result.log_fields())
+        if log.isEnabledFor(level):
+            log.log(level, _describe(result), extra=result.log_fields())
         if self.on_task is not None:
             self.on_task(result)
 
@@ -289,9 +293,9 @@ class _Claimer:
             log.info("released %d claimed task(s) at shutdown", len(tasks), extra={"event": "released"})
 
     # -- catching up -----------------------------------------------------------------------------
-    def catch_up(self, tasks: list[Task]) -> list[TaskResult]:
-        """Catch claimed tasks of one timeframe up: call after call while ``continue``, within the
-        time budget. Each call (one statement for all symbols still behind) commits together with
+    def catch_up(self, tasks: list[Task], deadline: float) -> list[TaskResult]:
+        """Catch claimed tasks of one timeframe up: call after call while ``continue``, until the
+        deadline (monotonic clock; the first call always runs). Each call (one statement for all symbols still behind) commits together with
         the new cursors; the last call of a task finishes it in the same transaction.
 
         If a transaction fails, nothing of it was written; the tasks still behind are then run one
@@ -329,7 +333,7 @@ class _Claimer:
                                 max_windows=s.max_windows,
                             ),
                         ).fetchall()
-                        in_time = not self.stop.is_set() and time.monotonic() - started < s.time_budget
+                        in_time = not self.stop.is_set() and time.monotonic() < deadline
                         finishing, continuing, calls = [], [], {}
                         for symbol, result in rows:
                             if not result.get("success", False):
@@ -397,7 +401,7 @@ class _Claimer:
         for t in tasks:
             p = progress[t.symbol]
             if any(t is q for q in pending):
-                alone = self.catch_up([replace(t, cursor=p.cursor)])[0]
+                alone = self.catch_up([replace(t, cursor=p.cursor)], deadline)[0]
                 results.append(p.merged(alone, seconds / len(tasks)))
             else:
                 results.append(p.result(seconds / len(tasks)))

@@ -337,14 +337,20 @@ BEGIN
                                                  'moved', u.moved)), '[]'::jsonb)
     INTO v_done FROM upd u;
 
-    -- Wake the tasks built from the ones that moved (new source rows may exist): idle ones become
+    -- Wake the tasks built from the ones that moved (new source rows may exist), if their next
+    -- window is final already (else they are scheduled for that moment anyway): idle ones become
     -- due now, running ones run again right after their finish (no lost wake-up).
     UPDATE data_agg_state d
     SET next_run_at = CASE WHEN d.status = 'running' THEN d.next_run_at ELSE v_now END,
         rerun_requested = d.rerun_requested OR d.status = 'running',
         updated_at = now()
-    FROM jsonb_to_recordset(v_done) AS m(canonical_symbol text, timeframe text, moved boolean)
+    FROM jsonb_to_recordset(v_done) AS m(canonical_symbol text, timeframe text, moved boolean),
+         agg_timeframes t
     WHERE m.moved AND d.canonical_symbol = m.canonical_symbol AND d.source_timeframe = m.timeframe AND d.enabled
+      AND t.timeframe = d.timeframe
+      AND (d.last_agg_bar_ts_utc IS NULL
+           OR d.last_agg_bar_ts_utc + t.bucket_interval
+              + make_interval(secs => COALESCE(d.aggregation_delay_seconds, 0)) <= v_now)
       AND ((d.status = 'idle' AND (d.next_run_at IS NULL OR d.next_run_at > v_now))
            OR (d.status = 'running' AND NOT d.rerun_requested));
 
@@ -524,6 +530,25 @@ RETURNS jsonb LANGUAGE sql AS $$
     SELECT jsonb_build_object('changed', EXISTS (SELECT 1 FROM changed))
 $$;
 
+-- The tasks the registry asks for in an environment (DESIGN.md 7), with their source and kind.
+CREATE OR REPLACE FUNCTION _agg_wanted_tasks(p_env_name text)
+RETURNS TABLE (canonical_symbol text, timeframe text, source_timeframe text, is_mandatory boolean)
+LANGUAGE sql STABLE AS $$
+    SELECT r.canonical_symbol, w.timeframe, t.source_timeframe, w.mandatory
+    FROM core_asset_registry_all r
+    CROSS JOIN LATERAL (VALUES
+        ('5m', true, true),
+        ('1h', true, true),
+        ('15m', false, COALESCE(r.calc_15m, false)),
+        ('4h', false, COALESCE(r.calc_4h, false)),
+        ('1d', false, COALESCE(r.calc_1d, false) OR COALESCE(r.calc_1w, false)),
+        ('1w', false, COALESCE(r.calc_1w, false))
+    ) AS w(timeframe, mandatory, wanted)
+    JOIN agg_timeframes t ON t.timeframe = w.timeframe
+    WHERE w.wanted
+      AND CASE WHEN p_env_name = 'prod' THEN COALESCE(r.active, false) ELSE COALESCE(r.test_active, false) END
+$$;
+
 -- ---------------------------------------------------------------------------------------------
 -- sync_agg_state_from_registry (DESIGN.md 7)
 -- ---------------------------------------------------------------------------------------------
@@ -551,30 +576,10 @@ DECLARE
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('baragg.sync_agg_state_from_registry'));
 
-    CREATE TEMP TABLE IF NOT EXISTS _agg_wanted (
-        canonical_symbol text, timeframe text, source_timeframe text, is_mandatory boolean,
-        PRIMARY KEY (canonical_symbol, timeframe)
-    ) ON COMMIT DROP;
-    TRUNCATE _agg_wanted;
-    INSERT INTO _agg_wanted
-    SELECT r.canonical_symbol, w.timeframe, t.source_timeframe, w.mandatory
-    FROM core_asset_registry_all r
-    CROSS JOIN LATERAL (VALUES
-        ('5m', true, true),
-        ('1h', true, true),
-        ('15m', false, COALESCE(r.calc_15m, false)),
-        ('4h', false, COALESCE(r.calc_4h, false)),
-        ('1d', false, COALESCE(r.calc_1d, false) OR COALESCE(r.calc_1w, false)),
-        ('1w', false, COALESCE(r.calc_1w, false))
-    ) AS w(timeframe, mandatory, wanted)
-    JOIN agg_timeframes t ON t.timeframe = w.timeframe
-    WHERE w.wanted
-      AND CASE WHEN p_env_name = 'prod' THEN COALESCE(r.active, false) ELSE COALESCE(r.test_active, false) END;
-
     -- Lock the rows about to change in key order, so concurrent finishers cannot deadlock with us.
     PERFORM 1 FROM data_agg_state s
     JOIN agg_timeframes t ON t.timeframe = s.timeframe
-    LEFT JOIN _agg_wanted w ON w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe
+    LEFT JOIN _agg_wanted_tasks(p_env_name) w ON w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe
     WHERE (w.timeframe IS NULL AND s.enabled)
        OR (w.timeframe IS NOT NULL AND (NOT s.enabled OR s.source_timeframe IS DISTINCT FROM w.source_timeframe
                                         OR s.is_mandatory IS DISTINCT FROM w.is_mandatory))
@@ -588,8 +593,12 @@ BEGIN
                (extract(epoch FROM t.bucket_interval) / 60)::integer,
                CASE WHEN w.timeframe = '5m' THEN 30 ELSE 60 END,
                true, 'idle', NULL
-        FROM _agg_wanted w
+        FROM _agg_wanted_tasks(p_env_name) w
         JOIN agg_timeframes t ON t.timeframe = w.timeframe
+        -- Only the missing ones (an anti-join is far cheaper than a conflict per existing task);
+        -- ON CONFLICT still covers a task inserted meanwhile by a caller not taking the lock.
+        WHERE NOT EXISTS (SELECT 1 FROM data_agg_state s
+                          WHERE s.canonical_symbol = w.canonical_symbol AND s.timeframe = w.timeframe)
         ORDER BY w.canonical_symbol, w.timeframe
         ON CONFLICT (canonical_symbol, timeframe) DO NOTHING
         RETURNING canonical_symbol || ' ' || timeframe AS task
@@ -603,7 +612,7 @@ BEGIN
             hard_fail_streak = CASE WHEN s.status = 'disabled' THEN 0 ELSE s.hard_fail_streak END,
             next_run_at = CASE WHEN s.status = 'disabled' THEN v_now ELSE s.next_run_at END,
             updated_at = now()
-        FROM _agg_wanted w
+        FROM _agg_wanted_tasks(p_env_name) w
         WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe AND NOT s.enabled
         RETURNING s.canonical_symbol || ' ' || s.timeframe AS task
     )
@@ -614,7 +623,7 @@ BEGIN
         SET enabled = false, updated_at = now()
         WHERE s.enabled
           AND EXISTS (SELECT 1 FROM agg_timeframes t WHERE t.timeframe = s.timeframe)
-          AND NOT EXISTS (SELECT 1 FROM _agg_wanted w
+          AND NOT EXISTS (SELECT 1 FROM _agg_wanted_tasks(p_env_name) w
                           WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe)
         RETURNING s.canonical_symbol || ' ' || s.timeframe AS task
     )
@@ -623,14 +632,13 @@ BEGIN
     WITH upd AS (
         UPDATE data_agg_state s
         SET source_timeframe = w.source_timeframe, is_mandatory = w.is_mandatory, updated_at = now()
-        FROM _agg_wanted w
+        FROM _agg_wanted_tasks(p_env_name) w
         WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe
           AND (s.source_timeframe IS DISTINCT FROM w.source_timeframe OR s.is_mandatory IS DISTINCT FROM w.is_mandatory)
         RETURNING s.canonical_symbol || ' ' || s.timeframe AS task
     )
     SELECT COALESCE(jsonb_agg(task ORDER BY task), '[]') INTO v_corrected FROM upd;
 
-    DROP TABLE _agg_wanted;
     RETURN jsonb_build_object('env', p_env_name, 'created', v_created, 'enabled', v_enabled,
                               'disabled', v_disabled, 'corrected', v_corrected);
 END $$;
