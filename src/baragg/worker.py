@@ -752,6 +752,11 @@ class Worker:
         while not self._stop.is_set():
             try:
                 if syncs and time.monotonic() >= next_sync:
+                    if next_sync:
+                        # Due work first: a window that just became final is not held back by
+                        # the registry sync (~0.1 s at 1,000 symbols). The first tick syncs first.
+                        while not self._stop.is_set() and claimer.run_round():
+                            pass
                     claimer.sync()
                     next_sync = time.monotonic() + self.interval
                 while not self._stop.is_set() and claimer.run_round():
