@@ -91,6 +91,16 @@ def cmd_db_status(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # handlers: observability (serve)
 # ---------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from baragg.web import StatusServer
+
+    server = StatusServer(database(args), args.host, args.port, refresh_seconds=args.refresh)
+    server.bind()
+    print(
+        f"baragg status page on {server.url}/  (metrics {server.url}/metrics; Ctrl-C stops)", file=sys.stderr
+    )
+    server.serve_forever()
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +160,31 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
 
 def add_observability_commands(commands: argparse._SubParsersAction) -> None:
     """serve."""
+    p = commands.add_parser(
+        "serve",
+        help="status page, JSON API, /metrics, /healthz and /readyz over HTTP",
+        description="Serve the status page (tasks, lag, candlestick charts), the JSON API behind it "
+        "(docs/api.md), Prometheus metrics at /metrics, and /healthz, /readyz. Everything is served "
+        "by baragg itself; no internet is needed.",
+    )
+    p.add_argument(
+        "--host",
+        default=os.environ.get("BARAGG_HOST", "127.0.0.1"),
+        help="address to listen on (env BARAGG_HOST; default 127.0.0.1, use 0.0.0.0 for all)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("BARAGG_PORT", "8000")),
+        help="port to listen on (env BARAGG_PORT; default 8000, 0 picks a free one)",
+    )
+    p.add_argument(
+        "--refresh",
+        type=float,
+        default=float(os.environ.get("BARAGG_REFRESH_SECONDS", "5")),
+        help="seconds between refreshes of the page (env BARAGG_REFRESH_SECONDS; default 5)",
+    )
+    p.set_defaults(handler=cmd_serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
