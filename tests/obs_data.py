@@ -105,9 +105,10 @@ def add_derived_bars(
     *,
     step: timedelta,
     seed: int = 1,
+    start_price: float = 100.0,
 ) -> datetime:
     """n consecutive bars from start; returns the start of the bar after the last one."""
-    rows = random_walk(n, seed)
+    rows = random_walk(n, seed, start_price)
     with (
         conn.cursor() as cur,
         cur.copy(
@@ -122,9 +123,9 @@ def add_derived_bars(
 
 
 def add_minute_bars(
-    conn: psycopg.Connection, symbol: str, start: datetime, n: int, seed: int = 2
+    conn: psycopg.Connection, symbol: str, start: datetime, n: int, seed: int = 2, start_price: float = 100.0
 ) -> datetime:
-    rows = random_walk(n, seed)
+    rows = random_walk(n, seed, start_price)
     with (
         conn.cursor() as cur,
         cur.copy(
@@ -136,28 +137,31 @@ def add_minute_bars(
     return start + n * timedelta(minutes=1)
 
 
-def standard_fixture(conn: psycopg.Connection, bars: int = 600) -> dict[str, object]:
+def standard_fixture(conn: psycopg.Connection, bars: int = 600, now: datetime = NOW) -> dict[str, object]:
     """Three symbols, seven tasks, one hard_failed and one disabled; `bars` 5m bars of ESZ4.
 
-    ESZ4 5m is caught up to its source (1m data ends at NOW's 5-minute boundary); ESZ4 1h lags two
-    hours behind its 5m source; GC 5m is hard_failed; CL 15m is disabled.
+    With the default clock (Friday 15:07:30): ESZ4 5m is caught up (1m data runs through 15:06, the
+    window 15:05-15:10 is open); ESZ4 1h lags two hours behind its 5m source; GCZ4 5m is hard_failed;
+    CLZ4 15m is disabled. Another `now` shifts every time by the same amount.
     """
+    shift = now - NOW
+    at = lambda *args: datetime(*args, tzinfo=UTC) + shift  # noqa: E731
     add_symbols(conn, "ESZ4", "GCZ4", "CLZ4")
-    end_5m = NOW.replace(minute=5, second=0)  # 15:05, the window 15:05-15:10 is still open
+    end_5m = at(2024, 11, 22, 15, 5)
     start_5m = end_5m - bars * FIVE_MIN
-    add_derived_bars(conn, "ESZ4", "5m", start_5m, bars, step=FIVE_MIN)
-    add_minute_bars(conn, "ESZ4", end_5m - timedelta(minutes=60), 62)  # through 15:06
+    add_derived_bars(conn, "ESZ4", "5m", start_5m, bars, step=FIVE_MIN, start_price=5950.0)
+    add_minute_bars(conn, "ESZ4", end_5m - timedelta(minutes=60), 62, start_price=5950.0)  # through 15:06
+    poor = sum(1 for i in range(bars) if quality_of(i)[0] <= 0)
     tasks = [
-        Task("ESZ4", "5m", "1m", end_5m, bars_created=bars, bars_poor=sum(1 for i in range(bars) if quality_of(i)[0] <= 0),
-             next_run=end_5m + 2 * FIVE_MIN),
-        Task("ESZ4", "1h", "5m", datetime(2024, 11, 22, 13, tzinfo=UTC), next_run=NOW),
-        Task("ESZ4", "15m", "5m", datetime(2024, 11, 22, 15, tzinfo=UTC), mandatory=False),
-        Task("GCZ4", "5m", "1m", datetime(2024, 11, 20, tzinfo=UTC), status="hard_failed", streak=4,
+        Task("ESZ4", "5m", "1m", end_5m, bars_created=bars, bars_poor=poor, next_run=end_5m + 2 * FIVE_MIN),
+        Task("ESZ4", "1h", "5m", at(2024, 11, 22, 13), next_run=now, bars_created=1480, bars_poor=3),
+        Task("ESZ4", "15m", "5m", at(2024, 11, 22, 15), mandatory=False, next_run=at(2024, 11, 22, 15, 15)),
+        Task("GCZ4", "5m", "1m", at(2024, 11, 20), status="hard_failed", streak=4, next_run=now + timedelta(minutes=10),
              last_error="division by zero in catchup_aggregation_range"),
-        Task("GCZ4", "1h", "5m", None),
-        Task("CLZ4", "5m", "1m", datetime(2024, 11, 22, 15, tzinfo=UTC), status="running"),
-        Task("CLZ4", "15m", "5m", datetime(2024, 11, 1, tzinfo=UTC), enabled=False, mandatory=False,
-             status="disabled", streak=3, last_error="relation does not exist"),
+        Task("GCZ4", "1h", "5m", None, next_run=now),
+        Task("CLZ4", "5m", "1m", at(2024, 11, 22, 15), status="running", bars_created=8200, bars_poor=41),
+        Task("CLZ4", "15m", "5m", at(2024, 11, 1), enabled=False, mandatory=False,
+             status="disabled", streak=3, last_error="relation \"derived_data_bars_tmp\" does not exist"),
     ]  # fmt: skip
     for t in tasks:
         add_task(conn, t)

@@ -6,7 +6,7 @@
   const TF_ORDER = ["1m", "5m", "15m", "1h", "4h", "1d", "1w"];
   const TF_SECONDS = { "1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14400, "1d": 86400, "1w": 604800 };
   const STATE_RANK = { hard_failed: 0, disabled: 2, running: 3, idle: 4 };
-  const QUALITY_ALPHA = { 2: 1, 1: 0.7, 0: 0.4, "-1": 0.2 };
+  const QUALITY_ALPHA = { 2: 1, 1: 0.72, 0: 0.36, "-1": 0.18 };
   const QUALITY_NAME = { 2: "excellent", 1: "good", 0: "poor", "-1": "very poor" };
   const UP = "38, 166, 154";
   const DOWN = "239, 83, 80";
@@ -93,8 +93,10 @@
   function renderChips(summary) {
     const by = summary.by_state || {};
     const chips = [];
-    const chip = (cls, value, label, title) =>
-      chips.push(`<span class="chip ${cls}" title="${esc(title || "")}"><b>${esc(value)}</b><span class="lbl">${esc(label)}</span></span>`);
+    const chip = (cls, value, label, title, labelFirst) => {
+      const v = `<b>${esc(value)}</b>`, l = `<span class="lbl">${esc(label)}</span>`;
+      chips.push(`<span class="chip ${cls}" title="${esc(title || "")}">${labelFirst ? l + v : v + l}</span>`);
+    };
     chip("", summary.tasks, "tasks");
     chip(by.idle ? "ok" : "", by.idle || 0, "idle");
     chip("", by.running || 0, "running");
@@ -104,11 +106,11 @@
       const lag = w.lag_frontier_seconds;
       const cls = lagClass(lag, tf);
       const tone = cls === "lag-bad" ? "bad" : cls === "lag-warn" ? "warn" : "";
-      chip(tone, lag === null ? "–" : duration(lag), tf + " max lag",
-        w.symbol_frontier ? `largest lag behind the frontier: ${w.symbol_frontier}` : "");
+      chip(tone, lag === null ? "–" : duration(lag), tf + " lag",
+        "largest lag behind the frontier" + (w.symbol_frontier ? `: ${w.symbol_frontier}` : ""), true);
     }
     chip("", num(summary.bars_created), "bars");
-    chip(summary.bars_quality_poor ? "" : "", num(summary.bars_quality_poor), "poor");
+    chip("", num(summary.bars_quality_poor), "poor", "bars stored with quality ≤ 0");
     $("#chips").innerHTML = chips.join("");
   }
 

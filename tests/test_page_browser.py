@@ -1,0 +1,148 @@
+"""The status page in a real headless Chromium (Debian's `chromium`), driven by Playwright.
+
+Checks what an operator relies on: every task is listed, failed and disabled tasks stand out, and
+the chart draws every bar it was sent. Saves screenshots under test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from obs_data import FIVE_MIN, add_derived_bars, add_symbols, standard_fixture
+from web_client import running_server
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+def find_chromium() -> str | None:
+    candidates = [
+        os.environ.get("BARAGG_CHROMIUM"),
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+        shutil.which("google-chrome"),
+    ]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+CHROMIUM = find_chromium()
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium binary (install Debian's chromium, or set BARAGG_CHROMIUM)"
+)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1600, "height": 900}, device_scale_factor=1)
+    p = context.new_page()
+    errors: list[str] = []
+    p.on("pageerror", lambda exc: errors.append(str(exc)))
+    p.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    yield p
+    context.close()
+    assert errors == [], f"the page logged errors: {errors}"
+
+
+def wait_for_chart(page, timeout: float = 60_000) -> None:
+    page.wait_for_function("window.baraggChart && window.baraggChart.ready", timeout=timeout)
+
+
+def test_status_page_lists_tasks_and_draws_candles(db, conn, page):
+    # Times near the real clock, so that "behind now" and "next run" read as they would live.
+    real = datetime.now(UTC)
+    now = real.replace(minute=real.minute - real.minute % 5, second=0, microsecond=0) + timedelta(
+        minutes=2, seconds=30
+    )
+    fixture = standard_fixture(conn, bars=600, now=now)
+    with running_server(db) as server:
+        page.goto(server.url + "/#symbol=ESZ4&tf=5m")
+        page.wait_for_selector("#tasks tbody tr")
+        wait_for_chart(page)
+
+        rows = page.locator("#tasks tbody tr")
+        assert rows.count() == len(fixture["tasks"])
+        listed = {(r.get_attribute("data-symbol"), r.get_attribute("data-timeframe")) for r in rows.all()}
+        assert listed == {(t.symbol, t.timeframe) for t in fixture["tasks"]}
+        # Problems first: the hard_failed task tops the table, the disabled one is marked.
+        first = rows.nth(0)
+        assert (first.get_attribute("data-symbol"), first.get_attribute("data-timeframe")) == ("GCZ4", "5m")
+        assert "hard_failed" in first.get_attribute("class")
+        assert "division by zero" in first.inner_text()
+        disabled = page.locator('#tasks tbody tr[data-symbol="CLZ4"][data-timeframe="15m"]')
+        assert "disabled" in disabled.get_attribute("class")
+        assert page.locator(".chip.bad").filter(has_text="hard failed").count() == 1
+
+        assert page.evaluate("window.baraggChart.candleCount") == 600
+        assert page.get_attribute("#chart", "data-candle-count") == "600"
+        assert page.evaluate("[window.baraggChart.symbol, window.baraggChart.timeframe]") == ["ESZ4", "5m"]
+
+        # Hovering a bar shows its values and quality.
+        box = page.locator("#chart").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.35)
+        page.wait_for_selector("#tooltip:not([hidden])")
+        assert "quality" in page.inner_text("#tooltip")
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "status-page.png"))
+
+        # Clicking a task charts it; the 1h task has no bars yet, and the page says so.
+        page.locator('#tasks tbody tr[data-symbol="ESZ4"][data-timeframe="1h"]').click()
+        page.wait_for_function("window.baraggChart.ready && window.baraggChart.timeframe === '1h'")
+        assert page.evaluate("window.baraggChart.candleCount") == 0
+        assert "no 1h bars" in page.inner_text("#chart")
+
+
+def test_a_year_of_5m_bars_loads_and_zooms(db, conn, page):
+    """105,120 bars (a year of 5m, around the clock): all drawn, and the page still answers."""
+    add_symbols(conn, "BTCUSD")
+    n = 365 * 288
+    start = datetime(2023, 11, 22, tzinfo=UTC)
+    add_derived_bars(conn, "BTCUSD", "5m", start, n, step=FIVE_MIN, start_price=36000.0, seed=7)
+    conn.execute(
+        "INSERT INTO data_agg_state (canonical_symbol, timeframe, source_timeframe, last_agg_bar_ts_utc)"
+        " VALUES ('BTCUSD', '5m', '1m', %s)",
+        (start + n * FIVE_MIN,),
+    )
+    with running_server(db) as server:
+        page.goto(server.url + "/#symbol=BTCUSD&tf=5m")
+        wait_for_chart(page, timeout=120_000)
+        assert page.evaluate("window.baraggChart.candleCount") == n
+        # Zoom all the way out with the wheel, then ask the page something: it has not stalled.
+        box = page.locator("#chart").bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 3)
+        for _ in range(40):
+            page.mouse.wheel(0, 600)
+        visible = page.evaluate(
+            "(() => { const r = document.querySelector('#chart'); return r.dataset.candleCount; })()"
+        )
+        assert visible == str(n)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "status-page-year.png"))
