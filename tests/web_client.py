@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -48,7 +49,22 @@ def running_server(
 ) -> Iterator[StatusServer]:
     """A StatusServer on a free port with its own metrics registry, stopped afterwards."""
     server = StatusServer(
-        db, "127.0.0.1", 0, metrics=metrics or Metrics(), liveness=liveness, pages=pages, refresh_seconds=1
+        db,
+        "127.0.0.1",
+        0,
+        metrics=metrics or Metrics(),
+        liveness=liveness,
+        pages=pages,
+        refresh_seconds=1,
+        db_timeout=1,  # a dead database answers 503 after this long
     )
     with server:
         yield server
+
+
+def closed_port_database() -> Database:
+    """A database URL on a local port where nothing listens: connections are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return Database(f"postgresql://postgres@127.0.0.1:{port}/baragg")

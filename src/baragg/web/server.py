@@ -99,8 +99,10 @@ class StatusServer:
         liveness: Liveness | None = None,
         pages: bool = True,
         refresh_seconds: float = 5.0,
+        db_timeout: float = DB_TIMEOUT_SECONDS,
     ) -> None:
         self.db = db
+        self.db_timeout = db_timeout
         self.host = host
         self.port = port
         self.metrics = metrics if metrics is not None else default_metrics()
@@ -120,11 +122,15 @@ class StatusServer:
             self.db.url,
             min_size=1,
             max_size=4,
-            kwargs={**self.db.connect_kwargs(), "autocommit": True, "connect_timeout": DB_TIMEOUT_SECONDS},
+            kwargs={
+                **self.db.connect_kwargs(),
+                "autocommit": True,
+                "connect_timeout": max(1, round(self.db_timeout)),
+            },
             open=False,
             name="baragg-web",
             check=ConnectionPool.check_connection,
-            timeout=DB_TIMEOUT_SECONDS,
+            timeout=self.db_timeout,
             reconnect_timeout=0,  # keep trying forever: the database may come back
         )
         self._pool.open(wait=False)
@@ -188,7 +194,7 @@ class StatusServer:
     def connection(self) -> Iterator[psycopg.Connection]:
         if self._pool is None:
             raise BaraggError("the server is not started")
-        with self._pool.connection(timeout=DB_TIMEOUT_SECONDS) as conn:
+        with self._pool.connection(timeout=self.db_timeout) as conn:
             yield conn
 
 
@@ -277,7 +283,7 @@ class Handler(BaseHTTPRequestHandler):
         )
 
     def get_readyz(self, _: dict[str, str]) -> None:
-        ready, reason = readiness(self.app.db)
+        ready, reason = readiness(self.app.db, self.app.db_timeout)
         self.send_json(
             {"status": "ready" if ready else "not ready", "reason": reason},
             HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,

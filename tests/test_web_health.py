@@ -1,0 +1,82 @@
+"""/healthz and /readyz: alive is not the same as ready, and a dead database must say so."""
+
+from __future__ import annotations
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from baragg.web import Liveness
+from conftest import drop_database
+from web_client import closed_port_database, get, running_server
+
+
+@pytest.fixture
+def closed_port_db():
+    return closed_port_database()
+
+
+def test_healthy_and_ready(db):
+    with running_server(db) as server:
+        health = get(server.url + "/healthz")
+        ready = get(server.url + "/readyz")
+    assert health.status == 200
+    assert health.json()["status"] == "ok"
+    assert ready.status == 200
+    assert ready.json()["status"] == "ready"
+    assert "schema current" in ready.json()["reason"]
+
+
+def test_unreachable_database_alive_but_not_ready(closed_port_db):
+    with running_server(closed_port_db) as server:
+        assert get(server.url + "/healthz").status == 200
+        ready = get(server.url + "/readyz")
+        assert ready.status == 503
+        assert ready.json()["status"] == "not ready"
+        assert ready.json()["reason"].startswith("database unreachable")
+        tasks = get(server.url + "/api/tasks")
+        assert tasks.status == 503
+        assert tasks.json()["error"].startswith("database unavailable")
+        assert get(server.url + "/").status == 200  # the page itself still loads and says why
+
+
+def test_database_dropped_while_serving(db, server_url):
+    with running_server(db) as server:
+        assert get(server.url + "/readyz").status == 200
+        drop_database(server_url, conninfo_to_dict(db.url)["dbname"])
+        ready = get(server.url + "/readyz")
+        assert ready.status == 503
+        assert "unreachable" in ready.json()["reason"]
+        assert get(server.url + "/api/summary").status == 503
+        assert get(server.url + "/healthz").status == 200
+
+
+def test_pending_migrations_not_ready(empty_db):
+    with running_server(empty_db) as server:
+        ready = get(server.url + "/readyz")
+        assert ready.status == 503
+        assert "pending migration" in ready.json()["reason"]
+        assert "0001_schema.sql" in ready.json()["reason"]
+        res = get(server.url + "/api/tasks")
+        assert res.status == 503
+        assert "baragg db upgrade" in res.json()["error"]
+
+
+def test_edited_migration_not_ready(db, conn):
+    conn.execute("UPDATE baragg_schema_migrations SET checksum = 'x' WHERE version = 1")
+    with running_server(db) as server:
+        ready = get(server.url + "/readyz")
+    assert ready.status == 503
+    assert "edited" in ready.json()["reason"]
+
+
+def test_silent_loop_is_not_alive(db):
+    clock = [1000.0]
+    liveness = Liveness(max_silence=60, clock=lambda: clock[0])
+    with running_server(db, liveness=liveness, pages=False) as server:
+        assert get(server.url + "/healthz").status == 200
+        clock[0] += 61
+        dead = get(server.url + "/healthz")
+        assert dead.status == 503
+        assert "no heartbeat" in dead.json()["reason"]
+        liveness.beat()
+        assert get(server.url + "/healthz").status == 200
