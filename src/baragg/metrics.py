@@ -41,9 +41,10 @@ NAMESPACE = "baragg"
 # Task runs take milliseconds when a task is current and minutes in a backfill.
 RUN_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
-# Outcomes that are not failures. Anything else, or any result with an error, counts as a failure
-# whose kind is the outcome (the worker's own small vocabulary: transient, hard, ...).
-SUCCESS_OUTCOMES = frozenset({"ok", "success", "succeeded", "caught_up", "backlog", "idle", "noop"})
+# The worker's outcomes (baragg.worker.TaskResult): ok (at its frontier), continue (backlog left),
+# transient / hard (failed), lease_lost (another worker took the task over). Any other outcome, or a
+# result that carries an error, counts as a failure whose kind is the outcome.
+SUCCESS_OUTCOMES = frozenset({"ok", "continue"})
 
 
 class TaskResultLike(Protocol):
