@@ -29,7 +29,17 @@
   };
 
   // The browser test (and anyone curious) reads the chart's state from here.
-  window.baraggChart = { candleCount: 0, symbol: null, timeframe: null, ready: false };
+  window.baraggChart = {
+    candleCount: 0,
+    symbol: null,
+    timeframe: null,
+    ready: false,
+    // The logical range of bars on screen, e.g. {from: 104880, to: 105123}.
+    visibleRange() {
+      const r = state.chart && state.chart.timeScale().getVisibleLogicalRange();
+      return r ? { from: r.from, to: r.to } : null;
+    },
+  };
 
   // ---------------------------------------------------------------------------------------------
   // formatting
@@ -438,6 +448,7 @@
       if (b && state.selected) select(state.selected.symbol, b.dataset.tf);
     });
     $("#limit").addEventListener("change", () => loadChart());
+    $("#fit").addEventListener("click", () => { if (state.chart) state.chart.timeScale().fitContent(); });
     $("#chart-pane").addEventListener("mouseleave", () => { $("#tooltip").hidden = true; });
   }
 
