@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from obs_data import FIVE_MIN, add_derived_bars, add_symbols, standard_fixture
+from obs_data import FIVE_MIN, NOW, add_derived_bars, add_symbols, quality_of, standard_fixture
 from web_client import running_server
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -76,13 +76,8 @@ def wait_for_chart(page, timeout: float = 60_000) -> None:
 
 
 def test_status_page_lists_tasks_and_draws_candles(db, conn, page):
-    # Times near the real clock, so that "behind now" and "next run" read as they would live.
-    real = datetime.now(UTC)
-    now = real.replace(minute=real.minute - real.minute % 5, second=0, microsecond=0) + timedelta(
-        minutes=2, seconds=30
-    )
-    fixture = standard_fixture(conn, bars=600, now=now)
-    with running_server(db) as server:
+    fixture = standard_fixture(conn, bars=600)
+    with running_server(db, now=NOW) as server:  # the page's clock is the fixture's
         page.goto(server.url + "/#symbol=ESZ4&tf=5m")
         page.wait_for_selector("#tasks tbody tr")
         wait_for_chart(page)
@@ -104,11 +99,17 @@ def test_status_page_lists_tasks_and_draws_candles(db, conn, page):
         assert page.get_attribute("#chart", "data-candle-count") == "600"
         assert page.evaluate("[window.baraggChart.symbol, window.baraggChart.timeframe]") == ["ESZ4", "5m"]
 
-        # Hovering a bar shows its values and quality.
+        # Hovering a poor bar shows its values and its quality (it is drawn faded).
+        i = next(i for i in range(550, 600) if quality_of(i) == (0, 3))
+        ts = int((fixture["start_5m"] + i * FIVE_MIN).timestamp())
+        point = page.evaluate(f"window.baraggChart.coordinateOf({ts})")
+        assert point is not None, "the bar is on screen"
         box = page.locator("#chart").bounding_box()
-        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.35)
+        page.mouse.move(box["x"] + point["x"], box["y"] + point["y"])
         page.wait_for_selector("#tooltip:not([hidden])")
-        assert "quality" in page.inner_text("#tooltip")
+        tooltip = page.inner_text("#tooltip")
+        assert "quality 0 poor" in tooltip
+        assert "(3/5 source bars)" in tooltip
 
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "status-page.png"))

@@ -236,7 +236,7 @@ def test_cli_serve(db, conn):
     standard_fixture(conn)
     env = {**os.environ, "DATABASE_URL": db.url}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "baragg.cli", "serve", "--port", "0"],
+        [sys.executable, "-m", "baragg.cli", "serve", "--port", "0", "--now", "2024-11-22T15:07:30"],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -248,7 +248,9 @@ def test_cli_serve(db, conn):
         assert match, line
         url = match.group(1)
         assert get(url + "/healthz").status == 200
-        assert len(get(url + "/api/tasks").json()["tasks"]) == 7
+        body = get(url + "/api/tasks").json()
+        assert body["now"] == "2024-11-22T15:07:30Z"  # --now without an offset is UTC
+        assert by_key(body["tasks"])["ESZ4", "1h"]["lag_now_seconds"] == 3600 + 7 * 60 + 30
     finally:
         proc.terminate()
         proc.wait(timeout=10)

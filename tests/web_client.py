@@ -10,6 +10,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from baragg.db import Database
@@ -45,7 +46,12 @@ def get(url: str, headers: dict[str, str] | None = None, timeout: float = 30) ->
 
 @contextmanager
 def running_server(
-    db: Database, *, metrics: Metrics | None = None, liveness: Liveness | None = None, pages: bool = True
+    db: Database,
+    *,
+    metrics: Metrics | None = None,
+    liveness: Liveness | None = None,
+    pages: bool = True,
+    now: datetime | None = None,
 ) -> Iterator[StatusServer]:
     """A StatusServer on a free port with its own metrics registry, stopped afterwards."""
     server = StatusServer(
@@ -57,6 +63,7 @@ def running_server(
         pages=pages,
         refresh_seconds=1,
         db_timeout=1,  # a dead database answers 503 after this long
+        now=now,
     )
     with server:
         yield server

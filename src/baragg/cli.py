@@ -93,8 +93,10 @@ def cmd_db_status(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from baragg.web import StatusServer
+    from baragg.web.api import parse_time
 
-    server = StatusServer(database(args), args.host, args.port, refresh_seconds=args.refresh)
+    now = parse_time("--now", args.now)  # None without --now: the real clock
+    server = StatusServer(database(args), args.host, args.port, refresh_seconds=args.refresh, now=now)
     server.bind()
     print(
         f"baragg status page on {server.url}/  (metrics {server.url}/metrics; Ctrl-C stops)", file=sys.stderr
@@ -183,6 +185,12 @@ def add_observability_commands(commands: argparse._SubParsersAction) -> None:
         type=float,
         default=float(os.environ.get("BARAGG_REFRESH_SECONDS", "5")),
         help="seconds between refreshes of the page (env BARAGG_REFRESH_SECONDS; default 5)",
+    )
+    p.add_argument(
+        "--now",
+        default=os.environ.get("BARAGG_NOW"),
+        help="fix the clock of the page and JSON API, ISO-8601; no offset means UTC, for replays and "
+        "tests (env BARAGG_NOW; default: the real time)",
     )
     p.set_defaults(handler=cmd_serve)
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -100,9 +101,11 @@ class StatusServer:
         pages: bool = True,
         refresh_seconds: float = 5.0,
         db_timeout: float = DB_TIMEOUT_SECONDS,
+        now: datetime | None = None,
     ) -> None:
         self.db = db
         self.db_timeout = db_timeout
+        self.now = now  # a fixed clock for the page and the JSON API (tests, replays); None: real time
         self.host = host
         self.port = port
         self.metrics = metrics if metrics is not None else default_metrics()
@@ -292,12 +295,12 @@ class Handler(BaseHTTPRequestHandler):
     def get_tasks(self, params: dict[str, str]) -> None:
         self.no_params(params)
         with self.app.connection() as conn:
-            self.send_json(api.tasks(conn))
+            self.send_json(api.tasks(conn, self.app.now))
 
     def get_summary(self, params: dict[str, str]) -> None:
         self.no_params(params)
         with self.app.connection() as conn:
-            self.send_json(api.summary(conn))
+            self.send_json(api.summary(conn, self.app.now))
 
     def get_symbols(self, params: dict[str, str]) -> None:
         self.no_params(params)

@@ -15,6 +15,7 @@
   const state = {
     refreshMs: 5000,
     tasks: [],
+    nowIso: null,
     symbols: [],
     sortKey: null, // null: problems first
     sortAsc: true,
@@ -38,6 +39,14 @@
     visibleRange() {
       const r = state.chart && state.chart.timeScale().getVisibleLogicalRange();
       return r ? { from: r.from, to: r.to } : null;
+    },
+    // Where the bar starting at `ts` (epoch seconds) is drawn, in pixels inside #chart (its close).
+    coordinateOf(ts) {
+      const i = state.index.get(ts);
+      if (!state.chart || i === undefined) return null;
+      const x = state.chart.timeScale().timeToCoordinate(ts);
+      const y = state.candles.priceToCoordinate(state.bars.close[i]);
+      return x === null || y === null ? null : { x, y };
     },
   };
 
@@ -152,8 +161,9 @@
     return rows;
   }
 
-  function renderTasks(nowIso) {
-    const nowMs = nowIso ? Date.parse(nowIso) : Date.now();
+  function renderTasks() {
+    // The server's clock (the database's now, or the fixed --now), not the browser's.
+    const nowMs = state.nowIso ? Date.parse(state.nowIso) : Date.now();
     const rows = sortedTasks();
     const sel = state.selected;
     const html = rows.map((t) => {
@@ -203,8 +213,9 @@
     try {
       const [summary, tasks] = await Promise.all([getJSON("/api/summary"), getJSON("/api/tasks")]);
       state.tasks = tasks.tasks;
+      state.nowIso = tasks.now;
       renderChips(summary);
-      renderTasks(tasks.now);
+      renderTasks();
       $("#updated").textContent = "updated " + utc(tasks.now, true).slice(11) + " UTC";
       $("#updated").classList.remove("lag-bad");
     } catch (e) {
