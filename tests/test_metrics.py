@@ -126,6 +126,7 @@ def test_no_per_symbol_series(db, conn):
         record_task_result(TaskResult(sym, "5m", bars_created=1), metrics)
     with running_server(db, metrics=metrics) as server:
         m = scrape(server.url)
+    m = {key: v for key, v in m.items() if key[0].startswith("baragg_")}
     label_names = {name for (_, labels) in m for name, _ in labels}
     assert label_names <= {"timeframe", "outcome", "kind", "status", "le", "version"}
     assert not any(v in ("ESZ4", "GCZ4", "CLZ4", "A") for (_, labels) in m for _, v in labels)

@@ -26,6 +26,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -111,6 +113,9 @@ class Metrics:
         Info("build", "baragg version.", namespace=NAMESPACE, registry=self.registry).info(
             {"version": __version__}
         )
+        # The standard process_* (CPU, memory, open files) and python_info series of a daemon.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self._database_collector: DatabaseCollector | None = None
 
     def record_task_result(self, result: TaskResultLike) -> None:
