@@ -84,6 +84,7 @@ def test_task_results_are_counted_by_timeframe_and_outcome(db):
     assert value(m, "baragg_task_run_seconds_bucket", timeframe="1h", le="+Inf") == 3
     assert value(m, "baragg_last_task_run_timestamp_seconds") > 0
     assert value(m, "baragg_build_info", version=__import__("baragg").__version__) == 1
+    assert value(m, "process_resident_memory_bytes") > 0
 
 
 def test_negative_or_missing_counts_never_decrease_a_counter():
