@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from baragg.web import Liveness
+from baragg.web import Liveness, worker_probe
 from conftest import drop_database
 from web_client import closed_port_database, get, running_server
 
@@ -80,3 +82,31 @@ def test_silent_loop_is_not_alive(db):
         assert "no heartbeat" in dead.json()["reason"]
         liveness.beat()
         assert get(server.url + "/healthz").status == 200
+
+
+def test_worker_probe_follows_the_claim_threads(db):
+    class FakeWorker:
+        stopping = False
+
+    clock = [0.0]
+    fake = FakeWorker()
+    liveness = Liveness(
+        probe=worker_probe(fake, thread_prefix="fake-claimer-", grace=30, clock=lambda: clock[0])
+    )
+    release = threading.Event()
+    with running_server(db, liveness=liveness, pages=False) as server:
+        res = get(server.url + "/healthz")
+        assert (res.status, res.json()["reason"]) == (200, "worker starting")
+        clock[0] = 31  # the grace is over and no claim thread ever started
+        assert get(server.url + "/healthz").status == 503
+        thread = threading.Thread(target=release.wait, name="fake-claimer-0", daemon=True)
+        thread.start()
+        try:
+            res = get(server.url + "/healthz")
+            assert (res.status, res.json()["reason"]) == (200, "1 claim thread(s) running")
+            fake.stopping = True
+            res = get(server.url + "/healthz")
+            assert (res.status, res.json()["reason"]) == (503, "worker is shutting down")
+        finally:
+            release.set()
+            thread.join()

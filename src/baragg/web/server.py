@@ -44,14 +44,25 @@ log = logging.getLogger(__name__)
 DB_TIMEOUT_SECONDS = 5
 
 
-class Liveness:
-    """A heartbeat for /healthz: the loop calls beat(); silence longer than max_silence is death.
+Probe = Callable[[], tuple[bool, str]]
 
-    Without max_silence (``baragg serve``) the process answering the request is proof enough.
+
+class Liveness:
+    """What /healthz reports: alive unless a probe says otherwise or the heartbeat went silent.
+
+    ``beat()`` is the heartbeat (silence longer than ``max_silence`` is death); ``probe`` is any other
+    check, e.g. that the worker's claim threads still run. With neither (``baragg serve``) the process
+    answering the request is proof enough.
     """
 
-    def __init__(self, max_silence: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_silence: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        probe: Probe | None = None,
+    ) -> None:
         self.max_silence = max_silence
+        self.probe = probe
         self._clock = clock
         self._last = clock()
         self._lock = threading.Lock()
@@ -61,11 +72,44 @@ class Liveness:
             self._last = self._clock()
 
     def check(self) -> tuple[bool, str]:
+        reason = "alive"
+        if self.probe is not None:
+            alive, reason = self.probe()
+            if not alive:
+                return False, reason
+        if self.max_silence is None:
+            return True, reason
         with self._lock:
             silence = self._clock() - self._last
-        if self.max_silence is not None and silence > self.max_silence:
+        if silence > self.max_silence:
             return False, f"no heartbeat from the loop for {silence:.0f}s (limit {self.max_silence:.0f}s)"
-        return True, f"alive; last heartbeat {silence:.1f}s ago"
+        return True, f"{reason}; last heartbeat {silence:.1f}s ago"
+
+
+def worker_probe(
+    worker: Any,
+    thread_prefix: str = "baragg-worker-",
+    grace: float = 60.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> Probe:
+    """Alive while the worker is not stopping and its claim threads run (after a start-up grace).
+
+    The daemon (baragg.worker.Worker) names its claim threads ``baragg-worker-N``; they catch every
+    error and only end when the worker stops, so a missing thread means the loop is dead.
+    """
+    started = clock()
+
+    def probe() -> tuple[bool, str]:
+        if getattr(worker, "stopping", False):
+            return False, "worker is shutting down"
+        threads = [t for t in threading.enumerate() if t.name.startswith(thread_prefix) and t.is_alive()]
+        if threads:
+            return True, f"{len(threads)} claim thread(s) running"
+        if clock() - started <= grace:
+            return True, "worker starting"
+        return False, "no claim thread is running"
+
+    return probe
 
 
 def readiness(db: Database, timeout: float = DB_TIMEOUT_SECONDS) -> tuple[bool, str]:
