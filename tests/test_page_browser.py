@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from obs_data import FIVE_MIN, NOW, add_derived_bars, add_symbols, quality_of, standard_fixture
-from web_client import running_server
+from web_client import closed_port_database, running_server
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 LAUNCH_ARGS = [
@@ -68,6 +68,8 @@ def page(browser):
     p.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     yield p
     context.close()
+    if getattr(p, "expect_503", False):  # the browser logs each 503 response as an error
+        errors = [e for e in errors if "status of 503" not in e]
     assert errors == [], f"the page logged errors: {errors}"
 
 
@@ -150,3 +152,14 @@ def test_a_year_of_5m_bars_loads_and_zooms(db, conn, page):
         page.wait_for_function(f"{span} >= {n - 1}")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "status-page-year.png"))
+
+
+def test_page_says_when_the_database_is_down(page):
+    page.expect_503 = True
+    with running_server(closed_port_database()) as server:
+        page.goto(server.url + "/")
+        page.wait_for_selector("#banner:not([hidden])")
+        assert "database unreachable" in page.inner_text("#banner")
+        assert page.inner_text("#ready") == "not ready"
+        page.wait_for_selector("#chart .chart-msg")
+        assert page.inner_text("#chart .chart-msg") == "waiting for the database"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 
+import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
@@ -110,3 +112,34 @@ def test_worker_probe_follows_the_claim_threads(db):
         finally:
             release.set()
             thread.join()
+
+
+def test_recovers_after_the_database_drops_its_connections(db, conn, server_url):
+    """A database restart kills the pooled connections; the next request must not see a dead one.
+
+    The pool checks each connection it hands out and replaces dead ones, backing off about a second
+    per dead connection: with two pooled connections that needs more than the tests' usual 1 s.
+    """
+    with running_server(db, db_timeout=10) as server:
+        assert get(server.url + "/api/tasks").status == 200
+        dbname = conninfo_to_dict(db.url)["dbname"]
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            pids = [
+                pid
+                for (pid,) in admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (dbname,),
+                )
+            ]
+            assert pids
+            admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+            # Termination is asynchronous: wait until those backends are gone (bounded).
+            for _ in range(500):
+                left = admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s::int[])", (pids,)
+                ).fetchone()[0]
+                if not left:
+                    break
+                time.sleep(0.01)
+        assert get(server.url + "/api/tasks").status == 200
+        assert get(server.url + "/readyz").status == 200

@@ -178,7 +178,9 @@ class StatusServer:
             name="baragg-web",
             check=ConnectionPool.check_connection,
             timeout=self.db_timeout,
-            reconnect_timeout=0,  # keep trying forever: the database may come back
+            # A failed background connect gives up at once; the next request tries again, so the
+            # page recovers as soon as the database is back, without a growing backoff.
+            reconnect_timeout=0,
         )
         self._pool.open(wait=False)
         self.metrics.watch_database(self.connection)

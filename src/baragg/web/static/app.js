@@ -194,6 +194,13 @@
     }
   }
 
+  // One line across the top while something is wrong: the database, the schema, or the server.
+  function setBanner(text) {
+    const el = $("#banner");
+    el.hidden = !text;
+    el.textContent = text || "";
+  }
+
   async function refreshReady() {
     const el = $("#ready");
     try {
@@ -202,10 +209,12 @@
       el.className = "ready " + (res.ok ? "ok" : "bad");
       el.textContent = res.ok ? "ready" : "not ready";
       el.title = body.reason || "";
+      setBanner(res.ok ? "" : "Not ready: " + body.reason);
     } catch (e) {
       el.className = "ready bad";
       el.textContent = "server unreachable";
       el.title = String(e);
+      setBanner("The baragg server does not answer; retrying every " + state.refreshMs / 1000 + "s.");
     }
   }
 
@@ -217,9 +226,11 @@
       renderChips(summary);
       renderTasks();
       $("#updated").textContent = "updated " + utc(tasks.now, true).slice(11) + " UTC";
+      $("#updated").title = "last refresh of the task table";
       $("#updated").classList.remove("lag-bad");
     } catch (e) {
-      $("#updated").textContent = "refresh failed: " + e.message;
+      $("#updated").textContent = "refresh failed";
+      $("#updated").title = e.message;
       $("#updated").classList.add("lag-bad");
     }
   }
@@ -470,18 +481,26 @@
       state.refreshMs = Math.max(1000, (cfg.refresh_seconds || 5) * 1000);
       $("#version").textContent = "v" + cfg.version;
     } catch (e) { /* defaults */ }
-    const symbolsLoaded = getJSON("/api/symbols").then((s) => { state.symbols = s.symbols; }).catch(() => {});
+    let symbolsFailed = false;
+    const symbolsLoaded = getJSON("/api/symbols")
+      .then((s) => { state.symbols = s.symbols; })
+      .catch(() => { symbolsFailed = true; });
     await Promise.all([refreshTasks(), refreshReady(), symbolsLoaded]);
     const [symbol, tf] = initialSelection();
     if (symbol) select(symbol, tf);
-    else { renderSelectors(); setChartMessage("no bars yet"); }
+    else { renderSelectors(); setChartMessage(symbolsFailed ? "waiting for the database" : "no bars yet"); }
     setInterval(async () => {
       await refreshTasks();
       refreshReady();
       refreshChart();
     }, state.refreshMs);
     setInterval(async () => {
-      try { state.symbols = (await getJSON("/api/symbols")).symbols; renderSelectors(); } catch (e) { /* keep */ }
+      try { state.symbols = (await getJSON("/api/symbols")).symbols; } catch (e) { return; }
+      renderSelectors();
+      if (!state.selected) {
+        const [s, t] = initialSelection();
+        if (s) select(s, t);
+      }
     }, Math.max(30000, state.refreshMs * 6));
   }
 
