@@ -57,7 +57,7 @@ tasks AS (
     LEFT JOIN intervals tf ON tf.timeframe = s.timeframe
     LEFT JOIN intervals src ON src.timeframe = coalesce(s.source_timeframe, l.source_timeframe)
 ),
-probed AS (
+probed AS MATERIALIZED (  -- evaluate each probe once per task, not once per use
     SELECT t.*,
            CASE WHEN t.src_tf = '1m' THEN (
                SELECT max(b.ts_utc) FROM data_bars b
