@@ -403,3 +403,10 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+
+def start_for_worker(db: Database, worker: Any, host: str, port: int, *, pages: bool = False) -> StatusServer:
+    """Serve /metrics, /healthz and /readyz (and, with pages, the status page and API) from a
+    background thread beside a running worker daemon; /healthz follows its claim threads."""
+    server = StatusServer(db, host, port, pages=pages, liveness=Liveness(probe=worker_probe(worker)))
+    return server.start()
