@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
 
 import pytest
 
-from baragg.web import api
+from baragg.metrics import Metrics
+from baragg.web import StatusServer, api
 from obs_data import NOW, add_symbols, standard_fixture
 from web_client import get, running_server
 
@@ -268,3 +270,15 @@ def test_cli_serve_port_in_use_is_one_line_error(db):
     assert res.returncode == 1
     assert res.stderr.startswith("baragg: error: cannot listen on 127.0.0.1:")
     assert res.stderr.count("\n") == 1
+
+
+def test_listens_on_ipv6(db):
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    server = StatusServer(db, "::1", 0, metrics=Metrics(), db_timeout=1)
+    with server:
+        assert server.url.startswith("http://[::1]:")
+        assert get(server.url + "/healthz").status == 200

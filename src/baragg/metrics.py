@@ -138,10 +138,13 @@ class Metrics:
         self.last_run.set(time.time())
 
     def watch_database(self, connection: ConnectionSource) -> None:
-        """Add the scrape-time collector of task states, lag and invalidations (once)."""
+        """Read task states, lag and invalidations from this connection source at scrape time (the
+        collector is registered once; a later call points it at the new source)."""
         if self._database_collector is None:
             self._database_collector = DatabaseCollector(connection)
             self.registry.register(self._database_collector)
+        else:
+            self._database_collector.connection = connection
 
     def exposition(self) -> bytes:
         """The Prometheus text format of everything in the registry."""
@@ -171,7 +174,7 @@ class DatabaseCollector(Collector):
     """Reads data_agg_state (and the invalidation log, when it exists) at scrape time."""
 
     def __init__(self, connection: ConnectionSource) -> None:
-        self._connection = connection
+        self.connection = connection
 
     def describe(self) -> Iterator[Metric]:
         # Names only: registering must not touch the database.
@@ -212,7 +215,7 @@ class DatabaseCollector(Collector):
 
         up, tasks, lag_frontier, lag_now, pending, oldest = self._families()
         try:
-            with self._connection() as conn:
+            with self.connection() as conn:
                 rows = fetch_tasks(conn)
                 invalidations = _invalidations(conn)
         except (psycopg.Error, OSError, TimeoutError, RuntimeError) as exc:

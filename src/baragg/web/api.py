@@ -61,7 +61,7 @@ def task_json(row: dict[str, Any]) -> dict[str, Any]:
 
 def tasks(conn: psycopg.Connection, now: datetime | None = None) -> dict[str, Any]:
     rows = fetch_tasks(conn, now)
-    now_utc = rows[0]["now_utc"] if rows else conn.execute("SELECT now()").fetchone()[0]
+    now_utc = rows[0]["now_utc"] if rows else (now or conn.execute("SELECT now()").fetchone()[0])
     return {"now": iso(now_utc), "tasks": [task_json(r) for r in rows]}
 
 
@@ -105,7 +105,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def summary(conn: psycopg.Connection, now: datetime | None = None) -> dict[str, Any]:
     rows = fetch_tasks(conn, now)
-    now_utc = rows[0]["now_utc"] if rows else conn.execute("SELECT now()").fetchone()[0]
+    now_utc = rows[0]["now_utc"] if rows else (now or conn.execute("SELECT now()").fetchone()[0])
     return {"now": iso(now_utc), **summarize(rows)}
 
 

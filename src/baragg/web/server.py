@@ -15,6 +15,7 @@ import gzip
 import json
 import logging
 import mimetypes
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -185,8 +186,13 @@ class StatusServer:
         self._pool.open(wait=False)
         self.metrics.watch_database(self.connection)
         handler = type("BoundHandler", (Handler,), {"app": self})
+        server_class = ThreadingHTTPServer
+        if ":" in self.host:  # an IPv6 address such as :: or ::1
+            server_class = type(
+                "ThreadingHTTPServerV6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6}
+            )
         try:
-            self._httpd = ThreadingHTTPServer((self.host, self.port), handler)
+            self._httpd = server_class((self.host, self.port), handler)
         except OSError as exc:
             self._pool.close()
             raise BaraggError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from exc
@@ -195,7 +201,7 @@ class StatusServer:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
