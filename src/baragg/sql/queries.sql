@@ -30,32 +30,20 @@ INSERT INTO baragg_schema_migrations (version, name, checksum) VALUES (%(version
 -- source data covers completely: the source's latest bar end, rounded down to the task's bucket
 -- (weeks start on Monday). Lag behind the frontier = frontier - cursor (0 when caught up); lag behind
 -- now = now - end of the window at the cursor (0 while that window is still open).
-WITH intervals (timeframe, seconds, origin, tf_order) AS (
-    VALUES ('1m', 60, timestamptz '1970-01-01 00:00+00', 0),
-           ('5m', 300, timestamptz '1970-01-01 00:00+00', 1),
-           ('15m', 900, timestamptz '1970-01-01 00:00+00', 2),
-           ('1h', 3600, timestamptz '1970-01-01 00:00+00', 3),
-           ('4h', 14400, timestamptz '1970-01-01 00:00+00', 4),
-           ('1d', 86400, timestamptz '1970-01-01 00:00+00', 5),
-           ('1w', 604800, timestamptz '1970-01-05 00:00+00', 6)
-),
-ladder (timeframe, source_timeframe) AS (
-    VALUES ('5m', '1m'), ('15m', '5m'), ('1h', '5m'), ('4h', '1h'), ('1d', '1h'), ('1w', '1d')
-),
-clock AS (
+WITH clock AS (
     SELECT coalesce(%(now)s::timestamptz, now()) AS now_utc
 ),
 tasks AS (
+    -- The ladder comes from agg_timeframes (migration 0002); raw 1m bars are the base, one minute each.
     SELECT s.*,
-           coalesce(s.source_timeframe, l.source_timeframe) AS src_tf,
-           tf.seconds AS tf_seconds,
-           tf.origin AS tf_origin,
-           coalesce(tf.tf_order, 99) AS tf_order,
-           src.seconds AS src_seconds
+           coalesce(s.source_timeframe, tf.source_timeframe) AS src_tf,
+           tf.bucket_interval AS tf_interval,
+           tf.bucket_origin AS tf_origin,
+           coalesce(tf.duration_rank, 99) AS tf_order,
+           coalesce(src.bucket_interval, interval '1 minute') AS src_interval
     FROM data_agg_state s
-    LEFT JOIN ladder l ON l.timeframe = s.timeframe
-    LEFT JOIN intervals tf ON tf.timeframe = s.timeframe
-    LEFT JOIN intervals src ON src.timeframe = coalesce(s.source_timeframe, l.source_timeframe)
+    LEFT JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+    LEFT JOIN agg_timeframes src ON src.timeframe = coalesce(s.source_timeframe, tf.source_timeframe)
 ),
 probed AS MATERIALIZED (  -- evaluate each probe once per task, not once per use
     SELECT t.*,
@@ -74,8 +62,7 @@ probed AS MATERIALIZED (  -- evaluate each probe once per task, not once per use
 ),
 framed AS (
     SELECT p.*,
-           date_bin(make_interval(secs => p.tf_seconds),
-                    p.source_last_ts + make_interval(secs => p.src_seconds), p.tf_origin) AS frontier_utc
+           date_bin(p.tf_interval, p.source_last_ts + p.src_interval, p.tf_origin) AS frontier_utc
     FROM probed p
 )
 SELECT f.canonical_symbol AS symbol,
@@ -93,9 +80,8 @@ SELECT f.canonical_symbol AS symbol,
        CASE WHEN f.last_agg_bar_ts_utc IS NOT NULL AND f.frontier_utc IS NOT NULL
             THEN greatest(0, extract(epoch FROM f.frontier_utc - f.last_agg_bar_ts_utc))::float8
        END AS lag_frontier_seconds,
-       CASE WHEN f.last_agg_bar_ts_utc IS NOT NULL AND f.tf_seconds IS NOT NULL
-            THEN greatest(0, extract(epoch FROM c.now_utc
-                 - (f.last_agg_bar_ts_utc + make_interval(secs => f.tf_seconds))))::float8
+       CASE WHEN f.last_agg_bar_ts_utc IS NOT NULL AND f.tf_interval IS NOT NULL
+            THEN greatest(0, extract(epoch FROM c.now_utc - (f.last_agg_bar_ts_utc + f.tf_interval)))::float8
        END AS lag_now_seconds,
        f.next_run_at AS next_run_utc,
        f.hard_fail_streak AS streak,

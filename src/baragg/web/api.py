@@ -17,10 +17,10 @@ from psycopg.rows import dict_row
 
 from baragg.errors import InvalidInput
 from baragg.sql import query
+from baragg.timeframes import LADDER
 
-# The timeframes a chart can show: 1m straight from data_bars, the rest from derived_data_bars.
-# Mirrors the ladder in DESIGN.md section 3 (and baragg.timeframes once it exists).
-CHART_TIMEFRAMES = ("1m", "5m", "15m", "1h", "4h", "1d", "1w")
+# The timeframes a chart can show: raw 1m bars from data_bars, then the ladder's derived timeframes.
+CHART_TIMEFRAMES = ("1m", *sorted(LADDER, key=lambda name: LADDER[name].duration_rank))
 TIMEFRAME_ORDER = {tf: i for i, tf in enumerate(CHART_TIMEFRAMES)}
 
 DEFAULT_BAR_LIMIT = 10_000
