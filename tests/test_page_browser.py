@@ -116,6 +116,16 @@ def test_status_page_lists_tasks_and_draws_candles(db, conn, page):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "status-page.png"))
 
+        # The filter and "problems only" narrow the table (hard_failed, disabled, lagging, failing).
+        page.fill("#filter", "GCZ4")
+        assert rows.count() == 2
+        page.fill("#filter", "")
+        page.check("#problems-only")
+        problems = {(r.get_attribute("data-symbol"), r.get_attribute("data-timeframe")) for r in rows.all()}
+        assert problems == {("GCZ4", "5m"), ("CLZ4", "15m"), ("ESZ4", "1h")}
+        page.uncheck("#problems-only")
+        assert rows.count() == len(fixture["tasks"])
+
         # Clicking a task charts it; the 1h task has no bars yet, and the page says so.
         page.locator('#tasks tbody tr[data-symbol="ESZ4"][data-timeframe="1h"]').click()
         page.wait_for_function("window.baraggChart.ready && window.baraggChart.timeframe === '1h'")
