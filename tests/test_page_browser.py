@@ -126,6 +126,10 @@ def test_status_page_lists_tasks_and_draws_candles(db, conn, page):
         page.uncheck("#problems-only")
         assert rows.count() == len(fixture["tasks"])
 
+        # A new bar in the database appears on the chart at the next refresh (every second here).
+        add_derived_bars(conn, "ESZ4", "5m", fixture["end_5m"], 1, step=FIVE_MIN, start_price=6080.0)
+        page.wait_for_function("window.baraggChart.candleCount === 601", timeout=30_000)
+
         # Clicking a task charts it; the 1h task has no bars yet, and the page says so.
         page.locator('#tasks tbody tr[data-symbol="ESZ4"][data-timeframe="1h"]').click()
         page.wait_for_function("window.baraggChart.ready && window.baraggChart.timeframe === '1h'")
