@@ -255,7 +255,8 @@ def test_cli_serve(db, conn):
         assert by_key(body["tasks"])["ESZ4", "1h"]["lag_now_seconds"] == 3600 + 7 * 60 + 30
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        returncode = proc.wait(timeout=10)
+    assert returncode == 0  # SIGTERM is a clean stop
 
 
 def test_cli_serve_port_in_use_is_one_line_error(db):

@@ -101,6 +101,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(
         f"baragg status page on {server.url}/  (metrics {server.url}/metrics; Ctrl-C stops)", file=sys.stderr
     )
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        # SIGTERM (systemd, Kubernetes, timeout) is a normal stop: unwind, close the port and pool,
+        # and let the embedded database shut down with the process.
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     server.serve_forever()
     return 0
 
