@@ -265,6 +265,9 @@
     const panes = chart.panes();
     if (panes.length > 1) { panes[0].setStretchFactor(0.8); panes[1].setStretchFactor(0.2); }
     chart.subscribeCrosshairMove(showTooltip);
+    chart.timeScale().subscribeVisibleLogicalRangeChange((range) => {
+      if (range && range.from < 10) loadOlder();
+    });
     state.chart = chart;
   }
 
@@ -324,32 +327,68 @@
     if (seq !== state.loadSeq) return; // a newer selection won
     if (!state.chart) makeChart();
     const c = body.columns;
-    const candles = new Array(c.ts.length);
-    const volume = new Array(c.ts.length);
-    state.index = new Map();
-    for (let i = 0; i < c.ts.length; i++) {
-      [candles[i], volume[i]] = candleOf(c, i);
-      state.index.set(c.ts[i], i);
-    }
     state.bars = c;
+    state.hasOlder = body.truncated;
     state.lastTs = c.ts.length ? c.ts[c.ts.length - 1] : null;
     const precision = precisionOf(c.close);
     state.candles.applyOptions({ priceFormat: { type: "price", precision, minMove: Math.pow(10, -precision) } });
-    state.candles.setData(candles);
-    state.volume.setData(volume);
-    const n = candles.length;
+    drawAll();
+    const n = c.ts.length;
     if (n) state.chart.timeScale().setVisibleLogicalRange({ from: Math.max(0, n - 240), to: n + 3 });
     setChartMessage(n ? "" : `no ${sel.timeframe} bars for ${sel.symbol} yet`);
-    const poor = c.quality.reduce((acc, q) => acc + (q !== null && q <= 0 ? 1 : 0), 0);
-    $("#chart-info").textContent = n
-      ? `${num(n)} bars${body.truncated ? " (latest " + num(body.limit) + ")" : ""} · ${utc(new Date(c.ts[0] * 1000).toISOString(), true)} → ${utc(new Date(c.ts[n - 1] * 1000).toISOString(), true)}` +
-        (sel.timeframe === "1m" ? " · raw 1m" : ` · ${num(poor)} poor`)
-      : "";
     window.baraggChart.symbol = sel.symbol;
     window.baraggChart.timeframe = sel.timeframe;
-    publishCount();
     window.baraggChart.ready = true;
     $("#chart").dataset.state = "ready";
+  }
+
+  // (Re)draw every loaded bar and say what is loaded.
+  function drawAll() {
+    const c = state.bars;
+    const sel = state.selected;
+    const n = c.ts.length;
+    const candles = new Array(n);
+    const volume = new Array(n);
+    state.index = new Map();
+    for (let i = 0; i < n; i++) {
+      [candles[i], volume[i]] = candleOf(c, i);
+      state.index.set(c.ts[i], i);
+    }
+    state.candles.setData(candles);
+    state.volume.setData(volume);
+    const poor = c.quality.reduce((acc, q) => acc + (q !== null && q <= 0 ? 1 : 0), 0);
+    $("#chart-info").textContent = n
+      ? `${num(n)} bars${state.hasOlder ? " (older ones load as you pan left)" : ""} · ${utc(new Date(c.ts[0] * 1000).toISOString(), true)} → ${utc(new Date(c.ts[n - 1] * 1000).toISOString(), true)}` +
+        (sel.timeframe === "1m" ? " · raw 1m" : ` · ${num(poor)} poor`)
+      : "";
+    publishCount();
+  }
+
+  // Panning to the oldest loaded bar fetches the bars before it (as many as the "last N" choice).
+  async function loadOlder() {
+    const sel = state.selected;
+    if (!sel || !state.bars || !state.hasOlder || state.loadingOlder || !state.bars.ts.length) return;
+    const seq = state.loadSeq;
+    state.loadingOlder = true;
+    try {
+      const first = state.bars.ts[0];
+      const body = await getJSON(`/api/bars?symbol=${encodeURIComponent(sel.symbol)}&timeframe=${encodeURIComponent(sel.timeframe)}&to=${first}&limit=${$("#limit").value}`);
+      if (seq !== state.loadSeq) return;
+      const k = body.count;
+      state.hasOlder = body.truncated;
+      if (k) {
+        const range = state.chart.timeScale().getVisibleLogicalRange();
+        for (const key of Object.keys(state.bars)) state.bars[key] = body.columns[key].concat(state.bars[key]);
+        drawAll();
+        if (range) state.chart.timeScale().setVisibleLogicalRange({ from: range.from + k, to: range.to + k });
+      } else {
+        drawAll();
+      }
+    } catch (e) {
+      /* keep what is loaded; the next pan tries again */
+    } finally {
+      state.loadingOlder = false;
+    }
   }
 
   // Append bars that appeared since the last load (and redraw the last one, which may have changed).
