@@ -93,7 +93,7 @@ def test_worker_probe_follows_the_claim_threads(db):
     clock = [0.0]
     fake = FakeWorker()
     liveness = Liveness(
-        probe=worker_probe(fake, thread_prefix="fake-claimer-", grace=30, clock=lambda: clock[0])
+        probe=worker_probe(fake, thread_name=r"fake-claimer-\d+", grace=30, clock=lambda: clock[0])
     )
     release = threading.Event()
     with running_server(db, liveness=liveness, pages=False) as server:

@@ -175,6 +175,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _setup_worker_logging(args)
     db = database(args)
     worker.check_schema(db)
+    observed = args.metrics_port is not None  # observability: metrics, health (and pages) on a port
+    if args.serve and not observed:
+        raise InvalidInput("baragg worker: --serve needs --metrics-port")
+    if observed:
+        from baragg.metrics import record_task_result
     daemon = worker.Worker(
         db,
         env=worker.resolve_env(args.env),
@@ -184,8 +189,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
         max_windows=args.max_windows,
         batch_size=args.batch_size,
+        on_task=record_task_result if observed else None,
     )
-    daemon.run()
+    if not observed:
+        daemon.run()
+        return 0
+    from baragg.web import start_for_worker
+
+    server = start_for_worker(db, daemon, args.metrics_host, args.metrics_port, pages=args.serve)
+    try:
+        daemon.run()
+    finally:
+        server.close()
     return 0
 
 
@@ -341,6 +356,24 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
         type=_positive(int),
         default=env("BARAGG_CONCURRENCY", "1"),
         help="threads, each claiming on its own (env BARAGG_CONCURRENCY; default 1)",
+    )
+    # observability: see add_observability_commands / baragg.web
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env("BARAGG_METRICS_PORT"),
+        help="serve /metrics, /healthz and /readyz on this port (env BARAGG_METRICS_PORT; default: off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=env("BARAGG_METRICS_HOST", "127.0.0.1"),
+        help="address for --metrics-port (env BARAGG_METRICS_HOST; default 127.0.0.1, 0.0.0.0 for all)",
+    )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        default=env_flag("BARAGG_SERVE"),
+        help="with --metrics-port, also serve the status page and JSON API there (env BARAGG_SERVE=1)",
     )
     common(p)
     p.set_defaults(handler=cmd_worker)

@@ -15,6 +15,7 @@ import gzip
 import json
 import logging
 import mimetypes
+import re
 import socket
 import threading
 import time
@@ -89,21 +90,23 @@ class Liveness:
 
 def worker_probe(
     worker: Any,
-    thread_prefix: str = "baragg-worker-",
+    thread_name: str = r"baragg-worker-\d+",
     grace: float = 60.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> Probe:
     """Alive while the worker is not stopping and its claim threads run (after a start-up grace).
 
-    The daemon (baragg.worker.Worker) names its claim threads ``baragg-worker-N``; they catch every
-    error and only end when the worker stops, so a missing thread means the loop is dead.
+    The daemon (baragg.worker.Worker) names its claim threads ``baragg-worker-N`` (its connection
+    pool's threads are ``baragg-worker-worker-N``: not claim threads); they catch every error and end
+    only when the worker stops, so no such thread means the loop is dead.
     """
     started = clock()
+    pattern = re.compile(thread_name)
 
     def probe() -> tuple[bool, str]:
         if getattr(worker, "stopping", False):
             return False, "worker is shutting down"
-        threads = [t for t in threading.enumerate() if t.name.startswith(thread_prefix) and t.is_alive()]
+        threads = [t for t in threading.enumerate() if pattern.fullmatch(t.name) and t.is_alive()]
         if threads:
             return True, f"{len(threads)} claim thread(s) running"
         if clock() - started <= grace:
