@@ -165,4 +165,9 @@ def standard_fixture(conn: psycopg.Connection, bars: int = 600, now: datetime = 
     ]  # fmt: skip
     for t in tasks:
         add_task(conn, t)
+    conn.execute(
+        "UPDATE data_agg_state SET lease_owner = 'host-a:4242:ab12cd:0', lease_expires_at = %s,"
+        " running_started_at_utc = %s WHERE canonical_symbol = 'CLZ4' AND timeframe = '5m'",
+        (now + timedelta(minutes=4), now - timedelta(minutes=1)),
+    )
     return {"tasks": tasks, "bars": bars, "end_5m": end_5m, "start_5m": start_5m}

@@ -75,6 +75,8 @@ def test_api_tasks_and_summary(served):
         "division by zero in catchup_aggregation_range",
     )
     assert tasks["CLZ4", "15m"]["state"] == "disabled"
+    assert tasks["CLZ4", "5m"]["lease_owner"] == "host-a:4242:ab12cd:0"
+    assert tasks["CLZ4", "5m"]["lease_expires_utc"] == "2024-11-22T15:11:30Z"
     assert tasks["ESZ4", "5m"]["bars_created"] == 600
     assert tasks["ESZ4", "5m"]["cursor_utc"] == "2024-11-22T15:05:00Z"
 

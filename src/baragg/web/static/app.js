@@ -161,6 +161,14 @@
     return rows;
   }
 
+  function stateTitle(t) {
+    const parts = [];
+    if (t.lease_owner) parts.push(`held by ${t.lease_owner} until ${utc(t.lease_expires_utc, true)} UTC`);
+    if (t.last_rescue) parts.push(`last rescue: ${t.last_rescue}`);
+    parts.push(`${num(t.total_runs)} runs, ${num(t.transient_failures)} transient and ${num(t.hard_failures)} hard failures`);
+    return parts.join("\n");
+  }
+
   function renderTasks() {
     // The server's clock (the database's now, or the fixed --now), not the browser's.
     const nowMs = state.nowIso ? Date.parse(state.nowIso) : Date.now();
@@ -175,7 +183,7 @@
       return `<tr class="${cls}" data-symbol="${esc(t.symbol)}" data-timeframe="${esc(t.timeframe)}">` +
         `<td class="sym">${esc(t.symbol)}</td>` +
         `<td>${esc(t.timeframe)}${t.mandatory ? '<span class="mand" title="mandatory">M</span>' : ""}</td>` +
-        `<td><span class="badge ${badge}">${esc(t.state.replace("_", " "))}</span></td>` +
+        `<td><span class="badge ${badge}" title="${esc(stateTitle(t))}">${esc(t.state.replace("_", " "))}</span></td>` +
         `<td title="${esc(t.cursor_utc || "")}">${cursor}</td>` +
         `<td class="num ${lagClass(t.lag_frontier_seconds, t.timeframe)}" title="frontier ${esc(t.frontier_utc || "unknown: no source data")}">${t.lag_frontier_seconds === null ? "–" : duration(t.lag_frontier_seconds)}</td>` +
         `<td class="num dim">${t.lag_now_seconds === null ? "–" : duration(t.lag_now_seconds)}</td>` +
