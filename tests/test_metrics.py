@@ -154,7 +154,7 @@ def test_invalidation_metrics_appear_with_the_log_table(db, conn):
 def test_metrics_when_the_database_is_unreachable(closed_port_db, pages):
     metrics = Metrics()
     record_task_result(TaskResult("X", "5m", bars_created=2), metrics)
-    with running_server(closed_port_db, metrics=metrics, pages=pages) as server:
+    with running_server(closed_port_db, metrics=metrics, pages=pages, db_timeout=1) as server:
         m = scrape(server.url)
     assert value(m, "baragg_database_up") == 0
     assert value(m, "baragg_bars_created_total", timeframe="5m") == 2  # the worker's counters still there

@@ -175,7 +175,7 @@ def test_a_year_of_5m_bars_loads_and_zooms(db, conn, page):
 
 def test_page_says_when_the_database_is_down(page):
     page.expect_503 = True
-    with running_server(closed_port_database()) as server:
+    with running_server(closed_port_database(), db_timeout=1) as server:
         page.goto(server.url + "/")
         page.wait_for_selector("#banner:not([hidden])")
         assert "database unreachable" in page.inner_text("#banner")

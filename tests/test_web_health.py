@@ -31,7 +31,7 @@ def test_healthy_and_ready(db):
 
 
 def test_unreachable_database_alive_but_not_ready(closed_port_db):
-    with running_server(closed_port_db) as server:
+    with running_server(closed_port_db, db_timeout=1) as server:
         assert get(server.url + "/healthz").status == 200
         ready = get(server.url + "/readyz")
         assert ready.status == 503
@@ -44,7 +44,7 @@ def test_unreachable_database_alive_but_not_ready(closed_port_db):
 
 
 def test_database_dropped_while_serving(db, server_url):
-    with running_server(db) as server:
+    with running_server(db, db_timeout=1) as server:
         assert get(server.url + "/readyz").status == 200
         drop_database(server_url, conninfo_to_dict(db.url)["dbname"])
         ready = get(server.url + "/readyz")

@@ -52,7 +52,7 @@ def running_server(
     liveness: Liveness | None = None,
     pages: bool = True,
     now: datetime | None = None,
-    db_timeout: float = 1,
+    db_timeout: float = 5,
 ) -> Iterator[StatusServer]:
     """A StatusServer on a free port with its own metrics registry, stopped afterwards."""
     server = StatusServer(
@@ -63,7 +63,7 @@ def running_server(
         liveness=liveness,
         pages=pages,
         refresh_seconds=1,
-        db_timeout=db_timeout,  # a dead database answers 503 after this long
+        db_timeout=db_timeout,  # a dead database answers 503 after this long (tests of it pass 1)
         now=now,
     )
     with server:

@@ -172,7 +172,7 @@ class StatusServer:
         self._pool = ConnectionPool(
             self.db.url,
             min_size=1,
-            max_size=4,
+            max_size=8,
             kwargs={
                 **self.db.connect_kwargs(),
                 "autocommit": True,
