@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -135,6 +135,13 @@ def test_status_page_lists_tasks_and_draws_candles(db, conn, page):
         page.wait_for_function("window.baraggChart.ready && window.baraggChart.timeframe === '1h'")
         assert page.evaluate("window.baraggChart.candleCount") == 0
         assert "no 1h bars" in page.inner_text("#chart")
+        # ... and charts its first bars as soon as the worker writes them.
+        add_derived_bars(
+            conn, "ESZ4", "1h", NOW.replace(hour=13, minute=0, second=0), 2, step=timedelta(hours=1)
+        )
+        page.wait_for_function(
+            "window.baraggChart.candleCount === 2 && window.baraggChart.ready", timeout=30_000
+        )
 
 
 def test_a_year_of_5m_bars_loads_and_zooms(db, conn, page):

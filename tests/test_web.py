@@ -142,6 +142,14 @@ def test_api_bars_limit_takes_the_latest_and_range_is_half_open(served):
     assert body["count"] == 100
     assert body["truncated"] is True
     assert body["columns"]["ts"][-1] == int(fx["end_5m"].timestamp()) - 300
+    exactly_all = get(server.url + "/api/bars?symbol=ESZ4&timeframe=5m&limit=600").json()
+    assert (exactly_all["count"], exactly_all["truncated"]) == (600, False)
+    older = get(
+        server.url + f"/api/bars?symbol=ESZ4&timeframe=5m&limit=100&to={body['columns']['ts'][0]}"
+    ).json()
+    assert (
+        older["columns"]["ts"][-1] == body["columns"]["ts"][0] - 300
+    )  # continues where the first page began
     start = int(fx["start_5m"].timestamp())
     body = get(server.url + f"/api/bars?symbol=ESZ4&timeframe=5m&from={start}&to={start + 3600}").json()
     assert body["count"] == 12

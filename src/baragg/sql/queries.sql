@@ -183,16 +183,20 @@ SELECT EXISTS (SELECT 1 FROM core_asset_registry_all WHERE canonical_symbol = %(
 -- name: obs_bars_derived
 -- The latest `limit` bars in [from, to), returned oldest first as one JSON object of columns, so
 -- a year of 5m bars (~100k) goes from PostgreSQL to the browser without a Python object per value.
-WITH picked AS (
+WITH newest AS (
     SELECT ts_utc, open, high, low, close, vol, quality_score, source_candles, expected_candles
     FROM derived_data_bars
     WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s AND deleted_at IS NULL
       AND ts_utc >= coalesce(%(from)s::timestamptz, '-infinity')
       AND ts_utc < coalesce(%(to)s::timestamptz, 'infinity')
     ORDER BY ts_utc DESC
-    LIMIT %(limit)s
+    LIMIT %(limit)s + 1  -- one more than asked: tells whether older bars exist
+),
+picked AS (
+    SELECT * FROM newest ORDER BY ts_utc DESC LIMIT %(limit)s
 )
 SELECT count(*) AS n,
+       (SELECT count(*) FROM newest) > %(limit)s AS truncated,
        json_build_object(
            'ts', coalesce(json_agg(extract(epoch FROM ts_utc)::bigint ORDER BY ts_utc), '[]'),
            'open', coalesce(json_agg(open ORDER BY ts_utc), '[]'),
@@ -208,16 +212,20 @@ FROM picked;
 
 -- name: obs_bars_1m
 -- Raw 1m bars from data_bars, in the same shape (no quality: they are the source).
-WITH picked AS (
+WITH newest AS (
     SELECT ts_utc, open, high, low, close, vol
     FROM data_bars
     WHERE canonical_symbol = %(symbol)s AND timeframe = '1m' AND NOT is_partial
       AND ts_utc >= coalesce(%(from)s::timestamptz, '-infinity')
       AND ts_utc < coalesce(%(to)s::timestamptz, 'infinity')
     ORDER BY ts_utc DESC
-    LIMIT %(limit)s
+    LIMIT %(limit)s + 1  -- one more than asked: tells whether older bars exist
+),
+picked AS (
+    SELECT * FROM newest ORDER BY ts_utc DESC LIMIT %(limit)s
 )
 SELECT count(*) AS n,
+       (SELECT count(*) FROM newest) > %(limit)s AS truncated,
        json_build_object(
            'ts', coalesce(json_agg(extract(epoch FROM ts_utc)::bigint ORDER BY ts_utc), '[]'),
            'open', coalesce(json_agg(open ORDER BY ts_utc), '[]'),

@@ -196,7 +196,7 @@ def bars_json(conn: psycopg.Connection, params: dict[str, Any]) -> str:
     if not conn.execute(query("obs_symbol_exists"), {"symbol": params["symbol"]}).fetchone()[0]:
         raise UnknownSymbol(f"symbol: not in the registry: {params['symbol']!r}")
     name = "obs_bars_1m" if params["timeframe"] == "1m" else "obs_bars_derived"
-    count, columns = conn.execute(query(name), params).fetchone()
+    count, truncated, columns = conn.execute(query(name), params).fetchone()
     head = {
         "symbol": params["symbol"],
         "timeframe": params["timeframe"],
@@ -204,7 +204,7 @@ def bars_json(conn: psycopg.Connection, params: dict[str, Any]) -> str:
         "to": iso(params["to"]),
         "limit": params["limit"],
         "count": count,
-        "truncated": count == params["limit"],
+        "truncated": truncated,
     }
     # Splice the columns object in as text: re-parsing ~1M numbers in Python would cost more than the query.
     return json.dumps(head)[:-1] + ', "columns": ' + columns + "}"

@@ -402,7 +402,15 @@
   // Append bars that appeared since the last load (and redraw the last one, which may have changed).
   async function refreshChart() {
     const sel = state.selected;
-    if (!sel || !state.bars || !$("#live").checked || state.lastTs === null) return;
+    if (!sel || !state.bars || !$("#live").checked) return;
+    if (state.lastTs === null) {
+      // Nothing to chart yet: load everything as soon as the first bars exist.
+      try {
+        const probe = await getJSON(`/api/bars?symbol=${encodeURIComponent(sel.symbol)}&timeframe=${encodeURIComponent(sel.timeframe)}&limit=1`);
+        if (probe.count && state.lastTs === null) loadChart();
+      } catch (e) { /* next refresh */ }
+      return;
+    }
     const seq = state.loadSeq;
     let body;
     try {
