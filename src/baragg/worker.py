@@ -205,9 +205,19 @@ class _Claimer:
         return {"worker_id": self.worker_id, "now": self.settings.now, **extra}
 
     # -- registry ------------------------------------------------------------------------------
-    def sync(self) -> dict[str, Any]:
-        with self.connect() as conn:
-            row = conn.execute(query("worker_sync"), self.params(env=self.settings.env)).fetchone()
+    def sync(self, attempts: int = 3) -> dict[str, Any]:
+        """Create/enable/disable tasks from the registry; a transient error (e.g. a deadlock with a
+        finishing worker) is retried."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.connect() as conn:
+                    row = conn.execute(query("worker_sync"), self.params(env=self.settings.env)).fetchone()
+                break
+            except psycopg.Error as exc:
+                if attempt == attempts or classify(exc) != "transient":
+                    raise
+                log.warning("registry sync failed (%s); retrying", _error_text(exc))
+                time.sleep(0.1 * attempt)
         changes: dict[str, Any] = row[0] if row else {}
         changed = {k: len(v) for k, v in changes.items() if isinstance(v, list) and v}
         if changed:
