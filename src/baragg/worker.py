@@ -623,7 +623,7 @@ class Worker:
     claiming; the task in hand is finished (its current call completes, then the cursor is stored
     and the task released as due), waiting at most ``shutdown_timeout`` seconds before cancelling
     the statement in flight (a cancelled statement is a transient failure, recorded). Nothing is
-    left running. A second signal exits at once.
+    left running. A second signal exits at once. ``on_task`` is called from the worker threads.
     """
 
     def __init__(
