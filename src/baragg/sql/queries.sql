@@ -85,3 +85,19 @@ FROM agg_catchup_tasks(%(timeframe)s, %(symbols)s::text[], %(cursors)s::timestam
 
 -- name: worker_checkpoint_many
 SELECT agg_checkpoint_many(%(worker_id)s, %(items)s::jsonb, %(now)s::timestamptz, %(lease_seconds)s);
+
+-- ==== late data (migration 0004) ====
+
+-- name: worker_reaggregate_many
+-- Re-aggregate the invalidated windows of claimed tasks of one timeframe (all of them, one
+-- statement); result keys: windows, bars_reaggregated, bars_withdrawn, entries_dropped.
+SELECT canonical_symbol, result FROM agg_reaggregate_tasks(%(timeframe)s, %(symbols)s::text[]);
+
+-- name: pending_invalidations
+-- Per task: windows waiting to be re-aggregated because their source changed after aggregation.
+SELECT s.canonical_symbol, s.timeframe, count(i.window_start)::bigint AS pending_invalidations,
+       min(i.window_start) AS oldest_invalidated_window, min(i.first_seen_at) AS first_seen_at
+FROM data_agg_state s
+LEFT JOIN agg_invalidations i ON i.canonical_symbol = s.canonical_symbol AND i.timeframe = s.timeframe
+GROUP BY s.canonical_symbol, s.timeframe
+ORDER BY s.canonical_symbol, s.timeframe;
