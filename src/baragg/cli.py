@@ -86,6 +86,134 @@ def cmd_db_status(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # handlers: operator tools (registry, ingest, status, backfill, verify, cleanup, demo)
 # ---------------------------------------------------------------------------------------------
+def _progress(label: str, unit: str):  # type: ignore[no-untyped-def]
+    """A rich progress bar on stderr when it is a terminal, else None (scripts and logs stay clean)."""
+    if not sys.stderr.isatty():
+        return None
+    from baragg.progress import progress_bar
+
+    return progress_bar(label, unit)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from baragg import ingest
+
+    db = database(args)
+    bar = _progress(f"ingest {os.path.basename(args.file)}", "bytes")
+    with bar if bar is not None else _nullcontext():
+        report = ingest.ingest_file(
+            db,
+            args.file,
+            symbol=args.symbol,
+            reject_file=args.reject_file,
+            source=args.source,
+            on_progress=bar.update if bar is not None else None,
+        )
+    if args.json:
+        print_json(report.as_dict())
+    else:
+        print(
+            f"{report.file}: read {report.read}, inserted {report.inserted}, updated {report.updated}, "
+            f"unchanged {report.unchanged}, rejected {report.rejected}"
+        )
+        if report.rejected and report.reject_file:
+            print(f"rejected rows written to {report.reject_file}")
+        if report.ignored_columns:
+            print(f"ignored columns: {', '.join(report.ignored_columns)}")
+    return 0
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _registry_settings(args: argparse.Namespace) -> dict[str, Any]:
+    from baragg.registry import FIELDS
+
+    return {name: getattr(args, name, None) for name in FIELDS}
+
+
+def cmd_registry_add(args: argparse.Namespace) -> int:
+    from baragg import registry
+
+    change = registry.add(database(args), args.symbol, **_registry_settings(args))
+    print(f"{'added' if change.created else 'updated'} {change.symbol}")
+    return 0
+
+
+def cmd_registry_set(args: argparse.Namespace) -> int:
+    from baragg import registry
+
+    change = registry.set_fields(database(args), args.symbol, **_registry_settings(args))
+    print(f"updated {change.symbol}")
+    return 0
+
+
+def cmd_registry_list(args: argparse.Namespace) -> int:
+    from baragg import registry
+
+    rows = registry.list_assets(database(args))
+    if args.json:
+        print_json(rows)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for name in ("symbol", "active", "test", "sparse", "15m", "4h", "1d", "1w", "ticker", "class", "source"):
+        table.add_column(name)
+
+    def flag(value: object) -> str:
+        return {True: "yes", False: "-", None: "?"}.get(value, str(value))  # type: ignore[arg-type]
+
+    for r in rows:
+        table.add_row(
+            r["canonical_symbol"],
+            flag(r["active"]),
+            flag(r["test_active"]),
+            flag(r["is_sparse"]),
+            flag(r["calc_15m"]),
+            flag(r["calc_4h"]),
+            flag(r["calc_1d"]),
+            flag(r["calc_1w"]),
+            r["provider_ticker"] or "",
+            r["asset_class"] or "",
+            r["source"] or "",
+        )
+    Console().print(table)
+    if not rows:
+        print("no symbols registered (add one with: baragg registry add SYMBOL)")
+    return 0
+
+
+def cmd_registry_sync(args: argparse.Namespace) -> int:
+    from baragg import registry
+
+    result = registry.sync(database(args), args.env)
+    if args.json or not isinstance(result, list):
+        print_json(result)
+    else:
+        for row in result:
+            print("  ".join(f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
+def cmd_cleanup_legacy_derived(args: argparse.Namespace) -> int:
+    from baragg import cleanup
+
+    counts = cleanup.legacy_derived(database(args), timeframe=args.timeframe, dry_run=args.dry_run)
+    total = sum(counts.values())
+    if args.json:
+        print_json({"dry_run": args.dry_run, "timeframe": args.timeframe, "rows": total, "by_symbol": counts})
+        return 0
+    verb = "would soft-delete" if args.dry_run else "soft-deleted"
+    detail = ", ".join(f"{s} {n}" for s, n in counts.items())
+    print(f"{verb} {total} {args.timeframe} row(s) in derived_data_bars" + (f" ({detail})" if detail else ""))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,6 +274,84 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
 
 def add_operator_commands(commands: argparse._SubParsersAction) -> None:
     """registry, ingest, status, backfill, verify, cleanup, demo."""
+    p = commands.add_parser(
+        "ingest",
+        help="load 1m bars from a CSV or Parquet file into data_bars",
+        description="Load 1m bars (columns ts_utc, open, high, low, close, optional vol, vwap, trade_count, "
+        "and canonical_symbol unless --symbol) from CSV or Parquet. Every row is checked; by default a "
+        "file with any bad row stores nothing.",
+    )
+    p.add_argument("file", help="CSV (optionally .gz) or Parquet file")
+    p.add_argument("--symbol", help="every row is this symbol (the file needs no canonical_symbol column)")
+    p.add_argument("--reject-file", metavar="PATH", help="load the good rows; write every bad row here (CSV)")
+    p.add_argument("--source", default="file", help="value for data_bars.source (default: file)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_ingest)
+
+    registry = commands.add_parser("registry", help="the asset registry (which symbols, which timeframes)")
+    reg = registry.add_subparsers(dest="registry_command", metavar="ACTION", parser_class=_Parser)
+    reg.required = True
+    for action, handler, text in (
+        ("add", cmd_registry_add, "add a symbol, or update the given columns of an existing one"),
+        ("set", cmd_registry_set, "change columns of an existing symbol"),
+    ):
+        p = reg.add_parser(action, help=text)
+        p.add_argument("symbol", metavar="SYMBOL")
+        p.add_argument("--provider-ticker", dest="provider_ticker")
+        p.add_argument("--asset-class", dest="asset_class")
+        p.add_argument("--source")
+        p.add_argument("--notes")
+        p.add_argument("--active", dest="active", action="store_const", const=True, help="active in prod")
+        p.add_argument(
+            "--inactive", dest="active", action="store_const", const=False, help="inactive in prod"
+        )
+        p.add_argument("--test-active", dest="test_active", action="store_const", const=True)
+        p.add_argument(
+            "--test-inactive",
+            dest="test_active",
+            action="store_const",
+            const=False,
+            help="inactive in non-prod environments",
+        )
+        p.add_argument(
+            "--sparse",
+            dest="is_sparse",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="store any window with at least one source bar (illiquid assets)",
+        )
+        for tf in ("15m", "4h", "1d", "1w"):
+            p.add_argument(
+                f"--calc-{tf}",
+                dest=f"calc_{tf}",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"aggregate {tf} bars",
+            )
+        p.set_defaults(handler=handler)
+    p = reg.add_parser("list", help="list registered symbols")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_registry_list)
+    p = reg.add_parser("sync", help="create, disable and re-enable tasks from the registry")
+    p.add_argument(
+        "--env",
+        default=os.environ.get("BARAGG_ENV", "prod"),
+        help="environment: prod uses `active`, any other uses `test_active` (env BARAGG_ENV; default prod)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_registry_sync)
+
+    cleanup = commands.add_parser("cleanup", help="housekeeping")
+    cl = cleanup.add_subparsers(dest="cleanup_command", metavar="ACTION", parser_class=_Parser)
+    cl.required = True
+    p = cl.add_parser(
+        "legacy-derived",
+        help="soft-delete base-timeframe (1m) rows that live in derived_data_bars (the seed's legacy rows)",
+    )
+    p.add_argument("--timeframe", default="1m", choices=["1m"], help="only the base timeframe (default 1m)")
+    p.add_argument("--dry-run", action="store_true", help="count only, change nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_cleanup_legacy_derived)
 
 
 def add_observability_commands(commands: argparse._SubParsersAction) -> None:

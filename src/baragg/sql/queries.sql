@@ -20,3 +20,155 @@ SELECT version, name, checksum, applied_at FROM baragg_schema_migrations ORDER B
 
 -- name: migrations_record
 INSERT INTO baragg_schema_migrations (version, name, checksum) VALUES (%(version)s, %(name)s, %(checksum)s);
+
+-- ==== operator tools: ingest ====
+
+-- name: ingest_known_symbols
+SELECT canonical_symbol FROM core_asset_registry_all;
+
+-- name: ingest_create_stage
+-- One row per file row that has a symbol and a time (bad ones too, with ok = false, so that
+-- duplicate times are found across the whole file). Dropped with the transaction.
+CREATE TEMP TABLE ingest_stage (
+    line bigint NOT NULL,
+    canonical_symbol text NOT NULL,
+    ts_utc timestamptz NOT NULL,
+    open double precision,
+    high double precision,
+    low double precision,
+    close double precision,
+    vol double precision,
+    vwap double precision,
+    trade_count integer,
+    ok boolean NOT NULL
+) ON COMMIT DROP;
+
+-- name: ingest_copy_stage
+COPY ingest_stage (line, canonical_symbol, ts_utc, open, high, low, close, vol, vwap, trade_count, ok)
+FROM STDIN WITH (FORMAT csv);
+
+-- name: ingest_duplicates
+-- Good rows whose (symbol, time) appears more than once in the file, with the other lines.
+WITH keyed AS (
+    SELECT line, canonical_symbol, ts_utc, ok,
+           array_agg(line) OVER (PARTITION BY canonical_symbol, ts_utc) AS lines
+    FROM ingest_stage
+    WHERE (canonical_symbol, ts_utc) IN (
+        SELECT canonical_symbol, ts_utc FROM ingest_stage
+        GROUP BY canonical_symbol, ts_utc HAVING count(*) > 1
+    )
+)
+SELECT line, ts_utc, ARRAY(SELECT l FROM unnest(lines) AS l WHERE l <> keyed.line ORDER BY l) AS others
+FROM keyed
+WHERE ok
+ORDER BY line;
+
+-- name: ingest_drop_duplicates
+UPDATE ingest_stage s SET ok = false
+FROM (
+    SELECT canonical_symbol, ts_utc FROM ingest_stage
+    GROUP BY canonical_symbol, ts_utc HAVING count(*) > 1
+) d
+WHERE s.canonical_symbol = d.canonical_symbol AND s.ts_utc = d.ts_utc AND s.ok;
+
+-- name: ingest_upsert
+-- Insert new bars; overwrite an existing bar only when a value differs, so that re-ingesting a file
+-- rewrites nothing (no new row versions, ingested_at and triggers untouched).
+WITH written AS (
+    INSERT INTO data_bars AS d (canonical_symbol, provider_ticker, timeframe, ts_utc, open, high, low, close,
+                                vol, vwap, trade_count, is_partial, source)
+    SELECT s.canonical_symbol, r.provider_ticker, '1m', s.ts_utc, s.open, s.high, s.low, s.close,
+           s.vol, s.vwap, s.trade_count, false, %(source)s
+    FROM ingest_stage s
+    JOIN core_asset_registry_all r USING (canonical_symbol)
+    WHERE s.ok
+    ON CONFLICT (canonical_symbol, timeframe, ts_utc) DO UPDATE
+    SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
+        vol = EXCLUDED.vol, vwap = EXCLUDED.vwap, trade_count = EXCLUDED.trade_count,
+        is_partial = false, source = EXCLUDED.source, ingested_at = now()
+    WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial)
+          IS DISTINCT FROM
+          (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vol, EXCLUDED.vwap,
+           EXCLUDED.trade_count, false)
+    RETURNING (xmax = 0) AS inserted
+)
+SELECT count(*) FILTER (WHERE inserted),
+       count(*) FILTER (WHERE NOT inserted),
+       (SELECT count(*) FROM ingest_stage WHERE ok)
+FROM written;
+
+-- name: ingest_stage_symbols
+SELECT DISTINCT canonical_symbol FROM ingest_stage WHERE ok ORDER BY 1;
+
+-- ==== operator tools: registry ====
+
+-- name: registry_upsert
+-- A NULL parameter means "not given": a new row gets the column default, an existing row keeps its value.
+INSERT INTO core_asset_registry_all AS r (
+    canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
+    calc_15m, calc_4h, calc_1d, calc_1w, notes)
+VALUES (
+    %(symbol)s, %(provider_ticker)s, %(asset_class)s, %(source)s,
+    COALESCE(%(active)s, true), COALESCE(%(test_active)s, true), COALESCE(%(is_sparse)s, false),
+    COALESCE(%(calc_15m)s, false), COALESCE(%(calc_4h)s, false), COALESCE(%(calc_1d)s, false),
+    COALESCE(%(calc_1w)s, false), %(notes)s)
+ON CONFLICT (canonical_symbol) DO UPDATE SET
+    provider_ticker = COALESCE(%(provider_ticker)s, r.provider_ticker),
+    asset_class = COALESCE(%(asset_class)s, r.asset_class),
+    source = COALESCE(%(source)s, r.source),
+    active = COALESCE(%(active)s, r.active),
+    test_active = COALESCE(%(test_active)s, r.test_active),
+    is_sparse = COALESCE(%(is_sparse)s, r.is_sparse),
+    calc_15m = COALESCE(%(calc_15m)s, r.calc_15m),
+    calc_4h = COALESCE(%(calc_4h)s, r.calc_4h),
+    calc_1d = COALESCE(%(calc_1d)s, r.calc_1d),
+    calc_1w = COALESCE(%(calc_1w)s, r.calc_1w),
+    notes = COALESCE(%(notes)s, r.notes),
+    updated_at = now()
+RETURNING (xmax = 0) AS created;
+
+-- name: registry_update
+UPDATE core_asset_registry_all AS r SET
+    provider_ticker = COALESCE(%(provider_ticker)s, r.provider_ticker),
+    asset_class = COALESCE(%(asset_class)s, r.asset_class),
+    source = COALESCE(%(source)s, r.source),
+    active = COALESCE(%(active)s, r.active),
+    test_active = COALESCE(%(test_active)s, r.test_active),
+    is_sparse = COALESCE(%(is_sparse)s, r.is_sparse),
+    calc_15m = COALESCE(%(calc_15m)s, r.calc_15m),
+    calc_4h = COALESCE(%(calc_4h)s, r.calc_4h),
+    calc_1d = COALESCE(%(calc_1d)s, r.calc_1d),
+    calc_1w = COALESCE(%(calc_1w)s, r.calc_1w),
+    notes = COALESCE(%(notes)s, r.notes),
+    updated_at = now()
+WHERE canonical_symbol = %(symbol)s
+RETURNING canonical_symbol;
+
+-- name: registry_list
+SELECT canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
+       calc_15m, calc_4h, calc_1d, calc_1w, notes, created_at, updated_at
+FROM core_asset_registry_all
+ORDER BY canonical_symbol;
+
+-- name: registry_sync_exists
+SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'sync_agg_state_from_registry');
+
+-- name: registry_sync
+SELECT * FROM sync_agg_state_from_registry(%(env)s);
+
+-- ==== operator tools: cleanup ====
+
+-- name: cleanup_legacy_derived_count
+SELECT canonical_symbol, count(*)
+FROM derived_data_bars
+WHERE timeframe = %(timeframe)s AND deleted_at IS NULL
+GROUP BY canonical_symbol
+ORDER BY canonical_symbol;
+
+-- name: cleanup_legacy_derived
+WITH deleted AS (
+    UPDATE derived_data_bars SET deleted_at = now(), updated_at = now()
+    WHERE timeframe = %(timeframe)s AND deleted_at IS NULL
+    RETURNING canonical_symbol
+)
+SELECT canonical_symbol, count(*) FROM deleted GROUP BY canonical_symbol ORDER BY canonical_symbol;

@@ -1,0 +1,402 @@
+"""Files of 1-minute bars → data_bars (DESIGN.md sections 8 and 9).
+
+The file is streamed in chunks (pyarrow's CSV reader, or a Parquet file's record batches), so a file
+of ten million rows needs no more memory than one chunk. Each chunk is checked by
+``baragg.validation.check_bars`` and COPYed into a TEMP staging table; duplicate times within the whole
+file are then found in SQL, and one ``INSERT … SELECT … ON CONFLICT … DO UPDATE … WHERE the values
+differ`` moves the good rows into data_bars. All of it is one transaction: by default a single bad row
+stores nothing; with a reject file the good rows load and every bad one is written there. Re-ingesting
+a file rewrites no row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from baragg.db import Database
+from baragg.errors import InvalidInput
+from baragg.sql import query
+from baragg.validation import COLUMNS, REQUIRED, check_bars
+
+log = logging.getLogger(__name__)
+
+# Rows per chunk: enough to amortise per-chunk overhead, small enough to keep memory flat.
+CSV_BLOCK_BYTES = 16 << 20
+PARQUET_BATCH_ROWS = 250_000
+# How many bad rows the error message names.
+SHOWN_BAD_ROWS = 5
+
+ProgressCallback = Callable[[int, int], None]  # (done, total) in the reader's unit (bytes or rows)
+
+
+@dataclass
+class BadRow:
+    line: int
+    column: str
+    reason: str
+
+    def describe(self, unit: str) -> str:
+        return f"{unit} {self.line}: {self.column}: {self.reason}"
+
+
+@dataclass
+class IngestReport:
+    """What happened to every row of the file; read == inserted + updated + unchanged + rejected."""
+
+    file: str
+    read: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejected: int = 0
+    symbols: list[str] = field(default_factory=list)
+    ignored_columns: list[str] = field(default_factory=list)
+    reject_file: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Chunk:
+    """One block of the file: its rows as read, and the line (CSV) or row (Parquet) of each."""
+
+    lines: np.ndarray
+    raw: pd.DataFrame
+    done: int  # progress position after this chunk
+
+
+class _Source:
+    """A file being read in chunks."""
+
+    unit = "line"  # how a row's position is named in messages
+    columns: list[str]
+    total: int
+
+    def chunks(self) -> Iterator[_Chunk]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def malformed(self) -> list[tuple[int, list[str], str]]:
+        """Rows the reader could not split into the header's fields: (line, fields, reason)."""
+        return []
+
+    def original_fields(self, lines: set[int]) -> dict[int, list[str]]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def is_parquet(path: Path) -> bool:
+    if path.suffix.lower() in {".parquet", ".pq"}:
+        return True
+    with path.open("rb") as fh:
+        return fh.read(4) == b"PAR1"
+
+
+def _header(path: Path) -> list[str]:
+    with pa.input_stream(str(path), compression="detect") as stream:
+        head = stream.read(1 << 16).decode("utf-8-sig", errors="replace")
+    first = head.splitlines()[0] if head else ""
+    return [name.strip() for name in next(csv.reader([first]), [])]
+
+
+class _CsvSource(_Source):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.header = _header(path)
+        if not self.header or self.header == [""]:
+            raise InvalidInput(f"{path.name}: empty file (expected a header line with {', '.join(REQUIRED)})")
+        self.columns = [c for c in self.header if c in COLUMNS]
+        self.total = path.stat().st_size
+        self._malformed: list[tuple[int, list[str], str]] = []
+
+    def _on_invalid_row(self, row: pa_csv.InvalidRow) -> str:
+        fields = next(csv.reader([row.text]), [])
+        self._malformed.append(
+            (row.number, fields, f"expected {row.expected_columns} fields, found {row.actual_columns}")
+        )
+        return "skip"
+
+    def malformed(self) -> list[tuple[int, list[str], str]]:
+        return self._malformed
+
+    def chunks(self) -> Iterator[_Chunk]:
+        stream = pa.input_stream(str(self.path), compression="detect")
+        reader = pa_csv.open_csv(
+            stream,
+            read_options=pa_csv.ReadOptions(use_threads=False, block_size=CSV_BLOCK_BYTES),
+            parse_options=pa_csv.ParseOptions(
+                ignore_empty_lines=False, invalid_row_handler=self._on_invalid_row
+            ),
+            convert_options=pa_csv.ConvertOptions(
+                column_types={name: pa.string() for name in self.header},
+                include_columns=self.columns,
+                strings_can_be_null=True,
+                null_values=[""],
+            ),
+        )
+        next_line = 2  # line 1 is the header
+        skipped_seen = 0
+        with stream:
+            for batch in reader:
+                # Rows the reader skipped (malformed) keep their line numbers: step over them.
+                pending = sorted(n for n, _, _ in self._malformed[skipped_seen:] if n is not None)
+                candidates = np.arange(next_line, next_line + batch.num_rows + len(pending), dtype=np.int64)
+                lines = candidates[~np.isin(candidates, pending)][: batch.num_rows]
+                if len(lines):
+                    next_line = int(lines[-1]) + 1
+                    skipped_seen += sum(1 for n in pending if n < next_line)
+                raw = batch.to_pandas(types_mapper=pd.ArrowDtype)
+                blank = raw.isna().all(axis=1).to_numpy()
+                if blank.any():  # empty lines are not rows
+                    raw, lines = raw[~blank].reset_index(drop=True), lines[~blank]
+                yield _Chunk(lines=lines, raw=raw, done=min(stream.tell(), self.total))
+
+    def original_fields(self, lines: set[int]) -> dict[int, list[str]]:
+        found: dict[int, list[str]] = {}
+        with pa.input_stream(str(self.path), compression="detect") as stream:
+            text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+            for number, fields in enumerate(csv.reader(text), start=1):
+                if number in lines:
+                    found[number] = fields
+                    if len(found) == len(lines):
+                        break
+        return found
+
+
+class _ParquetSource(_Source):
+    unit = "row"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.file = pq.ParquetFile(str(path))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InvalidInput(f"{path.name}: not a readable Parquet file: {exc}") from exc
+        self.header = list(self.file.schema_arrow.names)
+        self.columns = [c for c in self.header if c in COLUMNS]
+        self.total = self.file.metadata.num_rows
+
+    def chunks(self) -> Iterator[_Chunk]:
+        first = 1
+        for batch in self.file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=self.columns):
+            raw = batch.to_pandas(types_mapper=pd.ArrowDtype)
+            lines = np.arange(first, first + batch.num_rows, dtype=np.int64)
+            first += batch.num_rows
+            yield _Chunk(lines=lines, raw=raw, done=first - 1)
+
+    def original_fields(self, lines: set[int]) -> dict[int, list[str]]:
+        found: dict[int, list[str]] = {}
+        first = 1
+        for batch in self.file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=self.header):
+            wanted = [n - first for n in lines if first <= n < first + batch.num_rows]
+            if wanted:
+                rows = batch.take(pa.array(sorted(wanted))).to_pylist()
+                for offset, row in zip(sorted(wanted), rows, strict=True):
+                    found[first + offset] = ["" if v is None else str(v) for v in row.values()]
+            first += batch.num_rows
+        return found
+
+
+def open_source(path: Path) -> _Source:
+    if not path.exists():
+        raise InvalidInput(f"{path}: no such file")
+    if path.is_dir():
+        raise InvalidInput(f"{path}: is a directory, not a file")
+    source: _Source = _ParquetSource(path) if is_parquet(path) else _CsvSource(path)
+    missing = [c for c in REQUIRED if c not in source.header]
+    if missing:
+        raise InvalidInput(
+            f"{path.name}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"(found: {', '.join(source.header)}; expected ts_utc, open, high, low, close, "
+            "optional vol, vwap, trade_count, canonical_symbol)"
+        )
+    return source
+
+
+class _RejectWriter:
+    """Every bad row, with its original fields and the reason, as CSV."""
+
+    def __init__(self, path: Path, unit: str, header: list[str]) -> None:
+        self.file = path.open("w", newline="", encoding="utf-8")
+        self.writer = csv.writer(self.file)
+        self.writer.writerow([unit, *header, "reason"])
+        self.header = header
+
+    def write(self, line: int, fields: list[str], reason: str) -> None:
+        self.writer.writerow([line, *fields, reason])
+
+    def close(self) -> None:
+        self.file.close()
+
+
+_STAGE_COLUMNS = (
+    "line",
+    "canonical_symbol",
+    "ts_utc",
+    "open",
+    "high",
+    "low",
+    "close",
+    "vol",
+    "vwap",
+    "trade_count",
+    "ok",
+)
+
+
+def _stage_csv(lines: np.ndarray, bars: pd.DataFrame, ok: np.ndarray) -> bytes:
+    """The chunk's rows that have a symbol and a time, as CSV for COPY (values only for good rows)."""
+    keep = bars["canonical_symbol"].notna().to_numpy() & bars["ts_utc"].notna().to_numpy()
+    if not keep.any():
+        return b""
+    rows = bars[keep]
+    good = ok[keep]
+    mask = pa.array(~good)
+    columns: dict[str, pa.Array] = {
+        "line": pa.array(lines[keep]),
+        "canonical_symbol": pa.array(rows["canonical_symbol"].astype("string[pyarrow]"), type=pa.string()),
+        "ts_utc": pa.array(rows["ts_utc"].dt.tz_convert("UTC"), type=pa.timestamp("us", tz="UTC")),
+    }
+    for name in ("open", "high", "low", "close", "vol", "vwap"):
+        values = rows[name].to_numpy(dtype="float64", na_value=np.nan)
+        columns[name] = pa.array(values, mask=np.isnan(values) | ~good)
+    columns["trade_count"] = pa.array(rows["trade_count"].astype("Int64"), type=pa.int64())
+    columns["trade_count"] = pa.compute.if_else(mask, pa.scalar(None, pa.int64()), columns["trade_count"])
+    columns["ok"] = pa.array(good)
+    buffer = io.BytesIO()
+    pa_csv.write_csv(pa.table(columns), buffer, pa_csv.WriteOptions(include_header=False))
+    return buffer.getvalue()
+
+
+def ingest_file(
+    db: Database,
+    path: str | Path,
+    *,
+    symbol: str | None = None,
+    reject_file: str | Path | None = None,
+    source: str = "file",
+    on_progress: ProgressCallback | None = None,
+) -> IngestReport:
+    """Load a CSV or Parquet file of 1m bars into data_bars; see the module docstring.
+
+    Raises InvalidInput naming the first bad rows when any row is bad and no reject file is given;
+    nothing is stored then.
+    """
+    path = Path(path)
+    reader = open_source(path)
+    report = IngestReport(file=str(path), ignored_columns=[c for c in reader.header if c not in COLUMNS])
+    if symbol is None and "canonical_symbol" not in reader.header:
+        raise InvalidInput(f"{path.name}: no canonical_symbol column; name the symbol with --symbol")
+    rejects = _RejectWriter(Path(reject_file), reader.unit, reader.header) if reject_file else None
+    if rejects:
+        report.reject_file = str(reject_file)
+    first_bad: list[BadRow] = []
+    bad_count = 0
+    unknown_symbols: set[str] = set()
+
+    def note_bad(row: BadRow, fields: list[str] | None) -> None:
+        nonlocal bad_count
+        bad_count += 1
+        first_bad.append(row)
+        first_bad.sort(key=lambda r: r.line)
+        del first_bad[SHOWN_BAD_ROWS:]
+        if rejects and fields is not None:
+            rejects.write(row.line, fields, f"{row.column}: {row.reason}")
+
+    try:
+        with db.connect() as conn:
+            known = {name for (name,) in conn.execute(query("ingest_known_symbols"))}
+            if symbol is not None and symbol not in known:
+                raise InvalidInput(
+                    f"unknown symbol '{symbol}': not in core_asset_registry_all "
+                    f"(add it with: baragg registry add {symbol})"
+                )
+            conn.execute(query("ingest_create_stage"))
+            with conn.cursor() as cur:
+                for chunk in reader.chunks():
+                    report.read += len(chunk.lines)
+                    checked = check_bars(chunk.raw, known_symbols=known, symbol=symbol)
+                    ok = checked.ok.to_numpy()
+                    bad_positions = np.flatnonzero(~ok)
+                    if len(bad_positions):
+                        unknown = checked.reason.iloc[bad_positions].str.startswith("unknown symbol")
+                        unknown_symbols.update(
+                            checked.bars["canonical_symbol"]
+                            .iloc[bad_positions][unknown.to_numpy()]
+                            .astype(str)
+                        )
+                        original = chunk.raw.iloc[bad_positions] if rejects else None
+                        for k, pos in enumerate(bad_positions):
+                            fields = None
+                            if original is not None:
+                                values = original.iloc[k]
+                                fields = [
+                                    "" if c not in values.index or pd.isna(values[c]) else str(values[c])
+                                    for c in reader.header
+                                ]
+                            note_bad(
+                                BadRow(
+                                    int(chunk.lines[pos]), checked.column.iat[pos], checked.reason.iat[pos]
+                                ),
+                                fields,
+                            )
+                    payload = _stage_csv(chunk.lines, checked.bars, ok)
+                    if payload:
+                        with cur.copy(query("ingest_copy_stage")) as copy:
+                            copy.write(payload)
+                    if on_progress:
+                        on_progress(chunk.done, reader.total)
+                for line, fields, reason in reader.malformed():
+                    report.read += 1
+                    note_bad(BadRow(line, "(row)", reason), fields)
+                duplicates = cur.execute(query("ingest_duplicates")).fetchall()
+            if duplicates:
+                originals = reader.original_fields({line for line, _, _ in duplicates}) if rejects else {}
+                for line, ts, others in duplicates:
+                    also = ", ".join(str(n) for n in others)
+                    note_bad(
+                        BadRow(
+                            line,
+                            "ts_utc",
+                            f"duplicate time {ts:%Y-%m-%d %H:%M} (also on {reader.unit} {also})",
+                        ),
+                        originals.get(line, []),
+                    )
+                conn.execute(query("ingest_drop_duplicates"))
+            if bad_count and not rejects:
+                conn.rollback()
+                raise InvalidInput(
+                    _bad_rows_message(path.name, reader.unit, bad_count, first_bad, unknown_symbols)
+                )
+            report.rejected = bad_count
+            counts = conn.execute(query("ingest_upsert"), {"source": source}).fetchone()
+            assert counts is not None
+            report.inserted, report.updated, staged = (int(v) for v in counts)
+            report.unchanged = staged - report.inserted - report.updated
+            report.symbols = [s for (s,) in conn.execute(query("ingest_stage_symbols"))]
+            conn.commit()
+    finally:
+        if rejects:
+            rejects.close()
+    log.info("ingested %s", path, extra={"ingest": report.as_dict()})
+    return report
+
+
+def _bad_rows_message(name: str, unit: str, count: int, first: list[BadRow], unknown: set[str]) -> str:
+    shown = "; ".join(row.describe(unit) for row in first)
+    more = "; ..." if count > len(first) else ""
+    text = f"{name}: {count} bad row{'s' if count != 1 else ''}; {shown}{more}"
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        text += f" (unknown symbols: {names}; add them with: baragg registry add SYMBOL)"
+    return text + "; nothing was stored (use --reject-file PATH to load the good rows)"
