@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,8 @@ from baragg.validation import COLUMNS, REQUIRED, check_bars
 
 log = logging.getLogger(__name__)
 
-# Rows per chunk: enough to amortise per-chunk overhead, small enough to keep memory flat.
+# Chunk sizes: enough to amortise per-chunk overhead, small enough to keep memory flat.
+# BARAGG_INGEST_BLOCK_BYTES overrides the CSV block size (tests use tiny blocks to cross chunk borders).
 CSV_BLOCK_BYTES = 16 << 20
 PARQUET_BATCH_ROWS = 250_000
 # How many bad rows the error message names.
@@ -133,7 +135,10 @@ class _CsvSource(_Source):
         stream = pa.input_stream(str(self.path), compression="detect")
         reader = pa_csv.open_csv(
             stream,
-            read_options=pa_csv.ReadOptions(use_threads=False, block_size=CSV_BLOCK_BYTES),
+            read_options=pa_csv.ReadOptions(
+                use_threads=False,
+                block_size=int(os.environ.get("BARAGG_INGEST_BLOCK_BYTES") or CSV_BLOCK_BYTES),
+            ),
             parse_options=pa_csv.ParseOptions(
                 ignore_empty_lines=False, invalid_row_handler=self._on_invalid_row
             ),
