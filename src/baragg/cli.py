@@ -202,6 +202,50 @@ def cmd_registry_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from baragg import verify
+    from baragg.timeparse import parse_time
+
+    report = verify.verify(
+        database(args),
+        args.symbol,
+        args.timeframe,
+        start=parse_time(args.from_, "--from"),
+        end=parse_time(args.to, "--to"),
+    )
+    if args.json:
+        print_json(report.as_dict())
+        return 0 if report.ok else 1
+
+    def when(moment: Any) -> str:
+        return moment.strftime("%Y-%m-%d %H:%M") if moment else "…"
+
+    for note in report.notes:
+        print(f"note: {note}")
+    print(
+        f"{report.symbol} {report.timeframe} [{when(report.window_from)}, {when(report.window_to)}): "
+        f"{report.checked} bars checked: {report.equal} equal, {len(report.missing)} missing, "
+        f"{len(report.extra)} extra, {len(report.different)} different"
+    )
+    shown = 0
+    for moment in report.missing:
+        if shown < args.limit:
+            print(f"  missing    {when(moment)}")
+        shown += 1
+    for moment in report.extra:
+        if shown < args.limit:
+            print(f"  extra      {when(moment)}")
+        shown += 1
+    for diff in report.different:
+        if shown < args.limit:
+            detail = "; ".join(f"{c} stored {s} expected {e}" for c, (s, e) in diff.columns.items())
+            print(f"  different  {when(diff.ts_utc)}: {detail}")
+        shown += 1
+    if shown > args.limit:
+        print(f"  ... and {shown - args.limit} more (--limit N or --json for all)")
+    return 0 if report.ok else 1
+
+
 def cmd_cleanup_legacy_derived(args: argparse.Namespace) -> int:
     from baragg import cleanup
 
@@ -340,6 +384,23 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_registry_sync)
+
+    p = commands.add_parser(
+        "verify",
+        help="recompute bars independently (pandas) and report missing, extra and different ones",
+        description="Recompute SYMBOL's TIMEFRAME bars from their source rows with pandas, independently of "
+        "the SQL engine, over the windows the worker has passed (agg_start_utc .. cursor), and compare them "
+        "with the stored bars. Exit 1 when anything differs.",
+    )
+    p.add_argument("symbol", metavar="SYMBOL")
+    p.add_argument("timeframe", metavar="TIMEFRAME", choices=["5m", "15m", "1h", "4h", "1d", "1w"])
+    p.add_argument(
+        "--from", dest="from_", metavar="TIME", help="first window (ISO 8601; UTC unless an offset)"
+    )
+    p.add_argument("--to", metavar="TIME", help="end of the range, exclusive (ISO 8601)")
+    p.add_argument("--limit", type=int, default=20, help="differences to list (default 20)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_verify)
 
     cleanup = commands.add_parser("cleanup", help="housekeeping")
     cl = cleanup.add_subparsers(dest="cleanup_command", metavar="ACTION", parser_class=_Parser)

@@ -172,3 +172,39 @@ WITH deleted AS (
     RETURNING canonical_symbol
 )
 SELECT canonical_symbol, count(*) FROM deleted GROUP BY canonical_symbol ORDER BY canonical_symbol;
+
+-- ==== operator tools: verify ====
+
+-- name: verify_asset
+SELECT coalesce(is_sparse, false) FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s;
+
+-- name: verify_task
+SELECT agg_start_utc, last_agg_bar_ts_utc
+FROM data_agg_state
+WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s;
+
+-- name: verify_source_base
+-- Raw 1m bars that count as source: not still forming.
+SELECT ts_utc, open, high, low, close, vol, vwap, trade_count
+FROM data_bars
+WHERE canonical_symbol = %(symbol)s AND timeframe = %(source_timeframe)s
+  AND ts_utc >= %(lo)s AND ts_utc < %(hi)s
+  AND NOT coalesce(is_partial, false)
+ORDER BY ts_utc;
+
+-- name: verify_source_derived
+SELECT ts_utc, open, high, low, close, vol, vwap, trade_count
+FROM derived_data_bars
+WHERE canonical_symbol = %(symbol)s AND timeframe = %(source_timeframe)s
+  AND ts_utc >= %(lo)s AND ts_utc < %(hi)s
+  AND deleted_at IS NULL AND NOT coalesce(is_partial, false)
+ORDER BY ts_utc;
+
+-- name: verify_stored
+SELECT ts_utc, open, high, low, close, vol, vwap, trade_count,
+       source_candles, expected_candles, quality_score, source_timeframe
+FROM derived_data_bars
+WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s
+  AND ts_utc >= %(lo)s AND ts_utc < %(hi)s
+  AND deleted_at IS NULL
+ORDER BY ts_utc;
