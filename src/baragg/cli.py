@@ -246,6 +246,68 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from baragg import status
+    from baragg.timeparse import parse_time
+
+    now = parse_time(args.now, "--now")
+    tasks = status.task_status(database(args), now=now, symbols=args.symbol or None)
+    if args.json:
+        print_json([t.as_dict() for t in tasks])
+    else:
+        status.render(tasks, now=now)
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from baragg import backfill
+    from baragg.timeparse import parse_time
+
+    bar = _progress("backfill", "market time")
+    with bar if bar is not None else _nullcontext():
+        report = backfill.backfill(
+            database(args),
+            env=args.env,
+            symbols=args.symbol or None,
+            timeframes=args.timeframe or None,
+            now=parse_time(args.now, "--now"),
+            jobs=args.jobs,
+            on_progress=(lambda done, total, rate: bar.update(done, total, rate))
+            if bar is not None
+            else None,
+        )
+    if args.json:
+        print_json(report.as_dict())
+    else:
+        rate = f", {report.windows / report.seconds:,.0f} windows/s" if report.seconds else ""
+        print(
+            f"backfill: {report.tasks} task(s), {report.task_runs} run(s), {report.windows:,} windows, "
+            f"{report.bars_created:,} bars created ({report.bars_quality_poor:,} poor quality) "
+            f"in {report.seconds:.1f}s{rate}"
+        )
+        for failure in report.failures:
+            print(
+                f"failed: {failure['symbol']} {failure['timeframe']} ({failure['kind']}): {failure['error']}",
+                file=sys.stderr,
+            )
+    return 1 if report.failures else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from baragg import demo
+
+    demo.run(
+        Console(),
+        data_dir=Path(args.demo_data_dir) if args.demo_data_dir else None,
+        database_url=args.demo_database_url,
+    )
+    return 0
+
+
 def cmd_cleanup_legacy_derived(args: argparse.Namespace) -> int:
     from baragg import cleanup
 
@@ -401,6 +463,60 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=20, help="differences to list (default 20)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_verify)
+
+    p = commands.add_parser("status", help="every task: status, cursor, lag, failures, bar counts")
+    p.add_argument("--symbol", action="append", help="only this symbol (repeatable)")
+    p.add_argument("--now", metavar="TIME", help="the clock for lags (ISO 8601; default: now)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_status)
+
+    p = commands.add_parser(
+        "backfill",
+        help="catch every task up as fast as possible, with a progress bar",
+        description="Sync the registry, then run the worker until every (selected) task is at its frontier. "
+        "Several jobs run tasks of different symbols in parallel; claims keep them apart.",
+    )
+    p.add_argument("--symbol", action="append", help="only this symbol (repeatable)")
+    p.add_argument(
+        "--timeframe",
+        action="append",
+        choices=["5m", "15m", "1h", "4h", "1d", "1w"],
+        help="only this timeframe (repeatable)",
+    )
+    p.add_argument(
+        "--env",
+        default=os.environ.get("BARAGG_ENV", "prod"),
+        help="environment (env BARAGG_ENV; default prod)",
+    )
+    p.add_argument("--now", metavar="TIME", help="the clock (ISO 8601; default: now)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=int(os.environ.get("BARAGG_BACKFILL_JOBS", "2")),
+        help="worker threads (env BARAGG_BACKFILL_JOBS; default 2)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_backfill)
+
+    p = commands.add_parser(
+        "demo",
+        help="the whole system on a private embedded database, with generated data (seconds)",
+        description="Register symbols, generate three weeks of 1m bars, ingest, run the worker, apply a late "
+        "correction, show the status and sample bars. Uses its own embedded database (never DATABASE_URL).",
+    )
+    p.add_argument(
+        "--data-dir",
+        dest="demo_data_dir",
+        metavar="DIR",
+        help="data directory of the demo's embedded server (default: the user data dir's demo/)",
+    )
+    p.add_argument(
+        "--database-url",
+        dest="demo_database_url",
+        metavar="URL",
+        help="run the demo in this database instead (it adds demo symbols and bars to it)",
+    )
+    p.set_defaults(handler=cmd_demo)
 
     cleanup = commands.add_parser("cleanup", help="housekeeping")
     cl = cleanup.add_subparsers(dest="cleanup_command", metavar="ACTION", parser_class=_Parser)

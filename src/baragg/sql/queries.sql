@@ -208,3 +208,64 @@ WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s
   AND ts_utc >= %(lo)s AND ts_utc < %(hi)s
   AND deleted_at IS NULL
 ORDER BY ts_utc;
+
+-- ==== operator tools: status ====
+
+-- name: status_ready
+SELECT to_regclass('agg_timeframes') IS NOT NULL
+   AND EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_name = 'data_agg_state' AND column_name = 'lease_owner') AS ready;
+
+-- name: status_tasks
+-- The frontier of a task is the end of the last window its source data covers completely:
+-- the bucket that starts right after the newest source bar ends.
+SELECT s.canonical_symbol, s.timeframe, s.status, s.enabled, s.is_mandatory, s.last_agg_bar_ts_utc,
+       s.next_run_at, s.hard_fail_streak, s.last_error, s.last_successful_at_utc,
+       s.total_bars_created, s.total_bars_quality_poor, s.lease_owner,
+       f.frontier,
+       CASE WHEN s.last_agg_bar_ts_utc IS NOT NULL AND f.frontier IS NOT NULL
+            THEN greatest(0, extract(epoch FROM f.frontier - s.last_agg_bar_ts_utc)) END AS lag_frontier_seconds,
+       CASE WHEN s.last_agg_bar_ts_utc IS NOT NULL
+            THEN greatest(0, extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - s.last_agg_bar_ts_utc))
+       END AS lag_now_seconds
+FROM data_agg_state s
+JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+LEFT JOIN agg_timeframes src ON src.timeframe = tf.source_timeframe
+LEFT JOIN LATERAL (
+    SELECT CASE WHEN tf.source_table = 'data_bars' THEN
+                    (SELECT max(b.ts_utc) FROM data_bars b
+                     WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = tf.source_timeframe)
+                ELSE
+                    (SELECT max(d.ts_utc) FROM derived_data_bars d
+                     WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = tf.source_timeframe
+                       AND d.deleted_at IS NULL)
+           END AS newest
+) n ON true
+LEFT JOIN LATERAL (
+    SELECT date_bin(tf.bucket_interval, n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
+                    tf.bucket_origin) AS frontier
+) f ON true
+WHERE %(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[])
+ORDER BY s.canonical_symbol, tf.duration_rank;
+
+-- ==== operator tools: backfill ====
+
+-- name: backfill_estimate
+-- How much time each selected task still has to cover: from its cursor (or where its bootstrap will
+-- put it) to the frontier of the raw 1m data, which every timeframe reaches after a full catch-up.
+SELECT s.canonical_symbol, s.timeframe, tf.bucket_interval,
+       COALESCE(s.last_agg_bar_ts_utc,
+                date_bin(tf.bucket_interval, greatest(s.agg_start_utc, b.first_bar), tf.bucket_origin)) AS start_at,
+       date_bin(tf.bucket_interval, b.last_bar + interval '1 minute', tf.bucket_origin) AS end_at
+FROM data_agg_state s
+JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+CROSS JOIN LATERAL (
+    SELECT (SELECT min(ts_utc) FROM data_bars d
+            WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = '1m' AND d.ts_utc >= s.agg_start_utc) AS first_bar,
+           (SELECT max(ts_utc) FROM data_bars d
+            WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = '1m') AS last_bar
+) b
+WHERE s.enabled
+  AND (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+ORDER BY s.canonical_symbol, tf.duration_rank;
