@@ -90,7 +90,7 @@ def _progress(label: str, unit: str):  # type: ignore[no-untyped-def]
     """A rich progress bar on stderr when it is a terminal, else None (scripts and logs stay clean)."""
     if not sys.stderr.isatty():
         return None
-    from baragg.progress import progress_bar
+    from baragg.terminal import progress_bar
 
     return progress_bar(label, unit)
 
@@ -160,8 +160,9 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rows)
         return 0
-    from rich.console import Console
     from rich.table import Table
+
+    from baragg.terminal import stdout_console
 
     table = Table(box=None, header_style="bold")
     for name in ("symbol", "active", "test", "sparse", "15m", "4h", "1d", "1w", "ticker", "class", "source"):
@@ -184,7 +185,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
             r["asset_class"] or "",
             r["source"] or "",
         )
-    Console().print(table)
+    stdout_console().print(table)
     if not rows:
         print("no symbols registered (add one with: baragg registry add SYMBOL)")
     return 0
@@ -255,7 +256,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print_json([t.as_dict() for t in tasks])
     else:
-        status.render(tasks, now=now)
+        from baragg.terminal import stdout_console
+
+        status.render(tasks, console=stdout_console(), now=now)
     return 0
 
 
@@ -296,12 +299,11 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rich.console import Console
-
     from baragg import demo
+    from baragg.terminal import stdout_console
 
     demo.run(
-        Console(),
+        stdout_console(),
         data_dir=Path(args.demo_data_dir) if args.demo_data_dir else None,
         database_url=args.demo_database_url,
     )

@@ -67,8 +67,8 @@ def task_status(
             mandatory=r["is_mandatory"],
             cursor=r["last_agg_bar_ts_utc"],
             frontier=r["frontier"],
-            lag_frontier_seconds=r["lag_frontier_seconds"],
-            lag_now_seconds=r["lag_now_seconds"],
+            lag_frontier_seconds=_seconds(r["lag_frontier_seconds"]),
+            lag_now_seconds=_seconds(r["lag_now_seconds"]),
             next_run_at=r["next_run_at"],
             hard_fail_streak=r["hard_fail_streak"],
             last_error=r["last_error"],
@@ -80,6 +80,10 @@ def task_status(
         for r in rows
     ]
     return sorted(out, key=lambda t: (_STATUS_ORDER.get(t.status, 9), not t.enabled))
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def human_duration(seconds: float | None) -> str:

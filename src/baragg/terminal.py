@@ -1,14 +1,15 @@
-"""Progress bars for long commands (ingest, backfill): rich, on stderr, only on a terminal."""
+"""Terminal output: progress bars for long commands (on stderr, only on a terminal) and the console
+that tables are printed to."""
 
 from __future__ import annotations
 
+import sys
 from types import TracebackType
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     Progress,
     TaskProgressColumn,
     TextColumn,
@@ -21,7 +22,7 @@ class ProgressBar:
     """One bar; ``update(done, total)`` may be called from a library callback."""
 
     def __init__(self, label: str, unit: str) -> None:
-        amount = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(),)
+        amount = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else ()
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -49,3 +50,9 @@ class ProgressBar:
 
 def progress_bar(label: str, unit: str) -> ProgressBar:
     return ProgressBar(label, unit)
+
+
+def stdout_console() -> Console:
+    """A console for tables on stdout; when stdout is not a terminal (a pipe, a file, a test), wide
+    enough that rows are not wrapped (rich would assume 80 columns)."""
+    return Console() if sys.stdout.isatty() else Console(width=180)
