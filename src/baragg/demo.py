@@ -25,7 +25,7 @@ from psycopg import sql as pg_sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from baragg import ingest, migrate, registry, status, verify
-from baragg.db import Database, open_database
+from baragg.db import Database, open_database, start_embedded
 
 # Three weeks of trading: from the Sunday open to the Friday close, three weeks later.
 START = datetime(2025, 9, 7, 22, 0, tzinfo=UTC)
@@ -124,7 +124,8 @@ def run(
     else:
         data_dir = (data_dir or default_data_dir()).expanduser().resolve()
         step(f"starting the embedded PostgreSQL in {data_dir}")
-        db = open_database(None, data_dir)
+        # Not open_database(): that would prefer $DATABASE_URL, which the demo must never touch.
+        db = Database(url=start_embedded(data_dir), embedded=True)
         _reset(db.url)
         where = f"the embedded server in {data_dir}"
         dir_flag = f"--data-dir {data_dir}"
