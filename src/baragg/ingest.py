@@ -244,21 +244,6 @@ class _RejectWriter:
         self.file.close()
 
 
-_STAGE_COLUMNS = (
-    "line",
-    "canonical_symbol",
-    "ts_utc",
-    "open",
-    "high",
-    "low",
-    "close",
-    "vol",
-    "vwap",
-    "trade_count",
-    "ok",
-)
-
-
 def _stage_csv(lines: np.ndarray, bars: pd.DataFrame, ok: np.ndarray) -> bytes:
     """The chunk's rows that have a symbol and a time, as CSV for COPY (values only for good rows)."""
     keep = bars["canonical_symbol"].notna().to_numpy() & bars["ts_utc"].notna().to_numpy()
@@ -270,7 +255,8 @@ def _stage_csv(lines: np.ndarray, bars: pd.DataFrame, ok: np.ndarray) -> bytes:
     columns: dict[str, pa.Array] = {
         "line": pa.array(lines[keep]),
         "canonical_symbol": pa.array(rows["canonical_symbol"].astype("string[pyarrow]"), type=pa.string()),
-        "ts_utc": pa.array(rows["ts_utc"].dt.tz_convert("UTC"), type=pa.timestamp("us", tz="UTC")),
+        # Microseconds since the epoch: formatting timestamps as text costs 30x more than integers.
+        "ts_us": pa.array(rows["ts_utc"].dt.tz_convert("UTC"), type=pa.timestamp("us", tz="UTC")).cast(pa.int64()),
     }
     for name in ("open", "high", "low", "close", "vol", "vwap"):
         values = rows[name].to_numpy(dtype="float64", na_value=np.nan)
@@ -281,6 +267,27 @@ def _stage_csv(lines: np.ndarray, bars: pd.DataFrame, ok: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     pa_csv.write_csv(pa.table(columns), buffer, pa_csv.WriteOptions(include_header=False))
     return buffer.getvalue()
+
+
+def _may_repeat_times(bars: pd.DataFrame, newest_seen: dict[str, pd.Timestamp]) -> bool:
+    """True when this chunk may repeat a (symbol, time): within itself, or of an earlier chunk.
+
+    Cheap for the usual file sorted by time; ``newest_seen`` (symbol → newest time so far) is
+    updated.
+    """
+    keyed = bars[["canonical_symbol", "ts_utc"]].dropna()
+    if keyed.empty:
+        return False
+    if keyed.duplicated().any():
+        return True
+    span = keyed.groupby("canonical_symbol", observed=True)["ts_utc"].agg(["min", "max"])
+    repeat = False
+    for symbol, (first, last) in span.iterrows():
+        seen = newest_seen.get(str(symbol))
+        if seen is not None and first <= seen:
+            repeat = True
+        newest_seen[str(symbol)] = last if seen is None else max(seen, last)
+    return repeat
 
 
 def ingest_file(
@@ -308,6 +315,10 @@ def ingest_file(
     first_bad: list[BadRow] = []
     bad_count = 0
     unknown_symbols: set[str] = set()
+    # Duplicate times are looked for in SQL over the whole file only when a chunk could hold one: a
+    # repeat inside the chunk, or a time not after everything seen before for its symbol (unsorted).
+    may_have_duplicates = False
+    newest_seen: dict[str, pd.Timestamp] = {}
 
     def note_bad(row: BadRow, fields: list[str] | None) -> None:
         nonlocal bad_count
@@ -326,6 +337,9 @@ def ingest_file(
                     f"unknown symbol '{symbol}': not in core_asset_registry_all "
                     f"(add it with: baragg registry add {symbol})"
                 )
+            # The staging table lives in temp buffers, and the duplicate search hashes it: give both
+            # room (this session only; memory is taken as used).
+            conn.execute(query("ingest_session_settings"))
             conn.execute(query("ingest_create_stage"))
             with conn.cursor() as cur:
                 for chunk in reader.chunks():
@@ -355,6 +369,8 @@ def ingest_file(
                                 ),
                                 fields,
                             )
+                    if not may_have_duplicates:
+                        may_have_duplicates = _may_repeat_times(checked.bars, newest_seen)
                     payload = _stage_csv(chunk.lines, checked.bars, ok)
                     if payload:
                         with cur.copy(query("ingest_copy_stage")) as copy:
@@ -364,7 +380,7 @@ def ingest_file(
                 for line, fields, reason in reader.malformed():
                     report.read += 1
                     note_bad(BadRow(line, "(row)", reason), fields)
-                duplicates = cur.execute(query("ingest_duplicates")).fetchall()
+                duplicates = cur.execute(query("ingest_duplicates")).fetchall() if may_have_duplicates else []
             if duplicates:
                 originals = reader.original_fields({line for line, _, _ in duplicates}) if rejects else {}
                 for line, ts, others in duplicates:

@@ -26,13 +26,18 @@ INSERT INTO baragg_schema_migrations (version, name, checksum) VALUES (%(version
 -- name: ingest_known_symbols
 SELECT canonical_symbol FROM core_asset_registry_all;
 
+-- name: ingest_session_settings
+SELECT set_config('temp_buffers', '256MB', false), set_config('work_mem', '128MB', true);
+
 -- name: ingest_create_stage
 -- One row per file row that has a symbol and a time (bad ones too, with ok = false, so that
--- duplicate times are found across the whole file). Dropped with the transaction.
+-- duplicate times are found across the whole file). Times arrive as microseconds since the epoch
+-- (cheap to write and parse); ts_utc is computed from them. Dropped with the transaction.
 CREATE TEMP TABLE ingest_stage (
     line bigint NOT NULL,
     canonical_symbol text NOT NULL,
-    ts_utc timestamptz NOT NULL,
+    ts_us bigint NOT NULL,
+    ts_utc timestamptz GENERATED ALWAYS AS (to_timestamp(ts_us / 1e6::double precision)) STORED,
     open double precision,
     high double precision,
     low double precision,
@@ -44,7 +49,7 @@ CREATE TEMP TABLE ingest_stage (
 ) ON COMMIT DROP;
 
 -- name: ingest_copy_stage
-COPY ingest_stage (line, canonical_symbol, ts_utc, open, high, low, close, vol, vwap, trade_count, ok)
+COPY ingest_stage (line, canonical_symbol, ts_us, open, high, low, close, vol, vwap, trade_count, ok)
 FROM STDIN WITH (FORMAT csv);
 
 -- name: ingest_duplicates
