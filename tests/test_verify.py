@@ -11,6 +11,7 @@ import pytest
 
 from baragg.db import Database
 from baragg.verify import aggregate, bucket_start, quality
+from conftest import REAL_DATA
 from ops_helpers import baragg
 
 T0 = datetime(2024, 1, 2, 10, 0, tzinfo=UTC)  # a Tuesday
@@ -200,3 +201,44 @@ def test_bad_arguments_exit_2(world: Database) -> None:
     assert baragg(world, "verify", "EURUSD", "2m").returncode == 2
     done = baragg(world, "verify", "EURUSD", "5m", "--from", "yesterday")
     assert done.returncode == 2 and "--from" in done.stderr
+
+
+# --- real market data, the real worker, then verify every timeframe ------------------------------
+
+
+@pytest.mark.skipif(not REAL_DATA.exists(), reason=f"real data not found at {REAL_DATA}")
+def test_real_data_through_the_worker_verifies_equal(db: Database, tmp_path) -> None:
+    pytest.importorskip("baragg.worker", reason="the worker is not merged yet")
+    es = pd.read_csv(REAL_DATA / "ES_ESZ13_cme_1m_trade_20131006-20131014_UTC.csv")
+    es = es.rename(columns={"timestamp_utc": "ts_utc", "volume": "vol"}).assign(canonical_symbol="ES")
+    xau = pd.read_csv(REAL_DATA / "XAUUSD_oanda_1m_bidask_20140501-20140515_UTC.csv")
+    xau = xau.rename(
+        columns={"timestamp_utc": "ts_utc", **{f"bid_{c}": c for c in ("open", "high", "low", "close")}}
+    )
+    xau = xau[["ts_utc", "open", "high", "low", "close"]].assign(canonical_symbol="XAUUSD")
+    path = tmp_path / "real.csv"
+    pd.concat([es, xau]).to_csv(path, index=False)
+    flags = ["--calc-15m", "--calc-4h", "--calc-1d", "--calc-1w"]
+    assert baragg(db, "registry", "add", "ES", *flags).returncode == 0
+    assert baragg(db, "registry", "add", "XAUUSD", "--sparse", *flags).returncode == 0
+    loaded = baragg(db, "ingest", path, "--json")
+    assert loaded.returncode == 0, loaded.stderr
+    assert json.loads(loaded.stdout)["inserted"] == 8198 + 15222
+    assert baragg(db, "registry", "sync").returncode == 0
+    with db.connect(autocommit=True) as conn:  # the data is older than the default agg_start_utc
+        conn.execute("UPDATE data_agg_state SET agg_start_utc = '2013-01-01'")
+    done = baragg(db, "backfill", "--now", "2014-06-01T00:00:00Z", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["bars_created"] > 5_000
+    for symbol in ("ES", "XAUUSD"):
+        for timeframe in ("5m", "15m", "1h", "4h", "1d", "1w"):
+            check = baragg(db, "verify", symbol, timeframe, "--json")
+            report = json.loads(check.stdout)
+            assert check.returncode == 0, (
+                symbol,
+                timeframe,
+                report["missing"][:3],
+                report["extra"][:3],
+                report["different"][:3],
+            )
+            assert report["equal"] > 0 or timeframe == "1w"

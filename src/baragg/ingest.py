@@ -256,7 +256,9 @@ def _stage_csv(lines: np.ndarray, bars: pd.DataFrame, ok: np.ndarray) -> bytes:
         "line": pa.array(lines[keep]),
         "canonical_symbol": pa.array(rows["canonical_symbol"].astype("string[pyarrow]"), type=pa.string()),
         # Microseconds since the epoch: formatting timestamps as text costs 30x more than integers.
-        "ts_us": pa.array(rows["ts_utc"].dt.tz_convert("UTC"), type=pa.timestamp("us", tz="UTC")).cast(pa.int64()),
+        "ts_us": pa.array(rows["ts_utc"].dt.tz_convert("UTC"), type=pa.timestamp("us", tz="UTC")).cast(
+            pa.int64()
+        ),
     }
     for name in ("open", "high", "low", "close", "vol", "vwap"):
         values = rows[name].to_numpy(dtype="float64", na_value=np.nan)
