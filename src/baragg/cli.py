@@ -86,6 +86,29 @@ def cmd_db_status(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # handlers: operator tools (registry, ingest, status, backfill, verify, cleanup, demo)
 # ---------------------------------------------------------------------------------------------
+def _needs_schema(handler: Handler) -> Handler:
+    """Turn "relation/function does not exist" into advice: the database has not been upgraded."""
+
+    def run(args: argparse.Namespace) -> int:
+        import psycopg
+
+        try:
+            return handler(args)
+        except (
+            psycopg.errors.UndefinedTable,
+            psycopg.errors.UndefinedFunction,
+            psycopg.errors.UndefinedColumn,
+        ) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise BaraggError(
+                f"{first}: the database schema is missing or old; run `baragg db upgrade`"
+            ) from exc
+
+    run.__name__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
 def _progress(label: str, unit: str):  # type: ignore[no-untyped-def]
     """A rich progress bar on stderr when it is a terminal, else None (scripts and logs stay clean)."""
     if not sys.stderr.isatty():
@@ -95,11 +118,14 @@ def _progress(label: str, unit: str):  # type: ignore[no-untyped-def]
     return progress_bar(label, unit)
 
 
+@_needs_schema
 def cmd_ingest(args: argparse.Namespace) -> int:
     from baragg import ingest
 
     db = database(args)
-    bar = _progress(f"ingest {os.path.basename(args.file)}", "bytes")
+    path = ingest.Path(args.file)
+    unit = "rows" if path.is_file() and ingest.is_parquet(path) else "bytes"
+    bar = _progress(f"ingest {path.name}", unit)
     with bar if bar is not None else _nullcontext():
         report = ingest.ingest_file(
             db,
@@ -137,6 +163,7 @@ def _registry_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name, None) for name in FIELDS}
 
 
+@_needs_schema
 def cmd_registry_add(args: argparse.Namespace) -> int:
     from baragg import registry
 
@@ -145,6 +172,7 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
     return 0
 
 
+@_needs_schema
 def cmd_registry_set(args: argparse.Namespace) -> int:
     from baragg import registry
 
@@ -153,6 +181,7 @@ def cmd_registry_set(args: argparse.Namespace) -> int:
     return 0
 
 
+@_needs_schema
 def cmd_registry_list(args: argparse.Namespace) -> int:
     from baragg import registry
 
@@ -191,6 +220,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@_needs_schema
 def cmd_registry_sync(args: argparse.Namespace) -> int:
     from baragg import registry
 
@@ -203,6 +233,7 @@ def cmd_registry_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+@_needs_schema
 def cmd_verify(args: argparse.Namespace) -> int:
     from baragg import verify
     from baragg.timeparse import parse_time
@@ -247,6 +278,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+@_needs_schema
 def cmd_status(args: argparse.Namespace) -> int:
     from baragg import status
     from baragg.timeparse import parse_time
@@ -262,6 +294,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+@_needs_schema
 def cmd_backfill(args: argparse.Namespace) -> int:
     from baragg import backfill
     from baragg.timeparse import parse_time
@@ -310,6 +343,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@_needs_schema
 def cmd_cleanup_legacy_derived(args: argparse.Namespace) -> int:
     from baragg import cleanup
 

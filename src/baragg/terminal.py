@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TaskProgressColumn,
     TextColumn,
@@ -22,7 +23,11 @@ class ProgressBar:
     """One bar; ``update(done, total)`` may be called from a library callback."""
 
     def __init__(self, label: str, unit: str) -> None:
-        amount = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else ()
+        amount: tuple = ()
+        if unit == "bytes":
+            amount = (DownloadColumn(), TransferSpeedColumn())
+        elif unit == "rows":
+            amount = (MofNCompleteColumn(), TextColumn("rows"))
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
