@@ -62,3 +62,9 @@ def test_usage_error_exit_2_one_line(db: Database) -> None:
     done = baragg(db, "ingest")
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "FILE" in done.stderr.upper()
+
+
+def test_a_database_without_the_schema_says_what_to_do(empty_db: Database, tmp_path) -> None:
+    done = baragg(empty_db, "registry", "list")
+    assert done.returncode == 1
+    assert "run `baragg db upgrade`" in done.stderr and len(done.stderr.strip().splitlines()) == 1
