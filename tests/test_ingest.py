@@ -346,3 +346,21 @@ def test_real_es_file_loads(registered: Database, conn, tmp_path: Path) -> None:
     done = baragg(registered, "ingest", path, "--symbol", "ES", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["inserted"] == len(frame) == 8198
+
+
+def test_gzip_crlf_bom_and_blank_lines_keep_line_numbers(registered: Database, conn, tmp_path: Path) -> None:
+    import gzip
+
+    text = (
+        "\ufeffts_utc,open,high,low,close\r\n2024-01-02 10:00,1,2,0.5,1\r\n\r\n2024-01-02 10:01,1,2,0.5,1\r\n"
+    )
+    good = tmp_path / "bars.csv.gz"
+    good.write_bytes(gzip.compress(text.encode()))
+    done = baragg(registered, "ingest", good, "--symbol", "EURUSD", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["inserted"] == 2
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes((text + "\r\n2024-01-02 10:02,1,0.2,0.5,1\r\n").encode())
+    done = baragg(registered, "ingest", bad, "--symbol", "EURUSD", env={"BARAGG_INGEST_BLOCK_BYTES": "20"})
+    assert done.returncode == 2
+    assert "1 bad row; line 6: high: high 0.2 below low 0.5" in done.stderr

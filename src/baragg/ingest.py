@@ -34,12 +34,12 @@ log = logging.getLogger(__name__)
 
 # Chunk sizes: enough to amortise per-chunk overhead, small enough to keep memory flat.
 # BARAGG_INGEST_BLOCK_BYTES overrides the CSV block size (tests use tiny blocks to cross chunk borders).
-CSV_BLOCK_BYTES = 16 << 20
+CSV_BLOCK_BYTES = 8 << 20
 PARQUET_BATCH_ROWS = 250_000
 # How many bad rows the error message names.
 SHOWN_BAD_ROWS = 5
 
-ProgressCallback = Callable[[int, int], None]  # (done, total) in the reader's unit (bytes or rows)
+ProgressCallback = Callable[[int, int | None], None]  # (done, total or None) in bytes (CSV) or rows
 
 
 @dataclass
@@ -105,66 +105,107 @@ def is_parquet(path: Path) -> bool:
 
 
 def _header(path: Path) -> list[str]:
+    """The header's column names (the file may be compressed)."""
     with pa.input_stream(str(path), compression="detect") as stream:
-        head = stream.read(1 << 16).decode("utf-8-sig", errors="replace")
+        sample = stream.read(1 << 16)
+    head = sample.decode("utf-8-sig", errors="replace")
     first = head.splitlines()[0] if head else ""
     return [name.strip() for name in next(csv.reader([first]), [])]
 
 
 class _CsvSource(_Source):
+    """A CSV file cut into blocks of whole lines, each parsed by Arrow's CSV reader.
+
+    The file is cut here rather than handed to Arrow's streaming reader, which reads ahead as far as
+    it likes (a whole file of hundreds of MB): memory stays at about one block, and every block knows
+    its first line number, so rows keep the line numbers a person sees in an editor.
+    """
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.header = _header(path)
         if not self.header or self.header == [""]:
             raise InvalidInput(f"{path.name}: empty file (expected a header line with {', '.join(REQUIRED)})")
         self.columns = [c for c in self.header if c in COLUMNS]
-        self.total = path.stat().st_size
+        # Progress in bytes read; a compressed file's size does not compare with its text: no total.
+        compressed = path.suffix.lower() in {".gz", ".bz2", ".zst", ".lz4", ".br"}
+        self.total = 0 if compressed else path.stat().st_size
         self._malformed: list[tuple[int, list[str], str]] = []
-
-    def _on_invalid_row(self, row: pa_csv.InvalidRow) -> str:
-        fields = next(csv.reader([row.text]), [])
-        self._malformed.append(
-            (row.number, fields, f"expected {row.expected_columns} fields, found {row.actual_columns}")
-        )
-        return "skip"
 
     def malformed(self) -> list[tuple[int, list[str], str]]:
         return self._malformed
 
+    def _blocks(self) -> Iterator[tuple[int, bytes, int]]:
+        """(number of the block's first line, the block: whole lines, bytes read so far)."""
+        block_bytes = int(os.environ.get("BARAGG_INGEST_BLOCK_BYTES") or CSV_BLOCK_BYTES)
+        with pa.input_stream(str(self.path), compression="detect") as stream:
+            carry = b""
+            header_done = False
+            line = 1
+            read = 0
+            while True:
+                data = stream.read(block_bytes)
+                read += len(data)
+                at_end = not data
+                data = carry + data
+                if not header_done:
+                    cut = data.find(b"\n")
+                    if cut < 0 and not at_end:
+                        carry = data
+                        continue
+                    data = data[cut + 1 :] if cut >= 0 else b""
+                    header_done = True
+                    line = 2
+                if at_end:
+                    if data.strip(b"\r\n"):
+                        yield line, data, read
+                    return
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    carry = data
+                    continue
+                block, carry = data[: cut + 1], data[cut + 1 :]
+                yield line, block, read
+                line += block.count(b"\n")
+
     def chunks(self) -> Iterator[_Chunk]:
-        stream = pa.input_stream(str(self.path), compression="detect")
-        reader = pa_csv.open_csv(
-            stream,
-            read_options=pa_csv.ReadOptions(
-                use_threads=False,
-                block_size=int(os.environ.get("BARAGG_INGEST_BLOCK_BYTES") or CSV_BLOCK_BYTES),
-            ),
-            parse_options=pa_csv.ParseOptions(
-                ignore_empty_lines=False, invalid_row_handler=self._on_invalid_row
-            ),
-            convert_options=pa_csv.ConvertOptions(
-                column_types={name: pa.string() for name in self.header},
-                include_columns=self.columns,
-                strings_can_be_null=True,
-                null_values=[""],
-            ),
-        )
-        next_line = 2  # line 1 is the header
-        skipped_seen = 0
-        with stream:
-            for batch in reader:
-                # Rows the reader skipped (malformed) keep their line numbers: step over them.
-                pending = sorted(n for n, _, _ in self._malformed[skipped_seen:] if n is not None)
-                candidates = np.arange(next_line, next_line + batch.num_rows + len(pending), dtype=np.int64)
-                lines = candidates[~np.isin(candidates, pending)][: batch.num_rows]
-                if len(lines):
-                    next_line = int(lines[-1]) + 1
-                    skipped_seen += sum(1 for n in pending if n < next_line)
-                raw = batch.to_pandas(types_mapper=pd.ArrowDtype)
-                blank = raw.isna().all(axis=1).to_numpy()
-                if blank.any():  # empty lines are not rows
-                    raw, lines = raw[~blank].reset_index(drop=True), lines[~blank]
-                yield _Chunk(lines=lines, raw=raw, done=min(stream.tell(), self.total))
+        names = self.header
+        for first_line, block, read in self._blocks():
+            malformed: list[tuple[int, list[str], str]] = []
+
+            def on_invalid_row(
+                row: pa_csv.InvalidRow, first_line: int = first_line, bad: list = malformed
+            ) -> str:
+                fields = next(csv.reader([row.text]), [])
+                reason = f"expected {row.expected_columns} fields, found {row.actual_columns}"
+                bad.append((first_line + (row.number or 1) - 1, fields, reason))
+                return "skip"
+
+            table = pa_csv.read_csv(
+                pa.BufferReader(block),
+                read_options=pa_csv.ReadOptions(
+                    column_names=names, use_threads=False, block_size=len(block) + 1
+                ),
+                parse_options=pa_csv.ParseOptions(
+                    ignore_empty_lines=False, invalid_row_handler=on_invalid_row
+                ),
+                convert_options=pa_csv.ConvertOptions(
+                    column_types={name: pa.string() for name in names},
+                    include_columns=self.columns,
+                    strings_can_be_null=True,
+                    null_values=[""],
+                ),
+            )
+            self._malformed.extend(malformed)
+            line_count = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+            lines = np.arange(first_line, first_line + line_count, dtype=np.int64)
+            if malformed:  # rows the reader skipped keep their line numbers: step over them
+                lines = lines[~np.isin(lines, [n for n, _, _ in malformed])]
+            raw = table.to_pandas(types_mapper=pd.ArrowDtype)
+            blank = raw.isna().all(axis=1).to_numpy()
+            if blank.any():  # empty lines are not rows
+                raw, lines = raw[~blank].reset_index(drop=True), lines[~blank]
+            yield _Chunk(lines=lines, raw=raw, done=min(read, self.total) if self.total else read)
 
     def original_fields(self, lines: set[int]) -> dict[int, list[str]]:
         found: dict[int, list[str]] = {}
@@ -378,7 +419,7 @@ def ingest_file(
                         with cur.copy(query("ingest_copy_stage")) as copy:
                             copy.write(payload)
                     if on_progress:
-                        on_progress(chunk.done, reader.total)
+                        on_progress(chunk.done, reader.total or None)
                 for line, fields, reason in reader.malformed():
                     report.read += 1
                     note_bad(BadRow(line, "(row)", reason), fields)
