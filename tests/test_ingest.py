@@ -364,3 +364,22 @@ def test_gzip_crlf_bom_and_blank_lines_keep_line_numbers(registered: Database, c
     done = baragg(registered, "ingest", bad, "--symbol", "EURUSD", env={"BARAGG_INGEST_BLOCK_BYTES": "20"})
     assert done.returncode == 2
     assert "1 bad row; line 6: high: high 0.2 below low 0.5" in done.stderr
+
+
+def test_extra_columns_are_ignored_but_kept_in_the_reject_file(
+    registered: Database, conn, tmp_path: Path
+) -> None:
+    path = write_csv(
+        tmp_path / "x.csv",
+        "ts_utc,provider,open,high,low,close",
+        "2024-01-02 10:00,oanda,1,2,0.5,1",
+        "2024-01-02 10:01,oanda,1,2,0.5,-inf",
+    )
+    rejects = tmp_path / "r.csv"
+    done = baragg(registered, "ingest", path, "--symbol", "EURUSD", "--reject-file", rejects)
+    assert done.returncode == 0, done.stderr
+    assert "ignored columns: provider" in done.stdout and "rejected 1" in done.stdout
+    assert rejects.read_text().splitlines() == [
+        "line,ts_utc,provider,open,high,low,close,reason",
+        "3,2024-01-02 10:01,oanda,1,2,0.5,-inf,close: not finite (-inf)",
+    ]

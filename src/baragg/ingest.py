@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -86,7 +87,9 @@ class _Source:
     columns: list[str]
     total: int
 
-    def chunks(self) -> Iterator[_Chunk]:  # pragma: no cover - interface
+    def chunks(self, *, all_columns: bool = False) -> Iterator[_Chunk]:  # pragma: no cover - interface
+        """The file's rows, chunk by chunk: the columns baragg reads, or every column (for the
+        reject file, which keeps a bad row's original fields)."""
         raise NotImplementedError
 
     def malformed(self) -> list[tuple[int, list[str], str]]:
@@ -168,7 +171,7 @@ class _CsvSource(_Source):
                 yield line, block, read
                 line += block.count(b"\n")
 
-    def chunks(self) -> Iterator[_Chunk]:
+    def chunks(self, *, all_columns: bool = False) -> Iterator[_Chunk]:
         names = self.header
         for first_line, block, read in self._blocks():
             malformed: list[tuple[int, list[str], str]] = []
@@ -191,7 +194,7 @@ class _CsvSource(_Source):
                 ),
                 convert_options=pa_csv.ConvertOptions(
                     column_types={name: pa.string() for name in names},
-                    include_columns=self.columns,
+                    include_columns=names if all_columns else self.columns,
                     strings_can_be_null=True,
                     null_values=[""],
                 ),
@@ -232,9 +235,10 @@ class _ParquetSource(_Source):
         self.columns = [c for c in self.header if c in COLUMNS]
         self.total = self.file.metadata.num_rows
 
-    def chunks(self) -> Iterator[_Chunk]:
+    def chunks(self, *, all_columns: bool = False) -> Iterator[_Chunk]:
         first = 1
-        for batch in self.file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=self.columns):
+        columns = self.header if all_columns else self.columns
+        for batch in self.file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
             raw = batch.to_pandas(types_mapper=pd.ArrowDtype)
             lines = np.arange(first, first + batch.num_rows, dtype=np.int64)
             first += batch.num_rows
@@ -269,20 +273,57 @@ def open_source(path: Path) -> _Source:
     return source
 
 
-class _RejectWriter:
-    """Every bad row, with its original fields and the reason, as CSV."""
+class _BadRows:
+    """Every bad row: counted, the first few kept for the error message, all written to the reject
+    file (CSV: line or row number, the original fields, the reason) when there is one."""
 
-    def __init__(self, path: Path, unit: str, header: list[str]) -> None:
-        self.file = path.open("w", newline="", encoding="utf-8")
-        self.writer = csv.writer(self.file)
-        self.writer.writerow([unit, *header, "reason"])
+    def __init__(self, reject_file: Path | None, unit: str, header: list[str]) -> None:
+        self.count = 0
+        self.first: list[BadRow] = []
+        self.unknown_symbols: set[str] = set()
         self.header = header
+        self.file = reject_file.open("w", newline="", encoding="utf-8") if reject_file else None
+        self.writer = csv.writer(self.file) if self.file else None
+        if self.writer:
+            self.writer.writerow([unit, *header, "reason"])
 
-    def write(self, line: int, fields: list[str], reason: str) -> None:
-        self.writer.writerow([line, *fields, reason])
+    def _keep_first(self, rows: list[BadRow]) -> None:
+        self.first = sorted(self.first + rows, key=lambda r: r.line)[:SHOWN_BAD_ROWS]
+
+    def add(self, row: BadRow, fields: list[str]) -> None:
+        self.count += 1
+        self._keep_first([row])
+        if self.writer:
+            self.writer.writerow([row.line, *fields, f"{row.column}: {row.reason}"])
+
+    def add_chunk(self, chunk: _Chunk, checked: Any, positions: np.ndarray) -> None:
+        """The bad rows of one chunk (``positions`` into it), in one go."""
+        self.count += len(positions)
+        column = checked.column.iloc[positions]
+        reason = checked.reason.iloc[positions]
+        lines = chunk.lines[positions]
+        self._keep_first(
+            [BadRow(int(n), c, r) for n, c, r in zip(lines[:SHOWN_BAD_ROWS], column, reason, strict=False)]
+        )
+        unknown = reason.str.startswith("unknown symbol").to_numpy()
+        if unknown.any():
+            symbols = checked.bars["canonical_symbol"].iloc[positions][unknown]
+            self.unknown_symbols.update(symbols.astype(str))
+        if self.writer:
+            original = chunk.raw.iloc[positions]
+            fields = [
+                original[name].astype("string").fillna("").tolist()
+                if name in original
+                else [""] * len(positions)
+                for name in self.header
+            ]
+            self.writer.writerows(
+                zip(lines.tolist(), *fields, (column + ": " + reason).tolist(), strict=True)
+            )
 
     def close(self) -> None:
-        self.file.close()
+        if self.file:
+            self.file.close()
 
 
 def _stage_csv(lines: np.ndarray, bars: pd.DataFrame, ok: np.ndarray) -> bytes:
@@ -352,25 +393,12 @@ def ingest_file(
     report = IngestReport(file=str(path), ignored_columns=[c for c in reader.header if c not in COLUMNS])
     if symbol is None and "canonical_symbol" not in reader.header:
         raise InvalidInput(f"{path.name}: no canonical_symbol column; name the symbol with --symbol")
-    rejects = _RejectWriter(Path(reject_file), reader.unit, reader.header) if reject_file else None
-    if rejects:
-        report.reject_file = str(reject_file)
-    first_bad: list[BadRow] = []
-    bad_count = 0
-    unknown_symbols: set[str] = set()
+    bad = _BadRows(Path(reject_file) if reject_file else None, reader.unit, reader.header)
+    report.reject_file = str(reject_file) if reject_file else None
     # Duplicate times are looked for in SQL over the whole file only when a chunk could hold one: a
     # repeat inside the chunk, or a time not after everything seen before for its symbol (unsorted).
     may_have_duplicates = False
     newest_seen: dict[str, pd.Timestamp] = {}
-
-    def note_bad(row: BadRow, fields: list[str] | None) -> None:
-        nonlocal bad_count
-        bad_count += 1
-        first_bad.append(row)
-        first_bad.sort(key=lambda r: r.line)
-        del first_bad[SHOWN_BAD_ROWS:]
-        if rejects and fields is not None:
-            rejects.write(row.line, fields, f"{row.column}: {row.reason}")
 
     try:
         with db.connect() as conn:
@@ -385,33 +413,13 @@ def ingest_file(
             conn.execute(query("ingest_session_settings"))
             conn.execute(query("ingest_create_stage"))
             with conn.cursor() as cur:
-                for chunk in reader.chunks():
+                for chunk in reader.chunks(all_columns=reject_file is not None):
                     report.read += len(chunk.lines)
                     checked = check_bars(chunk.raw, known_symbols=known, symbol=symbol)
                     ok = checked.ok.to_numpy()
                     bad_positions = np.flatnonzero(~ok)
                     if len(bad_positions):
-                        unknown = checked.reason.iloc[bad_positions].str.startswith("unknown symbol")
-                        unknown_symbols.update(
-                            checked.bars["canonical_symbol"]
-                            .iloc[bad_positions][unknown.to_numpy()]
-                            .astype(str)
-                        )
-                        original = chunk.raw.iloc[bad_positions] if rejects else None
-                        for k, pos in enumerate(bad_positions):
-                            fields = None
-                            if original is not None:
-                                values = original.iloc[k]
-                                fields = [
-                                    "" if c not in values.index or pd.isna(values[c]) else str(values[c])
-                                    for c in reader.header
-                                ]
-                            note_bad(
-                                BadRow(
-                                    int(chunk.lines[pos]), checked.column.iat[pos], checked.reason.iat[pos]
-                                ),
-                                fields,
-                            )
+                        bad.add_chunk(chunk, checked, bad_positions)
                     if not may_have_duplicates:
                         may_have_duplicates = _may_repeat_times(checked.bars, newest_seen)
                     payload = _stage_csv(chunk.lines, checked.bars, ok)
@@ -422,13 +430,13 @@ def ingest_file(
                         on_progress(chunk.done, reader.total or None)
                 for line, fields, reason in reader.malformed():
                     report.read += 1
-                    note_bad(BadRow(line, "(row)", reason), fields)
+                    bad.add(BadRow(line, "(row)", reason), fields)
                 duplicates = cur.execute(query("ingest_duplicates")).fetchall() if may_have_duplicates else []
             if duplicates:
-                originals = reader.original_fields({line for line, _, _ in duplicates}) if rejects else {}
+                originals = reader.original_fields({line for line, _, _ in duplicates}) if reject_file else {}
                 for line, ts, others in duplicates:
                     also = ", ".join(str(n) for n in others)
-                    note_bad(
+                    bad.add(
                         BadRow(
                             line,
                             "ts_utc",
@@ -437,12 +445,12 @@ def ingest_file(
                         originals.get(line, []),
                     )
                 conn.execute(query("ingest_drop_duplicates"))
-            if bad_count and not rejects:
+            if bad.count and not reject_file:
                 conn.rollback()
                 raise InvalidInput(
-                    _bad_rows_message(path.name, reader.unit, bad_count, first_bad, unknown_symbols)
+                    _bad_rows_message(path.name, reader.unit, bad.count, bad.first, bad.unknown_symbols)
                 )
-            report.rejected = bad_count
+            report.rejected = bad.count
             counts = conn.execute(query("ingest_upsert"), {"source": source}).fetchone()
             assert counts is not None
             report.inserted, report.updated, staged = (int(v) for v in counts)
@@ -450,8 +458,7 @@ def ingest_file(
             report.symbols = [s for (s,) in conn.execute(query("ingest_stage_symbols"))]
             conn.commit()
     finally:
-        if rejects:
-            rejects.close()
+        bad.close()
     log.info("ingested %s", path, extra={"ingest": report.as_dict()})
     return report
 
