@@ -53,6 +53,25 @@ def _estimate(
     return out
 
 
+def restart_from(
+    db: Database, start: datetime, *, symbols: list[str] | None = None, timeframes: list[str] | None = None
+) -> int:
+    """Set the tasks' agg_start_utc to ``start`` and reset their cursors, so that the worker
+    bootstraps them again from there: history before the old agg_start_utc gets aggregated, and bars
+    already stored are recomputed (an upsert that changes nothing where the source did not change).
+    Refused while a worker is running one of the tasks."""
+    params = {"start": start, "symbols": symbols, "timeframes": timeframes}
+    with db.connect() as conn:
+        running = [name for (name,) in conn.execute(query("backfill_running"), params)]
+        if running:
+            raise BaraggError(
+                f"cannot restart tasks a worker is running: {', '.join(running)}; try again later"
+            )
+        changed = conn.execute(query("backfill_restart_from"), params).fetchall()
+        conn.commit()
+    return len(changed)
+
+
 def backfill(
     db: Database,
     *,
@@ -61,15 +80,21 @@ def backfill(
     timeframes: list[str] | None = None,
     now: datetime | None = None,
     jobs: int = 1,
+    start: datetime | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> BackfillReport:
-    """Run the worker until every selected task is at its frontier; returns what was done."""
+    """Run the worker until every selected task is at its frontier; returns what was done.
+
+    With ``start``, the selected tasks first restart from there (see ``restart_from``).
+    """
     try:
         from baragg import worker
     except ImportError as exc:  # pragma: no cover - only before the worker is installed
         raise BaraggError("the worker module is not available in this installation") from exc
 
     registry.sync(db, env)
+    if start is not None:
+        restart_from(db, start, symbols=symbols, timeframes=timeframes)
     spans = _estimate(db, symbols, timeframes)
     total = sum(span for _, span in spans.values()) or 1.0
     done: dict[tuple[str, str], float] = {key: 0.0 for key in spans}

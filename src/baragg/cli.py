@@ -308,6 +308,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             timeframes=args.timeframe or None,
             now=parse_time(args.now, "--now"),
             jobs=args.jobs,
+            start=parse_time(args.from_, "--from"),
             on_progress=(lambda done, total, rate: bar.update(done, total, rate))
             if bar is not None
             else None,
@@ -525,6 +526,13 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
         help="environment (env BARAGG_ENV; default prod)",
     )
     p.add_argument("--now", metavar="TIME", help="the clock (ISO 8601; default: now)")
+    p.add_argument(
+        "--from",
+        dest="from_",
+        metavar="TIME",
+        help="first set agg_start_utc of the selected tasks to TIME and restart them from there "
+        "(to aggregate history older than agg_start_utc; stored bars are recomputed)",
+    )
     p.add_argument(
         "--jobs",
         type=int,

@@ -274,3 +274,21 @@ WHERE s.enabled
   AND (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
   AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
 ORDER BY s.canonical_symbol, tf.duration_rank;
+
+-- name: backfill_restart_from
+-- Set agg_start_utc of the selected tasks and send their cursors back to be bootstrapped again from
+-- there. Tasks a live worker holds are left alone (and reported by the caller).
+UPDATE data_agg_state s
+SET agg_start_utc = %(start)s, last_agg_bar_ts_utc = NULL, next_run_at = NULL, updated_at = now()
+WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+  AND s.status <> 'running'
+RETURNING s.canonical_symbol, s.timeframe;
+
+-- name: backfill_running
+SELECT s.canonical_symbol || ' ' || s.timeframe
+FROM data_agg_state s
+WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+  AND s.status = 'running'
+ORDER BY 1;
