@@ -91,3 +91,16 @@ def test_status_shows_lags_and_problems_first(two_symbols: Database, conn: psyco
 def test_status_of_an_empty_database(db: Database) -> None:
     done = baragg(db, "status")
     assert done.returncode == 0 and "no tasks yet" in done.stdout
+
+
+def test_backfill_from_aggregates_history_before_agg_start(db: Database, conn: psycopg.Connection) -> None:
+    assert baragg(db, "registry", "add", "EURUSD").returncode == 0
+    load_minutes(conn, "EURUSD", 1, start=datetime(2024, 3, 4, tzinfo=UTC))  # before the default agg_start
+    first = baragg(db, "backfill", "--now", NOW, "--json")
+    assert first.returncode == 0 and json.loads(first.stdout)["bars_created"] == 0
+    done = baragg(db, "backfill", "--now", NOW, "--from", "2024-03-04", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["bars_created"] == 288 + 24
+    starts = {row[0] for row in conn.execute("SELECT agg_start_utc FROM data_agg_state")}
+    assert starts == {datetime(2024, 3, 4, tzinfo=UTC)}
+    assert baragg(db, "verify", "EURUSD", "1h").returncode == 0
