@@ -151,7 +151,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--loads",
+        default="copy,csv,parquet,reingest",
+        help="which loads to run (comma-separated; default all)",
+    )
     args = parser.parse_args()
+    wanted = set(args.loads.split(","))
 
     with tempfile.TemporaryDirectory(prefix="baragg-bench-ingest-") as tmp:
         directory = Path(tmp)
@@ -170,12 +176,14 @@ def main() -> None:
         results: dict[str, list[float]] = {}
         peaks: dict[str, float] = {}
         for _ in range(args.repeat):
-            for label, action in (
-                ("plain COPY into data_bars", lambda db: (run_copy(db, copy_path), 0.0)),
-                ("ingest CSV", lambda db: run_ingest(db, csv_path)),
-                ("ingest Parquet", lambda db: run_ingest(db, parquet_path)),
-                ("re-ingest CSV (all unchanged)", None),
+            for key, label, action in (
+                ("copy", "plain COPY into data_bars", lambda db: (run_copy(db, copy_path), 0.0)),
+                ("csv", "ingest CSV", lambda db: run_ingest(db, csv_path)),
+                ("parquet", "ingest Parquet", lambda db: run_ingest(db, parquet_path)),
+                ("reingest", "re-ingest CSV (all unchanged)", None),
             ):
+                if key not in wanted:
+                    continue
                 db = fresh_database(server)
                 try:
                     if action is None:
