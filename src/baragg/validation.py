@@ -84,14 +84,9 @@ def _parse_time(raw: pd.Series) -> tuple[pd.Series, pd.Series, pd.Series]:
         return times, missing, pd.Series(False, index=raw.index)
     text = raw.astype("string").str.strip()
     missing = (text.isna() | (text == "")).astype(bool)
+    # Each value on its own: offsets are converted, a value without one is UTC, one bad value does not
+    # spoil the others.
     times = pd.to_datetime(text.where(~missing), format="ISO8601", utc=True, errors="coerce")
-    if len(times) and not (times.isna() == missing).all():
-        # format="ISO8601" is all-or-nothing about some mixes of formats; retry the failures one by one
-        # so that one odd row does not make every row look unparsable.
-        failed = times.isna() & ~missing
-        times[failed] = [
-            pd.to_datetime(value, utc=True, errors="coerce", format="ISO8601") for value in text[failed]
-        ]
     unparsable = times.isna() & ~missing
     return times, missing, unparsable
 
