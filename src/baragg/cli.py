@@ -11,8 +11,11 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from baragg import __version__
@@ -81,6 +84,109 @@ def cmd_db_status(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # handlers: worker (run, worker)
 # ---------------------------------------------------------------------------------------------
+def parse_now(text: str) -> datetime:
+    """ISO-8601 instant for --now; a value without an offset is UTC."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _setup_worker_logging(args: argparse.Namespace) -> None:
+    from baragg.logs import setup_logging
+
+    setup_logging(json_lines=args.log_json, level=logging.DEBUG if args.debug else logging.INFO)
+
+
+def _install_stop_signals(stop: threading.Event) -> None:
+    """First SIGINT/SIGTERM: stop claiming and finish the task in hand; a second: exit at once."""
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            os._exit(1)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def _check_budget(args: argparse.Namespace) -> None:
+    if args.time_budget >= args.lease_seconds:
+        raise InvalidInput(
+            f"--time-budget ({args.time_budget:g}s) must be shorter than --lease-seconds ({args.lease_seconds}s): "
+            "a claim renews its lease only while it works"
+        )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from baragg import worker
+
+    _check_budget(args)
+    if not args.once:
+        raise InvalidInput("baragg run: only --once is supported (use `baragg worker` for a daemon)")
+    _setup_worker_logging(args)
+    db = database(args)
+    worker.check_schema(db)
+    stop = threading.Event()
+    _install_stop_signals(stop)
+    summary = worker.run_once(
+        db,
+        env=worker.resolve_env(args.env),
+        now=args.now,
+        symbols=args.symbol,
+        timeframes=args.timeframe,
+        lease_seconds=args.lease_seconds,
+        time_budget=args.time_budget,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+        stop=stop,
+    )
+    totals = summary.totals
+    if args.json:
+        print_json({"totals": totals, "sync": summary.sync, "seconds": round(summary.seconds, 3)})
+    else:
+        failed = totals["transient"] + totals["hard"]
+        print(
+            f"{totals['task_runs']} task runs, {totals['windows']} windows, {totals['bars_created']} bars created"
+            + (f", {failed} failed (see last_error)" if failed else "")
+        )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from baragg import worker
+
+    _check_budget(args)
+    _setup_worker_logging(args)
+    db = database(args)
+    worker.check_schema(db)
+    daemon = worker.Worker(
+        db,
+        env=worker.resolve_env(args.env),
+        interval=args.interval,
+        concurrency=args.concurrency,
+        lease_seconds=args.lease_seconds,
+        time_budget=args.time_budget,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+    )
+    daemon.run()
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +519,82 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_worker_commands(commands: argparse._SubParsersAction) -> None:
     """run, worker."""
+    env = os.environ.get
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--env",
+            default=None,
+            help="environment: 'prod' uses the registry's `active`, any other `test_active` "
+            "(env BARAGG_ENV, else DISTORT_ENV; default prod)",
+        )
+        p.add_argument(
+            "--log-json",
+            action="store_true",
+            default=env_flag("BARAGG_LOG_JSON"),
+            help="log JSON lines instead of text (env BARAGG_LOG_JSON=1)",
+        )
+        p.add_argument(
+            "--lease-seconds",
+            type=_positive(int),
+            default=env("BARAGG_LEASE_SECONDS", "300"),
+            help="how long a claim holds a task without progress before another worker may take it over "
+            "(env BARAGG_LEASE_SECONDS; default 300)",
+        )
+        p.add_argument(
+            "--time-budget",
+            type=_positive(float),
+            default=env("BARAGG_TIME_BUDGET", "60"),
+            help="seconds one claim may spend catching a task up before giving it back as due "
+            "(env BARAGG_TIME_BUDGET; default 60)",
+        )
+        p.add_argument(
+            "--max-windows",
+            type=_positive(int),
+            default=env("BARAGG_MAX_WINDOWS", "2000"),
+            help="windows per catch-up call, i.e. per transaction (env BARAGG_MAX_WINDOWS; default 2000)",
+        )
+        p.add_argument(
+            "--batch-size",
+            type=_positive(int),
+            default=env("BARAGG_BATCH_SIZE", "500"),
+            help="tasks claimed per statement (env BARAGG_BATCH_SIZE; default 500)",
+        )
+
+    p = commands.add_parser(
+        "run", help="run due tasks until every task is at its frontier, then exit (for cron)"
+    )
+    p.add_argument("--once", action="store_true", help="run once and exit (required)")
+    p.add_argument(
+        "--now",
+        type=parse_now,
+        default=env("BARAGG_NOW"),
+        help="fix the clock, ISO-8601; no offset means UTC (env BARAGG_NOW; default: the real time)",
+    )
+    p.add_argument("--symbol", action="append", metavar="SYMBOL", help="only these symbols (repeatable)")
+    p.add_argument(
+        "--timeframe", action="append", metavar="TF", help="only these timeframes, e.g. 5m (repeatable)"
+    )
+    p.add_argument("--json", action="store_true", help="print the run's totals as JSON")
+    common(p)
+    p.set_defaults(handler=cmd_run)
+
+    p = commands.add_parser("worker", help="run as a daemon: claim and run due tasks until SIGINT/SIGTERM")
+    p.add_argument(
+        "--interval",
+        type=_positive(float),
+        default=env("BARAGG_INTERVAL", "10"),
+        help="seconds between ticks; a task that becomes due earlier wakes the worker "
+        "(env BARAGG_INTERVAL; default 10)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive(int),
+        default=env("BARAGG_CONCURRENCY", "1"),
+        help="threads, each claiming on its own (env BARAGG_CONCURRENCY; default 1)",
+    )
+    common(p)
+    p.set_defaults(handler=cmd_worker)
 
 
 def add_operator_commands(commands: argparse._SubParsersAction) -> None:

@@ -1,0 +1,743 @@
+"""The worker: sync the registry → claim due tasks → catch each up → finish; leases; shutdown.
+
+The database does the aggregation and guards every state change (migration 0003); this module
+orchestrates. A claimed task is caught up fully in one claim, call after call of
+``catchup_aggregation_range`` while it says ``continue``, within a time budget. Each call runs in its
+own transaction together with the task's new cursor (``agg_checkpoint``, or ``agg_finish`` for the
+last call), so bars and cursor commit together, and only while this worker still holds the lease:
+if the lease was lost (we were too slow and another worker rescued the task), the transaction rolls
+back and nothing is written twice.
+
+``run_once`` is the cron form (``baragg run --once``); ``Worker`` is the daemon (``baragg worker``):
+N threads, each claiming on its own, a stop event on SIGINT/SIGTERM, a bounded wait for the work in
+hand, a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from types import FrameType
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from baragg.db import Database
+from baragg.errors import BaraggError
+from baragg.sql import query
+
+log = logging.getLogger(__name__)
+
+STAT_KEYS = ("windows_processed", "bars_created", "bars_quality_poor", "bars_skipped", "gaps_skipped")
+DEFAULT_LEASE_SECONDS = 300
+DEFAULT_TIME_BUDGET = 60.0
+DEFAULT_MAX_WINDOWS = 2000
+DEFAULT_BATCH_SIZE = 500
+# Test hook: seconds to sleep after each committed catch-up call (to kill a worker mid catch-up).
+PAUSE_ENV = "BARAGG_TEST_PAUSE_BETWEEN_CALLS"
+
+
+def resolve_env(name: str | None = None) -> str:
+    """The environment: the given name, else $BARAGG_ENV, else $DISTORT_ENV (the seed's), else 'prod'."""
+    return name or os.environ.get("BARAGG_ENV") or os.environ.get("DISTORT_ENV") or "prod"
+
+
+def new_worker_id(suffix: str = "") -> str:
+    """Names a claimer in leases and rescue notes: host, process, a random part (and thread)."""
+    base = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    return f"{base}:{suffix}" if suffix else base
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskResult:
+    """One claim of one task. outcome: ok (at its frontier), continue (backlog left: time budget or
+    shutdown), transient / hard (failed, recorded by agg_finish), lease_lost (another worker holds it)."""
+
+    symbol: str
+    timeframe: str
+    windows: int
+    bars_created: int
+    bars_quality_poor: int
+    bars_skipped: int
+    gaps_skipped: int
+    cursor_before: datetime | None
+    cursor_after: datetime | None
+    seconds: float
+    outcome: str
+    error: str | None = None
+
+    def log_fields(self) -> dict[str, Any]:
+        return {
+            "event": "task_run",
+            "symbol": self.symbol,
+            "timeframe": self.timeframe,
+            "windows": self.windows,
+            "bars_created": self.bars_created,
+            "bars_quality_poor": self.bars_quality_poor,
+            "bars_skipped": self.bars_skipped,
+            "gaps_skipped": self.gaps_skipped,
+            "cursor_before": self.cursor_before,
+            "cursor_after": self.cursor_after,
+            "seconds": round(self.seconds, 4),
+            "outcome": self.outcome,
+            "error": self.error,
+        }
+
+
+@dataclass
+class RunSummary:
+    """What one ``run_once`` did: every task run in order, and the registry sync's changes."""
+
+    tasks: list[TaskResult] = field(default_factory=list)
+    sync: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def totals(self) -> dict[str, int]:
+        out = {
+            "task_runs": len(self.tasks),
+            "windows": sum(t.windows for t in self.tasks),
+            "bars_created": sum(t.bars_created for t in self.tasks),
+            "bars_quality_poor": sum(t.bars_quality_poor for t in self.tasks),
+            "bars_skipped": sum(t.bars_skipped for t in self.tasks),
+            "gaps_skipped": sum(t.gaps_skipped for t in self.tasks),
+        }
+        for outcome in ("ok", "continue", "transient", "hard", "lease_lost"):
+            out[outcome] = sum(1 for t in self.tasks if t.outcome == outcome)
+        return out
+
+
+@dataclass(frozen=True)
+class Task:
+    symbol: str
+    timeframe: str
+    source_timeframe: str | None
+    cursor: datetime | None
+    is_mandatory: bool
+    rescued_from: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+class LeaseLost(Exception):
+    """This worker no longer holds the task (its lease expired and another worker took it)."""
+
+
+class CatchupFailed(Exception):
+    """catchup_aggregation_range answered success = false."""
+
+
+def classify(exc: BaseException) -> str:
+    """'transient' for what may succeed on retry, 'hard' for everything else (DESIGN.md 6).
+
+    Transient: lost or refused connections, timeouts and cancellations, serialization failures,
+    deadlocks, lock timeouts, server shutdown, resource shortage. Program limits (class 54) are hard.
+    """
+    if isinstance(exc, psycopg.errors.ProgramLimitExceeded):
+        return "hard"
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, ConnectionError)):
+        return "transient"
+    with contextlib.suppress(ImportError):
+        from psycopg_pool import PoolTimeout
+
+        if isinstance(exc, PoolTimeout):
+            return "transient"
+    return "hard"
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# The work of one worker (one thread): claim, catch up, finish
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Settings:
+    env: str = "prod"
+    now: datetime | None = None
+    symbols: list[str] | None = None
+    timeframes: list[str] | None = None
+    lease_seconds: int = DEFAULT_LEASE_SECONDS
+    time_budget: float = DEFAULT_TIME_BUDGET
+    max_windows: int = DEFAULT_MAX_WINDOWS
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+
+class _Claimer:
+    """Claims and runs tasks on connections from ``connect`` (reconnecting after a lost one)."""
+
+    def __init__(
+        self,
+        connect: Callable[[], contextlib.AbstractContextManager[psycopg.Connection]],
+        settings: _Settings,
+        worker_id: str,
+        stop: threading.Event,
+        on_task: Callable[[TaskResult], None] | None = None,
+    ) -> None:
+        self.connect = connect
+        self.settings = settings
+        self.worker_id = worker_id
+        self.stop = stop
+        self.on_task = on_task
+        self.active: psycopg.Connection | None = None  # for cancelling at shutdown
+        pause = os.environ.get(PAUSE_ENV, "")
+        self.pause = float(pause) if pause else 0.0
+
+    def params(self, **extra: Any) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "now": self.settings.now, **extra}
+
+    # -- registry ------------------------------------------------------------------------------
+    def sync(self) -> dict[str, Any]:
+        with self.connect() as conn:
+            row = conn.execute(query("worker_sync"), self.params(env=self.settings.env)).fetchone()
+        changes: dict[str, Any] = row[0] if row else {}
+        changed = {k: len(v) for k, v in changes.items() if isinstance(v, list) and v}
+        if changed:
+            log.info(
+                "registry sync (%s): %s",
+                self.settings.env,
+                ", ".join(f"{n} {k}" for k, n in changed.items()),
+                extra={"event": "registry_sync", "changes": changes},
+            )
+        return changes
+
+    # -- one round: claim a batch, run it ------------------------------------------------------
+    def run_round(self) -> list[TaskResult]:
+        """Claim up to batch_size due tasks and run them in due order; [] when none was due.
+
+        Claimed tasks come back ordered by timeframe duration, so a round's 5m tasks are done
+        (committed) before its 1h tasks start: an hour waits for its 5m source (DESIGN.md 4 rule 3).
+        Tasks of one timeframe are caught up together, one statement for all their symbols.
+        """
+        s = self.settings
+        with self.connect() as conn:
+            rows = conn.execute(
+                query("worker_claim"),
+                self.params(
+                    limit=s.batch_size,
+                    lease_seconds=s.lease_seconds,
+                    symbols=s.symbols,
+                    timeframes=s.timeframes,
+                ),
+            ).fetchall()
+        tasks = [Task(r[0], r[1], r[2], r[3], r[4], r[6]) for r in rows]
+        for task in tasks:
+            if task.rescued_from:
+                log.warning(
+                    "%s %s: the lease of %s had expired; task rescued",
+                    task.symbol,
+                    task.timeframe,
+                    task.rescued_from,
+                    extra={
+                        "event": "task_rescued",
+                        "symbol": task.symbol,
+                        "timeframe": task.timeframe,
+                        "rescued_from": task.rescued_from,
+                    },
+                )
+        results: list[TaskResult] = []
+        # One time budget for the whole round: the leases of tasks in later groups are not renewed
+        # while they wait, and the budget is shorter than a lease.
+        deadline = time.monotonic() + s.time_budget
+        groups = [list(g) for _, g in itertools.groupby(tasks, key=lambda t: t.timeframe)]
+        for i, group in enumerate(groups):
+            if self.stop.is_set():
+                self.release([t for g in groups[i:] for t in g])
+                break
+            for result in self.catch_up(group, deadline):
+                results.append(result)
+                self.report(result)
+        return results
+
+    def report(self, result: TaskResult) -> None:
+        level = logging.INFO if result.outcome in ("ok", "continue") else logging.WARNING
+        if log.isEnabledFor(level):
+            log.log(level, _describe(result), extra=result.log_fields())
+        if self.on_task is not None:
+            self.on_task(result)
+
+    def release(self, tasks: Sequence[Task]) -> None:
+        """Give back claimed tasks not started (shutdown): idle and due again, nothing counted."""
+        with self.connect() as conn:
+            for task in tasks:
+                conn.execute(
+                    query("worker_release"), self.params(symbol=task.symbol, timeframe=task.timeframe)
+                )
+        if tasks:
+            log.info("released %d claimed task(s) at shutdown", len(tasks), extra={"event": "released"})
+
+    # -- catching up -----------------------------------------------------------------------------
+    def catch_up(self, tasks: list[Task], deadline: float) -> list[TaskResult]:
+        """Catch claimed tasks of one timeframe up: call after call while ``continue``, until the
+        deadline (monotonic clock; the first call always runs). Each call (one statement for all symbols still behind) commits together with
+        the new cursors; the last call of a task finishes it in the same transaction.
+
+        If a transaction fails, nothing of it was written; the tasks still behind are then run one
+        by one, so that a failure is recorded against the task that caused it (and a lost lease
+        only costs its own task).
+        """
+        s = self.settings
+        timeframe = tasks[0].timeframe
+        started = time.monotonic()
+        progress = {t.symbol: _Progress(t) for t in tasks}
+        pending = list(tasks)
+        try:
+            with self.connect() as conn:
+                self.active = conn
+                while pending:
+                    symbols = [t.symbol for t in pending]
+                    with conn.transaction():
+                        conn.execute(
+                            query("worker_clear_rerun"), self.params(symbols=symbols, timeframe=timeframe)
+                        )
+                        rows = conn.execute(
+                            query("worker_catchup_many"),
+                            self.params(
+                                timeframe=timeframe,
+                                symbols=symbols,
+                                cursors=[progress[t.symbol].cursor for t in pending],
+                                max_windows=s.max_windows,
+                            ),
+                        ).fetchall()
+                        in_time = not self.stop.is_set() and time.monotonic() < deadline
+                        finishing, continuing, calls = [], [], {}
+                        for symbol, result in rows:
+                            if not result.get("success", False):
+                                raise CatchupFailed(f"{symbol} {timeframe}: {result.get('error') or result}")
+                            call = _Call(result, progress[symbol].cursor)
+                            calls[symbol] = call
+                            item = {
+                                "canonical_symbol": symbol,
+                                "timeframe": timeframe,
+                                "new_cursor_utc": call.cursor.isoformat() if call.cursor else None,
+                                "stats": call.stats,
+                            }
+                            if call.backlog and in_time:
+                                continuing.append(item)
+                            else:
+                                finishing.append({**item, "stats": {**call.stats, "continue": call.backlog}})
+                        unchanged: list[dict[str, Any]] = []
+                        if finishing:
+                            answer = conn.execute(
+                                query("worker_finish_many"), self.params(results=Jsonb(finishing))
+                            ).fetchone()[0]
+                            unchanged += answer["unchanged"]
+                        if continuing:
+                            answer = conn.execute(
+                                query("worker_checkpoint_many"),
+                                self.params(items=Jsonb(continuing), lease_seconds=s.lease_seconds),
+                            ).fetchone()[0]
+                            unchanged += answer["unchanged"]
+                        if unchanged:
+                            raise LeaseLost("; ".join(u["reason"] for u in unchanged))
+                    # committed: bars and cursors together
+                    for symbol, call in calls.items():
+                        progress[symbol].add(call)
+                    still = {item["canonical_symbol"] for item in continuing}
+                    for t in pending:
+                        if t.symbol not in still:
+                            progress[t.symbol].outcome = "continue" if calls[t.symbol].backlog else "ok"
+                    pending = [t for t in pending if t.symbol in still]
+                    if pending and self.pause:
+                        time.sleep(self.pause)
+        except Exception as exc:
+            if len(tasks) == 1:
+                only = progress[tasks[0].symbol]
+                if isinstance(exc, LeaseLost):
+                    only.outcome, only.error = "lease_lost", str(exc)
+                else:
+                    only.outcome, only.error = classify(exc), _error_text(exc)
+                    self.record_failure(tasks[0], only.outcome, only.error)
+                pending = []
+            else:
+                log.debug(
+                    "batch of %d %s tasks failed (%s); running them one by one",
+                    len(pending),
+                    timeframe,
+                    _error_text(exc),
+                )
+        finally:
+            self.active = None
+        seconds = time.monotonic() - started
+        results = []
+        for t in tasks:
+            p = progress[t.symbol]
+            if any(t is q for q in pending):
+                alone = self.catch_up([replace(t, cursor=p.cursor)], deadline)[0]
+                results.append(p.merged(alone, seconds / len(tasks)))
+            else:
+                results.append(p.result(seconds / len(tasks)))
+        return results
+
+    def record_failure(self, task: Task, kind: str, error: str) -> None:
+        """agg_finish(false) on a fresh connection; if even that fails, the lease expires instead."""
+        try:
+            with self.connect() as conn:
+                conn.execute(
+                    query("worker_finish_failed"),
+                    self.params(symbol=task.symbol, timeframe=task.timeframe, fail_kind=kind, error=error),
+                )
+        except Exception as exc:
+            log.error(
+                "%s %s: could not record the %s failure (%s); the lease will expire",
+                task.symbol,
+                task.timeframe,
+                kind,
+                _error_text(exc),
+                extra={"event": "finish_failed", "symbol": task.symbol, "timeframe": task.timeframe},
+            )
+
+    def seconds_to_next_due(self) -> float | None:
+        with self.connect() as conn:
+            row = conn.execute(query("worker_seconds_to_next_due")).fetchone()
+        return None if row is None or row[0] is None else max(0.0, float(row[0]))
+
+
+class _Call:
+    """One catch-up call's answer for one task."""
+
+    def __init__(self, result: dict[str, Any], cursor_before: datetime | None) -> None:
+        self.cursor = _timestamp(result.get("cursor_advanced_to")) or cursor_before
+        self.stats = {k: int(result.get(k) or 0) for k in STAT_KEYS}
+        self.backlog = bool(result.get("continue"))
+
+
+class _Progress:
+    """What the committed calls of one claim did so far."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.cursor_before = task.cursor
+        self.cursor = task.cursor
+        self.totals = dict.fromkeys(STAT_KEYS, 0)
+        self.outcome = "continue"
+        self.error: str | None = None
+
+    def add(self, call: _Call) -> None:
+        self.cursor = call.cursor
+        for k in STAT_KEYS:
+            self.totals[k] += call.stats[k]
+
+    def result(self, seconds: float) -> TaskResult:
+        return TaskResult(
+            symbol=self.task.symbol,
+            timeframe=self.task.timeframe,
+            windows=self.totals["windows_processed"],
+            bars_created=self.totals["bars_created"],
+            bars_quality_poor=self.totals["bars_quality_poor"],
+            bars_skipped=self.totals["bars_skipped"],
+            gaps_skipped=self.totals["gaps_skipped"],
+            cursor_before=self.cursor_before,
+            cursor_after=self.cursor,
+            seconds=seconds,
+            outcome=self.outcome,
+            error=self.error,
+        )
+
+    def merged(self, later: TaskResult, seconds: float) -> TaskResult:
+        """This claim's committed batch calls followed by its run alone."""
+        mine = self.result(seconds)
+        return replace(
+            later,
+            windows=mine.windows + later.windows,
+            bars_created=mine.bars_created + later.bars_created,
+            bars_quality_poor=mine.bars_quality_poor + later.bars_quality_poor,
+            bars_skipped=mine.bars_skipped + later.bars_skipped,
+            gaps_skipped=mine.gaps_skipped + later.gaps_skipped,
+            cursor_before=self.cursor_before,
+            seconds=seconds + later.seconds,
+        )
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
+def _short(ts: datetime | None) -> str:
+    return ts.isoformat().replace("+00:00", "Z") if ts else "-"
+
+
+def _describe(r: TaskResult) -> str:
+    text = (
+        f"{r.symbol} {r.timeframe} {r.outcome}: {r.windows} windows, {r.bars_created} bars "
+        f"({r.bars_quality_poor} poor, {r.bars_skipped} skipped, {r.gaps_skipped} gaps), "
+        f"cursor {_short(r.cursor_before)} -> {_short(r.cursor_after)} in {r.seconds:.3f}s"
+    )
+    return f"{text}: {r.error}" if r.error else text
+
+
+# ---------------------------------------------------------------------------------------------
+# run --once
+# ---------------------------------------------------------------------------------------------
+REQUIRED_FUNCTIONS = (
+    "agg_claim_tasks",
+    "agg_catchup_tasks",
+    "agg_finish_many",
+    "sync_agg_state_from_registry",
+)
+
+
+def check_schema(db: Database) -> None:
+    """Fail with a clear message when the worker's SQL functions are missing (schema not upgraded).
+
+    Checks the functions themselves, not the migrations table: the migrations may have been applied
+    with psql or the Supabase CLI, which record nothing.
+    """
+    with db.connect(autocommit=True) as conn:
+        missing = [
+            name
+            for name in REQUIRED_FUNCTIONS
+            if not conn.execute(query("worker_has_function"), {"name": name}).fetchone()[0]
+        ]
+    if missing:
+        raise BaraggError(
+            f"the database schema is not current (function {missing[0]} is missing): run `baragg db upgrade`"
+        )
+
+
+def run_once(
+    db: Database,
+    *,
+    env: str = "prod",
+    now: datetime | None = None,
+    symbols: Sequence[str] | None = None,
+    timeframes: Sequence[str] | None = None,
+    on_task: Callable[[TaskResult], None] | None = None,
+    lease_seconds: int = DEFAULT_LEASE_SECONDS,
+    time_budget: float = DEFAULT_TIME_BUDGET,
+    max_windows: int = DEFAULT_MAX_WINDOWS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    stop: threading.Event | None = None,
+    worker_id: str | None = None,
+) -> RunSummary:
+    """Sync the registry, then claim and run due tasks until none is due; every task ends at its
+    frontier (or failed, recorded), unless another process holds it. ``now`` fixes the clock."""
+    started = time.monotonic()
+    settings = _Settings(
+        env=env,
+        now=now,
+        symbols=list(symbols) if symbols else None,
+        timeframes=list(timeframes) if timeframes else None,
+        lease_seconds=lease_seconds,
+        time_budget=time_budget,
+        max_windows=max_windows,
+        batch_size=batch_size,
+    )
+    summary = RunSummary()
+    with _ReconnectingConnection(db) as connect:
+        claimer = _Claimer(
+            connect, settings, worker_id or new_worker_id(), stop or threading.Event(), on_task
+        )
+        summary.sync = claimer.sync()
+        while not claimer.stop.is_set():
+            results = claimer.run_round()
+            if not results:
+                break
+            summary.tasks.extend(results)
+    summary.seconds = time.monotonic() - started
+    totals = summary.totals
+    log.info(
+        "run finished: %d task runs, %d windows, %d bars created, %d failed in %.2fs",
+        totals["task_runs"],
+        totals["windows"],
+        totals["bars_created"],
+        totals["transient"] + totals["hard"],
+        summary.seconds,
+        extra={"event": "run_finished", **totals, "seconds": round(summary.seconds, 3)},
+    )
+    return summary
+
+
+class _ReconnectingConnection:
+    """One autocommit connection for a run, replaced when it breaks (a lost connection is transient)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.conn: psycopg.Connection | None = None
+
+    def __enter__(self) -> Callable[[], contextlib.AbstractContextManager[psycopg.Connection]]:
+        return self.borrow
+
+    def __exit__(self, *exc: object) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[psycopg.Connection]:
+        if self.conn is None or self.conn.closed or self.conn.broken:
+            self.conn = self.db.connect(autocommit=True)
+        yield self.conn
+
+
+# ---------------------------------------------------------------------------------------------
+# The daemon
+# ---------------------------------------------------------------------------------------------
+def _autocommit(pool: Any) -> Callable[[], contextlib.AbstractContextManager[psycopg.Connection]]:
+    """Pool connections in autocommit mode: every transaction of the worker is explicit."""
+
+    @contextlib.contextmanager
+    def borrow() -> Iterator[psycopg.Connection]:
+        with pool.connection() as conn:
+            if not conn.autocommit:
+                conn.autocommit = True
+            yield conn
+
+    return borrow
+
+
+class Worker:
+    """``baragg worker``: ``concurrency`` threads, each claiming on its own from a shared pool.
+
+    Every ``interval`` seconds (or earlier, when a task's next_run_at arrives) a thread syncs the
+    registry (the first thread) and drains due tasks. ``stop()`` (SIGINT/SIGTERM in ``run``) stops
+    claiming; the task in hand is finished (its current call completes, then the cursor is stored
+    and the task released as due), waiting at most ``shutdown_timeout`` seconds before cancelling
+    the statement in flight (a cancelled statement is a transient failure, recorded). Nothing is
+    left running. A second signal exits at once.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        env: str = "prod",
+        interval: float = 10.0,
+        concurrency: int = 1,
+        lease_seconds: int = DEFAULT_LEASE_SECONDS,
+        time_budget: float = DEFAULT_TIME_BUDGET,
+        max_windows: int = DEFAULT_MAX_WINDOWS,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        shutdown_timeout: float = 30.0,
+        on_task: Callable[[TaskResult], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.interval = interval
+        self.concurrency = max(1, concurrency)
+        self.shutdown_timeout = shutdown_timeout
+        self.on_task = on_task
+        self.settings = _Settings(
+            env=env,
+            lease_seconds=lease_seconds,
+            time_budget=time_budget,
+            max_windows=max_windows,
+            batch_size=batch_size,
+        )
+        self._stop = threading.Event()
+        self._signals = 0
+        self._claimers: list[_Claimer] = []
+
+    def stop(self) -> None:
+        """Stop claiming; threads finish or release what they hold, then exit."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting at once", extra={"event": "shutdown_forced"})
+            os._exit(1)
+        log.info(
+            "%s: stopping (finishing the tasks in hand)",
+            signal.Signals(signum).name,
+            extra={"event": "shutdown", "signal": signal.Signals(signum).name},
+        )
+        self.stop()
+
+    def run(self) -> None:
+        """Run until stopped. Installs SIGINT/SIGTERM handlers when called from the main thread."""
+        installed: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                installed[sig] = signal.signal(sig, self._on_signal)
+        pool = self.db.pool(min_size=1, max_size=self.concurrency + 1, name="baragg-worker")
+        try:
+            pool.open(wait=True, timeout=30)
+            base = new_worker_id()
+            self._claimers = [
+                _Claimer(_autocommit(pool), self.settings, f"{base}:{i}", self._stop, self.on_task)
+                for i in range(self.concurrency)
+            ]
+            log.info(
+                "worker started: env %s, %d thread(s), interval %.1fs",
+                self.settings.env,
+                self.concurrency,
+                self.interval,
+                extra={"event": "worker_started", "env": self.settings.env, "concurrency": self.concurrency},
+            )
+            threads = [
+                threading.Thread(target=self._loop, args=(c, i == 0), name=f"baragg-worker-{i}", daemon=True)
+                for i, c in enumerate(self._claimers)
+            ]
+            for t in threads:
+                t.start()
+            self._wait(threads)
+        finally:
+            pool.close()
+            for sig, previous in installed.items():
+                signal.signal(sig, previous)
+        log.info("worker stopped", extra={"event": "worker_stopped"})
+
+    def _wait(self, threads: list[threading.Thread]) -> None:
+        # Join with a timeout so that signal handlers run in the main thread meanwhile.
+        while any(t.is_alive() for t in threads) and not self._stop.is_set():
+            for t in threads:
+                t.join(0.2)
+        deadline = time.monotonic() + self.shutdown_timeout
+        cancelled = False
+        while any(t.is_alive() for t in threads):
+            if not cancelled and time.monotonic() > deadline:
+                cancelled = True
+                for c in self._claimers:
+                    conn = c.active
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            conn.cancel_safe()
+            for t in threads:
+                t.join(0.2)
+
+    def _loop(self, claimer: _Claimer, syncs: bool) -> None:
+        next_sync = 0.0
+        while not self._stop.is_set():
+            try:
+                if syncs and time.monotonic() >= next_sync:
+                    claimer.sync()
+                    next_sync = time.monotonic() + self.interval
+                while not self._stop.is_set() and claimer.run_round():
+                    pass
+                if self._stop.is_set():
+                    break
+                wait = self.interval
+                until_due = claimer.seconds_to_next_due()
+                if until_due is not None:
+                    wait = min(wait, max(until_due, 0.05))
+            except Exception as exc:  # the database went away: log, wait, try again
+                log.error(
+                    "worker tick failed: %s",
+                    _error_text(exc),
+                    extra={"event": "tick_failed", "error": _error_text(exc)},
+                )
+                wait = self.interval
+            self._stop.wait(wait)
