@@ -104,3 +104,19 @@ def test_backfill_from_aggregates_history_before_agg_start(db: Database, conn: p
     starts = {row[0] for row in conn.execute("SELECT agg_start_utc FROM data_agg_state")}
     assert starts == {datetime(2024, 3, 4, tzinfo=UTC)}
     assert baragg(db, "verify", "EURUSD", "1h").returncode == 0
+
+
+def test_reenable_a_failed_task(two_symbols: Database, conn: psycopg.Connection) -> None:
+    assert baragg(two_symbols, "registry", "sync").returncode == 0
+    conn.execute(
+        "UPDATE data_agg_state SET status = 'disabled', hard_fail_streak = 3"
+        " WHERE canonical_symbol = 'EURUSD' AND timeframe = '4h'"
+    )
+    done = baragg(two_symbols, "reenable", "EURUSD", "4h")
+    assert done.returncode == 0, done.stderr
+    row = conn.execute(
+        "SELECT status, hard_fail_streak FROM data_agg_state WHERE canonical_symbol = 'EURUSD' AND timeframe = '4h'"
+    ).fetchone()
+    assert row == ("idle", 0)
+    again = baragg(two_symbols, "reenable", "EURUSD", "4h")
+    assert again.returncode == 2 and "neither disabled nor failed" in again.stderr

@@ -401,6 +401,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 @_needs_schema
+def cmd_reenable(args: argparse.Namespace) -> int:
+    from baragg import status
+
+    if status.reenable(database(args), args.symbol, args.timeframe):
+        print(f"re-enabled {args.symbol} {args.timeframe}: idle, streak 0, due now")
+        return 0
+    raise InvalidInput(f"{args.symbol} {args.timeframe}: no such task, or it is neither disabled nor failed")
+
+
+@_needs_schema
 def cmd_backfill(args: argparse.Namespace) -> int:
     from baragg import backfill
     from baragg.timeparse import parse_time
@@ -688,6 +698,13 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--now", metavar="TIME", help="the clock for lags (ISO 8601; default: now)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_status)
+
+    p = commands.add_parser(
+        "reenable", help="give a hard_failed or disabled task a fresh start (after fixing the cause)"
+    )
+    p.add_argument("symbol", metavar="SYMBOL")
+    p.add_argument("timeframe", metavar="TIMEFRAME", choices=["5m", "15m", "1h", "4h", "1d", "1w"])
+    p.set_defaults(handler=cmd_reenable)
 
     p = commands.add_parser(
         "backfill",

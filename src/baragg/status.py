@@ -153,10 +153,20 @@ def render(tasks: list[TaskStatus], *, console: Any = None, now: datetime | None
     if alerts:
         console.print(
             f"[bold red]{len(alerts)} task(s) need attention[/] "
-            "(hard_failed: failing repeatedly and retried; disabled: optional task stopped after failures; "
-            "re-enable with `baragg registry sync` after fixing the cause)"
+            "(hard_failed: failing repeatedly, still retried; disabled: an optional task stopped after "
+            "failures; after fixing the cause: `baragg reenable SYMBOL TIMEFRAME`)"
         )
     if not tasks:
         console.print(
             "no tasks yet (register symbols with `baragg registry add`, then `baragg registry sync`)"
         )
+
+
+def reenable(db: Database, symbol: str, timeframe: str, *, now: datetime | None = None) -> bool:
+    """Give a hard_failed or disabled task a fresh start (streak 0, due now); False if it needed none."""
+    with db.connect() as conn:
+        row = conn.execute(
+            query("status_reenable"), {"symbol": symbol, "timeframe": timeframe, "now": now}
+        ).fetchone()
+        conn.commit()
+    return bool(row and row[0] and row[0].get("changed"))

@@ -318,6 +318,9 @@ LEFT JOIN LATERAL (
 WHERE %(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[])
 ORDER BY s.canonical_symbol, tf.duration_rank;
 
+-- name: status_reenable
+SELECT agg_reenable_task(%(symbol)s, %(timeframe)s, COALESCE(%(now)s::timestamptz, now()));
+
 -- ==== operator tools: backfill ====
 
 -- name: backfill_estimate
