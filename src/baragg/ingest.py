@@ -1,12 +1,12 @@
 """Files of 1-minute bars → data_bars (DESIGN.md sections 8 and 9).
 
-The file is streamed in chunks (pyarrow's CSV reader, or a Parquet file's record batches), so a file
-of ten million rows needs no more memory than one chunk. Each chunk is checked by
-``baragg.validation.check_bars`` and COPYed into a TEMP staging table; duplicate times within the whole
-file are then found in SQL, and one ``INSERT … SELECT … ON CONFLICT … DO UPDATE … WHERE the values
-differ`` moves the good rows into data_bars. All of it is one transaction: by default a single bad row
-stores nothing; with a reject file the good rows load and every bad one is written there. Re-ingesting
-a file rewrites no row.
+The file is streamed in chunks (a CSV cut into blocks of whole lines, each parsed by Arrow; a Parquet
+file's record batches), so a file of ten million rows needs no more memory than a chunk (for Parquet:
+a row group). Each chunk is checked by ``baragg.validation.check_bars`` and COPYed into a TEMP staging
+table; duplicate times across the whole file are looked for in SQL when a chunk could hold one, and
+one ``INSERT … SELECT … ON CONFLICT … DO UPDATE … WHERE the values differ`` moves the good rows into
+data_bars. All of it is one transaction: by default a single bad row stores nothing; with a reject
+file the good rows load and every bad one is written there. Re-ingesting a file rewrites no row.
 """
 
 from __future__ import annotations
