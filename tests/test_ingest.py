@@ -383,3 +383,18 @@ def test_extra_columns_are_ignored_but_kept_in_the_reject_file(
         "line,ts_utc,provider,open,high,low,close,reason",
         "3,2024-01-02 10:01,oanda,1,2,0.5,-inf,close: not finite (-inf)",
     ]
+
+
+def test_messages_are_in_utc_whatever_the_server_time_zone(
+    registered: Database, conn, tmp_path: Path
+) -> None:
+    dbname = conn.info.dbname
+    conn.execute(f"ALTER DATABASE \"{dbname}\" SET timezone = 'Asia/Tokyo'")
+    path = write_csv(
+        tmp_path / "d.csv",
+        "ts_utc,open,high,low,close",
+        "2024-01-02 10:00,1,2,0.5,1",
+        "2024-01-02 10:00,1,2,0.5,1",
+    )
+    done = baragg(registered, "ingest", path, "--symbol", "EURUSD")
+    assert "duplicate time 2024-01-02 10:00 (also on line 3)" in done.stderr

@@ -228,7 +228,7 @@ def _show_samples(db: Database, console: Any) -> None:
                 table.add_row(
                     symbol,
                     timeframe,
-                    f"{ts:%Y-%m-%d %H:%M}",
+                    f"{ts.astimezone(UTC):%Y-%m-%d %H:%M}",
                     f"{o:g}",
                     f"{h:g}",
                     f"{lo:g}",

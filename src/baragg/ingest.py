@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -440,7 +441,7 @@ def ingest_file(
                         BadRow(
                             line,
                             "ts_utc",
-                            f"duplicate time {ts:%Y-%m-%d %H:%M} (also on {reader.unit} {also})",
+                            f"duplicate time {ts.astimezone(UTC):%Y-%m-%d %H:%M} (also on {reader.unit} {also})",
                         ),
                         originals.get(line, []),
                     )

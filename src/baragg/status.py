@@ -9,7 +9,7 @@ by failures sorts first and stands out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from psycopg.rows import dict_row
@@ -65,14 +65,14 @@ def task_status(
             status=r["status"],
             enabled=r["enabled"],
             mandatory=r["is_mandatory"],
-            cursor=r["last_agg_bar_ts_utc"],
-            frontier=r["frontier"],
+            cursor=_utc(r["last_agg_bar_ts_utc"]),
+            frontier=_utc(r["frontier"]),
             lag_frontier_seconds=_seconds(r["lag_frontier_seconds"]),
             lag_now_seconds=_seconds(r["lag_now_seconds"]),
-            next_run_at=r["next_run_at"],
+            next_run_at=_utc(r["next_run_at"]),
             hard_fail_streak=r["hard_fail_streak"],
             last_error=r["last_error"],
-            last_successful_at=r["last_successful_at_utc"],
+            last_successful_at=_utc(r["last_successful_at_utc"]),
             bars_created=r["total_bars_created"],
             bars_quality_poor=r["total_bars_quality_poor"],
             lease_owner=r["lease_owner"],
@@ -80,6 +80,11 @@ def task_status(
         for r in rows
     ]
     return sorted(out, key=lambda t: (_STATUS_ORDER.get(t.status, 9), not t.enabled))
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """Times in UTC whatever the session's TimeZone setting."""
+    return value.astimezone(UTC) if value is not None else None
 
 
 def _seconds(value: Any) -> float | None:

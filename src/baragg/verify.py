@@ -213,7 +213,7 @@ def verify(
         if task is None:
             notes.append(f"no task for {symbol} {timeframe}: checking every window in the range")
         else:
-            agg_start, cursor = task
+            agg_start, cursor = (t.astimezone(UTC) if t is not None else None for t in task)
             first = _ceil_to_bucket(agg_start, timeframe)
             lo = max(lo, first) if lo else first
             if cursor is None:
