@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from baragg import worker
 from baragg.metrics import Metrics, record_task_result
 from obs_data import standard_fixture
 from web_client import closed_port_database, get, running_server
 
 
-@dataclass
-class TaskResult:
-    """The fields of baragg.worker.TaskResult (TEAM.md), as the worker hands them to on_task."""
-
-    symbol: str
-    timeframe: str
-    windows: int = 0
-    bars_created: int = 0
-    bars_quality_poor: int = 0
-    bars_skipped: int = 0
-    gaps_skipped: int = 0
-    cursor_before: datetime | None = None
-    cursor_after: datetime | None = None
-    seconds: float = 0.01
-    outcome: str = "ok"
-    error: str | None = None
+def TaskResult(symbol: str, timeframe: str, **fields: object) -> worker.TaskResult:
+    """A baragg.worker.TaskResult as the worker hands it to on_task; unnamed counts are 0."""
+    defaults: dict[str, object] = {
+        "windows": 0,
+        "bars_created": 0,
+        "bars_quality_poor": 0,
+        "bars_skipped": 0,
+        "gaps_skipped": 0,
+        "cursor_before": None,
+        "cursor_after": None,
+        "seconds": 0.01,
+        "outcome": "ok",
+    }
+    return worker.TaskResult(symbol, timeframe, **{**defaults, **fields})  # type: ignore[arg-type]
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -133,21 +129,31 @@ def test_no_per_symbol_series(db, conn):
     assert not any(v in ("ESZ4", "GCZ4", "CLZ4", "A") for (_, labels) in m for _, v in labels)
 
 
-def test_invalidation_metrics_appear_with_the_log_table(db, conn):
+def test_pending_invalidations_and_the_age_of_the_oldest(db, conn):
+    standard_fixture(conn)
     with running_server(db) as server:
-        m = scrape(server.url)
-        assert value(m, "baragg_invalidations_pending") is None  # no log table before migration 0004
-        # The shape the metrics expect from 0004: one row per pending window, stamped when recorded.
-        conn.execute("CREATE TABLE agg_invalidations (recorded_at timestamptz NOT NULL)")
         m = scrape(server.url)
         assert value(m, "baragg_invalidations_pending") == 0
         assert value(m, "baragg_invalidation_oldest_age_seconds") == 0
+        # What the source-table triggers of migration 0004 record for late or corrected bars.
         conn.execute(
-            "INSERT INTO agg_invalidations VALUES (now() - interval '90 seconds'), (now() - interval '10 seconds')"
+            "INSERT INTO agg_invalidations (canonical_symbol, timeframe, window_start, first_seen_at, reason)"
+            " VALUES ('ESZ4', '5m', '2024-11-22 10:00', now() - interval '90 seconds', 'update'),"
+            "        ('ESZ4', '1h', '2024-11-22 10:00', now() - interval '10 seconds', 'insert')"
         )
         m = scrape(server.url)
         assert value(m, "baragg_invalidations_pending") == 2
         assert value(m, "baragg_invalidation_oldest_age_seconds") >= 90
+        tasks = {(t["symbol"], t["timeframe"]): t for t in get(server.url + "/api/tasks").json()["tasks"]}
+        assert tasks["ESZ4", "5m"]["invalidations_pending"] == 1
+        assert get(server.url + "/api/summary").json()["invalidations_pending"] == 2
+
+
+def test_reaggregated_and_withdrawn_bars_are_counted():
+    metrics = Metrics()
+    record_task_result(TaskResult("X", "1h", bars_reaggregated=3, bars_withdrawn=1), metrics)
+    assert metrics.registry.get_sample_value("baragg_bars_reaggregated_total", {"timeframe": "1h"}) == 3
+    assert metrics.registry.get_sample_value("baragg_bars_withdrawn_total", {"timeframe": "1h"}) == 1
 
 
 @pytest.mark.parametrize("pages", [True, False])

@@ -61,6 +61,8 @@ class TaskResultLike(Protocol):
     seconds: float
     outcome: str
     error: str | None
+    bars_reaggregated: int
+    bars_withdrawn: int
 
 
 ConnectionSource = Callable[[], AbstractContextManager[psycopg.Connection]]
@@ -128,9 +130,8 @@ class Metrics:
         self.bars_poor.labels(tf).inc(_count(result.bars_quality_poor))
         self.bars_skipped.labels(tf).inc(_count(result.bars_skipped))
         self.gaps_skipped.labels(tf).inc(_count(result.gaps_skipped))
-        # Re-aggregation arrives with late-data handling (migration 0004); older results lack the fields.
-        self.bars_reaggregated.labels(tf).inc(_count(getattr(result, "bars_reaggregated", 0)))
-        self.bars_withdrawn.labels(tf).inc(_count(getattr(result, "bars_withdrawn", 0)))
+        self.bars_reaggregated.labels(tf).inc(_count(result.bars_reaggregated))
+        self.bars_withdrawn.labels(tf).inc(_count(result.bars_withdrawn))
         if result.error is not None or outcome not in SUCCESS_OUTCOMES:
             self.failures.labels(tf, outcome).inc()
         if result.seconds is not None:
@@ -263,7 +264,7 @@ def _invalidations(conn: psycopg.Connection) -> tuple[int, float] | None:
         return None
     try:
         pending, oldest_age = conn.execute(query("obs_invalidations_pending"), {"now": None}).fetchone()
-    except psycopg.errors.UndefinedColumn as exc:
+    except psycopg.errors.UndefinedColumn as exc:  # a schema newer than this baragg
         log.warning("metrics: the invalidation log has an unexpected shape: %s", exc)
         return None
     return int(pending), float(oldest_age or 0.0)

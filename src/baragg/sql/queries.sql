@@ -411,7 +411,9 @@ probed AS MATERIALIZED (  -- evaluate each probe once per task, not once per use
            END AS source_last_ts,
            (SELECT max(d.ts_utc) FROM derived_data_bars d
             WHERE d.canonical_symbol = t.canonical_symbol AND d.timeframe = t.timeframe
-              AND d.deleted_at IS NULL) AS last_bar_ts
+              AND d.deleted_at IS NULL) AS last_bar_ts,
+           (SELECT count(*) FROM agg_invalidations i
+            WHERE i.canonical_symbol = t.canonical_symbol AND i.timeframe = t.timeframe) AS invalidations
     FROM tasks t
 ),
 framed AS (
@@ -451,6 +453,7 @@ SELECT f.canonical_symbol AS symbol,
        f.total_hard_failures AS hard_failures,
        f.total_bars_created AS bars_created,
        f.total_bars_quality_poor AS bars_quality_poor,
+       f.invalidations AS invalidations_pending,
        c.now_utc
 FROM framed f CROSS JOIN clock c
 ORDER BY f.canonical_symbol, f.tf_order, f.timeframe;
@@ -529,10 +532,10 @@ SELECT count(*) AS n,
 FROM picked;
 
 -- name: obs_invalidation_log_exists
--- The invalidation log arrives with migration 0004; until then the metrics report nothing for it.
+-- The invalidation log comes with migration 0004; on an older schema the metrics leave it out.
 SELECT to_regclass('agg_invalidations') IS NOT NULL;
 
 -- name: obs_invalidations_pending
 SELECT count(*) AS pending,
-       extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - min(recorded_at))::float8 AS oldest_age_seconds
+       extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - min(first_seen_at))::float8 AS oldest_age_seconds
 FROM agg_invalidations;

@@ -100,6 +100,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "worst_lag": dict(sorted(worst.items(), key=lambda kv: TIMEFRAME_ORDER.get(kv[0], 99))),
         "bars_created": sum(int(r["bars_created"] or 0) for r in rows),
         "bars_quality_poor": sum(int(r["bars_quality_poor"] or 0) for r in rows),
+        "invalidations_pending": sum(int(r["invalidations_pending"] or 0) for r in rows),
     }
 
 

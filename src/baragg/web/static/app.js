@@ -128,6 +128,9 @@
       chip(tone, lag === null ? "–" : duration(lag), tf + " lag",
         "largest lag behind the frontier" + (w.symbol_frontier ? `: ${w.symbol_frontier}` : ""), true);
     }
+    if (summary.invalidations_pending) {
+      chip("warn", num(summary.invalidations_pending), "to redo", "windows waiting for re-aggregation after late or corrected source bars");
+    }
     chip("", num(summary.bars_created), "bars");
     chip("", num(summary.bars_quality_poor), "poor", "bars stored with quality ≤ 0");
     $("#chips").innerHTML = chips.join("");
@@ -165,6 +168,7 @@
     const parts = [];
     if (t.lease_owner) parts.push(`held by ${t.lease_owner} until ${utc(t.lease_expires_utc, true)} UTC`);
     if (t.last_rescue) parts.push(`last rescue: ${t.last_rescue}`);
+    if (t.invalidations_pending) parts.push(`${num(t.invalidations_pending)} window(s) to re-aggregate (late or corrected data)`);
     parts.push(`${num(t.total_runs)} runs, ${num(t.transient_failures)} transient and ${num(t.hard_failures)} hard failures`);
     return parts.join("\n");
   }
