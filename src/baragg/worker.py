@@ -278,7 +278,12 @@ class _Claimer:
         return results
 
     def report(self, result: TaskResult) -> None:
-        level = logging.INFO if result.outcome in ("ok", "continue") else logging.WARNING
+        # A run that found nothing to do (a task polled at its frontier) is logged at DEBUG, so that a
+        # daemon's log shows work and failures, not thousands of empty polls.
+        if result.outcome not in ("ok", "continue"):
+            level = logging.WARNING
+        else:
+            level = logging.INFO if result.windows or result.gaps_skipped else logging.DEBUG
         if log.isEnabledFor(level):
             log.log(level, _describe(result), extra=result.log_fields())
         if self.on_task is not None:
