@@ -40,6 +40,8 @@ from baragg.sql import query
 log = logging.getLogger(__name__)
 
 STAT_KEYS = ("windows_processed", "bars_created", "bars_quality_poor", "bars_skipped", "gaps_skipped")
+# Late data (migration 0004): bars rewritten / soft-deleted because their source rows changed.
+REAGGREGATE_KEYS = ("bars_reaggregated", "bars_withdrawn")
 DEFAULT_LEASE_SECONDS = 300
 DEFAULT_TIME_BUDGET = 60.0
 DEFAULT_MAX_WINDOWS = 2000
@@ -79,6 +81,8 @@ class TaskResult:
     seconds: float
     outcome: str
     error: str | None = None
+    bars_reaggregated: int = 0
+    bars_withdrawn: int = 0
 
     def log_fields(self) -> dict[str, Any]:
         return {
@@ -90,6 +94,8 @@ class TaskResult:
             "bars_quality_poor": self.bars_quality_poor,
             "bars_skipped": self.bars_skipped,
             "gaps_skipped": self.gaps_skipped,
+            "bars_reaggregated": self.bars_reaggregated,
+            "bars_withdrawn": self.bars_withdrawn,
             "cursor_before": self.cursor_before,
             "cursor_after": self.cursor_after,
             "seconds": round(self.seconds, 4),
@@ -115,6 +121,8 @@ class RunSummary:
             "bars_quality_poor": sum(t.bars_quality_poor for t in self.tasks),
             "bars_skipped": sum(t.bars_skipped for t in self.tasks),
             "gaps_skipped": sum(t.gaps_skipped for t in self.tasks),
+            "bars_reaggregated": sum(t.bars_reaggregated for t in self.tasks),
+            "bars_withdrawn": sum(t.bars_withdrawn for t in self.tasks),
         }
         for outcome in ("ok", "continue", "transient", "hard", "lease_lost"):
             out[outcome] = sum(1 for t in self.tasks if t.outcome == outcome)
@@ -314,6 +322,7 @@ class _Claimer:
         started = time.monotonic()
         progress = {t.symbol: _Progress(t) for t in tasks}
         pending = list(tasks)
+        first = True
         try:
             with self.connect() as conn:
                 self.active = conn
@@ -323,6 +332,13 @@ class _Claimer:
                         conn.execute(
                             query("worker_clear_rerun"), self.params(symbols=symbols, timeframe=timeframe)
                         )
+                        if first:
+                            # Late data first: rewrite the windows invalidated behind the cursors,
+                            # committed with the first catch-up call (migration 0004).
+                            fixed = conn.execute(
+                                query("worker_reaggregate_many"),
+                                self.params(timeframe=timeframe, symbols=symbols),
+                            ).fetchall()
                         rows = conn.execute(
                             query("worker_catchup_many"),
                             self.params(
@@ -366,6 +382,10 @@ class _Claimer:
                     # committed: bars and cursors together
                     for symbol, call in calls.items():
                         progress[symbol].add(call)
+                    if first:
+                        first = False
+                        for symbol, result in fixed:
+                            progress[symbol].add_reaggregated(result)
                     still = {item["canonical_symbol"] for item in continuing}
                     for t in pending:
                         if t.symbol not in still:
@@ -443,6 +463,7 @@ class _Progress:
         self.cursor_before = task.cursor
         self.cursor = task.cursor
         self.totals = dict.fromkeys(STAT_KEYS, 0)
+        self.reaggregated = dict.fromkeys(REAGGREGATE_KEYS, 0)
         self.outcome = "continue"
         self.error: str | None = None
 
@@ -450,6 +471,10 @@ class _Progress:
         self.cursor = call.cursor
         for k in STAT_KEYS:
             self.totals[k] += call.stats[k]
+
+    def add_reaggregated(self, result: dict[str, Any]) -> None:
+        for k in REAGGREGATE_KEYS:
+            self.reaggregated[k] += int(result.get(k) or 0)
 
     def result(self, seconds: float) -> TaskResult:
         return TaskResult(
@@ -465,6 +490,8 @@ class _Progress:
             seconds=seconds,
             outcome=self.outcome,
             error=self.error,
+            bars_reaggregated=self.reaggregated["bars_reaggregated"],
+            bars_withdrawn=self.reaggregated["bars_withdrawn"],
         )
 
     def merged(self, later: TaskResult, seconds: float) -> TaskResult:
@@ -477,6 +504,8 @@ class _Progress:
             bars_quality_poor=mine.bars_quality_poor + later.bars_quality_poor,
             bars_skipped=mine.bars_skipped + later.bars_skipped,
             gaps_skipped=mine.gaps_skipped + later.gaps_skipped,
+            bars_reaggregated=mine.bars_reaggregated + later.bars_reaggregated,
+            bars_withdrawn=mine.bars_withdrawn + later.bars_withdrawn,
             cursor_before=self.cursor_before,
             seconds=seconds + later.seconds,
         )
