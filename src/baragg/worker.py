@@ -291,7 +291,10 @@ class _Claimer:
         if result.outcome not in ("ok", "continue"):
             level = logging.WARNING
         else:
-            level = logging.INFO if result.windows or result.gaps_skipped else logging.DEBUG
+            worked = (
+                result.windows or result.gaps_skipped or result.bars_reaggregated or result.bars_withdrawn
+            )
+            level = logging.INFO if worked else logging.DEBUG
         if log.isEnabledFor(level):
             log.log(level, _describe(result), extra=result.log_fields())
         if self.on_task is not None:
