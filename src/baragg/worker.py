@@ -286,7 +286,15 @@ class _Claimer:
         return results
 
     def report(self, result: TaskResult) -> None:
-        level = logging.INFO if result.outcome in ("ok", "continue") else logging.WARNING
+        # A run that found nothing to do (a task polled at its frontier) is logged at DEBUG, so that a
+        # daemon's log shows work and failures, not thousands of empty polls.
+        if result.outcome not in ("ok", "continue"):
+            level = logging.WARNING
+        else:
+            worked = (
+                result.windows or result.gaps_skipped or result.bars_reaggregated or result.bars_withdrawn
+            )
+            level = logging.INFO if worked else logging.DEBUG
         if log.isEnabledFor(level):
             log.log(level, _describe(result), extra=result.log_fields())
         if self.on_task is not None:
