@@ -213,9 +213,19 @@ class _Claimer:
         return {"worker_id": self.worker_id, "now": self.settings.now, **extra}
 
     # -- registry ------------------------------------------------------------------------------
-    def sync(self) -> dict[str, Any]:
-        with self.connect() as conn:
-            row = conn.execute(query("worker_sync"), self.params(env=self.settings.env)).fetchone()
+    def sync(self, attempts: int = 3) -> dict[str, Any]:
+        """Create/enable/disable tasks from the registry; a transient error (e.g. a deadlock with a
+        finishing worker) is retried."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.connect() as conn:
+                    row = conn.execute(query("worker_sync"), self.params(env=self.settings.env)).fetchone()
+                break
+            except psycopg.Error as exc:
+                if attempt == attempts or classify(exc) != "transient":
+                    raise
+                log.warning("registry sync failed (%s); retrying", _error_text(exc))
+                time.sleep(0.1 * attempt)
         changes: dict[str, Any] = row[0] if row else {}
         changed = {k: len(v) for k, v in changes.items() if isinstance(v, list) and v}
         if changed:
@@ -276,7 +286,15 @@ class _Claimer:
         return results
 
     def report(self, result: TaskResult) -> None:
-        level = logging.INFO if result.outcome in ("ok", "continue") else logging.WARNING
+        # A run that found nothing to do (a task polled at its frontier) is logged at DEBUG, so that a
+        # daemon's log shows work and failures, not thousands of empty polls.
+        if result.outcome not in ("ok", "continue"):
+            level = logging.WARNING
+        else:
+            worked = (
+                result.windows or result.gaps_skipped or result.bars_reaggregated or result.bars_withdrawn
+            )
+            level = logging.INFO if worked else logging.DEBUG
         if log.isEnabledFor(level):
             log.log(level, _describe(result), extra=result.log_fields())
         if self.on_task is not None:
@@ -642,7 +660,7 @@ class Worker:
     claiming; the task in hand is finished (its current call completes, then the cursor is stored
     and the task released as due), waiting at most ``shutdown_timeout`` seconds before cancelling
     the statement in flight (a cancelled statement is a transient failure, recorded). Nothing is
-    left running. A second signal exits at once.
+    left running. A second signal exits at once. ``on_task`` is called from the worker threads.
     """
 
     def __init__(
