@@ -447,9 +447,15 @@ BEGIN
                                            false, v_scan_rows - 1) se ON p_max_windows IS NOT NULL
     ),
     windows AS (
-        SELECT b.sym, w.*, row_number() OVER (PARTITION BY b.sym ORDER BY w.ts_utc) AS rn
+        -- Numbered per task inside the LATERAL: the windows come out of the per-symbol GroupAggregate
+        -- already in time order, so no sort is needed (a row_number over the whole call sorted every
+        -- window of every task at once: an on-disk sort beyond work_mem with 100 symbols per call).
+        SELECT b.sym, w.*
         FROM bounded b
-        CROSS JOIN LATERAL _agg_window_bars(p_to_tf, b.sym, b.s0, b.scan_end, b.is_sparse) w
+        CROSS JOIN LATERAL (
+            SELECT x.*, row_number() OVER (ORDER BY x.ts_utc) AS rn
+            FROM _agg_window_bars(p_to_tf, b.sym, b.s0, b.scan_end, b.is_sparse) x
+        ) w
         WHERE b.scan_end > b.s0
     ),
     handled AS (
