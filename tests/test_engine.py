@@ -405,3 +405,36 @@ def test_catchup_tasks_handles_many_symbols_in_one_call(conn: psycopg.Connection
     assert all(r[1]["windows_processed"] == (1 if i % 3 == 0 else 2) for i, r in enumerate(rows))
     # Each symbol has one full window; the second window (1 or 2 bars) is handled but not stored.
     assert conn.execute("SELECT count(*) FROM derived_data_bars").fetchone() == (20,)
+
+
+def test_recompute_windows_upserts_and_soft_deletes(conn: psycopg.Connection) -> None:
+    add_asset(conn)
+    add_minutes(conn, FRI, 10)
+    catch_up(conn, "5m", FRI, FRI + timedelta(hours=1))
+    # A correction in the first window, and the second loses three of its five minutes.
+    conn.execute("UPDATE data_bars SET high = 50 WHERE ts_utc = %s", (FRI + timedelta(minutes=2),))
+    conn.execute("DELETE FROM data_bars WHERE ts_utc >= %s", (FRI + timedelta(minutes=7),))
+    (result,) = conn.execute(
+        "SELECT agg_recompute_windows('EURUSD', '5m', %s::timestamptz[])",
+        ([FRI, FRI + timedelta(minutes=5), FRI + timedelta(minutes=20)],),
+    ).fetchone()
+    assert result == {
+        "success": True,
+        "windows": 3,
+        "bars_written": 1,
+        "bars_deleted": 1,
+        "bars_quality_poor": 0,
+    }
+    rows = conn.execute(
+        "SELECT ts_utc, high, deleted_at IS NOT NULL FROM derived_data_bars ORDER BY ts_utc, deleted_at"
+    ).fetchall()
+    assert rows == [(FRI, 50.0, False), (FRI + timedelta(minutes=5), 10.0, True)]
+
+
+def test_catchup_tasks_refuses_repeated_symbols(conn: psycopg.Connection) -> None:
+    add_asset(conn)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="distinct"):
+        conn.execute(
+            "SELECT * FROM agg_catchup_tasks('5m', ARRAY['EURUSD', 'EURUSD'], ARRAY[%s, %s]::timestamptz[])",
+            (FRI, FRI),
+        )

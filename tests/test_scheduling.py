@@ -9,6 +9,8 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
 from scheduling_helpers import T0, add_assets, sql1, task
@@ -253,6 +255,31 @@ def test_progress_of_a_source_task_wakes_its_dependents(one) -> None:
     )
     assert task(conn, "EURUSD", "1h")["next_run_at"] == later
 
+    # A dependent whose next window is not final yet is not woken: it is scheduled for that moment.
+    hour_cursor = later - timedelta(minutes=30)  # window [later-30m, later+30m): final at later+31m
+    conn.execute(
+        "UPDATE data_agg_state SET last_agg_bar_ts_utc = %s, next_run_at = %s WHERE timeframe = '1h'",
+        (hour_cursor, later + timedelta(minutes=31)),
+    )
+    start(conn, "EURUSD", "5m", now=later)
+    finish(
+        conn,
+        "EURUSD",
+        "5m",
+        True,
+        cursor=T0 + timedelta(minutes=10),
+        stats={"windows_processed": 1},
+        now=later,
+    )
+    assert task(conn, "EURUSD", "1h")["next_run_at"] == later + timedelta(minutes=31)
+    conn.execute(
+        "UPDATE data_agg_state SET last_agg_bar_ts_utc = NULL, next_run_at = NULL WHERE timeframe = '1h'"
+    )
+    conn.execute(
+        "UPDATE data_agg_state SET last_agg_bar_ts_utc = %s WHERE timeframe = '5m'",
+        (T0 + timedelta(minutes=5),),
+    )
+
     # A dependent running while its source advances runs again right after it finishes.
     start(conn, "EURUSD", "1h", "w9", now=later)
     start(conn, "EURUSD", "5m", now=later + MIN)
@@ -468,3 +495,124 @@ def test_sync_corrects_the_source_of_seed_tasks(conn) -> None:
     assert out["corrected"] == ["AAA 1h"] and out["created"] == ["AAA 5m"]
     t = task(conn, "AAA", "1h")
     assert (t["source_timeframe"], t["is_mandatory"], t["last_agg_bar_ts_utc"]) == ("5m", True, T0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The task life cycle against a plain model (hypothesis): any sequence of claims, successes,
+# failures and clock moves by several workers.
+# ---------------------------------------------------------------------------------------------
+LEASE = timedelta(seconds=300)
+BACKOFF = {1: timedelta(minutes=5), 2: timedelta(minutes=15)}
+
+
+class TaskModel:
+    """DESIGN.md 6 for one 5m task (delay 30 s), written as plainly as possible."""
+
+    def __init__(self, mandatory: bool) -> None:
+        self.mandatory = mandatory
+        self.status, self.streak, self.owner = "idle", 0, None
+        self.lease_end = self.next_run = self.cursor = None
+
+    def due(self, now) -> bool:
+        if self.next_run is not None and self.next_run > now:
+            return False
+        return self.status in ("idle", "hard_failed") or (self.status == "running" and self.lease_end <= now)
+
+    def claim(self, worker: str, now) -> bool:
+        if not self.due(now):
+            return False
+        self.status, self.owner, self.lease_end = "running", worker, now + LEASE
+        return True
+
+    def succeed(self, worker: str, now, cursor, backlog: bool) -> bool:
+        if self.status != "running" or self.owner != worker:
+            return False
+        self.status, self.streak, self.owner, self.lease_end, self.cursor = "idle", 0, None, None, cursor
+        final = cursor + timedelta(minutes=5, seconds=30)
+        self.next_run = now if backlog else (final if final > now else now + timedelta(minutes=1))
+        return True
+
+    def fail(self, worker: str, now, kind: str) -> bool:
+        if self.status != "running" or self.owner != worker:
+            return False
+        self.owner = self.lease_end = None
+        if kind == "transient":
+            self.status = "hard_failed" if self.streak >= 3 and self.mandatory else "idle"
+            self.next_run = now + timedelta(minutes=1)
+            return True
+        self.streak += 1
+        if self.streak >= 3:
+            self.status = "hard_failed" if self.mandatory else "disabled"
+            self.next_run = now + timedelta(hours=1) if self.mandatory else None
+        else:
+            self.status, self.next_run = "idle", now + BACKOFF[self.streak]
+        return True
+
+
+# One step: move the clock, a worker tries to claim, then that worker (or, sometimes, the other
+# one) succeeds, fails or does nothing (it died: its lease will expire).
+steps = st.lists(
+    st.tuples(
+        # seconds to move the clock, or "due": to the moment the model says the task is due
+        st.sampled_from(["due", "due", "due", 0, 30, 61, 299, 300, 301, 900, 3600]),
+        st.sampled_from(["w1", "w2"]),
+        st.sampled_from(["ok", "ok-backlog", "transient", "hard", "hard", "hard", "die"]),
+        st.sampled_from(["same", "same", "same", "other"]),
+        st.integers(0, 50),
+    ),
+    max_size=15,
+)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(mandatory=st.booleans(), steps=steps)
+def test_task_life_cycle_matches_the_model(conn, mandatory: bool, steps: list[tuple]) -> None:
+    conn.execute("DELETE FROM data_agg_state")
+    conn.execute(
+        "INSERT INTO data_agg_state (canonical_symbol, timeframe, source_timeframe, is_mandatory,"
+        " run_interval_minutes, aggregation_delay_seconds) VALUES ('M', '5m', '1m', %s, 5, 30)",
+        (mandatory,),
+    )
+    model, now = TaskModel(mandatory), NOW
+    for wait, claimer, action, who, n in steps:
+        if wait == "due":
+            ends = [t for t in (model.next_run, model.lease_end) if t is not None and t > now]
+            now = max(ends) if ends else now
+        else:
+            now = now + timedelta(seconds=wait)
+        assert start(conn, "M", "5m", claimer, now=now)["claimed"] == model.claim(claimer, now), (
+            claimer,
+            now,
+        )
+        worker = claimer if who == "same" else ({"w1": "w2", "w2": "w1"}[claimer])
+        if action in ("ok", "ok-backlog"):
+            cursor = T0 + timedelta(minutes=5 * n)
+            backlog = action == "ok-backlog"
+            expected = model.succeed(worker, now, cursor, backlog)
+            got = finish(
+                conn, "M", "5m", True, cursor=cursor, stats={"continue": backlog}, now=now, worker=worker
+            )
+            assert got["changed"] == expected
+        elif action in ("transient", "hard"):
+            expected = model.fail(worker, now, action)
+            got = finish(conn, "M", "5m", False, kind=action, error="x", now=now, worker=worker)
+            assert got["changed"] == expected
+        t = task(conn, "M", "5m")
+        assert (
+            t["status"],
+            t["hard_fail_streak"],
+            t["lease_owner"],
+            t["next_run_at"],
+            t["last_agg_bar_ts_utc"],
+        ) == (
+            model.status,
+            model.streak,
+            model.owner,
+            model.next_run,
+            model.cursor,
+        ), (wait, claimer, action, who, now)
+        assert (t["lease_expires_at"] is not None) == (t["status"] == "running")

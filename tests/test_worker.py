@@ -6,13 +6,14 @@ import json
 import logging
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 import psycopg
 import pytest
 
-from baragg import worker
+from baragg import migrate, worker
 from baragg.db import Database
 from baragg.logs import JsonFormatter
 from scheduling_helpers import T0, add_assets, add_minutes, sql1, task
@@ -212,14 +213,15 @@ def test_a_serialization_failure_is_transient(db: Database, conn) -> None:
     assert t["next_run_at"] == now + timedelta(minutes=1) and "could not serialize" in t["last_error"]
 
 
-def test_a_lost_lease_writes_nothing(db: Database, conn) -> None:
-    """While the worker aggregates, another claimer takes the task: the worker's bars roll back."""
-    prepare(conn, ["AAA"], days=1)
+def test_a_lost_lease_writes_nothing_and_costs_only_its_own_task(db: Database, conn) -> None:
+    """While the worker aggregates, another claimer takes one task: that task's bars roll back, the
+    batch is retried task by task, and the other task is stored."""
+    prepare(conn, ["AAA", "BBB"], days=1)
     conn.execute(
         """
         CREATE FUNCTION test_steal() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            UPDATE data_agg_state SET lease_owner = 'thief' WHERE timeframe = '5m';
+            UPDATE data_agg_state SET lease_owner = 'thief' WHERE canonical_symbol = 'BBB' AND timeframe = '5m';
             RETURN NULL;
         END $$;
         CREATE TRIGGER test_steal AFTER INSERT ON derived_data_bars FOR EACH STATEMENT
@@ -227,11 +229,16 @@ def test_a_lost_lease_writes_nothing(db: Database, conn) -> None:
         """
     )
     summary = worker.run_once(db, now=T0 + timedelta(days=2), timeframes=["5m"])
-    assert [(r.outcome, r.bars_created) for r in summary.tasks] == [("lease_lost", 0)]
-    assert "not held by" in summary.tasks[0].error
-    assert sql1(conn, "SELECT count(*) FROM derived_data_bars") == 0
-    t = task(conn, "AAA", "5m")
-    assert (t["last_agg_bar_ts_utc"], t["total_bars_created"]) == (None, 0)
+    results = {r.symbol: r for r in summary.tasks}
+    assert (results["AAA"].outcome, results["AAA"].bars_created) == ("ok", 288)
+    assert (results["BBB"].outcome, results["BBB"].bars_created) == ("lease_lost", 0)
+    assert "not held by" in results["BBB"].error
+    counts = dict(
+        conn.execute("SELECT canonical_symbol, count(*) FROM derived_data_bars GROUP BY 1").fetchall()
+    )
+    assert counts == {"AAA": 288}
+    t = task(conn, "BBB", "5m")
+    assert (t["last_agg_bar_ts_utc"], t["total_bars_created"], t["lease_owner"]) == (None, 0, "thief")
 
 
 @pytest.mark.parametrize(
@@ -325,3 +332,87 @@ def test_worker_daemon_runs_due_tasks_and_stops_cleanly(db: Database, conn) -> N
         conn, "SELECT count(*) FROM derived_data_bars"
     )
     assert {r.outcome for r in seen} <= {"ok", "continue"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the seed's production database, upgraded
+# ---------------------------------------------------------------------------------------------
+def test_run_once_on_an_upgraded_seed_database(empty_db: Database) -> None:
+    with empty_db.connect(autocommit=True) as conn:
+        conn.execute((Path(__file__).parent / "fixtures" / "seed_production.sql").read_text())
+    migrate.upgrade(empty_db)
+    summary = worker.run_once(empty_db, now=datetime(2026, 1, 13, 12, 5, tzinfo=UTC))
+    assert summary.totals["hard"] == summary.totals["transient"] == 0
+    with empty_db.connect(autocommit=True) as conn:
+        assert conn.execute("SELECT DISTINCT status FROM data_agg_state").fetchall() == [("idle",)]
+        noon = datetime(2026, 1, 13, 12, 0, tzinfo=UTC)
+        eur = task(conn, "EURUSD", "5m")
+        assert eur["last_agg_bar_ts_utc"] == noon and eur["total_bars_created"] == 2 + 22
+        # The seed's cursor (10:10) is respected: the two bars before it are not rewritten.
+        assert (
+            sql1(
+                conn,
+                "SELECT count(*) FROM derived_data_bars WHERE canonical_symbol = 'EURUSD' AND timeframe = '5m'"
+                " AND deleted_at IS NULL AND updated_at = '2026-01-13 10:06+00'",
+            )
+            == 1
+        )
+        # USDJPY 5m was left 'running' by the seed's worker, without a lease: rescued.
+        jpy = task(conn, "USDJPY", "5m")
+        assert jpy["total_rescues"] == 1 and jpy["last_agg_bar_ts_utc"] == noon
+        # DXY 5m had no cursor: bootstrapped from its data.
+        assert task(conn, "DXY", "5m")["total_bars_created"] == 12
+        assert task(conn, "DXY", "1h")["total_bars_created"] == 1
+        assert task(conn, "XAUUSD", "5m")["status"] == "idle"  # created by the sync
+
+
+def test_worker_daemon_wakes_when_a_task_becomes_due_before_the_interval_ends(db: Database, conn) -> None:
+    add_assets(conn, ["AAA"])
+    conn.execute("SELECT sync_agg_state_from_registry('prod')")
+    conn.execute("UPDATE data_agg_state SET next_run_at = now() + interval '1 day' WHERE timeframe = '1h'")
+    conn.execute(
+        "UPDATE data_agg_state SET next_run_at = now() + interval '2 seconds' WHERE timeframe = '5m'"
+    )
+    daemon = worker.Worker(db, interval=600)
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and task(conn, "AAA", "5m")["total_runs"] == 0:
+            time.sleep(0.1)
+        assert task(conn, "AAA", "5m")["total_runs"] == 1, "not woken by next_run_at"
+    finally:
+        daemon.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_worker_daemon_cancels_a_statement_that_outlasts_the_shutdown_timeout(db: Database, conn) -> None:
+    prepare(conn, ["AAA"], days=1)
+    conn.execute(
+        """
+        CREATE FUNCTION test_hang() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$;
+        CREATE TRIGGER test_hang AFTER INSERT ON derived_data_bars FOR EACH STATEMENT
+        EXECUTE FUNCTION test_hang();
+        """
+    )
+    daemon = worker.Worker(db, interval=0.2, shutdown_timeout=0.5)
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not sql1(
+            conn,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%%agg_catchup_tasks%%' AND pid <> pg_backend_pid()",
+        ):
+            time.sleep(0.05)
+        daemon.stop()
+        thread.join(30)
+    finally:
+        daemon.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+    t = task(conn, "AAA", "5m")
+    assert (t["status"], t["total_transient_failures"], t["total_bars_created"]) == ("idle", 1, 0)
+    assert "canceling statement" in t["last_error"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from datetime import timedelta
 
@@ -26,11 +27,19 @@ STATE = (
 )
 
 
-def wait_for(conn: psycopg.Connection, sql: str, *params: object, timeout: float = 60) -> None:
+def wait_for(
+    conn: psycopg.Connection,
+    sql: str,
+    *params: object,
+    proc: subprocess.Popen | None = None,
+    timeout: float = 60,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if sql1(conn, sql, *params):
             return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for: {sql}")
 
@@ -104,6 +113,8 @@ def test_a_killed_worker_task_is_rescued_after_its_lease_and_the_result_equals_a
         iso(now),
         "--lease-seconds",
         "60",
+        "--time-budget",
+        "30",
         "--max-windows",
         "40",
         url=db.url,
@@ -116,6 +127,7 @@ def test_a_killed_worker_task_is_rescued_after_its_lease_and_the_result_equals_a
             "SELECT status = 'running' AND last_agg_bar_ts_utc > %s FROM data_agg_state"
             " WHERE canonical_symbol = 'AAA' AND timeframe = '5m'",
             T0 + timedelta(hours=4),
+            proc=victim,
         )
         victim.send_signal(signal.SIGKILL)
     finally:
@@ -173,6 +185,7 @@ def test_a_signal_stops_the_daemon_cleanly(db: Database, conn, sig: signal.Signa
         wait_for(
             conn,
             "SELECT count(*) > 0 FROM data_agg_state WHERE status = 'running' AND last_agg_bar_ts_utc IS NOT NULL",
+            proc=daemon,
         )
         daemon.send_signal(sig)
         _, stderr = daemon.communicate(timeout=60)
@@ -226,3 +239,14 @@ def test_now_without_offset_is_utc_and_distort_env_selects_the_environment(db: D
     }
     # 00:30 UTC: the windows up to 00:25 are final (30 s delay), so 5 bars exist.
     assert sql1(conn, "SELECT count(*) FROM derived_data_bars WHERE timeframe = '5m'") == 5
+
+
+def test_run_on_a_database_without_the_schema_says_to_upgrade(empty_db: Database) -> None:
+    result = run_cli("run", "--once", url=empty_db.url)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "baragg db upgrade" in result.stderr
+
+
+def test_a_time_budget_longer_than_the_lease_is_refused(db: Database) -> None:
+    result = run_cli("run", "--once", "--lease-seconds", "30", "--time-budget", "60", url=db.url)
+    assert result.returncode == 2 and "must be shorter than --lease-seconds" in result.stderr

@@ -125,13 +125,23 @@ def _install_stop_signals(stop: threading.Event) -> None:
         signal.signal(sig, handler)
 
 
+def _check_budget(args: argparse.Namespace) -> None:
+    if args.time_budget >= args.lease_seconds:
+        raise InvalidInput(
+            f"--time-budget ({args.time_budget:g}s) must be shorter than --lease-seconds ({args.lease_seconds}s): "
+            "a claim renews its lease only while it works"
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from baragg import worker
 
+    _check_budget(args)
     if not args.once:
         raise InvalidInput("baragg run: only --once is supported (use `baragg worker` for a daemon)")
     _setup_worker_logging(args)
     db = database(args)
+    worker.check_schema(db)
     stop = threading.Event()
     _install_stop_signals(stop)
     summary = worker.run_once(
@@ -161,9 +171,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from baragg import worker
 
+    _check_budget(args)
     _setup_worker_logging(args)
+    db = database(args)
+    worker.check_schema(db)
+    observed = args.metrics_port is not None  # observability: metrics, health (and pages) on a port
+    if args.serve and not observed:
+        raise InvalidInput("baragg worker: --serve needs --metrics-port")
+    if observed:
+        from baragg.metrics import record_task_result
     daemon = worker.Worker(
-        database(args),
+        db,
         env=worker.resolve_env(args.env),
         interval=args.interval,
         concurrency=args.concurrency,
@@ -171,19 +189,330 @@ def cmd_worker(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
         max_windows=args.max_windows,
         batch_size=args.batch_size,
+        on_task=record_task_result if observed else None,
     )
-    daemon.run()
+    if not observed:
+        daemon.run()
+        return 0
+    from baragg.web import start_for_worker
+
+    server = start_for_worker(db, daemon, args.metrics_host, args.metrics_port, pages=args.serve)
+    try:
+        daemon.run()
+    finally:
+        server.close()
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # handlers: operator tools (registry, ingest, status, backfill, verify, cleanup, demo)
 # ---------------------------------------------------------------------------------------------
+def _needs_schema(handler: Handler) -> Handler:
+    """Turn "relation/function does not exist" into advice: the database has not been upgraded."""
+
+    def run(args: argparse.Namespace) -> int:
+        import psycopg
+
+        try:
+            return handler(args)
+        except (
+            psycopg.errors.UndefinedTable,
+            psycopg.errors.UndefinedFunction,
+            psycopg.errors.UndefinedColumn,
+        ) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise BaraggError(
+                f"{first}: the database schema is missing or old; run `baragg db upgrade`"
+            ) from exc
+
+    run.__name__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
+def _progress(label: str, unit: str):  # type: ignore[no-untyped-def]
+    """A rich progress bar on stderr when it is a terminal, else None (scripts and logs stay clean)."""
+    if not sys.stderr.isatty():
+        return None
+    from baragg.terminal import progress_bar
+
+    return progress_bar(label, unit)
+
+
+@_needs_schema
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from baragg import ingest
+
+    db = database(args)
+    path = ingest.Path(args.file)
+    unit = "rows" if path.is_file() and ingest.is_parquet(path) else "bytes"
+    bar = _progress(f"ingest {path.name}", unit)
+    with bar if bar is not None else _nullcontext():
+        report = ingest.ingest_file(
+            db,
+            args.file,
+            symbol=args.symbol,
+            reject_file=args.reject_file,
+            source=args.source,
+            on_progress=bar.update if bar is not None else None,
+        )
+    if args.json:
+        print_json(report.as_dict())
+    else:
+        print(
+            f"{report.file}: read {report.read}, inserted {report.inserted}, updated {report.updated}, "
+            f"unchanged {report.unchanged}, rejected {report.rejected}"
+        )
+        if report.rejected and report.reject_file:
+            print(f"rejected rows written to {report.reject_file}")
+        if report.ignored_columns:
+            print(f"ignored columns: {', '.join(report.ignored_columns)}")
+    return 0
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _registry_settings(args: argparse.Namespace) -> dict[str, Any]:
+    from baragg.registry import FIELDS
+
+    return {name: getattr(args, name, None) for name in FIELDS}
+
+
+@_needs_schema
+def cmd_registry_add(args: argparse.Namespace) -> int:
+    from baragg import registry
+
+    change = registry.add(database(args), args.symbol, **_registry_settings(args))
+    print(f"{'added' if change.created else 'updated'} {change.symbol}")
+    return 0
+
+
+@_needs_schema
+def cmd_registry_set(args: argparse.Namespace) -> int:
+    from baragg import registry
+
+    change = registry.set_fields(database(args), args.symbol, **_registry_settings(args))
+    print(f"updated {change.symbol}")
+    return 0
+
+
+@_needs_schema
+def cmd_registry_list(args: argparse.Namespace) -> int:
+    from baragg import registry
+
+    rows = registry.list_assets(database(args))
+    if args.json:
+        print_json(rows)
+        return 0
+    from rich.table import Table
+
+    from baragg.terminal import stdout_console
+
+    table = Table(box=None, header_style="bold")
+    for name in ("symbol", "active", "test", "sparse", "15m", "4h", "1d", "1w", "ticker", "class", "source"):
+        table.add_column(name)
+
+    def flag(value: object) -> str:
+        return {True: "yes", False: "-", None: "?"}.get(value, str(value))  # type: ignore[arg-type]
+
+    for r in rows:
+        table.add_row(
+            r["canonical_symbol"],
+            flag(r["active"]),
+            flag(r["test_active"]),
+            flag(r["is_sparse"]),
+            flag(r["calc_15m"]),
+            flag(r["calc_4h"]),
+            flag(r["calc_1d"]),
+            flag(r["calc_1w"]),
+            r["provider_ticker"] or "",
+            r["asset_class"] or "",
+            r["source"] or "",
+        )
+    stdout_console().print(table)
+    if not rows:
+        print("no symbols registered (add one with: baragg registry add SYMBOL)")
+    return 0
+
+
+@_needs_schema
+def cmd_registry_sync(args: argparse.Namespace) -> int:
+    from baragg import registry
+
+    result = registry.sync(database(args), args.env)
+    if args.json or not isinstance(result, list):
+        print_json(result)
+    else:
+        for row in result:
+            print("  ".join(f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
+@_needs_schema
+def cmd_verify(args: argparse.Namespace) -> int:
+    from baragg import verify
+    from baragg.timeparse import parse_time
+
+    report = verify.verify(
+        database(args),
+        args.symbol,
+        args.timeframe,
+        start=parse_time(args.from_, "--from"),
+        end=parse_time(args.to, "--to"),
+    )
+    if args.json:
+        print_json(report.as_dict())
+        return 0 if report.ok else 1
+
+    def when(moment: Any) -> str:
+        return moment.strftime("%Y-%m-%d %H:%M") if moment else "…"
+
+    for note in report.notes:
+        print(f"note: {note}")
+    print(
+        f"{report.symbol} {report.timeframe} [{when(report.window_from)}, {when(report.window_to)}): "
+        f"{report.checked} bars checked: {report.equal} equal, {len(report.missing)} missing, "
+        f"{len(report.extra)} extra, {len(report.different)} different"
+    )
+    shown = 0
+    for moment in report.missing:
+        if shown < args.limit:
+            print(f"  missing    {when(moment)}")
+        shown += 1
+    for moment in report.extra:
+        if shown < args.limit:
+            print(f"  extra      {when(moment)}")
+        shown += 1
+    for diff in report.different:
+        if shown < args.limit:
+            detail = "; ".join(f"{c} stored {s} expected {e}" for c, (s, e) in diff.columns.items())
+            print(f"  different  {when(diff.ts_utc)}: {detail}")
+        shown += 1
+    if shown > args.limit:
+        print(f"  ... and {shown - args.limit} more (--limit N or --json for all)")
+    return 0 if report.ok else 1
+
+
+@_needs_schema
+def cmd_status(args: argparse.Namespace) -> int:
+    from baragg import status
+    from baragg.timeparse import parse_time
+
+    now = parse_time(args.now, "--now")
+    tasks = status.task_status(database(args), now=now, symbols=args.symbol or None)
+    if args.json:
+        print_json([t.as_dict() for t in tasks])
+    else:
+        from baragg.terminal import stdout_console
+
+        status.render(tasks, console=stdout_console(), now=now)
+    return 0
+
+
+@_needs_schema
+def cmd_reenable(args: argparse.Namespace) -> int:
+    from baragg import status
+
+    if status.reenable(database(args), args.symbol, args.timeframe):
+        print(f"re-enabled {args.symbol} {args.timeframe}: idle, streak 0, due now")
+        return 0
+    raise InvalidInput(f"{args.symbol} {args.timeframe}: no such task, or it is neither disabled nor failed")
+
+
+@_needs_schema
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from baragg import backfill
+    from baragg.timeparse import parse_time
+
+    bar = _progress("backfill", "market time")
+    with bar if bar is not None else _nullcontext():
+        report = backfill.backfill(
+            database(args),
+            env=args.env,
+            symbols=args.symbol or None,
+            timeframes=args.timeframe or None,
+            now=parse_time(args.now, "--now"),
+            jobs=args.jobs,
+            start=parse_time(args.from_, "--from"),
+            on_progress=(lambda done, total, rate: bar.update(done, total, rate))
+            if bar is not None
+            else None,
+        )
+    if args.json:
+        print_json(report.as_dict())
+    else:
+        rate = f", {report.windows / report.seconds:,.0f} windows/s" if report.seconds else ""
+        print(
+            f"backfill: {report.tasks} task(s), {report.task_runs} run(s), {report.windows:,} windows, "
+            f"{report.bars_created:,} bars created ({report.bars_quality_poor:,} poor quality) "
+            f"in {report.seconds:.1f}s{rate}"
+        )
+        for failure in report.failures:
+            print(
+                f"failed: {failure['symbol']} {failure['timeframe']} ({failure['kind']}): {failure['error']}",
+                file=sys.stderr,
+            )
+    return 1 if report.failures else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from baragg import demo
+    from baragg.terminal import stdout_console
+
+    demo.run(
+        stdout_console(),
+        data_dir=Path(args.demo_data_dir) if args.demo_data_dir else None,
+        database_url=args.demo_database_url,
+    )
+    return 0
+
+
+@_needs_schema
+def cmd_cleanup_legacy_derived(args: argparse.Namespace) -> int:
+    from baragg import cleanup
+
+    counts = cleanup.legacy_derived(database(args), timeframe=args.timeframe, dry_run=args.dry_run)
+    total = sum(counts.values())
+    if args.json:
+        print_json({"dry_run": args.dry_run, "timeframe": args.timeframe, "rows": total, "by_symbol": counts})
+        return 0
+    verb = "would soft-delete" if args.dry_run else "soft-deleted"
+    detail = ", ".join(f"{s} {n}" for s, n in counts.items())
+    print(f"{verb} {total} {args.timeframe} row(s) in derived_data_bars" + (f" ({detail})" if detail else ""))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # handlers: observability (serve)
 # ---------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from baragg.web import StatusServer
+    from baragg.web.api import parse_time
+
+    now = parse_time("--now", args.now)  # None without --now: the real clock
+    server = StatusServer(database(args), args.host, args.port, refresh_seconds=args.refresh, now=now)
+    server.bind()
+    print(
+        f"baragg status page on {server.url}/  (metrics {server.url}/metrics; Ctrl-C stops)", file=sys.stderr
+    )
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        # SIGTERM (systemd, Kubernetes, timeout) is a normal stop: unwind, close the port and pool,
+        # and let the embedded database shut down with the process.
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    server.serve_forever()
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,8 +602,8 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
         p.add_argument(
             "--batch-size",
             type=_positive(int),
-            default=env("BARAGG_BATCH_SIZE", "100"),
-            help="tasks claimed per statement (env BARAGG_BATCH_SIZE; default 100)",
+            default=env("BARAGG_BATCH_SIZE", "500"),
+            help="tasks claimed per statement (env BARAGG_BATCH_SIZE; default 500)",
         )
 
     p = commands.add_parser(
@@ -309,16 +638,228 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
         default=env("BARAGG_CONCURRENCY", "1"),
         help="threads, each claiming on its own (env BARAGG_CONCURRENCY; default 1)",
     )
+    # observability: see add_observability_commands / baragg.web
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env("BARAGG_METRICS_PORT"),
+        help="serve /metrics, /healthz and /readyz on this port (env BARAGG_METRICS_PORT; default: off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=env("BARAGG_METRICS_HOST", "127.0.0.1"),
+        help="address for --metrics-port (env BARAGG_METRICS_HOST; default 127.0.0.1, 0.0.0.0 for all)",
+    )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        default=env_flag("BARAGG_SERVE"),
+        help="with --metrics-port, also serve the status page and JSON API there (env BARAGG_SERVE=1)",
+    )
     common(p)
     p.set_defaults(handler=cmd_worker)
 
 
 def add_operator_commands(commands: argparse._SubParsersAction) -> None:
     """registry, ingest, status, backfill, verify, cleanup, demo."""
+    p = commands.add_parser(
+        "ingest",
+        help="load 1m bars from a CSV or Parquet file into data_bars",
+        description="Load 1m bars (columns ts_utc, open, high, low, close, optional vol, vwap, trade_count, "
+        "and canonical_symbol unless --symbol) from CSV or Parquet. Every row is checked; by default a "
+        "file with any bad row stores nothing.",
+    )
+    p.add_argument("file", help="CSV (optionally .gz) or Parquet file")
+    p.add_argument("--symbol", help="every row is this symbol (the file needs no canonical_symbol column)")
+    p.add_argument("--reject-file", metavar="PATH", help="load the good rows; write every bad row here (CSV)")
+    p.add_argument("--source", default="file", help="value for data_bars.source (default: file)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_ingest)
+
+    registry = commands.add_parser("registry", help="the asset registry (which symbols, which timeframes)")
+    reg = registry.add_subparsers(dest="registry_command", metavar="ACTION", parser_class=_Parser)
+    reg.required = True
+    for action, handler, text in (
+        ("add", cmd_registry_add, "add a symbol, or update the given columns of an existing one"),
+        ("set", cmd_registry_set, "change columns of an existing symbol"),
+    ):
+        p = reg.add_parser(action, help=text)
+        p.add_argument("symbol", metavar="SYMBOL")
+        p.add_argument("--provider-ticker", dest="provider_ticker")
+        p.add_argument("--asset-class", dest="asset_class")
+        p.add_argument("--source")
+        p.add_argument("--notes")
+        p.add_argument("--active", dest="active", action="store_const", const=True, help="active in prod")
+        p.add_argument(
+            "--inactive", dest="active", action="store_const", const=False, help="inactive in prod"
+        )
+        p.add_argument("--test-active", dest="test_active", action="store_const", const=True)
+        p.add_argument(
+            "--test-inactive",
+            dest="test_active",
+            action="store_const",
+            const=False,
+            help="inactive in non-prod environments",
+        )
+        p.add_argument(
+            "--sparse",
+            dest="is_sparse",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="store any window with at least one source bar (illiquid assets)",
+        )
+        for tf in ("15m", "4h", "1d", "1w"):
+            p.add_argument(
+                f"--calc-{tf}",
+                dest=f"calc_{tf}",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"aggregate {tf} bars",
+            )
+        p.set_defaults(handler=handler)
+    p = reg.add_parser("list", help="list registered symbols")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_registry_list)
+    p = reg.add_parser("sync", help="create, disable and re-enable tasks from the registry")
+    p.add_argument(
+        "--env",
+        default=os.environ.get("BARAGG_ENV", "prod"),
+        help="environment: prod uses `active`, any other uses `test_active` (env BARAGG_ENV; default prod)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_registry_sync)
+
+    p = commands.add_parser(
+        "verify",
+        help="recompute bars independently (pandas) and report missing, extra and different ones",
+        description="Recompute SYMBOL's TIMEFRAME bars from their source rows with pandas, independently of "
+        "the SQL engine, over the windows the worker has passed (agg_start_utc .. cursor), and compare them "
+        "with the stored bars. Exit 1 when anything differs.",
+    )
+    p.add_argument("symbol", metavar="SYMBOL")
+    p.add_argument("timeframe", metavar="TIMEFRAME", choices=["5m", "15m", "1h", "4h", "1d", "1w"])
+    p.add_argument(
+        "--from", dest="from_", metavar="TIME", help="first window (ISO 8601; UTC unless an offset)"
+    )
+    p.add_argument("--to", metavar="TIME", help="end of the range, exclusive (ISO 8601)")
+    p.add_argument("--limit", type=int, default=20, help="differences to list (default 20)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_verify)
+
+    p = commands.add_parser("status", help="every task: status, cursor, lag, failures, bar counts")
+    p.add_argument("--symbol", action="append", help="only this symbol (repeatable)")
+    p.add_argument("--now", metavar="TIME", help="the clock for lags (ISO 8601; default: now)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_status)
+
+    p = commands.add_parser(
+        "reenable", help="give a hard_failed or disabled task a fresh start (after fixing the cause)"
+    )
+    p.add_argument("symbol", metavar="SYMBOL")
+    p.add_argument("timeframe", metavar="TIMEFRAME", choices=["5m", "15m", "1h", "4h", "1d", "1w"])
+    p.set_defaults(handler=cmd_reenable)
+
+    p = commands.add_parser(
+        "backfill",
+        help="catch every task up as fast as possible, with a progress bar",
+        description="Sync the registry, then run the worker until every (selected) task is at its frontier. "
+        "Several jobs run tasks of different symbols in parallel; claims keep them apart.",
+    )
+    p.add_argument("--symbol", action="append", help="only this symbol (repeatable)")
+    p.add_argument(
+        "--timeframe",
+        action="append",
+        choices=["5m", "15m", "1h", "4h", "1d", "1w"],
+        help="only this timeframe (repeatable)",
+    )
+    p.add_argument(
+        "--env",
+        default=os.environ.get("BARAGG_ENV", "prod"),
+        help="environment (env BARAGG_ENV; default prod)",
+    )
+    p.add_argument("--now", metavar="TIME", help="the clock (ISO 8601; default: now)")
+    p.add_argument(
+        "--from",
+        dest="from_",
+        metavar="TIME",
+        help="first set agg_start_utc of the selected tasks to TIME and restart them from there "
+        "(to aggregate history older than agg_start_utc; stored bars are recomputed)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=int(os.environ.get("BARAGG_BACKFILL_JOBS", "2")),
+        help="worker threads (env BARAGG_BACKFILL_JOBS; default 2)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_backfill)
+
+    p = commands.add_parser(
+        "demo",
+        help="the whole system on a private embedded database, with generated data (seconds)",
+        description="Register symbols, generate three weeks of 1m bars, ingest, run the worker, apply a late "
+        "correction, show the status and sample bars. Uses its own embedded database (never DATABASE_URL).",
+    )
+    p.add_argument(
+        "--data-dir",
+        dest="demo_data_dir",
+        metavar="DIR",
+        help="data directory of the demo's embedded server (default: the user data dir's demo/)",
+    )
+    p.add_argument(
+        "--database-url",
+        dest="demo_database_url",
+        metavar="URL",
+        help="run the demo in this database instead (it adds demo symbols and bars to it)",
+    )
+    p.set_defaults(handler=cmd_demo)
+
+    cleanup = commands.add_parser("cleanup", help="housekeeping")
+    cl = cleanup.add_subparsers(dest="cleanup_command", metavar="ACTION", parser_class=_Parser)
+    cl.required = True
+    p = cl.add_parser(
+        "legacy-derived",
+        help="soft-delete base-timeframe (1m) rows that live in derived_data_bars (the seed's legacy rows)",
+    )
+    p.add_argument("--timeframe", default="1m", choices=["1m"], help="only the base timeframe (default 1m)")
+    p.add_argument("--dry-run", action="store_true", help="count only, change nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_cleanup_legacy_derived)
 
 
 def add_observability_commands(commands: argparse._SubParsersAction) -> None:
     """serve."""
+    p = commands.add_parser(
+        "serve",
+        help="status page, JSON API, /metrics, /healthz and /readyz over HTTP",
+        description="Serve the status page (tasks, lag, candlestick charts), the JSON API behind it "
+        "(docs/api.md), Prometheus metrics at /metrics, and /healthz, /readyz. Everything is served "
+        "by baragg itself; no internet is needed.",
+    )
+    p.add_argument(
+        "--host",
+        default=os.environ.get("BARAGG_HOST", "127.0.0.1"),
+        help="address to listen on (env BARAGG_HOST; default 127.0.0.1, use 0.0.0.0 for all)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("BARAGG_PORT", "8000")),
+        help="port to listen on (env BARAGG_PORT; default 8000, 0 picks a free one)",
+    )
+    p.add_argument(
+        "--refresh",
+        type=float,
+        default=float(os.environ.get("BARAGG_REFRESH_SECONDS", "5")),
+        help="seconds between refreshes of the page (env BARAGG_REFRESH_SECONDS; default 5)",
+    )
+    p.add_argument(
+        "--now",
+        default=os.environ.get("BARAGG_NOW"),
+        help="fix the clock of the page and JSON API, ISO-8601; no offset means UTC, for replays and "
+        "tests (env BARAGG_NOW; default: the real time)",
+    )
+    p.set_defaults(handler=cmd_serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

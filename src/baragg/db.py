@@ -84,7 +84,8 @@ def open_database(
     url = database_url or os.environ.get("DATABASE_URL") or None
     if url:
         return Database(url=url, prepare=prepare)
-    return Database(url=start_embedded(Path(data_dir) if data_dir else default_data_dir()), embedded=True)
+    data_dir = data_dir or os.environ.get("BARAGG_DATA_DIR") or default_data_dir()
+    return Database(url=start_embedded(Path(data_dir)), embedded=True)
 
 
 def start_embedded(data_dir: Path) -> str:

@@ -34,6 +34,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from baragg.db import Database
+from baragg.errors import BaraggError
 from baragg.sql import query
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ REAGGREGATE_KEYS = ("bars_reaggregated", "bars_withdrawn")
 DEFAULT_LEASE_SECONDS = 300
 DEFAULT_TIME_BUDGET = 60.0
 DEFAULT_MAX_WINDOWS = 2000
-DEFAULT_BATCH_SIZE = 100
+DEFAULT_BATCH_SIZE = 500
 # Test hook: seconds to sleep after each committed catch-up call (to kill a worker mid catch-up).
 PAUSE_ENV = "BARAGG_TEST_PAUSE_BETWEEN_CALLS"
 
@@ -212,9 +213,19 @@ class _Claimer:
         return {"worker_id": self.worker_id, "now": self.settings.now, **extra}
 
     # -- registry ------------------------------------------------------------------------------
-    def sync(self) -> dict[str, Any]:
-        with self.connect() as conn:
-            row = conn.execute(query("worker_sync"), self.params(env=self.settings.env)).fetchone()
+    def sync(self, attempts: int = 3) -> dict[str, Any]:
+        """Create/enable/disable tasks from the registry; a transient error (e.g. a deadlock with a
+        finishing worker) is retried."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.connect() as conn:
+                    row = conn.execute(query("worker_sync"), self.params(env=self.settings.env)).fetchone()
+                break
+            except psycopg.Error as exc:
+                if attempt == attempts or classify(exc) != "transient":
+                    raise
+                log.warning("registry sync failed (%s); retrying", _error_text(exc))
+                time.sleep(0.1 * attempt)
         changes: dict[str, Any] = row[0] if row else {}
         changed = {k: len(v) for k, v in changes.items() if isinstance(v, list) and v}
         if changed:
@@ -261,19 +272,31 @@ class _Claimer:
                     },
                 )
         results: list[TaskResult] = []
+        # One time budget for the whole round: the leases of tasks in later groups are not renewed
+        # while they wait, and the budget is shorter than a lease.
+        deadline = time.monotonic() + s.time_budget
         groups = [list(g) for _, g in itertools.groupby(tasks, key=lambda t: t.timeframe)]
         for i, group in enumerate(groups):
             if self.stop.is_set():
                 self.release([t for g in groups[i:] for t in g])
                 break
-            for result in self.catch_up(group):
+            for result in self.catch_up(group, deadline):
                 results.append(result)
                 self.report(result)
         return results
 
     def report(self, result: TaskResult) -> None:
-        level = logging.INFO if result.outcome in ("ok", "continue") else logging.WARNING
-        log.log(level, _describe(result), extra=result.log_fields())
+        # A run that found nothing to do (a task polled at its frontier) is logged at DEBUG, so that a
+        # daemon's log shows work and failures, not thousands of empty polls.
+        if result.outcome not in ("ok", "continue"):
+            level = logging.WARNING
+        else:
+            worked = (
+                result.windows or result.gaps_skipped or result.bars_reaggregated or result.bars_withdrawn
+            )
+            level = logging.INFO if worked else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(level, _describe(result), extra=result.log_fields())
         if self.on_task is not None:
             self.on_task(result)
 
@@ -288,9 +311,9 @@ class _Claimer:
             log.info("released %d claimed task(s) at shutdown", len(tasks), extra={"event": "released"})
 
     # -- catching up -----------------------------------------------------------------------------
-    def catch_up(self, tasks: list[Task]) -> list[TaskResult]:
-        """Catch claimed tasks of one timeframe up: call after call while ``continue``, within the
-        time budget. Each call (one statement for all symbols still behind) commits together with
+    def catch_up(self, tasks: list[Task], deadline: float) -> list[TaskResult]:
+        """Catch claimed tasks of one timeframe up: call after call while ``continue``, until the
+        deadline (monotonic clock; the first call always runs). Each call (one statement for all symbols still behind) commits together with
         the new cursors; the last call of a task finishes it in the same transaction.
 
         If a transaction fails, nothing of it was written; the tasks still behind are then run one
@@ -328,7 +351,7 @@ class _Claimer:
                                 max_windows=s.max_windows,
                             ),
                         ).fetchall()
-                        in_time = not self.stop.is_set() and time.monotonic() - started < s.time_budget
+                        in_time = not self.stop.is_set() and time.monotonic() < deadline
                         finishing, continuing, calls = [], [], {}
                         for symbol, result in rows:
                             if not result.get("success", False):
@@ -396,7 +419,7 @@ class _Claimer:
         for t in tasks:
             p = progress[t.symbol]
             if any(t is q for q in pending):
-                alone = self.catch_up([replace(t, cursor=p.cursor)])[0]
+                alone = self.catch_up([replace(t, cursor=p.cursor)], deadline)[0]
                 results.append(p.merged(alone, seconds / len(tasks)))
             else:
                 results.append(p.result(seconds / len(tasks)))
@@ -513,6 +536,32 @@ def _describe(r: TaskResult) -> str:
 # ---------------------------------------------------------------------------------------------
 # run --once
 # ---------------------------------------------------------------------------------------------
+REQUIRED_FUNCTIONS = (
+    "agg_claim_tasks",
+    "agg_catchup_tasks",
+    "agg_finish_many",
+    "sync_agg_state_from_registry",
+)
+
+
+def check_schema(db: Database) -> None:
+    """Fail with a clear message when the worker's SQL functions are missing (schema not upgraded).
+
+    Checks the functions themselves, not the migrations table: the migrations may have been applied
+    with psql or the Supabase CLI, which record nothing.
+    """
+    with db.connect(autocommit=True) as conn:
+        missing = [
+            name
+            for name in REQUIRED_FUNCTIONS
+            if not conn.execute(query("worker_has_function"), {"name": name}).fetchone()[0]
+        ]
+    if missing:
+        raise BaraggError(
+            f"the database schema is not current (function {missing[0]} is missing): run `baragg db upgrade`"
+        )
+
+
 def run_once(
     db: Database,
     *,
@@ -611,7 +660,7 @@ class Worker:
     claiming; the task in hand is finished (its current call completes, then the cursor is stored
     and the task released as due), waiting at most ``shutdown_timeout`` seconds before cancelling
     the statement in flight (a cancelled statement is a transient failure, recorded). Nothing is
-    left running. A second signal exits at once.
+    left running. A second signal exits at once. ``on_task`` is called from the worker threads.
     """
 
     def __init__(

@@ -59,11 +59,14 @@ SELECT agg_release(%(symbol)s, %(timeframe)s, %(worker_id)s, %(now)s::timestampt
 
 -- name: worker_seconds_to_next_due
 -- How long until some task becomes due (idle/hard_failed: next_run_at; running: its lease end).
-SELECT EXTRACT(epoch FROM min(CASE WHEN status = 'running'
-                                   THEN _agg_lease_end(lease_expires_at, running_started_at_utc)
-                                   ELSE COALESCE(next_run_at, now()) END) - now())::float8
-FROM data_agg_state
-WHERE enabled AND status IN ('idle', 'hard_failed', 'running');
+-- Only tasks a claim can take (their timeframe is on the ladder).
+SELECT EXTRACT(epoch FROM min(CASE WHEN s.status = 'running'
+                                   THEN GREATEST(_agg_lease_end(s.lease_expires_at, s.running_started_at_utc),
+                                                 s.next_run_at)
+                                   ELSE COALESCE(s.next_run_at, now()) END) - now())::float8
+FROM data_agg_state s
+JOIN agg_timeframes t ON t.timeframe = s.timeframe
+WHERE s.enabled AND s.status IN ('idle', 'hard_failed', 'running');
 
 -- name: worker_has_function
 SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = %(name)s AND pronamespace = 'public'::regnamespace);
@@ -98,3 +101,441 @@ FROM data_agg_state s
 LEFT JOIN agg_invalidations i ON i.canonical_symbol = s.canonical_symbol AND i.timeframe = s.timeframe
 GROUP BY s.canonical_symbol, s.timeframe
 ORDER BY s.canonical_symbol, s.timeframe;
+-- ==== operator tools: ingest ====
+
+-- name: ingest_known_symbols
+SELECT canonical_symbol FROM core_asset_registry_all;
+
+-- name: ingest_session_settings
+SELECT set_config('temp_buffers', '256MB', false), set_config('work_mem', '128MB', true);
+
+-- name: ingest_create_stage
+-- One row per file row that has a symbol and a time (bad ones too, with ok = false, so that
+-- duplicate times are found across the whole file). Times arrive as microseconds since the epoch
+-- (cheap to write and parse); ts_utc is computed from them. Dropped with the transaction.
+CREATE TEMP TABLE ingest_stage (
+    line bigint NOT NULL,
+    canonical_symbol text NOT NULL,
+    ts_us bigint NOT NULL,
+    ts_utc timestamptz GENERATED ALWAYS AS (to_timestamp(ts_us / 1e6::double precision)) STORED,
+    open double precision,
+    high double precision,
+    low double precision,
+    close double precision,
+    vol double precision,
+    vwap double precision,
+    trade_count integer,
+    ok boolean NOT NULL
+) ON COMMIT DROP;
+
+-- name: ingest_copy_stage
+COPY ingest_stage (line, canonical_symbol, ts_us, open, high, low, close, vol, vwap, trade_count, ok)
+FROM STDIN WITH (FORMAT csv);
+
+-- name: ingest_duplicates
+-- Good rows whose (symbol, time) appears more than once in the file, with the other lines.
+WITH keyed AS (
+    SELECT line, canonical_symbol, ts_utc, ok,
+           array_agg(line) OVER (PARTITION BY canonical_symbol, ts_utc) AS lines
+    FROM ingest_stage
+    WHERE (canonical_symbol, ts_utc) IN (
+        SELECT canonical_symbol, ts_utc FROM ingest_stage
+        GROUP BY canonical_symbol, ts_utc HAVING count(*) > 1
+    )
+)
+SELECT line, ts_utc, ARRAY(SELECT l FROM unnest(lines) AS l WHERE l <> keyed.line ORDER BY l) AS others
+FROM keyed
+WHERE ok
+ORDER BY line;
+
+-- name: ingest_drop_duplicates
+UPDATE ingest_stage s SET ok = false
+FROM (
+    SELECT canonical_symbol, ts_utc FROM ingest_stage
+    GROUP BY canonical_symbol, ts_utc HAVING count(*) > 1
+) d
+WHERE s.canonical_symbol = d.canonical_symbol AND s.ts_utc = d.ts_utc AND s.ok;
+
+-- name: ingest_upsert
+-- Insert new bars; overwrite an existing bar only when a value differs, so that re-ingesting a file
+-- rewrites nothing (no new row versions, ingested_at and triggers untouched).
+WITH written AS (
+    INSERT INTO data_bars AS d (canonical_symbol, provider_ticker, timeframe, ts_utc, open, high, low, close,
+                                vol, vwap, trade_count, is_partial, source)
+    SELECT s.canonical_symbol, r.provider_ticker, '1m', s.ts_utc, s.open, s.high, s.low, s.close,
+           s.vol, s.vwap, s.trade_count, false, %(source)s
+    FROM ingest_stage s
+    JOIN core_asset_registry_all r USING (canonical_symbol)
+    WHERE s.ok
+    ON CONFLICT (canonical_symbol, timeframe, ts_utc) DO UPDATE
+    SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
+        vol = EXCLUDED.vol, vwap = EXCLUDED.vwap, trade_count = EXCLUDED.trade_count,
+        is_partial = false, source = EXCLUDED.source, ingested_at = now()
+    WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial)
+          IS DISTINCT FROM
+          (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vol, EXCLUDED.vwap,
+           EXCLUDED.trade_count, false)
+    RETURNING (xmax = 0) AS inserted
+)
+SELECT count(*) FILTER (WHERE inserted),
+       count(*) FILTER (WHERE NOT inserted),
+       (SELECT count(*) FROM ingest_stage WHERE ok)
+FROM written;
+
+-- name: ingest_stage_symbols
+SELECT DISTINCT canonical_symbol FROM ingest_stage WHERE ok ORDER BY 1;
+
+-- ==== operator tools: registry ====
+
+-- name: registry_upsert
+-- A NULL parameter means "not given": a new row gets the column default, an existing row keeps its value.
+INSERT INTO core_asset_registry_all AS r (
+    canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
+    calc_15m, calc_4h, calc_1d, calc_1w, notes)
+VALUES (
+    %(symbol)s, %(provider_ticker)s, %(asset_class)s, %(source)s,
+    COALESCE(%(active)s, true), COALESCE(%(test_active)s, true), COALESCE(%(is_sparse)s, false),
+    COALESCE(%(calc_15m)s, false), COALESCE(%(calc_4h)s, false), COALESCE(%(calc_1d)s, false),
+    COALESCE(%(calc_1w)s, false), %(notes)s)
+ON CONFLICT (canonical_symbol) DO UPDATE SET
+    provider_ticker = COALESCE(%(provider_ticker)s, r.provider_ticker),
+    asset_class = COALESCE(%(asset_class)s, r.asset_class),
+    source = COALESCE(%(source)s, r.source),
+    active = COALESCE(%(active)s, r.active),
+    test_active = COALESCE(%(test_active)s, r.test_active),
+    is_sparse = COALESCE(%(is_sparse)s, r.is_sparse),
+    calc_15m = COALESCE(%(calc_15m)s, r.calc_15m),
+    calc_4h = COALESCE(%(calc_4h)s, r.calc_4h),
+    calc_1d = COALESCE(%(calc_1d)s, r.calc_1d),
+    calc_1w = COALESCE(%(calc_1w)s, r.calc_1w),
+    notes = COALESCE(%(notes)s, r.notes),
+    updated_at = now()
+RETURNING (xmax = 0) AS created;
+
+-- name: registry_update
+UPDATE core_asset_registry_all AS r SET
+    provider_ticker = COALESCE(%(provider_ticker)s, r.provider_ticker),
+    asset_class = COALESCE(%(asset_class)s, r.asset_class),
+    source = COALESCE(%(source)s, r.source),
+    active = COALESCE(%(active)s, r.active),
+    test_active = COALESCE(%(test_active)s, r.test_active),
+    is_sparse = COALESCE(%(is_sparse)s, r.is_sparse),
+    calc_15m = COALESCE(%(calc_15m)s, r.calc_15m),
+    calc_4h = COALESCE(%(calc_4h)s, r.calc_4h),
+    calc_1d = COALESCE(%(calc_1d)s, r.calc_1d),
+    calc_1w = COALESCE(%(calc_1w)s, r.calc_1w),
+    notes = COALESCE(%(notes)s, r.notes),
+    updated_at = now()
+WHERE canonical_symbol = %(symbol)s
+RETURNING canonical_symbol;
+
+-- name: registry_list
+SELECT canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
+       calc_15m, calc_4h, calc_1d, calc_1w, notes, created_at, updated_at
+FROM core_asset_registry_all
+ORDER BY canonical_symbol;
+
+-- name: registry_sync_exists
+SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'sync_agg_state_from_registry');
+
+-- name: registry_sync
+SELECT * FROM sync_agg_state_from_registry(%(env)s);
+
+-- ==== operator tools: cleanup ====
+
+-- name: cleanup_legacy_derived_count
+SELECT canonical_symbol, count(*)
+FROM derived_data_bars
+WHERE timeframe = %(timeframe)s AND deleted_at IS NULL
+GROUP BY canonical_symbol
+ORDER BY canonical_symbol;
+
+-- name: cleanup_legacy_derived
+WITH deleted AS (
+    UPDATE derived_data_bars SET deleted_at = now(), updated_at = now()
+    WHERE timeframe = %(timeframe)s AND deleted_at IS NULL
+    RETURNING canonical_symbol
+)
+SELECT canonical_symbol, count(*) FROM deleted GROUP BY canonical_symbol ORDER BY canonical_symbol;
+
+-- ==== operator tools: verify ====
+
+-- name: verify_asset
+SELECT coalesce(is_sparse, false) FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s;
+
+-- name: verify_task
+SELECT agg_start_utc, last_agg_bar_ts_utc
+FROM data_agg_state
+WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s;
+
+-- name: verify_source_base
+-- Raw 1m bars that count as source: not still forming.
+SELECT ts_utc, open, high, low, close, vol, vwap, trade_count
+FROM data_bars
+WHERE canonical_symbol = %(symbol)s AND timeframe = %(source_timeframe)s
+  AND ts_utc >= %(lo)s AND ts_utc < %(hi)s
+  AND NOT coalesce(is_partial, false)
+ORDER BY ts_utc;
+
+-- name: verify_source_derived
+SELECT ts_utc, open, high, low, close, vol, vwap, trade_count
+FROM derived_data_bars
+WHERE canonical_symbol = %(symbol)s AND timeframe = %(source_timeframe)s
+  AND ts_utc >= %(lo)s AND ts_utc < %(hi)s
+  AND deleted_at IS NULL AND NOT coalesce(is_partial, false)
+ORDER BY ts_utc;
+
+-- name: verify_stored
+SELECT ts_utc, open, high, low, close, vol, vwap, trade_count,
+       source_candles, expected_candles, quality_score, source_timeframe
+FROM derived_data_bars
+WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s
+  AND ts_utc >= %(lo)s AND ts_utc < %(hi)s
+  AND deleted_at IS NULL
+ORDER BY ts_utc;
+
+-- ==== operator tools: status ====
+
+-- name: status_ready
+SELECT to_regclass('agg_timeframes') IS NOT NULL
+   AND EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_name = 'data_agg_state' AND column_name = 'lease_owner') AS ready;
+
+-- name: status_tasks
+-- The frontier of a task is the end of the last window its source data covers completely:
+-- the bucket that starts right after the newest source bar ends.
+SELECT s.canonical_symbol, s.timeframe, s.status, s.enabled, s.is_mandatory, s.last_agg_bar_ts_utc,
+       s.next_run_at, s.hard_fail_streak, s.last_error, s.last_successful_at_utc,
+       s.total_bars_created, s.total_bars_quality_poor, s.lease_owner,
+       f.frontier,
+       CASE WHEN s.last_agg_bar_ts_utc IS NOT NULL AND f.frontier IS NOT NULL
+            THEN greatest(0, extract(epoch FROM f.frontier - s.last_agg_bar_ts_utc)) END AS lag_frontier_seconds,
+       CASE WHEN s.last_agg_bar_ts_utc IS NOT NULL
+            THEN greatest(0, extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - s.last_agg_bar_ts_utc))
+       END AS lag_now_seconds
+FROM data_agg_state s
+JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+LEFT JOIN agg_timeframes src ON src.timeframe = tf.source_timeframe
+LEFT JOIN LATERAL (
+    SELECT CASE WHEN tf.source_table = 'data_bars' THEN
+                    (SELECT max(b.ts_utc) FROM data_bars b
+                     WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = tf.source_timeframe)
+                ELSE
+                    (SELECT max(d.ts_utc) FROM derived_data_bars d
+                     WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = tf.source_timeframe
+                       AND d.deleted_at IS NULL)
+           END AS newest
+) n ON true
+LEFT JOIN LATERAL (
+    SELECT date_bin(tf.bucket_interval, n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
+                    tf.bucket_origin) AS frontier
+) f ON true
+WHERE %(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[])
+ORDER BY s.canonical_symbol, tf.duration_rank;
+
+-- name: status_reenable
+SELECT agg_reenable_task(%(symbol)s, %(timeframe)s, COALESCE(%(now)s::timestamptz, now()));
+
+-- ==== operator tools: backfill ====
+
+-- name: backfill_estimate
+-- How much time each selected task still has to cover: from its cursor (or where its bootstrap will
+-- put it) to the frontier of the raw 1m data, which every timeframe reaches after a full catch-up.
+SELECT s.canonical_symbol, s.timeframe, tf.bucket_interval,
+       COALESCE(s.last_agg_bar_ts_utc,
+                date_bin(tf.bucket_interval, greatest(s.agg_start_utc, b.first_bar), tf.bucket_origin)) AS start_at,
+       date_bin(tf.bucket_interval, b.last_bar + interval '1 minute', tf.bucket_origin) AS end_at
+FROM data_agg_state s
+JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+CROSS JOIN LATERAL (
+    SELECT (SELECT min(ts_utc) FROM data_bars d
+            WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = '1m' AND d.ts_utc >= s.agg_start_utc) AS first_bar,
+           (SELECT max(ts_utc) FROM data_bars d
+            WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = '1m') AS last_bar
+) b
+WHERE s.enabled
+  AND (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+ORDER BY s.canonical_symbol, tf.duration_rank;
+
+-- name: backfill_restart_from
+-- Set agg_start_utc of the selected tasks and send their cursors back to be bootstrapped again from
+-- there. Tasks a live worker holds are left alone (and reported by the caller).
+UPDATE data_agg_state s
+SET agg_start_utc = %(start)s, last_agg_bar_ts_utc = NULL, next_run_at = NULL, updated_at = now()
+WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+  AND s.status <> 'running'
+RETURNING s.canonical_symbol, s.timeframe;
+
+-- name: backfill_running
+SELECT s.canonical_symbol || ' ' || s.timeframe
+FROM data_agg_state s
+WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+  AND s.status = 'running'
+ORDER BY 1;
+-- ==== observability ====
+-- The status page, the JSON API and the scrape-time metrics read these. Read-only, autocommit.
+-- The `now` parameter may be NULL (then the server's now()); tests pass a fixed clock.
+
+-- name: obs_tasks
+-- One row per task with its lag. The frontier of a task is the end of the last window that its
+-- source data covers completely: the source's latest bar end, rounded down to the task's bucket
+-- (weeks start on Monday). Lag behind the frontier = frontier - cursor (0 when caught up); lag behind
+-- now = now - end of the window at the cursor (0 while that window is still open).
+WITH clock AS (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS now_utc
+),
+tasks AS (
+    -- The ladder comes from agg_timeframes (migration 0002); raw 1m bars are the base, one minute each.
+    SELECT s.*,
+           coalesce(s.source_timeframe, tf.source_timeframe) AS src_tf,
+           tf.bucket_interval AS tf_interval,
+           tf.bucket_origin AS tf_origin,
+           coalesce(tf.duration_rank, 99) AS tf_order,
+           coalesce(src.bucket_interval, interval '1 minute') AS src_interval
+    FROM data_agg_state s
+    LEFT JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+    LEFT JOIN agg_timeframes src ON src.timeframe = coalesce(s.source_timeframe, tf.source_timeframe)
+),
+probed AS MATERIALIZED (  -- evaluate each probe once per task, not once per use
+    SELECT t.*,
+           CASE WHEN t.src_tf = '1m' THEN (
+               SELECT max(b.ts_utc) FROM data_bars b
+               WHERE b.canonical_symbol = t.canonical_symbol AND b.timeframe = '1m' AND NOT b.is_partial)
+           ELSE (
+               SELECT max(d.ts_utc) FROM derived_data_bars d
+               WHERE d.canonical_symbol = t.canonical_symbol AND d.timeframe = t.src_tf
+                 AND d.deleted_at IS NULL)
+           END AS source_last_ts,
+           (SELECT max(d.ts_utc) FROM derived_data_bars d
+            WHERE d.canonical_symbol = t.canonical_symbol AND d.timeframe = t.timeframe
+              AND d.deleted_at IS NULL) AS last_bar_ts,
+           (SELECT count(*) FROM agg_invalidations i
+            WHERE i.canonical_symbol = t.canonical_symbol AND i.timeframe = t.timeframe) AS invalidations
+    FROM tasks t
+),
+framed AS (
+    SELECT p.*,
+           date_bin(p.tf_interval, p.source_last_ts + p.src_interval, p.tf_origin) AS frontier_utc
+    FROM probed p
+)
+SELECT f.canonical_symbol AS symbol,
+       f.timeframe,
+       f.src_tf AS source_timeframe,
+       f.status,
+       f.enabled,
+       f.is_mandatory AS mandatory,
+       f.task_priority AS priority,
+       f.last_agg_bar_ts_utc AS cursor_utc,
+       f.agg_start_utc,
+       f.frontier_utc,
+       f.source_last_ts AS source_last_bar_utc,
+       f.last_bar_ts AS last_bar_utc,
+       CASE WHEN f.last_agg_bar_ts_utc IS NOT NULL AND f.frontier_utc IS NOT NULL
+            THEN greatest(0, extract(epoch FROM f.frontier_utc - f.last_agg_bar_ts_utc))::float8
+       END AS lag_frontier_seconds,
+       CASE WHEN f.last_agg_bar_ts_utc IS NOT NULL AND f.tf_interval IS NOT NULL
+            THEN greatest(0, extract(epoch FROM c.now_utc - (f.last_agg_bar_ts_utc + f.tf_interval)))::float8
+       END AS lag_now_seconds,
+       f.next_run_at AS next_run_utc,
+       f.hard_fail_streak AS streak,
+       f.last_error,
+       f.last_attempted_at_utc AS last_attempt_utc,
+       f.last_successful_at_utc AS last_success_utc,
+       f.running_started_at_utc AS running_since_utc,
+       f.lease_owner,
+       f.lease_expires_at AS lease_expires_utc,
+       f.last_rescue,
+       f.total_runs,
+       f.total_transient_failures AS transient_failures,
+       f.total_hard_failures AS hard_failures,
+       f.total_bars_created AS bars_created,
+       f.total_bars_quality_poor AS bars_quality_poor,
+       f.invalidations AS invalidations_pending,
+       c.now_utc
+FROM framed f CROSS JOIN clock c
+ORDER BY f.canonical_symbol, f.tf_order, f.timeframe;
+
+-- name: obs_symbols
+SELECT r.canonical_symbol AS symbol,
+       r.asset_class,
+       coalesce(r.active, false) AS active,
+       EXISTS (SELECT 1 FROM data_bars b WHERE b.canonical_symbol = r.canonical_symbol AND b.timeframe = '1m')
+           AS has_1m,
+       coalesce((SELECT array_agg(s.timeframe ORDER BY s.timeframe) FROM data_agg_state s
+                 WHERE s.canonical_symbol = r.canonical_symbol), '{}') AS timeframes
+FROM core_asset_registry_all r
+ORDER BY r.canonical_symbol;
+
+-- name: obs_symbol_exists
+SELECT EXISTS (SELECT 1 FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s);
+
+-- name: obs_bars_derived
+-- The latest `limit` bars in [from, to), returned oldest first as one JSON object of columns, so
+-- a year of 5m bars (~100k) goes from PostgreSQL to the browser without a Python object per value.
+WITH newest AS (
+    SELECT ts_utc, open, high, low, close, vol, quality_score, source_candles, expected_candles
+    FROM derived_data_bars
+    WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s AND deleted_at IS NULL
+      AND ts_utc >= coalesce(%(from)s::timestamptz, '-infinity')
+      AND ts_utc < coalesce(%(to)s::timestamptz, 'infinity')
+    ORDER BY ts_utc DESC
+    LIMIT %(limit)s + 1  -- one more than asked: tells whether older bars exist
+),
+picked AS (
+    SELECT * FROM newest ORDER BY ts_utc DESC LIMIT %(limit)s
+)
+SELECT count(*) AS n,
+       (SELECT count(*) FROM newest) > %(limit)s AS truncated,
+       json_build_object(
+           'ts', coalesce(json_agg(extract(epoch FROM ts_utc)::bigint ORDER BY ts_utc), '[]'),
+           'open', coalesce(json_agg(open ORDER BY ts_utc), '[]'),
+           'high', coalesce(json_agg(high ORDER BY ts_utc), '[]'),
+           'low', coalesce(json_agg(low ORDER BY ts_utc), '[]'),
+           'close', coalesce(json_agg(close ORDER BY ts_utc), '[]'),
+           'vol', coalesce(json_agg(vol ORDER BY ts_utc), '[]'),
+           'quality', coalesce(json_agg(quality_score ORDER BY ts_utc), '[]'),
+           'source_candles', coalesce(json_agg(source_candles ORDER BY ts_utc), '[]'),
+           'expected_candles', coalesce(json_agg(expected_candles ORDER BY ts_utc), '[]')
+       )::text AS columns
+FROM picked;
+
+-- name: obs_bars_1m
+-- Raw 1m bars from data_bars, in the same shape (no quality: they are the source).
+WITH newest AS (
+    SELECT ts_utc, open, high, low, close, vol
+    FROM data_bars
+    WHERE canonical_symbol = %(symbol)s AND timeframe = '1m' AND NOT is_partial
+      AND ts_utc >= coalesce(%(from)s::timestamptz, '-infinity')
+      AND ts_utc < coalesce(%(to)s::timestamptz, 'infinity')
+    ORDER BY ts_utc DESC
+    LIMIT %(limit)s + 1  -- one more than asked: tells whether older bars exist
+),
+picked AS (
+    SELECT * FROM newest ORDER BY ts_utc DESC LIMIT %(limit)s
+)
+SELECT count(*) AS n,
+       (SELECT count(*) FROM newest) > %(limit)s AS truncated,
+       json_build_object(
+           'ts', coalesce(json_agg(extract(epoch FROM ts_utc)::bigint ORDER BY ts_utc), '[]'),
+           'open', coalesce(json_agg(open ORDER BY ts_utc), '[]'),
+           'high', coalesce(json_agg(high ORDER BY ts_utc), '[]'),
+           'low', coalesce(json_agg(low ORDER BY ts_utc), '[]'),
+           'close', coalesce(json_agg(close ORDER BY ts_utc), '[]'),
+           'vol', coalesce(json_agg(vol ORDER BY ts_utc), '[]'),
+           'quality', coalesce(json_agg(NULL::int ORDER BY ts_utc), '[]'),
+           'source_candles', coalesce(json_agg(NULL::int ORDER BY ts_utc), '[]'),
+           'expected_candles', coalesce(json_agg(NULL::int ORDER BY ts_utc), '[]')
+       )::text AS columns
+FROM picked;
+
+-- name: obs_invalidation_log_exists
+-- The invalidation log comes with migration 0004; on an older schema the metrics leave it out.
+SELECT to_regclass('agg_invalidations') IS NOT NULL;
+
+-- name: obs_invalidations_pending
+SELECT count(*) AS pending,
+       extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - min(first_seen_at))::float8 AS oldest_age_seconds
+FROM agg_invalidations;

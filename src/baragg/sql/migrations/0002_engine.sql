@@ -87,6 +87,43 @@ LANGUAGE sql STABLE AS $$
       AND b.deleted_at IS NULL AND NOT b.is_partial
 $$;
 
+-- The first, last and n-th (0-based) source bar time in [p_from, p_to). Each branch is a plain
+-- ordered index scan that stops at the row it wants (through the UNION ALL above, PostgreSQL would
+-- read every row and sort them).
+CREATE OR REPLACE FUNCTION _agg_source_ts(p_source_table text, p_symbol text, p_source_tf text,
+                                          p_from timestamptz, p_to timestamptz, p_last boolean DEFAULT false,
+                                          p_offset integer DEFAULT 0)
+RETURNS timestamptz LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_ts timestamptz;
+BEGIN
+    IF p_source_table = 'data_bars' THEN
+        IF p_last THEN
+            SELECT b.ts_utc INTO v_ts FROM data_bars b
+            WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+              AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
+            ORDER BY b.ts_utc DESC OFFSET p_offset LIMIT 1;
+        ELSE
+            SELECT b.ts_utc INTO v_ts FROM data_bars b
+            WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+              AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
+            ORDER BY b.ts_utc OFFSET p_offset LIMIT 1;
+        END IF;
+    ELSIF p_last THEN
+        SELECT b.ts_utc INTO v_ts FROM derived_data_bars b
+        WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+          AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
+        ORDER BY b.ts_utc DESC OFFSET p_offset LIMIT 1;
+    ELSE
+        SELECT b.ts_utc INTO v_ts FROM derived_data_bars b
+        WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+          AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
+        ORDER BY b.ts_utc OFFSET p_offset LIMIT 1;
+    END IF;
+    RETURN v_ts;
+END
+$$;
+
 -- ---------------------------------------------------------------------------------------------
 -- The aggregation core, shared by the catch-up, the single-window functions and recomputation:
 -- one bar per non-empty bucket of p_to_tf in [p_from, p_to) for one symbol (DESIGN.md 3), with
@@ -199,9 +236,7 @@ DECLARE
     v_agg_start timestamptz := (_agg_task_settings(p_symbol, p_to_tf)).agg_start_utc;
     v_first timestamptz;
 BEGIN
-    SELECT s.ts_utc INTO v_first
-    FROM _agg_source_bars(v_tf.source_table, p_symbol, v_tf.source_timeframe, v_agg_start, 'infinity') s
-    ORDER BY s.ts_utc LIMIT 1;
+    v_first := _agg_source_ts(v_tf.source_table, p_symbol, v_tf.source_timeframe, v_agg_start, 'infinity');
     IF v_first IS NULL THEN
         RETURN date_bin(v_tf.bucket_interval, COALESCE(p_now_utc, now()), v_tf.bucket_origin)
                + v_tf.bucket_interval;
@@ -308,6 +343,9 @@ BEGIN
         RAISE EXCEPTION 'p_symbols and p_cursors differ in length (% vs %)',
             cardinality(p_symbols), cardinality(p_cursors) USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF (SELECT count(DISTINCT x) FROM unnest(p_symbols) x) <> cardinality(p_symbols) THEN
+        RAISE EXCEPTION 'p_symbols must be distinct and not NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF v_derived THEN
         v_sos := _agg_ladder(v_tf.source_timeframe);
     END IF;
@@ -337,11 +375,9 @@ BEGIN
             -- Rule 3: windows ending after the source task's first unprocessed input wait. That
             -- input is the first row of its own source at or after its cursor (NULL cursor: none
             -- processed yet); with none, nothing waits. (max(c_s, r) = r since r >= c_s.)
-            SELECT COALESCE((SELECT b.ts_utc
-                             FROM _agg_source_bars(v_sos.source_table, s.sym, v_sos.source_timeframe,
-                                      COALESCE(src.last_agg_bar_ts_utc, timestamptz '-infinity'),
-                                      timestamptz 'infinity') b
-                             ORDER BY b.ts_utc LIMIT 1),
+            SELECT COALESCE(_agg_source_ts(v_sos.source_table, s.sym, v_sos.source_timeframe,
+                                           COALESCE(src.last_agg_bar_ts_utc, timestamptz '-infinity'),
+                                           timestamptz 'infinity'),
                             timestamptz 'infinity') AS bound
             FROM data_agg_state src
             WHERE v_derived AND src.canonical_symbol = s.sym AND src.timeframe = v_tf.source_timeframe
@@ -355,17 +391,14 @@ BEGIN
     ),
     bounded AS (
         SELECT p.*,
-               (SELECT b.ts_utc
-                FROM _agg_source_bars(v_tf.source_table, p.sym, v_tf.source_timeframe, p.s0,
-                                      timestamptz 'infinity') b
-                ORDER BY b.ts_utc DESC LIMIT 1) AS last_source_ts,
+               _agg_source_ts(v_tf.source_table, p.sym, v_tf.source_timeframe, p.s0,
+                              timestamptz 'infinity', p_last => true) AS last_source_ts,
                -- Where to stop reading: a window holds at most max_source_bars source bars, so the
                -- first p_max_windows * max_source_bars rows span at least p_max_windows windows.
                CASE WHEN p_max_windows IS NULL THEN p.nxt
-                    ELSE COALESCE((SELECT date_bin(v_iv, b.ts_utc, v_origin) + v_iv
-                                   FROM _agg_source_bars(v_tf.source_table, p.sym, v_tf.source_timeframe,
-                                                         p.s0, p.nxt) b
-                                   ORDER BY b.ts_utc OFFSET v_scan_rows - 1 LIMIT 1),
+                    ELSE COALESCE(date_bin(v_iv, _agg_source_ts(v_tf.source_table, p.sym,
+                                                   v_tf.source_timeframe, p.s0, p.nxt,
+                                                   p_offset => v_scan_rows - 1), v_origin) + v_iv,
                                   p.nxt) END AS scan_end
         FROM planned p
     ),
@@ -460,6 +493,71 @@ BEGIN
     SELECT t.result INTO v_result
     FROM agg_catchup_tasks(p_to_tf, ARRAY[p_symbol], ARRAY[p_start_cursor_utc], p_max_windows, p_now_utc,
                            p_derivation_version, p_ignore_confirmation) t;
+    RETURN v_result;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- agg_recompute_windows: rebuild the listed windows of one task from the current source bars
+-- (late or corrected data, DESIGN.md 5). Each window is upserted if its quality allows, otherwise
+-- its active bar (if any) is soft-deleted (deleted_at = now()), never hard-deleted. Same
+-- aggregation core (_agg_window_bars) and the same ON CONFLICT as the catch-up. Does not look at
+-- cursors, finality or agg_start: the caller decides which windows are due.
+-- Result: success, windows, bars_written, bars_deleted, bars_quality_poor.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION agg_recompute_windows(p_symbol text, p_to_tf text, p_window_starts timestamptz[],
+                                                 p_derivation_version integer DEFAULT 1)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_result jsonb;
+BEGIN
+    WITH wanted AS (
+        SELECT DISTINCT date_bin(v_tf.bucket_interval, w.ws, v_tf.bucket_origin) AS ws
+        FROM unnest(p_window_starts) AS w(ws)
+        WHERE w.ws IS NOT NULL
+    ),
+    fresh AS (
+        SELECT b.*
+        FROM wanted x
+        CROSS JOIN LATERAL _agg_window_bars(p_to_tf, p_symbol, x.ws, x.ws + v_tf.bucket_interval) b
+        WHERE b.quality_score IS NOT NULL
+    ),
+    written AS (
+        INSERT INTO derived_data_bars AS d (
+            canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
+            is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
+            quality_score, derivation_version, raw, deleted_at)
+        SELECT p_symbol, p_to_tf, f.ts_utc, f.open, f.high, f.low, f.close, f.vol, f.vwap, f.trade_count,
+               false, 'agg', now(), v_tf.source_timeframe, f.source_candles, f.expected_candles,
+               f.quality_score, p_derivation_version, '{}'::jsonb, NULL
+        FROM fresh f
+        ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
+        DO UPDATE SET
+            open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+            vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
+            is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
+            source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
+            expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
+            derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = now()
+        RETURNING d.quality_score
+    ),
+    removed AS (
+        UPDATE derived_data_bars d
+        SET deleted_at = now(), updated_at = now()
+        FROM wanted x
+        WHERE d.canonical_symbol = p_symbol AND d.timeframe = p_to_tf AND d.ts_utc = x.ws
+          AND d.deleted_at IS NULL
+          AND NOT EXISTS (SELECT 1 FROM fresh f WHERE f.ts_utc = x.ws)
+        RETURNING d.ts_utc
+    )
+    SELECT jsonb_build_object(
+               'success', true,
+               'windows', (SELECT count(*) FROM wanted),
+               'bars_written', (SELECT count(*) FROM written),
+               'bars_deleted', (SELECT count(*) FROM removed),
+               'bars_quality_poor', (SELECT count(*) FROM written w WHERE w.quality_score <= 0))
+    INTO v_result;
     RETURN v_result;
 END
 $$;

@@ -1,0 +1,155 @@
+"""`baragg backfill`: catch every task up as fast as the machine allows, with progress.
+
+It runs the real worker path (``baragg.worker.run_once``: claims, leases, bars and cursor committed
+together), in several threads at once when asked: claims make that safe, and tasks of different
+symbols then run in parallel. Progress is measured in time covered: each task has a span from its
+cursor to the frontier of its symbol's 1m data, and every finished task run moves its part forward
+(its ``cursor_after``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from baragg import registry
+from baragg.db import Database
+from baragg.errors import BaraggError
+from baragg.sql import query
+
+ProgressCallback = Callable[[float, float, str], None]  # (done, total, rate text); seconds of market time
+
+
+@dataclass
+class BackfillReport:
+    tasks: int = 0
+    task_runs: int = 0
+    windows: int = 0
+    bars_created: int = 0
+    bars_quality_poor: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "windows_per_second": self.windows / self.seconds if self.seconds else None}
+
+
+def _estimate(
+    db: Database, symbols: list[str] | None, timeframes: list[str] | None
+) -> dict[tuple[str, str], tuple[datetime | None, float]]:
+    """Per task: (where it starts, seconds of market time it has to cover)."""
+    with db.connect() as conn:
+        rows = conn.execute(
+            query("backfill_estimate"), {"symbols": symbols, "timeframes": timeframes}
+        ).fetchall()
+    out = {}
+    for symbol, timeframe, _interval, start_at, end_at in rows:
+        span = (end_at - start_at).total_seconds() if start_at and end_at else 0.0
+        out[(symbol, timeframe)] = (start_at, max(0.0, span))
+    return out
+
+
+def restart_from(
+    db: Database, start: datetime, *, symbols: list[str] | None = None, timeframes: list[str] | None = None
+) -> int:
+    """Set the tasks' agg_start_utc to ``start`` and reset their cursors, so that the worker
+    bootstraps them again from there: history before the old agg_start_utc gets aggregated, and bars
+    already stored are recomputed (an upsert that changes nothing where the source did not change).
+    Refused while a worker is running one of the tasks."""
+    params = {"start": start, "symbols": symbols, "timeframes": timeframes}
+    with db.connect() as conn:
+        running = [name for (name,) in conn.execute(query("backfill_running"), params)]
+        if running:
+            raise BaraggError(
+                f"cannot restart tasks a worker is running: {', '.join(running)}; try again later"
+            )
+        changed = conn.execute(query("backfill_restart_from"), params).fetchall()
+        conn.commit()
+    return len(changed)
+
+
+def backfill(
+    db: Database,
+    *,
+    env: str = "prod",
+    symbols: list[str] | None = None,
+    timeframes: list[str] | None = None,
+    now: datetime | None = None,
+    jobs: int = 1,
+    start: datetime | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> BackfillReport:
+    """Run the worker until every selected task is at its frontier; returns what was done.
+
+    With ``start``, the selected tasks first restart from there (see ``restart_from``).
+    """
+    try:
+        from baragg import worker
+    except ImportError as exc:  # pragma: no cover - only before the worker is installed
+        raise BaraggError("the worker module is not available in this installation") from exc
+
+    registry.sync(db, env)
+    if start is not None:
+        restart_from(db, start, symbols=symbols, timeframes=timeframes)
+    spans = _estimate(db, symbols, timeframes)
+    total = sum(span for _, span in spans.values()) or 1.0
+    done: dict[tuple[str, str], float] = {key: 0.0 for key in spans}
+    report = BackfillReport(tasks=len(spans))
+    lock = threading.Lock()
+    started = time.monotonic()
+
+    def on_task(result: Any) -> None:
+        key = (result.symbol, result.timeframe)
+        with lock:
+            report.task_runs += 1
+            report.windows += result.windows
+            report.bars_created += result.bars_created
+            report.bars_quality_poor += result.bars_quality_poor
+            if result.outcome in ("transient", "hard"):
+                report.failures.append(
+                    {
+                        "symbol": result.symbol,
+                        "timeframe": result.timeframe,
+                        "kind": result.outcome,
+                        "error": result.error,
+                    }
+                )
+            if key in spans and result.cursor_after is not None:
+                start, span = spans[key]
+                origin = start if start is not None else result.cursor_before
+                if origin is not None:
+                    covered = (result.cursor_after - origin) / timedelta(seconds=1)
+                    done[key] = min(span, max(done[key], covered))
+            if on_progress:
+                elapsed = max(time.monotonic() - started, 1e-9)
+                on_progress(sum(done.values()), total, f"{report.windows / elapsed:,.0f} windows/s")
+
+    def run() -> None:
+        worker.run_once(db, env=env, now=now, symbols=symbols, timeframes=timeframes, on_task=on_task)
+
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            run()
+        except BaseException as exc:  # reported after all threads end
+            errors.append(exc)
+
+    if jobs <= 1:
+        run()
+    else:
+        threads = [threading.Thread(target=guarded, name=f"backfill-{i}") for i in range(jobs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+    report.seconds = time.monotonic() - started
+    if on_progress:
+        on_progress(total if not report.failures else sum(done.values()), total, "")
+    return report

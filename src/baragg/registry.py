@@ -1,0 +1,98 @@
+"""The asset registry (core_asset_registry_all): which symbols exist and which timeframes they get.
+
+The worker's ``sync_agg_state_from_registry`` (migration 0003) turns registry rows into tasks; this
+module only edits and lists the rows, and asks the database to sync.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg.rows import dict_row
+
+from baragg.db import Database
+from baragg.errors import BaraggError, InvalidInput
+from baragg.sql import query
+
+# Settable columns, in the order `registry list` shows them.
+FIELDS = (
+    "provider_ticker",
+    "asset_class",
+    "source",
+    "active",
+    "test_active",
+    "is_sparse",
+    "calc_15m",
+    "calc_4h",
+    "calc_1d",
+    "calc_1w",
+    "notes",
+)
+
+_SYMBOL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Change:
+    symbol: str
+    created: bool
+
+
+def check_symbol(symbol: str) -> str:
+    if not _SYMBOL.match(symbol):
+        raise InvalidInput(
+            f"symbol {symbol!r} is not a valid symbol (letters, digits and . _ : / -, at most 64 characters)"
+        )
+    return symbol
+
+
+def _params(symbol: str, settings: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(settings) - set(FIELDS)
+    if unknown:
+        raise InvalidInput(f"unknown registry column(s): {', '.join(sorted(unknown))}")
+    return {"symbol": symbol, **{name: settings.get(name) for name in FIELDS}}
+
+
+def add(db: Database, symbol: str, **settings: Any) -> Change:
+    """Create the symbol, or update the columns given (the others keep their values)."""
+    check_symbol(symbol)
+    with db.connect() as conn:
+        row = conn.execute(query("registry_upsert"), _params(symbol, settings)).fetchone()
+        conn.commit()
+    assert row is not None
+    return Change(symbol, bool(row[0]))
+
+
+def set_fields(db: Database, symbol: str, **settings: Any) -> Change:
+    """Change columns of an existing symbol; an unknown symbol is an error."""
+    if not any(v is not None for v in settings.values()):
+        raise InvalidInput("registry set: nothing to change (give at least one flag, e.g. --calc-4h)")
+    with db.connect() as conn:
+        row = conn.execute(query("registry_update"), _params(symbol, settings)).fetchone()
+        conn.commit()
+    if row is None:
+        raise InvalidInput(f"unknown symbol '{symbol}' (add it with: baragg registry add {symbol})")
+    return Change(symbol, False)
+
+
+def list_assets(db: Database) -> list[dict[str, Any]]:
+    with db.connect() as conn, conn.cursor(row_factory=dict_row) as cur:
+        return list(cur.execute(query("registry_list")))
+
+
+def sync(db: Database, env: str = "prod") -> Any:
+    """Create/disable/re-enable tasks from the registry (the database function does the work)."""
+    with db.connect() as conn:
+        if not conn.execute(query("registry_sync_exists")).fetchone()[0]:  # type: ignore[index]
+            raise BaraggError(
+                "the database has no sync_agg_state_from_registry function: run `baragg db upgrade` first"
+            )
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query("registry_sync"), {"env": env})
+            rows = cur.fetchall() if cur.description else []
+        conn.commit()
+    if len(rows) == 1 and len(rows[0]) == 1:
+        return next(iter(rows[0].values()))
+    return rows
