@@ -312,7 +312,10 @@ SELECT s.canonical_symbol, s.timeframe, s.status, s.enabled, s.is_mandatory, s.l
             THEN greatest(0, extract(epoch FROM f.frontier - s.last_agg_bar_ts_utc)) END AS lag_frontier_seconds,
        CASE WHEN s.last_agg_bar_ts_utc IS NOT NULL
             THEN greatest(0, extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - s.last_agg_bar_ts_utc))
-       END AS lag_now_seconds
+       END AS lag_now_seconds,
+       -- windows behind the cursor waiting to be re-aggregated (late or corrected source data, 0004)
+       (SELECT count(*) FROM agg_invalidations i
+        WHERE i.canonical_symbol = s.canonical_symbol AND i.timeframe = s.timeframe) AS pending_invalidations
 FROM data_agg_state s
 JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
 LEFT JOIN agg_timeframes src ON src.timeframe = tf.source_timeframe
