@@ -71,6 +71,19 @@ WHERE s.enabled AND s.status IN ('idle', 'hard_failed', 'running');
 -- name: worker_has_function
 SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = %(name)s AND pronamespace = 'public'::regnamespace);
 
+-- name: worker_lock_tasks
+-- First statement of every catch-up transaction: lock the batch's task rows (key order) until the
+-- commit of the new cursors. The invalidation triggers (0004, _agg_lock_dependents) lock the same rows
+-- before reading a cursor, so a source row written while this catch-up is in flight is either seen by
+-- it or recorded against the advanced cursor: never lost.
+SELECT count(*) FROM (
+    SELECT 1 FROM data_agg_state
+    WHERE canonical_symbol = ANY (%(symbols)s::text[]) AND timeframe = %(timeframe)s
+      AND lease_owner = %(worker_id)s
+    ORDER BY canonical_symbol
+    FOR NO KEY UPDATE
+) locked;
+
 -- name: worker_clear_rerun
 -- Before each catch-up call: a wake-up from the source task that arrived before this call is
 -- served by it, so it must not schedule another run (one arriving later still does).
