@@ -385,3 +385,34 @@ def test_worker_daemon_wakes_when_a_task_becomes_due_before_the_interval_ends(db
         daemon.stop()
         thread.join(30)
     assert not thread.is_alive()
+
+
+def test_worker_daemon_cancels_a_statement_that_outlasts_the_shutdown_timeout(db: Database, conn) -> None:
+    prepare(conn, ["AAA"], days=1)
+    conn.execute(
+        """
+        CREATE FUNCTION test_hang() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$;
+        CREATE TRIGGER test_hang AFTER INSERT ON derived_data_bars FOR EACH STATEMENT
+        EXECUTE FUNCTION test_hang();
+        """
+    )
+    daemon = worker.Worker(db, interval=0.2, shutdown_timeout=0.5)
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not sql1(
+            conn,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%%agg_catchup_tasks%%' AND pid <> pg_backend_pid()",
+        ):
+            time.sleep(0.05)
+        daemon.stop()
+        thread.join(30)
+    finally:
+        daemon.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+    t = task(conn, "AAA", "5m")
+    assert (t["status"], t["total_transient_failures"], t["total_bars_created"]) == ("idle", 1, 0)
+    assert "canceling statement" in t["last_error"]

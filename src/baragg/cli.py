@@ -175,6 +175,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _setup_worker_logging(args)
     db = database(args)
     worker.check_schema(db)
+    observed = args.metrics_port is not None  # observability: metrics, health (and pages) on a port
+    if args.serve and not observed:
+        raise InvalidInput("baragg worker: --serve needs --metrics-port")
+    if observed:
+        from baragg.metrics import record_task_result
     daemon = worker.Worker(
         db,
         env=worker.resolve_env(args.env),
@@ -184,8 +189,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
         max_windows=args.max_windows,
         batch_size=args.batch_size,
+        on_task=record_task_result if observed else None,
     )
-    daemon.run()
+    if not observed:
+        daemon.run()
+        return 0
+    from baragg.web import start_for_worker
+
+    server = start_for_worker(db, daemon, args.metrics_host, args.metrics_port, pages=args.serve)
+    try:
+        daemon.run()
+    finally:
+        server.close()
     return 0
 
 
@@ -478,6 +493,26 @@ def cmd_cleanup_legacy_derived(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # handlers: observability (serve)
 # ---------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from baragg.web import StatusServer
+    from baragg.web.api import parse_time
+
+    now = parse_time("--now", args.now)  # None without --now: the real clock
+    server = StatusServer(database(args), args.host, args.port, refresh_seconds=args.refresh, now=now)
+    server.bind()
+    print(
+        f"baragg status page on {server.url}/  (metrics {server.url}/metrics; Ctrl-C stops)", file=sys.stderr
+    )
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        # SIGTERM (systemd, Kubernetes, timeout) is a normal stop: unwind, close the port and pool,
+        # and let the embedded database shut down with the process.
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    server.serve_forever()
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,6 +637,24 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
         type=_positive(int),
         default=env("BARAGG_CONCURRENCY", "1"),
         help="threads, each claiming on its own (env BARAGG_CONCURRENCY; default 1)",
+    )
+    # observability: see add_observability_commands / baragg.web
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env("BARAGG_METRICS_PORT"),
+        help="serve /metrics, /healthz and /readyz on this port (env BARAGG_METRICS_PORT; default: off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=env("BARAGG_METRICS_HOST", "127.0.0.1"),
+        help="address for --metrics-port (env BARAGG_METRICS_HOST; default 127.0.0.1, 0.0.0.0 for all)",
+    )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        default=env_flag("BARAGG_SERVE"),
+        help="with --metrics-port, also serve the status page and JSON API there (env BARAGG_SERVE=1)",
     )
     common(p)
     p.set_defaults(handler=cmd_worker)
@@ -776,6 +829,37 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
 
 def add_observability_commands(commands: argparse._SubParsersAction) -> None:
     """serve."""
+    p = commands.add_parser(
+        "serve",
+        help="status page, JSON API, /metrics, /healthz and /readyz over HTTP",
+        description="Serve the status page (tasks, lag, candlestick charts), the JSON API behind it "
+        "(docs/api.md), Prometheus metrics at /metrics, and /healthz, /readyz. Everything is served "
+        "by baragg itself; no internet is needed.",
+    )
+    p.add_argument(
+        "--host",
+        default=os.environ.get("BARAGG_HOST", "127.0.0.1"),
+        help="address to listen on (env BARAGG_HOST; default 127.0.0.1, use 0.0.0.0 for all)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("BARAGG_PORT", "8000")),
+        help="port to listen on (env BARAGG_PORT; default 8000, 0 picks a free one)",
+    )
+    p.add_argument(
+        "--refresh",
+        type=float,
+        default=float(os.environ.get("BARAGG_REFRESH_SECONDS", "5")),
+        help="seconds between refreshes of the page (env BARAGG_REFRESH_SECONDS; default 5)",
+    )
+    p.add_argument(
+        "--now",
+        default=os.environ.get("BARAGG_NOW"),
+        help="fix the clock of the page and JSON API, ISO-8601; no offset means UTC, for replays and "
+        "tests (env BARAGG_NOW; default: the real time)",
+    )
+    p.set_defaults(handler=cmd_serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

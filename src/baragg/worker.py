@@ -40,6 +40,8 @@ from baragg.sql import query
 log = logging.getLogger(__name__)
 
 STAT_KEYS = ("windows_processed", "bars_created", "bars_quality_poor", "bars_skipped", "gaps_skipped")
+# Late data (migration 0004): bars rewritten / soft-deleted because their source rows changed.
+REAGGREGATE_KEYS = ("bars_reaggregated", "bars_withdrawn")
 DEFAULT_LEASE_SECONDS = 300
 DEFAULT_TIME_BUDGET = 60.0
 DEFAULT_MAX_WINDOWS = 2000
@@ -79,6 +81,8 @@ class TaskResult:
     seconds: float
     outcome: str
     error: str | None = None
+    bars_reaggregated: int = 0
+    bars_withdrawn: int = 0
 
     def log_fields(self) -> dict[str, Any]:
         return {
@@ -90,6 +94,8 @@ class TaskResult:
             "bars_quality_poor": self.bars_quality_poor,
             "bars_skipped": self.bars_skipped,
             "gaps_skipped": self.gaps_skipped,
+            "bars_reaggregated": self.bars_reaggregated,
+            "bars_withdrawn": self.bars_withdrawn,
             "cursor_before": self.cursor_before,
             "cursor_after": self.cursor_after,
             "seconds": round(self.seconds, 4),
@@ -115,6 +121,8 @@ class RunSummary:
             "bars_quality_poor": sum(t.bars_quality_poor for t in self.tasks),
             "bars_skipped": sum(t.bars_skipped for t in self.tasks),
             "gaps_skipped": sum(t.gaps_skipped for t in self.tasks),
+            "bars_reaggregated": sum(t.bars_reaggregated for t in self.tasks),
+            "bars_withdrawn": sum(t.bars_withdrawn for t in self.tasks),
         }
         for outcome in ("ok", "continue", "transient", "hard", "lease_lost"):
             out[outcome] = sum(1 for t in self.tasks if t.outcome == outcome)
@@ -205,9 +213,19 @@ class _Claimer:
         return {"worker_id": self.worker_id, "now": self.settings.now, **extra}
 
     # -- registry ------------------------------------------------------------------------------
-    def sync(self) -> dict[str, Any]:
-        with self.connect() as conn:
-            row = conn.execute(query("worker_sync"), self.params(env=self.settings.env)).fetchone()
+    def sync(self, attempts: int = 3) -> dict[str, Any]:
+        """Create/enable/disable tasks from the registry; a transient error (e.g. a deadlock with a
+        finishing worker) is retried."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.connect() as conn:
+                    row = conn.execute(query("worker_sync"), self.params(env=self.settings.env)).fetchone()
+                break
+            except psycopg.Error as exc:
+                if attempt == attempts or classify(exc) != "transient":
+                    raise
+                log.warning("registry sync failed (%s); retrying", _error_text(exc))
+                time.sleep(0.1 * attempt)
         changes: dict[str, Any] = row[0] if row else {}
         changed = {k: len(v) for k, v in changes.items() if isinstance(v, list) and v}
         if changed:
@@ -268,7 +286,15 @@ class _Claimer:
         return results
 
     def report(self, result: TaskResult) -> None:
-        level = logging.INFO if result.outcome in ("ok", "continue") else logging.WARNING
+        # A run that found nothing to do (a task polled at its frontier) is logged at DEBUG, so that a
+        # daemon's log shows work and failures, not thousands of empty polls.
+        if result.outcome not in ("ok", "continue"):
+            level = logging.WARNING
+        else:
+            worked = (
+                result.windows or result.gaps_skipped or result.bars_reaggregated or result.bars_withdrawn
+            )
+            level = logging.INFO if worked else logging.DEBUG
         if log.isEnabledFor(level):
             log.log(level, _describe(result), extra=result.log_fields())
         if self.on_task is not None:
@@ -299,6 +325,7 @@ class _Claimer:
         started = time.monotonic()
         progress = {t.symbol: _Progress(t) for t in tasks}
         pending = list(tasks)
+        first = True
         try:
             with self.connect() as conn:
                 self.active = conn
@@ -308,6 +335,13 @@ class _Claimer:
                         conn.execute(
                             query("worker_clear_rerun"), self.params(symbols=symbols, timeframe=timeframe)
                         )
+                        if first:
+                            # Late data first: rewrite the windows invalidated behind the cursors,
+                            # committed with the first catch-up call (migration 0004).
+                            fixed = conn.execute(
+                                query("worker_reaggregate_many"),
+                                self.params(timeframe=timeframe, symbols=symbols),
+                            ).fetchall()
                         rows = conn.execute(
                             query("worker_catchup_many"),
                             self.params(
@@ -351,6 +385,10 @@ class _Claimer:
                     # committed: bars and cursors together
                     for symbol, call in calls.items():
                         progress[symbol].add(call)
+                    if first:
+                        first = False
+                        for symbol, result in fixed:
+                            progress[symbol].add_reaggregated(result)
                     still = {item["canonical_symbol"] for item in continuing}
                     for t in pending:
                         if t.symbol not in still:
@@ -428,6 +466,7 @@ class _Progress:
         self.cursor_before = task.cursor
         self.cursor = task.cursor
         self.totals = dict.fromkeys(STAT_KEYS, 0)
+        self.reaggregated = dict.fromkeys(REAGGREGATE_KEYS, 0)
         self.outcome = "continue"
         self.error: str | None = None
 
@@ -435,6 +474,10 @@ class _Progress:
         self.cursor = call.cursor
         for k in STAT_KEYS:
             self.totals[k] += call.stats[k]
+
+    def add_reaggregated(self, result: dict[str, Any]) -> None:
+        for k in REAGGREGATE_KEYS:
+            self.reaggregated[k] += int(result.get(k) or 0)
 
     def result(self, seconds: float) -> TaskResult:
         return TaskResult(
@@ -450,6 +493,8 @@ class _Progress:
             seconds=seconds,
             outcome=self.outcome,
             error=self.error,
+            bars_reaggregated=self.reaggregated["bars_reaggregated"],
+            bars_withdrawn=self.reaggregated["bars_withdrawn"],
         )
 
     def merged(self, later: TaskResult, seconds: float) -> TaskResult:
@@ -462,6 +507,8 @@ class _Progress:
             bars_quality_poor=mine.bars_quality_poor + later.bars_quality_poor,
             bars_skipped=mine.bars_skipped + later.bars_skipped,
             gaps_skipped=mine.gaps_skipped + later.gaps_skipped,
+            bars_reaggregated=mine.bars_reaggregated + later.bars_reaggregated,
+            bars_withdrawn=mine.bars_withdrawn + later.bars_withdrawn,
             cursor_before=self.cursor_before,
             seconds=seconds + later.seconds,
         )
@@ -613,7 +660,7 @@ class Worker:
     claiming; the task in hand is finished (its current call completes, then the cursor is stored
     and the task released as due), waiting at most ``shutdown_timeout`` seconds before cancelling
     the statement in flight (a cancelled statement is a transient failure, recorded). Nothing is
-    left running. A second signal exits at once.
+    left running. A second signal exits at once. ``on_task`` is called from the worker threads.
     """
 
     def __init__(

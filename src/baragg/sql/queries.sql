@@ -86,6 +86,21 @@ FROM agg_catchup_tasks(%(timeframe)s, %(symbols)s::text[], %(cursors)s::timestam
 -- name: worker_checkpoint_many
 SELECT agg_checkpoint_many(%(worker_id)s, %(items)s::jsonb, %(now)s::timestamptz, %(lease_seconds)s);
 
+-- ==== late data (migration 0004) ====
+
+-- name: worker_reaggregate_many
+-- Re-aggregate the invalidated windows of claimed tasks of one timeframe (all of them, one
+-- statement); result keys: windows, bars_reaggregated, bars_withdrawn, entries_dropped.
+SELECT canonical_symbol, result FROM agg_reaggregate_tasks(%(timeframe)s, %(symbols)s::text[]);
+
+-- name: pending_invalidations
+-- Per task: windows waiting to be re-aggregated because their source changed after aggregation.
+SELECT s.canonical_symbol, s.timeframe, count(i.window_start)::bigint AS pending_invalidations,
+       min(i.window_start) AS oldest_invalidated_window, min(i.first_seen_at) AS first_seen_at
+FROM data_agg_state s
+LEFT JOIN agg_invalidations i ON i.canonical_symbol = s.canonical_symbol AND i.timeframe = s.timeframe
+GROUP BY s.canonical_symbol, s.timeframe
+ORDER BY s.canonical_symbol, s.timeframe;
 -- ==== operator tools: ingest ====
 
 -- name: ingest_known_symbols
@@ -360,3 +375,167 @@ WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::tex
   AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
   AND s.status = 'running'
 ORDER BY 1;
+-- ==== observability ====
+-- The status page, the JSON API and the scrape-time metrics read these. Read-only, autocommit.
+-- The `now` parameter may be NULL (then the server's now()); tests pass a fixed clock.
+
+-- name: obs_tasks
+-- One row per task with its lag. The frontier of a task is the end of the last window that its
+-- source data covers completely: the source's latest bar end, rounded down to the task's bucket
+-- (weeks start on Monday). Lag behind the frontier = frontier - cursor (0 when caught up); lag behind
+-- now = now - end of the window at the cursor (0 while that window is still open).
+WITH clock AS (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS now_utc
+),
+tasks AS (
+    -- The ladder comes from agg_timeframes (migration 0002); raw 1m bars are the base, one minute each.
+    SELECT s.*,
+           coalesce(s.source_timeframe, tf.source_timeframe) AS src_tf,
+           tf.bucket_interval AS tf_interval,
+           tf.bucket_origin AS tf_origin,
+           coalesce(tf.duration_rank, 99) AS tf_order,
+           coalesce(src.bucket_interval, interval '1 minute') AS src_interval
+    FROM data_agg_state s
+    LEFT JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+    LEFT JOIN agg_timeframes src ON src.timeframe = coalesce(s.source_timeframe, tf.source_timeframe)
+),
+probed AS MATERIALIZED (  -- evaluate each probe once per task, not once per use
+    SELECT t.*,
+           CASE WHEN t.src_tf = '1m' THEN (
+               SELECT max(b.ts_utc) FROM data_bars b
+               WHERE b.canonical_symbol = t.canonical_symbol AND b.timeframe = '1m' AND NOT b.is_partial)
+           ELSE (
+               SELECT max(d.ts_utc) FROM derived_data_bars d
+               WHERE d.canonical_symbol = t.canonical_symbol AND d.timeframe = t.src_tf
+                 AND d.deleted_at IS NULL)
+           END AS source_last_ts,
+           (SELECT max(d.ts_utc) FROM derived_data_bars d
+            WHERE d.canonical_symbol = t.canonical_symbol AND d.timeframe = t.timeframe
+              AND d.deleted_at IS NULL) AS last_bar_ts,
+           (SELECT count(*) FROM agg_invalidations i
+            WHERE i.canonical_symbol = t.canonical_symbol AND i.timeframe = t.timeframe) AS invalidations
+    FROM tasks t
+),
+framed AS (
+    SELECT p.*,
+           date_bin(p.tf_interval, p.source_last_ts + p.src_interval, p.tf_origin) AS frontier_utc
+    FROM probed p
+)
+SELECT f.canonical_symbol AS symbol,
+       f.timeframe,
+       f.src_tf AS source_timeframe,
+       f.status,
+       f.enabled,
+       f.is_mandatory AS mandatory,
+       f.task_priority AS priority,
+       f.last_agg_bar_ts_utc AS cursor_utc,
+       f.agg_start_utc,
+       f.frontier_utc,
+       f.source_last_ts AS source_last_bar_utc,
+       f.last_bar_ts AS last_bar_utc,
+       CASE WHEN f.last_agg_bar_ts_utc IS NOT NULL AND f.frontier_utc IS NOT NULL
+            THEN greatest(0, extract(epoch FROM f.frontier_utc - f.last_agg_bar_ts_utc))::float8
+       END AS lag_frontier_seconds,
+       CASE WHEN f.last_agg_bar_ts_utc IS NOT NULL AND f.tf_interval IS NOT NULL
+            THEN greatest(0, extract(epoch FROM c.now_utc - (f.last_agg_bar_ts_utc + f.tf_interval)))::float8
+       END AS lag_now_seconds,
+       f.next_run_at AS next_run_utc,
+       f.hard_fail_streak AS streak,
+       f.last_error,
+       f.last_attempted_at_utc AS last_attempt_utc,
+       f.last_successful_at_utc AS last_success_utc,
+       f.running_started_at_utc AS running_since_utc,
+       f.lease_owner,
+       f.lease_expires_at AS lease_expires_utc,
+       f.last_rescue,
+       f.total_runs,
+       f.total_transient_failures AS transient_failures,
+       f.total_hard_failures AS hard_failures,
+       f.total_bars_created AS bars_created,
+       f.total_bars_quality_poor AS bars_quality_poor,
+       f.invalidations AS invalidations_pending,
+       c.now_utc
+FROM framed f CROSS JOIN clock c
+ORDER BY f.canonical_symbol, f.tf_order, f.timeframe;
+
+-- name: obs_symbols
+SELECT r.canonical_symbol AS symbol,
+       r.asset_class,
+       coalesce(r.active, false) AS active,
+       EXISTS (SELECT 1 FROM data_bars b WHERE b.canonical_symbol = r.canonical_symbol AND b.timeframe = '1m')
+           AS has_1m,
+       coalesce((SELECT array_agg(s.timeframe ORDER BY s.timeframe) FROM data_agg_state s
+                 WHERE s.canonical_symbol = r.canonical_symbol), '{}') AS timeframes
+FROM core_asset_registry_all r
+ORDER BY r.canonical_symbol;
+
+-- name: obs_symbol_exists
+SELECT EXISTS (SELECT 1 FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s);
+
+-- name: obs_bars_derived
+-- The latest `limit` bars in [from, to), returned oldest first as one JSON object of columns, so
+-- a year of 5m bars (~100k) goes from PostgreSQL to the browser without a Python object per value.
+WITH newest AS (
+    SELECT ts_utc, open, high, low, close, vol, quality_score, source_candles, expected_candles
+    FROM derived_data_bars
+    WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s AND deleted_at IS NULL
+      AND ts_utc >= coalesce(%(from)s::timestamptz, '-infinity')
+      AND ts_utc < coalesce(%(to)s::timestamptz, 'infinity')
+    ORDER BY ts_utc DESC
+    LIMIT %(limit)s + 1  -- one more than asked: tells whether older bars exist
+),
+picked AS (
+    SELECT * FROM newest ORDER BY ts_utc DESC LIMIT %(limit)s
+)
+SELECT count(*) AS n,
+       (SELECT count(*) FROM newest) > %(limit)s AS truncated,
+       json_build_object(
+           'ts', coalesce(json_agg(extract(epoch FROM ts_utc)::bigint ORDER BY ts_utc), '[]'),
+           'open', coalesce(json_agg(open ORDER BY ts_utc), '[]'),
+           'high', coalesce(json_agg(high ORDER BY ts_utc), '[]'),
+           'low', coalesce(json_agg(low ORDER BY ts_utc), '[]'),
+           'close', coalesce(json_agg(close ORDER BY ts_utc), '[]'),
+           'vol', coalesce(json_agg(vol ORDER BY ts_utc), '[]'),
+           'quality', coalesce(json_agg(quality_score ORDER BY ts_utc), '[]'),
+           'source_candles', coalesce(json_agg(source_candles ORDER BY ts_utc), '[]'),
+           'expected_candles', coalesce(json_agg(expected_candles ORDER BY ts_utc), '[]')
+       )::text AS columns
+FROM picked;
+
+-- name: obs_bars_1m
+-- Raw 1m bars from data_bars, in the same shape (no quality: they are the source).
+WITH newest AS (
+    SELECT ts_utc, open, high, low, close, vol
+    FROM data_bars
+    WHERE canonical_symbol = %(symbol)s AND timeframe = '1m' AND NOT is_partial
+      AND ts_utc >= coalesce(%(from)s::timestamptz, '-infinity')
+      AND ts_utc < coalesce(%(to)s::timestamptz, 'infinity')
+    ORDER BY ts_utc DESC
+    LIMIT %(limit)s + 1  -- one more than asked: tells whether older bars exist
+),
+picked AS (
+    SELECT * FROM newest ORDER BY ts_utc DESC LIMIT %(limit)s
+)
+SELECT count(*) AS n,
+       (SELECT count(*) FROM newest) > %(limit)s AS truncated,
+       json_build_object(
+           'ts', coalesce(json_agg(extract(epoch FROM ts_utc)::bigint ORDER BY ts_utc), '[]'),
+           'open', coalesce(json_agg(open ORDER BY ts_utc), '[]'),
+           'high', coalesce(json_agg(high ORDER BY ts_utc), '[]'),
+           'low', coalesce(json_agg(low ORDER BY ts_utc), '[]'),
+           'close', coalesce(json_agg(close ORDER BY ts_utc), '[]'),
+           'vol', coalesce(json_agg(vol ORDER BY ts_utc), '[]'),
+           'quality', coalesce(json_agg(NULL::int ORDER BY ts_utc), '[]'),
+           'source_candles', coalesce(json_agg(NULL::int ORDER BY ts_utc), '[]'),
+           'expected_candles', coalesce(json_agg(NULL::int ORDER BY ts_utc), '[]')
+       )::text AS columns
+FROM picked;
+
+-- name: obs_invalidation_log_exists
+-- The invalidation log comes with migration 0004; on an older schema the metrics leave it out.
+SELECT to_regclass('agg_invalidations') IS NOT NULL;
+
+-- name: obs_invalidations_pending
+SELECT count(*) AS pending,
+       extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - min(first_seen_at))::float8 AS oldest_age_seconds
+FROM agg_invalidations;
