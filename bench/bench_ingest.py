@@ -105,11 +105,14 @@ def drop_database(server: str, db: Database) -> None:
         conn.execute(pg_sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pg_sql.Identifier(name)))
 
 
+# The child reports its own peak: VmHWM of /proc/self/status. (Not ru_maxrss: Linux carries the
+# parent's peak across fork+exec into it, and this parent has just generated millions of rows.)
 _CHILD = (
-    "import resource, sys\n"
+    "import re, sys\n"
     "from baragg.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "peak = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+    "print('maxrss', peak, file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 

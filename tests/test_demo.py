@@ -29,6 +29,8 @@ def test_demo_runs_on_its_own_data_dir(tmp_path: Path) -> None:
     assert "late correction: EURUSD 2025-09-17 14:32" in out and "(updated 1 bar)" in out
     for timeframe in ("5m", "15m", "1h", "4h", "1d", "1w"):
         assert f" {timeframe} " in out
-    assert "EURUSD 1h:" in out and "bars equal" in out
+    assert "5 bars re-aggregated over the corrected minute" in out  # late data (DESIGN.md 5) handled
+    assert "EURUSD 1h:" in out and "bars equal" in out and "different" not in out
+    assert "(including the bars over the corrected minute 09-17 14:32)" in out
     assert "Try next:" in out and f"--data-dir {tmp_path / 'demo'} status" in out
     assert (tmp_path / "demo").is_dir()

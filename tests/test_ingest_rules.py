@@ -122,3 +122,20 @@ def test_an_odd_time_format_does_not_spoil_the_rest_of_the_chunk() -> None:
     )
     checked = check_bars(raw, known_symbols=KNOWN, symbol="EURUSD")
     assert list(checked.ok) == [True, True, False]
+
+
+def test_symbol_option_and_a_disagreeing_column() -> None:
+    raw = pd.DataFrame(
+        {
+            "canonical_symbol": ["EURUSD", "XAUUSD", None],
+            "ts_utc": ["2024-03-10 07:00"] * 3,
+            "open": ["1"] * 3,
+            "high": ["1"] * 3,
+            "low": ["1"] * 3,
+            "close": ["1"] * 3,
+        },
+        dtype="string",
+    )
+    checked = check_bars(raw, known_symbols=KNOWN, symbol="EURUSD")
+    assert list(checked.ok) == [True, False, True]
+    assert checked.reason.iloc[1] == "'XAUUSD' but --symbol is 'EURUSD'"

@@ -8,6 +8,7 @@ rows: cursors reset, derived rows removed, one run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from baragg.db import Database
 from baragg.sql import query
 from baragg.worker import run_once
+from ops_helpers import baragg
 
 SYMBOL = "AAA"
 MONDAY = datetime(2025, 7, 7, tzinfo=UTC)
@@ -341,12 +343,18 @@ def test_bars_before_agg_start_and_disabled_tasks(db: Database, week) -> None:
     assert bar(conn, "1w", MONDAY)[2] == bar(conn, "1d", MONDAY + timedelta(days=2))[2]
 
 
-def test_cli_status_query_and_run_log(db: Database, week) -> None:
+def test_status_shows_pending_invalidations(db: Database, week) -> None:
     conn = week
     conn.execute("DELETE FROM data_bars WHERE ts_utc >= %s AND ts_utc < %s",
                  (MONDAY + timedelta(hours=1), MONDAY + timedelta(hours=1, minutes=5)))  # fmt: skip
     rows = conn.execute(query("pending_invalidations")).fetchall()
     assert [(r[1], r[2], r[3]) for r in rows if r[2]] == [("5m", 1, MONDAY + timedelta(hours=1))]
+    done = baragg(db, "status", "--json")
+    assert done.returncode == 0, done.stderr
+    pending_by_task = {t["timeframe"]: t["pending_invalidations"] for t in json.loads(done.stdout)}
+    assert pending_by_task == {"5m": 1, "15m": 0, "1h": 0, "4h": 0, "1d": 0, "1w": 0}
+    human = baragg(db, "status")
+    assert human.returncode == 0 and "late" in human.stdout.splitlines()[0]
 
 
 # ---------------------------------------------------------------------------------------------

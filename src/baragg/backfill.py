@@ -31,6 +31,7 @@ class BackfillReport:
     windows: int = 0
     bars_created: int = 0
     bars_quality_poor: int = 0
+    bars_reaggregated: int = 0  # late or corrected source data (DESIGN.md 5)
     failures: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -109,6 +110,7 @@ def backfill(
             report.windows += result.windows
             report.bars_created += result.bars_created
             report.bars_quality_poor += result.bars_quality_poor
+            report.bars_reaggregated += getattr(result, "bars_reaggregated", 0)
             if result.outcome in ("transient", "hard"):
                 report.failures.append(
                     {

@@ -450,7 +450,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         rate = f", {report.windows / report.seconds:,.0f} windows/s" if report.seconds else ""
         print(
             f"backfill: {report.tasks} task(s), {report.task_runs} run(s), {report.windows:,} windows, "
-            f"{report.bars_created:,} bars created ({report.bars_quality_poor:,} poor quality) "
+            f"{report.bars_created:,} bars created ({report.bars_quality_poor:,} poor quality), "
+            f"{report.bars_reaggregated:,} re-aggregated "
             f"in {report.seconds:.1f}s{rate}"
         )
         for failure in report.failures:

@@ -177,9 +177,10 @@ def run(
                 f"late correction: {symbol} {moment:%Y-%m-%d %H:%M} high {h} → {round(h + 0.0025, 5)} "
                 f"(updated {fix.updated} bar)"
             )
-            again = worker.run_once(db, now=NOW)
+            again = worker.run_once(db, now=NOW).totals
             step(
-                f"worker run again: {again.totals['windows']:,} windows, {again.totals['bars_created']:,} bars"
+                f"worker run again: {again.get('bars_reaggregated', 0):,} bars re-aggregated over the corrected "
+                f"minute (its 5m, 15m, 1h, 4h and 1d bars), {again['bars_created']:,} new"
             )
 
     console.print()
@@ -244,8 +245,10 @@ def _show_verification(db: Database, console: Any) -> None:
     """Independent recomputation of every EURUSD timeframe (what `baragg verify` does)."""
     symbol, moment = CORRECTION
     console.print("[bold]verify[/] (pandas recomputation from the source rows, independent of the SQL):")
+    all_equal = True
     for timeframe in ("5m", "15m", "1h", "4h", "1d"):
         report = verify.verify(db, symbol, timeframe)
+        all_equal = all_equal and report.ok
         if report.ok:
             console.print(f"  {symbol} {timeframe}: {report.equal:,} bars equal")
         else:
@@ -255,7 +258,10 @@ def _show_verification(db: Database, console: Any) -> None:
                 f"  [yellow]{symbol} {timeframe}: {len(report.different)} different, {len(report.missing)} "
                 f"missing, {len(report.extra)} extra[/] ({listed})"
             )
-    console.print(
-        f"  [dim](a difference at the corrected bar {moment:%m-%d %H:%M} means the late correction has not "
-        "been re-aggregated: that needs the invalidation of DESIGN.md 5)[/]"
-    )
+    if all_equal:
+        console.print(f"  [dim](including the bars over the corrected minute {moment:%m-%d %H:%M})[/]")
+    else:
+        console.print(
+            f"  [yellow]a difference at the corrected minute {moment:%m-%d %H:%M} means the late correction "
+            "was not re-aggregated[/]"
+        )

@@ -40,6 +40,7 @@ class TaskStatus:
     bars_created: int
     bars_quality_poor: int
     lease_owner: str | None
+    pending_invalidations: int = 0  # windows to re-aggregate: their source changed after aggregation
 
     @property
     def alert(self) -> bool:
@@ -76,6 +77,7 @@ def task_status(
             bars_created=r["total_bars_created"],
             bars_quality_poor=r["total_bars_quality_poor"],
             lease_owner=r["lease_owner"],
+            pending_invalidations=r["pending_invalidations"],
         )
         for r in rows
     ]
@@ -126,6 +128,7 @@ def render(tasks: list[TaskStatus], *, console: Any = None, now: datetime | None
         ("streak", "right"),
         ("bars", "right"),
         ("poor", "right"),
+        ("late", "right"),
         ("last error", "left"),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -150,6 +153,7 @@ def render(tasks: list[TaskStatus], *, console: Any = None, now: datetime | None
             str(t.hard_fail_streak or ""),
             f"{t.bars_created:,}",
             f"{t.bars_quality_poor:,}" if t.bars_quality_poor else "",
+            f"{t.pending_invalidations:,}" if t.pending_invalidations else "",
             error,
             style=style,
         )

@@ -332,9 +332,9 @@ class _Claimer:
                 while pending:
                     symbols = [t.symbol for t in pending]
                     with conn.transaction():
-                        conn.execute(
-                            query("worker_clear_rerun"), self.params(symbols=symbols, timeframe=timeframe)
-                        )
+                        batch = self.params(symbols=symbols, timeframe=timeframe)
+                        conn.execute(query("worker_lock_tasks"), batch)
+                        conn.execute(query("worker_clear_rerun"), batch)
                         if first:
                             # Late data first: rewrite the windows invalidated behind the cursors,
                             # committed with the first catch-up call (migration 0004).

@@ -71,6 +71,19 @@ WHERE s.enabled AND s.status IN ('idle', 'hard_failed', 'running');
 -- name: worker_has_function
 SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = %(name)s AND pronamespace = 'public'::regnamespace);
 
+-- name: worker_lock_tasks
+-- First statement of every catch-up transaction: lock the batch's task rows (key order) until the
+-- commit of the new cursors. The invalidation triggers (0004, _agg_lock_dependents) lock the same rows
+-- before reading a cursor, so a source row written while this catch-up is in flight is either seen by
+-- it or recorded against the advanced cursor: never lost.
+SELECT count(*) FROM (
+    SELECT 1 FROM data_agg_state
+    WHERE canonical_symbol = ANY (%(symbols)s::text[]) AND timeframe = %(timeframe)s
+      AND lease_owner = %(worker_id)s
+    ORDER BY canonical_symbol
+    FOR NO KEY UPDATE
+) locked;
+
 -- name: worker_clear_rerun
 -- Before each catch-up call: a wake-up from the source task that arrived before this call is
 -- served by it, so it must not schedule another run (one arriving later still does).
@@ -312,7 +325,10 @@ SELECT s.canonical_symbol, s.timeframe, s.status, s.enabled, s.is_mandatory, s.l
             THEN greatest(0, extract(epoch FROM f.frontier - s.last_agg_bar_ts_utc)) END AS lag_frontier_seconds,
        CASE WHEN s.last_agg_bar_ts_utc IS NOT NULL
             THEN greatest(0, extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - s.last_agg_bar_ts_utc))
-       END AS lag_now_seconds
+       END AS lag_now_seconds,
+       -- windows behind the cursor waiting to be re-aggregated (late or corrected source data, 0004)
+       (SELECT count(*) FROM agg_invalidations i
+        WHERE i.canonical_symbol = s.canonical_symbol AND i.timeframe = s.timeframe) AS pending_invalidations
 FROM data_agg_state s
 JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
 LEFT JOIN agg_timeframes src ON src.timeframe = tf.source_timeframe
@@ -472,15 +488,28 @@ ORDER BY r.canonical_symbol;
 -- name: obs_symbol_exists
 SELECT EXISTS (SELECT 1 FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s);
 
--- name: obs_bars_derived
+-- name: obs_bars
 -- The latest `limit` bars in [from, to), returned oldest first as one JSON object of columns, so
 -- a year of 5m bars (~100k) goes from PostgreSQL to the browser without a Python object per value.
-WITH newest AS (
+-- Timeframe 1m reads the raw bars of data_bars (no quality: they are the source); the other branch
+-- is pruned at execution time by its constant condition.
+WITH source AS (
     SELECT ts_utc, open, high, low, close, vol, quality_score, source_candles, expected_candles
     FROM derived_data_bars
-    WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s AND deleted_at IS NULL
+    WHERE %(timeframe)s <> '1m'
+      AND canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s AND deleted_at IS NULL
       AND ts_utc >= coalesce(%(from)s::timestamptz, '-infinity')
       AND ts_utc < coalesce(%(to)s::timestamptz, 'infinity')
+    UNION ALL
+    SELECT ts_utc, open, high, low, close, vol, NULL::int, NULL::int, NULL::int
+    FROM data_bars
+    WHERE %(timeframe)s = '1m'
+      AND canonical_symbol = %(symbol)s AND timeframe = '1m' AND NOT is_partial
+      AND ts_utc >= coalesce(%(from)s::timestamptz, '-infinity')
+      AND ts_utc < coalesce(%(to)s::timestamptz, 'infinity')
+),
+newest AS (
+    SELECT * FROM source
     ORDER BY ts_utc DESC
     LIMIT %(limit)s + 1  -- one more than asked: tells whether older bars exist
 ),
@@ -499,35 +528,6 @@ SELECT count(*) AS n,
            'quality', coalesce(json_agg(quality_score ORDER BY ts_utc), '[]'),
            'source_candles', coalesce(json_agg(source_candles ORDER BY ts_utc), '[]'),
            'expected_candles', coalesce(json_agg(expected_candles ORDER BY ts_utc), '[]')
-       )::text AS columns
-FROM picked;
-
--- name: obs_bars_1m
--- Raw 1m bars from data_bars, in the same shape (no quality: they are the source).
-WITH newest AS (
-    SELECT ts_utc, open, high, low, close, vol
-    FROM data_bars
-    WHERE canonical_symbol = %(symbol)s AND timeframe = '1m' AND NOT is_partial
-      AND ts_utc >= coalesce(%(from)s::timestamptz, '-infinity')
-      AND ts_utc < coalesce(%(to)s::timestamptz, 'infinity')
-    ORDER BY ts_utc DESC
-    LIMIT %(limit)s + 1  -- one more than asked: tells whether older bars exist
-),
-picked AS (
-    SELECT * FROM newest ORDER BY ts_utc DESC LIMIT %(limit)s
-)
-SELECT count(*) AS n,
-       (SELECT count(*) FROM newest) > %(limit)s AS truncated,
-       json_build_object(
-           'ts', coalesce(json_agg(extract(epoch FROM ts_utc)::bigint ORDER BY ts_utc), '[]'),
-           'open', coalesce(json_agg(open ORDER BY ts_utc), '[]'),
-           'high', coalesce(json_agg(high ORDER BY ts_utc), '[]'),
-           'low', coalesce(json_agg(low ORDER BY ts_utc), '[]'),
-           'close', coalesce(json_agg(close ORDER BY ts_utc), '[]'),
-           'vol', coalesce(json_agg(vol ORDER BY ts_utc), '[]'),
-           'quality', coalesce(json_agg(NULL::int ORDER BY ts_utc), '[]'),
-           'source_candles', coalesce(json_agg(NULL::int ORDER BY ts_utc), '[]'),
-           'expected_candles', coalesce(json_agg(NULL::int ORDER BY ts_utc), '[]')
        )::text AS columns
 FROM picked;
 

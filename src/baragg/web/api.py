@@ -193,11 +193,10 @@ class UnknownSymbol(InvalidInput):
 
 
 def bars_json(conn: psycopg.Connection, params: dict[str, Any]) -> str:
-    """The JSON text of /api/bars, built by PostgreSQL (see obs_bars_derived)."""
+    """The JSON text of /api/bars, built by PostgreSQL (see obs_bars)."""
     if not conn.execute(query("obs_symbol_exists"), {"symbol": params["symbol"]}).fetchone()[0]:
         raise UnknownSymbol(f"symbol: not in the registry: {params['symbol']!r}")
-    name = "obs_bars_1m" if params["timeframe"] == "1m" else "obs_bars_derived"
-    count, truncated, columns = conn.execute(query(name), params).fetchone()
+    count, truncated, columns = conn.execute(query("obs_bars"), params).fetchone()
     head = {
         "symbol": params["symbol"],
         "timeframe": params["timeframe"],

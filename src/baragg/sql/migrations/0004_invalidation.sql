@@ -95,6 +95,32 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- _agg_lock_dependents: lock before reading a cursor, so that no late row is ever lost
+-- ---------------------------------------------------------------------------------------------
+-- A worker locks its tasks' rows (FOR NO KEY UPDATE, key order) at the start of every catch-up
+-- transaction and keeps them until it commits the new cursor. A trigger locks the same rows before it
+-- reads their cursors. Then a source row written while a catch-up is in flight is either
+--   * committed before the worker's lock is granted: the catch-up statement (a later snapshot) sees it; or
+--   * written after: the trigger waits for the worker's commit and then reads the ADVANCED cursor
+--     (each statement of this volatile function takes a new snapshot), so the window is recorded.
+-- Without the lock, a row committed during the catch-up could be neither seen by it nor recorded
+-- (its window was still at or after the old cursor). Claims use SKIP LOCKED and never wait here.
+CREATE OR REPLACE FUNCTION _agg_lock_dependents(p_source_table text, p_symbols text[],
+                                                p_source_timeframes text[])
+RETURNS bigint LANGUAGE sql AS $$
+    -- count(*) reads every row of the subquery, so every row is locked.
+    SELECT count(*) FROM (
+        SELECT 1
+        FROM data_agg_state s
+        JOIN agg_timeframes t ON t.timeframe = s.timeframe
+        WHERE s.canonical_symbol = ANY (p_symbols)
+          AND t.source_table = p_source_table AND t.source_timeframe = ANY (p_source_timeframes)
+        ORDER BY s.canonical_symbol, s.timeframe
+        FOR NO KEY UPDATE OF s
+    ) locked
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- The triggers
 -- ---------------------------------------------------------------------------------------------
 -- One function per source table; TG_OP picks the transition tables. For every changed row the
@@ -117,6 +143,8 @@ DECLARE
     v_ws timestamptz[];
 BEGIN
     IF TG_OP = 'INSERT' THEN
+        PERFORM _agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows),
+                                     ARRAY(SELECT DISTINCT timeframe FROM new_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                array_agg(date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin))
         INTO v_syms, v_tfs, v_ws
@@ -129,6 +157,8 @@ BEGIN
               < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
           AND date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin) >= s.agg_start_utc;
     ELSIF TG_OP = 'DELETE' THEN
+        PERFORM _agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
+                                     ARRAY(SELECT DISTINCT timeframe FROM old_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                array_agg(date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin))
         INTO v_syms, v_tfs, v_ws
@@ -141,6 +171,9 @@ BEGIN
               < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
           AND date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin) >= s.agg_start_utc;
     ELSE
+        PERFORM _agg_lock_dependents('data_bars',
+            ARRAY(SELECT canonical_symbol FROM old_rows UNION SELECT canonical_symbol FROM new_rows),
+            ARRAY(SELECT timeframe FROM old_rows UNION SELECT timeframe FROM new_rows));
         -- UPDATE: the row's old position (if it was eligible) and its new one (if it is), for the
         -- rows whose aggregated columns or eligibility changed.
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
@@ -178,6 +211,8 @@ DECLARE
     v_ws timestamptz[];
 BEGIN
     IF TG_OP = 'INSERT' THEN
+        PERFORM _agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows),
+                                     ARRAY(SELECT DISTINCT timeframe FROM new_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                array_agg(date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin))
         INTO v_syms, v_tfs, v_ws
@@ -190,6 +225,8 @@ BEGIN
               < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
           AND date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin) >= s.agg_start_utc;
     ELSIF TG_OP = 'DELETE' THEN
+        PERFORM _agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
+                                     ARRAY(SELECT DISTINCT timeframe FROM old_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                array_agg(date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin))
         INTO v_syms, v_tfs, v_ws
@@ -202,6 +239,9 @@ BEGIN
               < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
           AND date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin) >= s.agg_start_utc;
     ELSE
+        PERFORM _agg_lock_dependents('derived_data_bars',
+            ARRAY(SELECT canonical_symbol FROM old_rows UNION SELECT canonical_symbol FROM new_rows),
+            ARRAY(SELECT timeframe FROM old_rows UNION SELECT timeframe FROM new_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                array_agg(date_bin(t.bucket_interval, k.ts_utc, t.bucket_origin))
         INTO v_syms, v_tfs, v_ws
