@@ -23,26 +23,13 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from _common import GENERATE  # one year of FX-like 1m bars, shared with the other benchmarks
 from baragg import migrate
 from baragg.db import Database
 
 START = "2024-01-01 00:00:00+00"
 NOW = "2026-01-01 00:00:00+00"
 
-GENERATE = """
-INSERT INTO data_bars (canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count, source)
-SELECT s.sym, '1m', t.ts, p.o, p.o + 0.0004, p.o - 0.0004, p.o + 0.0001, 10 + (t.i %% 7), p.o + 0.00005, 3, 'bench'
-FROM unnest(%(symbols)s::text[]) WITH ORDINALITY AS s(sym, k)
-CROSS JOIN LATERAL (
-    SELECT i, %(start)s::timestamptz + make_interval(mins => i) AS ts
-    FROM generate_series(0, %(minutes)s - 1) AS i
-) t
-CROSS JOIN LATERAL (SELECT 1 + s.k * 0.1 + sin(t.i / 500.0) * 0.01 AS o) p
-WHERE NOT (   (extract(isodow FROM t.ts) = 5 AND extract(hour FROM t.ts) >= 21)
-           OR  extract(isodow FROM t.ts) = 6
-           OR (extract(isodow FROM t.ts) = 7 AND extract(hour FROM t.ts) < 22))
-  AND hashint4(t.i * 31 + s.k::int) %% 100 <> 0   -- about 1%% of minutes missing
-"""
 
 # The ceiling: the same 5m bars (values, quality, metadata) by one hand-written statement.
 CEILING_SELECT = """
@@ -148,7 +135,9 @@ def main() -> None:
                     (symbols, tf, START),
                 )
             t0 = time.perf_counter()
-            conn.execute(GENERATE, {"symbols": symbols, "start": START, "minutes": args.days * 1440})
+            conn.execute(
+                GENERATE, {"symbols": symbols, "k_offset": 0, "start": START, "minutes": args.days * 1440}
+            )
             conn.commit()
             conn.autocommit = True
             conn.execute("VACUUM ANALYZE data_bars")
