@@ -58,11 +58,13 @@ def _params(symbol: str, settings: dict[str, Any]) -> dict[str, Any]:
 def add(db: Database, symbol: str, **settings: Any) -> Change:
     """Create the symbol, or update the columns given (the others keep their values)."""
     check_symbol(symbol)
+    params = _params(symbol, settings)
     with db.connect() as conn:
-        row = conn.execute(query("registry_upsert"), _params(symbol, settings)).fetchone()
+        created = conn.execute(query("registry_insert_new"), params).fetchone() is not None
+        if not created:
+            conn.execute(query("registry_update"), params)
         conn.commit()
-    assert row is not None
-    return Change(symbol, bool(row[0]))
+    return Change(symbol, created)
 
 
 def set_fields(db: Database, symbol: str, **settings: Any) -> Change:

@@ -200,9 +200,10 @@ SELECT DISTINCT canonical_symbol FROM ingest_stage WHERE ok ORDER BY 1;
 
 -- ==== operator tools: registry ====
 
--- name: registry_upsert
--- A NULL parameter means "not given": a new row gets the column default, an existing row keeps its value.
-INSERT INTO core_asset_registry_all AS r (
+-- name: registry_insert_new
+-- A NULL parameter means "not given": the new row gets the column default. An existing symbol is left
+-- to registry_update (in the same transaction), which keeps the values not given.
+INSERT INTO core_asset_registry_all (
     canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
     calc_15m, calc_4h, calc_1d, calc_1w, notes)
 VALUES (
@@ -210,20 +211,8 @@ VALUES (
     COALESCE(%(active)s, true), COALESCE(%(test_active)s, true), COALESCE(%(is_sparse)s, false),
     COALESCE(%(calc_15m)s, false), COALESCE(%(calc_4h)s, false), COALESCE(%(calc_1d)s, false),
     COALESCE(%(calc_1w)s, false), %(notes)s)
-ON CONFLICT (canonical_symbol) DO UPDATE SET
-    provider_ticker = COALESCE(%(provider_ticker)s, r.provider_ticker),
-    asset_class = COALESCE(%(asset_class)s, r.asset_class),
-    source = COALESCE(%(source)s, r.source),
-    active = COALESCE(%(active)s, r.active),
-    test_active = COALESCE(%(test_active)s, r.test_active),
-    is_sparse = COALESCE(%(is_sparse)s, r.is_sparse),
-    calc_15m = COALESCE(%(calc_15m)s, r.calc_15m),
-    calc_4h = COALESCE(%(calc_4h)s, r.calc_4h),
-    calc_1d = COALESCE(%(calc_1d)s, r.calc_1d),
-    calc_1w = COALESCE(%(calc_1w)s, r.calc_1w),
-    notes = COALESCE(%(notes)s, r.notes),
-    updated_at = now()
-RETURNING (xmax = 0) AS created;
+ON CONFLICT (canonical_symbol) DO NOTHING
+RETURNING canonical_symbol;
 
 -- name: registry_update
 UPDATE core_asset_registry_all AS r SET
