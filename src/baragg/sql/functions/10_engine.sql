@@ -461,7 +461,13 @@ BEGIN
     planned AS (
         SELECT l.*,
                CASE WHEN l.lim = timestamptz 'infinity' THEN timestamptz 'infinity'
-                    ELSE GREATEST(l.s0, date_bin(v_iv, l.lim, v_origin)) END AS nxt
+                    ELSE GREATEST(l.s0, date_bin(v_iv, l.lim, v_origin)) END AS nxt,
+               -- Stored bars at or after s0 (a cursor moved back over them: backfill --from): only
+               -- then can a window passed over need a withdrawal. One index probe, taken before this
+               -- task's bars are written, so a fresh catch-up never scans the rows it inserts.
+               EXISTS (SELECT 1 FROM derived_data_bars d
+                       WHERE d.canonical_symbol = l.sym AND d.timeframe = p_to_tf AND d.ts_utc >= l.s0
+                         AND d.deleted_at IS NULL) AS recheck
         FROM limited l
     ),
     bounded AS (
@@ -533,7 +539,7 @@ BEGIN
         FROM written w GROUP BY w.canonical_symbol
     ),
     outcome AS (
-        SELECT b.sym, b.ord, b.s0, b.agg_start_utc,
+        SELECT b.sym, b.ord, b.s0, b.agg_start_utc, b.recheck,
                COALESCE(hc.n_handled, 0) AS n_handled, COALESCE(hc.n_skipped, 0) AS n_skipped,
                COALESCE(wc.n_created, 0) AS n_created, COALESCE(wc.n_rewritten, 0) AS n_rewritten,
                COALESCE(wc.n_poor, 0) AS n_poor,
@@ -551,12 +557,12 @@ BEGIN
     withdrawn AS (
         -- Stored bars in the windows this call passed over that no longer have a storable bar (a
         -- gap now, or too few source rows): soft-deleted, as the re-aggregation does. Only a cursor
-        -- moved back over stored bars finds any; a fresh catch-up reads an empty index range.
-        -- (This statement's snapshot does not see the rows `written` inserts.)
+        -- moved back over stored bars finds any (recheck). (This statement's snapshot does not see
+        -- the rows `written` inserts.)
         UPDATE derived_data_bars d
         SET deleted_at = now(), updated_at = now()
         FROM outcome o
-        WHERE d.canonical_symbol = o.sym AND d.timeframe = p_to_tf
+        WHERE o.recheck AND d.canonical_symbol = o.sym AND d.timeframe = p_to_tf
           AND d.ts_utc >= o.s0 AND d.ts_utc < o.new_cursor AND d.deleted_at IS NULL
           AND NOT EXISTS (SELECT 1 FROM handled h
                           WHERE h.sym = o.sym AND h.ts_utc = d.ts_utc AND h.quality_score IS NOT NULL)
