@@ -17,6 +17,7 @@ the two checks every step must pass.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,8 +37,15 @@ WHERE canonical_symbol = %s AND deleted_at IS NULL
 VALUES = slice(0, 10)  # open .. quality_score (the row version is the last column)
 
 
-def seed_cron_run(conn: psycopg.Connection, now: datetime, env: str = "prod") -> dict[str, int]:
-    """One run of the seed's worker (seed E.3) at the clock ``now``; what it did, summed."""
+def seed_cron_run(
+    conn: psycopg.Connection,
+    now: datetime,
+    env: str = "prod",
+    between: Callable[[int], None] | None = None,
+) -> dict[str, int]:
+    """One run of the seed's worker (seed E.3) at the clock ``now``; what it did, summed.
+    ``between(i)`` runs after the i-th task's catch-up and before its agg_finish (another
+    transaction, as with RPC): a test delivers rows there."""
     conn.execute("SELECT sync_agg_state_from_registry(p_env_name => %s, p_now_utc => %s)", (env, now))
     tasks = conn.execute(
         "SELECT canonical_symbol, timeframe, last_agg_bar_ts_utc"
@@ -60,6 +68,8 @@ def seed_cron_run(conn: psycopg.Connection, now: datetime, env: str = "prod") ->
                 " p_max_windows => 100, p_now_utc => %s, p_derivation_version => 1)",
                 (symbol, timeframe, cursor, now),
             ).fetchone()
+            if between is not None:
+                between(done["tasks"] + done["failed"])
             conn.execute(
                 "SELECT agg_finish(p_symbol => %s, p_to_tf => %s, p_success => true, p_new_cursor_utc => %s,"
                 " p_stats => %s, p_now_utc => %s)",

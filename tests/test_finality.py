@@ -121,7 +121,7 @@ def run_two_workers(db: Database, now: datetime, max_windows: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # The property test
 # ---------------------------------------------------------------------------------------------
-CALLERS = ("worker", "worker_small", "budget", "two_workers", "seed")
+CALLERS = ("worker", "worker_small", "budget", "two_workers", "seed", "seed_mid")
 STEPS = [timedelta(seconds=s) for s in (20, 60, 130, 300, 780, 3660, 4 * 3600, 86400)]
 LATENESS = [timedelta(seconds=s) for s in (5, 5, 5, 40, 150, 420, 3900, 26 * 3600)]
 
@@ -183,6 +183,23 @@ def test_no_bar_before_its_window_is_final_whatever_the_caller(
     delivered = 0
     for step, caller in steps:
         now += step
+        if caller == "seed_mid":
+            # the seed's loop, with this step's rows delivered between one task's catch-up and its
+            # agg_finish (each call is its own transaction)
+            at = rnd.randrange(6)
+            fed = [delivered]
+
+            def between(i: int, at: int = at, fed: list[int] = fed, now: datetime = now) -> None:
+                if i == at:
+                    check.check_step(now, "the first part of the seed's loop")
+                    fed[0] = feed(conn, events, fed[0], now)
+                    check.check_step(now, "a delivery inside the seed's loop")
+
+            seed_cron_run(conn, now, between=between)
+            check.check_step(now, caller)
+            delivered = feed(conn, events, fed[0], now)
+            check.check_step(now, "a delivery")
+            continue
         delivered = feed(conn, events, delivered, now)
         check.check_step(now, "a delivery")
         call(db, conn, caller, now, rnd)
@@ -231,7 +248,7 @@ def call(db: Database, conn: psycopg.Connection, caller: str, now: datetime, rnd
         run_worker(db, now, max_windows=rnd.choice([3, 12, 40]), time_budget=0.0)
     elif caller == "two_workers":
         run_two_workers(db, now, rnd.choice([2, 2000]))
-    else:
+    else:  # seed, seed_mid (only as the first caller: nothing to deliver yet)
         seed_cron_run(conn, now)
 
 
@@ -331,6 +348,33 @@ def test_backfill_from_over_unchanged_data_rewrites_nothing(db: Database, tmp_pa
             "SELECT sum(total_bars_created - total_bars_withdrawn) FROM data_agg_state"
         ).fetchone()
     assert stored == balance == created - 1
+
+
+def test_a_row_delivered_between_the_seeds_catch_up_and_its_finish_is_not_lost(db: Database) -> None:
+    """The seed's loop stores the cursor in agg_finish, a transaction after the bars. A late row for a
+    window the catch-up just passed over (a gap then) used to land at or after the stored cursor: not
+    logged, and passed over for good when agg_finish moved the cursor. catchup_aggregation_range now
+    stores the cursor of a claimed task with its bars, so the row is logged and its window built."""
+    ten = datetime(2025, 7, 8, 10, 0, tzinfo=UTC)
+    with db.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO core_asset_registry_all (canonical_symbol) VALUES ('X')")
+        seed_cron_run(conn, ten + timedelta(seconds=10))  # bootstraps 5m at 10:00 (no data yet)
+        deliver(
+            conn, [(ten + timedelta(minutes=m), 0.0) for m in range(5, 10)], symbol="X"
+        )  # 10:00-10:04 late
+
+        def late_rows(i: int) -> None:
+            if i == 0:  # after the 5m task's catch-up (10:00 passed over as a gap), before agg_finish
+                deliver(conn, [(ten + timedelta(minutes=m), 0.0) for m in range(5)], symbol="X")
+
+        seed_cron_run(conn, ten + timedelta(minutes=10, seconds=40), between=late_rows)
+        assert pending(conn) == [("X", "5m", ten)]
+        seed_cron_run(conn, ten + timedelta(minutes=15))
+        rows = conn.execute(
+            "SELECT ts_utc, source_candles FROM derived_data_bars WHERE timeframe = '5m' AND deleted_at IS NULL"
+            " ORDER BY ts_utc"
+        ).fetchall()
+    assert rows == [(ten, 5), (ten + timedelta(minutes=5), 5)]
 
 
 def fx_minutes(first_day: datetime, days: int, skip: set[datetime] | None = None) -> list[datetime]:
