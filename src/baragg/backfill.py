@@ -29,9 +29,16 @@ class BackfillReport:
     tasks: int = 0
     task_runs: int = 0
     windows: int = 0
+    # Every recomputed window is one of: created (inserted), rewritten (values changed), withdrawn
+    # (soft-deleted), unchanged (equal to the stored bar: nothing written). A `--from` over data that
+    # did not change rewrites nothing and reports its bars as unchanged.
     bars_created: int = 0
+    bars_rewritten: int = 0
+    bars_withdrawn: int = 0
+    bars_unchanged: int = 0
     bars_quality_poor: int = 0
-    bars_reaggregated: int = 0  # late or corrected source data (DESIGN.md 5)
+    windows_reaggregated: int = 0  # logged windows (late or corrected source data, DESIGN.md 5)
+    bars_reaggregated: int = 0  # of the bars above, created or rewritten through that path
     failures: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -59,7 +66,8 @@ def restart_from(
 ) -> int:
     """Set the tasks' agg_start_utc to ``start`` and reset their cursors, so that the worker
     bootstraps them again from there: history before the old agg_start_utc gets aggregated, and bars
-    already stored are recomputed (an upsert that changes nothing where the source did not change).
+    already stored are recomputed (nothing is written where the source did not change: those bars
+    count as unchanged).
     Refused while a worker is running one of the tasks."""
     params = {"start": start, "symbols": symbols, "timeframes": timeframes}
     with db.connect() as conn:
@@ -109,8 +117,12 @@ def backfill(
             report.task_runs += 1
             report.windows += result.windows
             report.bars_created += result.bars_created
+            report.bars_rewritten += result.bars_rewritten
+            report.bars_withdrawn += result.bars_withdrawn
+            report.bars_unchanged += result.bars_unchanged
             report.bars_quality_poor += result.bars_quality_poor
-            report.bars_reaggregated += getattr(result, "bars_reaggregated", 0)
+            report.windows_reaggregated += result.windows_reaggregated
+            report.bars_reaggregated += result.bars_reaggregated
             if result.outcome in ("transient", "hard"):
                 report.failures.append(
                     {

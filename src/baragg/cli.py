@@ -162,8 +162,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_json({"totals": totals, "sync": summary.sync, "seconds": round(summary.seconds, 3)})
     else:
         failed = totals["transient"] + totals["hard"]
+        late = totals["windows_reaggregated"]
         print(
-            f"{totals['task_runs']} task runs, {totals['windows']} windows, {totals['bars_created']} bars created"
+            f"{totals['task_runs']} task runs, {totals['windows']} windows, {worker.describe_bars(totals)}"
+            + (f" ({late} late windows re-aggregated)" if late else "")
             + (f", {failed} failed (see last_error)" if failed else "")
         )
     return 0
@@ -448,11 +450,17 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report.as_dict())
     else:
+        from baragg.worker import describe_bars
+
         rate = f", {report.windows / report.seconds:,.0f} windows/s" if report.seconds else ""
+        late = (
+            f", {report.windows_reaggregated:,} late windows re-aggregated"
+            if report.windows_reaggregated
+            else ""
+        )
         print(
             f"backfill: {report.tasks} task(s), {report.task_runs} run(s), {report.windows:,} windows, "
-            f"{report.bars_created:,} bars created ({report.bars_quality_poor:,} poor quality), "
-            f"{report.bars_reaggregated:,} re-aggregated "
+            f"{describe_bars(report)} ({report.bars_quality_poor:,} poor quality{late}) "
             f"in {report.seconds:.1f}s{rate}"
         )
         for failure in report.failures:

@@ -37,10 +37,13 @@ class TaskStatus:
     hard_fail_streak: int
     last_error: str | None
     last_successful_at: datetime | None
-    bars_created: int
+    bars_created: int  # inserted
     bars_quality_poor: int
     lease_owner: str | None
     pending_invalidations: int = 0  # windows to re-aggregate: their source changed after aggregation
+    bars_rewritten: int = 0  # stored bars whose values changed
+    bars_withdrawn: int = 0  # stored bars soft-deleted (their source vanished)
+    bars_unchanged: int = 0  # recomputed equal to the stored bar: nothing written
 
     @property
     def alert(self) -> bool:
@@ -75,6 +78,9 @@ def task_status(
             last_error=r["last_error"],
             last_successful_at=_utc(r["last_successful_at_utc"]),
             bars_created=r["total_bars_created"],
+            bars_rewritten=r["total_bars_rewritten"],
+            bars_withdrawn=r["total_bars_withdrawn"],
+            bars_unchanged=r["total_bars_unchanged"],
             bars_quality_poor=r["total_bars_quality_poor"],
             lease_owner=r["lease_owner"],
             pending_invalidations=r["pending_invalidations"],
@@ -126,7 +132,10 @@ def render(tasks: list[TaskStatus], *, console: Any = None, now: datetime | None
         ("behind now", "right"),
         ("next run", "left"),
         ("streak", "right"),
-        ("bars", "right"),
+        ("created", "right"),
+        ("rewritten", "right"),
+        ("withdrawn", "right"),
+        ("unchanged", "right"),
         ("poor", "right"),
         ("late", "right"),
         ("last error", "left"),
@@ -152,6 +161,9 @@ def render(tasks: list[TaskStatus], *, console: Any = None, now: datetime | None
             when(t.next_run_at),
             str(t.hard_fail_streak or ""),
             f"{t.bars_created:,}",
+            f"{t.bars_rewritten:,}" if t.bars_rewritten else "",
+            f"{t.bars_withdrawn:,}" if t.bars_withdrawn else "",
+            f"{t.bars_unchanged:,}" if t.bars_unchanged else "",
             f"{t.bars_quality_poor:,}" if t.bars_quality_poor else "",
             f"{t.pending_invalidations:,}" if t.pending_invalidations else "",
             error,

@@ -39,9 +39,31 @@ from baragg.sql import query
 
 log = logging.getLogger(__name__)
 
-STAT_KEYS = ("windows_processed", "bars_created", "bars_quality_poor", "bars_skipped", "gaps_skipped")
-# Late data (migration 0004): bars rewritten / soft-deleted because their source rows changed.
-REAGGREGATE_KEYS = ("bars_reaggregated", "bars_withdrawn")
+# The counts of one catch-up call (agg_catchup_tasks). Every recomputed window is exactly one of
+# created (inserted), rewritten (values changed), unchanged (equal: nothing written) or, where a
+# stored bar lost its source, withdrawn (soft-deleted); a window with too few source bars is skipped.
+STAT_KEYS = (
+    "windows_processed",
+    "bars_created",
+    "bars_rewritten",
+    "bars_unchanged",
+    "bars_withdrawn",
+    "bars_quality_poor",
+    "bars_skipped",
+    "gaps_skipped",
+)
+# The counts of the re-aggregation of logged windows (late or corrected data, agg_reaggregate_tasks).
+# It records them in data_agg_state itself, so they are never passed on to a checkpoint or finish.
+REAGGREGATE_KEYS = (
+    "windows",
+    "bars_created",
+    "bars_rewritten",
+    "bars_unchanged",
+    "bars_withdrawn",
+    "bars_quality_poor",
+    "bars_reaggregated",
+)
+_BOTH_PATHS = ("bars_created", "bars_rewritten", "bars_unchanged", "bars_withdrawn", "bars_quality_poor")
 DEFAULT_LEASE_SECONDS = 300
 DEFAULT_TIME_BUDGET = 60.0
 DEFAULT_MAX_WINDOWS = 2000
@@ -67,7 +89,13 @@ def new_worker_id(suffix: str = "") -> str:
 @dataclass(frozen=True)
 class TaskResult:
     """One claim of one task. outcome: ok (at its frontier), continue (backlog left: time budget or
-    shutdown), transient / hard (failed, recorded by agg_finish), lease_lost (another worker holds it)."""
+    shutdown), transient / hard (failed, recorded by agg_finish), lease_lost (another worker holds it).
+
+    The bar counts cover both paths of the claim, the re-aggregation of logged windows (late or
+    corrected data) and the catch-up: created (inserted), rewritten (values changed), withdrawn
+    (soft-deleted), unchanged (recomputed equal, nothing written). ``windows_reaggregated`` and
+    ``bars_reaggregated`` (created + rewritten) are the late-data path's share.
+    """
 
     symbol: str
     timeframe: str
@@ -83,6 +111,9 @@ class TaskResult:
     error: str | None = None
     bars_reaggregated: int = 0
     bars_withdrawn: int = 0
+    bars_rewritten: int = 0
+    bars_unchanged: int = 0
+    windows_reaggregated: int = 0
 
     def log_fields(self) -> dict[str, Any]:
         return {
@@ -91,11 +122,14 @@ class TaskResult:
             "timeframe": self.timeframe,
             "windows": self.windows,
             "bars_created": self.bars_created,
+            "bars_rewritten": self.bars_rewritten,
+            "bars_withdrawn": self.bars_withdrawn,
+            "bars_unchanged": self.bars_unchanged,
             "bars_quality_poor": self.bars_quality_poor,
             "bars_skipped": self.bars_skipped,
             "gaps_skipped": self.gaps_skipped,
+            "windows_reaggregated": self.windows_reaggregated,
             "bars_reaggregated": self.bars_reaggregated,
-            "bars_withdrawn": self.bars_withdrawn,
             "cursor_before": self.cursor_before,
             "cursor_after": self.cursor_after,
             "seconds": round(self.seconds, 4),
@@ -118,11 +152,14 @@ class RunSummary:
             "task_runs": len(self.tasks),
             "windows": sum(t.windows for t in self.tasks),
             "bars_created": sum(t.bars_created for t in self.tasks),
+            "bars_rewritten": sum(t.bars_rewritten for t in self.tasks),
+            "bars_withdrawn": sum(t.bars_withdrawn for t in self.tasks),
+            "bars_unchanged": sum(t.bars_unchanged for t in self.tasks),
             "bars_quality_poor": sum(t.bars_quality_poor for t in self.tasks),
             "bars_skipped": sum(t.bars_skipped for t in self.tasks),
             "gaps_skipped": sum(t.gaps_skipped for t in self.tasks),
+            "windows_reaggregated": sum(t.windows_reaggregated for t in self.tasks),
             "bars_reaggregated": sum(t.bars_reaggregated for t in self.tasks),
-            "bars_withdrawn": sum(t.bars_withdrawn for t in self.tasks),
         }
         for outcome in ("ok", "continue", "transient", "hard", "lease_lost"):
             out[outcome] = sum(1 for t in self.tasks if t.outcome == outcome)
@@ -292,7 +329,7 @@ class _Claimer:
             level = logging.WARNING
         else:
             worked = (
-                result.windows or result.gaps_skipped or result.bars_reaggregated or result.bars_withdrawn
+                result.windows or result.gaps_skipped or result.windows_reaggregated or result.bars_withdrawn
             )
             level = logging.INFO if worked else logging.DEBUG
         if log.isEnabledFor(level):
@@ -336,8 +373,9 @@ class _Claimer:
                         conn.execute(query("worker_lock_tasks"), batch)
                         conn.execute(query("worker_clear_rerun"), batch)
                         if first:
-                            # Late data first: rewrite the windows invalidated behind the cursors,
-                            # committed with the first catch-up call (migration 0004).
+                            # Late data first: re-aggregate the logged windows behind the cursors
+                            # that are final (DESIGN.md 5; the others stay logged and agg_finish
+                            # schedules the task for them), committed with the first catch-up call.
                             fixed = conn.execute(
                                 query("worker_reaggregate_many"),
                                 self.params(timeframe=timeframe, symbols=symbols),
@@ -480,12 +518,13 @@ class _Progress:
             self.reaggregated[k] += int(result.get(k) or 0)
 
     def result(self, seconds: float) -> TaskResult:
+        both = {k: self.totals[k] + self.reaggregated[k] for k in _BOTH_PATHS}
         return TaskResult(
             symbol=self.task.symbol,
             timeframe=self.task.timeframe,
             windows=self.totals["windows_processed"],
-            bars_created=self.totals["bars_created"],
-            bars_quality_poor=self.totals["bars_quality_poor"],
+            bars_created=both["bars_created"],
+            bars_quality_poor=both["bars_quality_poor"],
             bars_skipped=self.totals["bars_skipped"],
             gaps_skipped=self.totals["gaps_skipped"],
             cursor_before=self.cursor_before,
@@ -494,7 +533,10 @@ class _Progress:
             outcome=self.outcome,
             error=self.error,
             bars_reaggregated=self.reaggregated["bars_reaggregated"],
-            bars_withdrawn=self.reaggregated["bars_withdrawn"],
+            bars_withdrawn=both["bars_withdrawn"],
+            bars_rewritten=both["bars_rewritten"],
+            bars_unchanged=both["bars_unchanged"],
+            windows_reaggregated=self.reaggregated["windows"],
         )
 
     def merged(self, later: TaskResult, seconds: float) -> TaskResult:
@@ -504,11 +546,14 @@ class _Progress:
             later,
             windows=mine.windows + later.windows,
             bars_created=mine.bars_created + later.bars_created,
+            bars_rewritten=mine.bars_rewritten + later.bars_rewritten,
+            bars_withdrawn=mine.bars_withdrawn + later.bars_withdrawn,
+            bars_unchanged=mine.bars_unchanged + later.bars_unchanged,
             bars_quality_poor=mine.bars_quality_poor + later.bars_quality_poor,
             bars_skipped=mine.bars_skipped + later.bars_skipped,
             gaps_skipped=mine.gaps_skipped + later.gaps_skipped,
+            windows_reaggregated=mine.windows_reaggregated + later.windows_reaggregated,
             bars_reaggregated=mine.bars_reaggregated + later.bars_reaggregated,
-            bars_withdrawn=mine.bars_withdrawn + later.bars_withdrawn,
             cursor_before=self.cursor_before,
             seconds=seconds + later.seconds,
         )
@@ -524,10 +569,24 @@ def _short(ts: datetime | None) -> str:
     return ts.isoformat().replace("+00:00", "Z") if ts else "-"
 
 
+def describe_bars(counts: dict[str, int] | Any) -> str:
+    """'3 bars created, 1 rewritten, 0 withdrawn, 5 unchanged' from a mapping or an object with the
+    four counts: the same words in every text output (log lines, run --once, backfill)."""
+
+    def get(key: str) -> int:
+        return int(counts.get(key, 0) if isinstance(counts, dict) else getattr(counts, key, 0))
+
+    return (
+        f"{get('bars_created'):,} bars created, {get('bars_rewritten'):,} rewritten, "
+        f"{get('bars_withdrawn'):,} withdrawn, {get('bars_unchanged'):,} unchanged"
+    )
+
+
 def _describe(r: TaskResult) -> str:
+    late = f"; {r.windows_reaggregated} late windows re-aggregated" if r.windows_reaggregated else ""
     text = (
-        f"{r.symbol} {r.timeframe} {r.outcome}: {r.windows} windows, {r.bars_created} bars "
-        f"({r.bars_quality_poor} poor, {r.bars_skipped} skipped, {r.gaps_skipped} gaps), "
+        f"{r.symbol} {r.timeframe} {r.outcome}: {r.windows} windows, {describe_bars(r)} "
+        f"({r.bars_quality_poor} poor, {r.bars_skipped} skipped, {r.gaps_skipped} gaps{late}), "
         f"cursor {_short(r.cursor_before)} -> {_short(r.cursor_after)} in {r.seconds:.3f}s"
     )
     return f"{text}: {r.error}" if r.error else text
@@ -604,10 +663,11 @@ def run_once(
     summary.seconds = time.monotonic() - started
     totals = summary.totals
     log.info(
-        "run finished: %d task runs, %d windows, %d bars created, %d failed in %.2fs",
+        "run finished: %d task runs, %d windows, %s (%d late windows re-aggregated), %d failed in %.2fs",
         totals["task_runs"],
         totals["windows"],
-        totals["bars_created"],
+        describe_bars(totals),
+        totals["windows_reaggregated"],
         totals["transient"] + totals["hard"],
         summary.seconds,
         extra={"event": "run_finished", **totals, "seconds": round(summary.seconds, 3)},

@@ -119,9 +119,11 @@ SELECT agg_checkpoint_many(%(worker_id)s, %(items)s::jsonb, %(now)s::timestamptz
 -- ==== late data (migration 0004) ====
 
 -- name: worker_reaggregate_many
--- Re-aggregate the invalidated windows of claimed tasks of one timeframe (all of them, one
--- statement); result keys: windows, bars_reaggregated, bars_withdrawn, entries_dropped.
-SELECT canonical_symbol, result FROM agg_reaggregate_tasks(%(timeframe)s, %(symbols)s::text[]);
+-- Re-aggregate the final logged windows of claimed tasks of one timeframe (all of them, one
+-- statement; windows not final yet stay logged); result keys: windows, bars_created, bars_rewritten,
+-- bars_unchanged, bars_withdrawn, bars_quality_poor, bars_reaggregated, entries_dropped, entries_waiting.
+SELECT canonical_symbol, result
+FROM agg_reaggregate_tasks(%(timeframe)s, %(symbols)s::text[], 1, %(now)s::timestamptz);
 
 -- name: pending_invalidations
 -- Per task: windows waiting to be re-aggregated because their source changed after aggregation.
@@ -325,7 +327,8 @@ SELECT to_regclass('agg_timeframes') IS NOT NULL
 -- the bucket that starts right after the newest source bar ends.
 SELECT s.canonical_symbol, s.timeframe, s.status, s.enabled, s.is_mandatory, s.last_agg_bar_ts_utc,
        s.next_run_at, s.hard_fail_streak, s.last_error, s.last_successful_at_utc,
-       s.total_bars_created, s.total_bars_quality_poor, s.lease_owner,
+       s.total_bars_created, s.total_bars_rewritten, s.total_bars_withdrawn, s.total_bars_unchanged,
+       s.total_bars_quality_poor, s.lease_owner,
        f.frontier,
        CASE WHEN s.last_agg_bar_ts_utc IS NOT NULL AND f.frontier IS NOT NULL
             THEN greatest(0, extract(epoch FROM f.frontier - s.last_agg_bar_ts_utc)) END AS lag_frontier_seconds,
@@ -474,6 +477,9 @@ SELECT f.canonical_symbol AS symbol,
        f.total_transient_failures AS transient_failures,
        f.total_hard_failures AS hard_failures,
        f.total_bars_created AS bars_created,
+       f.total_bars_rewritten AS bars_rewritten,
+       f.total_bars_withdrawn AS bars_withdrawn,
+       f.total_bars_unchanged AS bars_unchanged,
        f.total_bars_quality_poor AS bars_quality_poor,
        f.invalidations AS invalidations_pending,
        c.now_utc

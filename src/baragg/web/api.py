@@ -98,7 +98,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if effective_status(r) in ALERT_STATUSES
         ],
         "worst_lag": dict(sorted(worst.items(), key=lambda kv: TIMEFRAME_ORDER.get(kv[0], 99))),
+        # Every recomputed window counts once: created (inserted), rewritten (values changed),
+        # withdrawn (soft-deleted) or unchanged (equal: nothing written). Bars stored = created -
+        # withdrawn (over a task's life, when no bar was removed by hand).
         "bars_created": sum(int(r["bars_created"] or 0) for r in rows),
+        "bars_rewritten": sum(int(r["bars_rewritten"] or 0) for r in rows),
+        "bars_withdrawn": sum(int(r["bars_withdrawn"] or 0) for r in rows),
+        "bars_unchanged": sum(int(r["bars_unchanged"] or 0) for r in rows),
         "bars_quality_poor": sum(int(r["bars_quality_poor"] or 0) for r in rows),
         "invalidations_pending": sum(int(r["invalidations_pending"] or 0) for r in rows),
     }

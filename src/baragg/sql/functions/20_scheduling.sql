@@ -27,12 +27,16 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
             OR (p_status = 'running' AND _agg_lease_end(p_lease_expires_at, p_running_started_at_utc) <= p_now))
 $$;
 
--- Adds the counters of one catch-up call to a running sum (keys of catchup_aggregation_range).
+-- Adds the counters of one catch-up call to a running sum (keys of catchup_aggregation_range; the
+-- re-aggregation of logged windows adds its own to last_run_stats and the totals itself).
 CREATE OR REPLACE FUNCTION _agg_stats_add(p_sum jsonb, p_stats jsonb)
 RETURNS jsonb LANGUAGE sql STABLE AS $$
     SELECT COALESCE(p_sum, '{}'::jsonb) || jsonb_build_object(
         'windows_processed', COALESCE((p_sum->>'windows_processed')::bigint, 0) + COALESCE((p_stats->>'windows_processed')::bigint, 0),
         'bars_created', COALESCE((p_sum->>'bars_created')::bigint, 0) + COALESCE((p_stats->>'bars_created')::bigint, 0),
+        'bars_rewritten', COALESCE((p_sum->>'bars_rewritten')::bigint, 0) + COALESCE((p_stats->>'bars_rewritten')::bigint, 0),
+        'bars_unchanged', COALESCE((p_sum->>'bars_unchanged')::bigint, 0) + COALESCE((p_stats->>'bars_unchanged')::bigint, 0),
+        'bars_withdrawn', COALESCE((p_sum->>'bars_withdrawn')::bigint, 0) + COALESCE((p_stats->>'bars_withdrawn')::bigint, 0),
         'bars_quality_poor', COALESCE((p_sum->>'bars_quality_poor')::bigint, 0) + COALESCE((p_stats->>'bars_quality_poor')::bigint, 0),
         'bars_skipped', COALESCE((p_sum->>'bars_skipped')::bigint, 0) + COALESCE((p_stats->>'bars_skipped')::bigint, 0),
         'gaps_skipped', COALESCE((p_sum->>'gaps_skipped')::bigint, 0) + COALESCE((p_stats->>'gaps_skipped')::bigint, 0),
@@ -191,6 +195,9 @@ BEGIN
     SET last_agg_bar_ts_utc = COALESCE(p_new_cursor_utc, s.last_agg_bar_ts_utc),
         total_windows_processed = s.total_windows_processed + COALESCE((p_stats->>'windows_processed')::bigint, 0),
         total_bars_created = s.total_bars_created + COALESCE((p_stats->>'bars_created')::bigint, 0),
+        total_bars_rewritten = s.total_bars_rewritten + COALESCE((p_stats->>'bars_rewritten')::bigint, 0),
+        total_bars_unchanged = s.total_bars_unchanged + COALESCE((p_stats->>'bars_unchanged')::bigint, 0),
+        total_bars_withdrawn = s.total_bars_withdrawn + COALESCE((p_stats->>'bars_withdrawn')::bigint, 0),
         total_bars_quality_poor = s.total_bars_quality_poor + COALESCE((p_stats->>'bars_quality_poor')::bigint, 0),
         total_bars_skipped = s.total_bars_skipped + COALESCE((p_stats->>'bars_skipped')::bigint, 0),
         total_gaps_skipped = s.total_gaps_skipped + COALESCE((p_stats->>'gaps_skipped')::bigint, 0),
@@ -276,24 +283,34 @@ BEGIN
             total_runs = s.total_runs + 1,
             total_windows_processed = s.total_windows_processed + COALESCE((i.st->>'windows_processed')::bigint, 0),
             total_bars_created = s.total_bars_created + COALESCE((i.st->>'bars_created')::bigint, 0),
+            total_bars_rewritten = s.total_bars_rewritten + COALESCE((i.st->>'bars_rewritten')::bigint, 0),
+            total_bars_unchanged = s.total_bars_unchanged + COALESCE((i.st->>'bars_unchanged')::bigint, 0),
+            total_bars_withdrawn = s.total_bars_withdrawn + COALESCE((i.st->>'bars_withdrawn')::bigint, 0),
             total_bars_quality_poor = s.total_bars_quality_poor + COALESCE((i.st->>'bars_quality_poor')::bigint, 0),
             total_bars_skipped = s.total_bars_skipped + COALESCE((i.st->>'bars_skipped')::bigint, 0),
             total_gaps_skipped = s.total_gaps_skipped + COALESCE((i.st->>'gaps_skipped')::bigint, 0),
-            -- 'moved' (from the old row: the cursor moved or windows were handled during this
-            -- claim) decides below whether the tasks built from this one are woken.
+            -- 'moved' (from the old row: the cursor moved, windows were handled or logged windows
+            -- re-aggregated during this claim; catchup_aggregation_range notes a cursor it stored
+            -- itself) decides below whether the tasks built from this one are woken.
             last_run_stats = _agg_stats_add(s.last_run_stats, i.st)
                 || jsonb_build_object('outcome', 'ok', 'finished_at', v_now,
                                       'cursor_after', COALESCE(i.cur, s.last_agg_bar_ts_utc),
                                       'continue', COALESCE((i.st->>'continue')::boolean, false),
                                       'moved', COALESCE(i.cur, s.last_agg_bar_ts_utc) IS DISTINCT FROM s.last_agg_bar_ts_utc
                                                OR COALESCE((s.last_run_stats->>'windows_processed')::bigint, 0)
-                                                  + COALESCE((i.st->>'windows_processed')::bigint, 0) > 0),
-            next_run_at = _agg_next_run(COALESCE(i.cur, s.last_agg_bar_ts_utc), t.bucket_interval,
+                                                  + COALESCE((i.st->>'windows_processed')::bigint, 0) > 0
+                                               OR COALESCE((s.last_run_stats->>'windows_reaggregated')::bigint, 0) > 0
+                                               OR COALESCE((s.last_run_stats->>'cursor_moved')::boolean, false)),
+            -- The next window to become final: the one at the cursor, or an earlier logged window
+            -- still waiting (DESIGN.md 5), whichever comes first.
+            next_run_at = _agg_next_run(LEAST(COALESCE(i.cur, s.last_agg_bar_ts_utc), lg.first_logged), t.bucket_interval,
                                         s.aggregation_delay_seconds, s.run_interval_minutes,
                                         COALESCE((i.st->>'continue')::boolean, false) OR s.rerun_requested, v_now),
             updated_at = now()
         FROM input i
         LEFT JOIN agg_timeframes t ON t.timeframe = i.tf
+        LEFT JOIN LATERAL (SELECT min(v.window_start) AS first_logged FROM agg_invalidations v
+                           WHERE v.canonical_symbol = i.sym AND v.timeframe = i.tf) lg ON true
         WHERE s.canonical_symbol = i.sym AND s.timeframe = i.tf
         RETURNING s.canonical_symbol, s.timeframe, s.last_agg_bar_ts_utc, s.next_run_at,
                   (s.last_run_stats->>'moved')::boolean AS moved
@@ -304,8 +321,9 @@ BEGIN
     INTO v_done FROM upd u;
 
     -- Wake the tasks built from the ones that moved (new source rows may exist), if their next
-    -- window is final already (else they are scheduled for that moment anyway): idle ones become
-    -- due now, running ones run again right after their finish (no lost wake-up).
+    -- window (at the cursor, or an earlier logged one that may have waited for this task: rule 3)
+    -- is final already (else they are scheduled for that moment anyway): idle ones become due now,
+    -- running ones run again right after their finish (no lost wake-up).
     -- Looked up by key (= ANY on the primary key's first column, then a hashed key test), not
     -- joined: a join was planned as a nested loop over both sets (a million comparisons).
     SELECT array_agg(m.canonical_symbol), array_agg(m.canonical_symbol || ' ' || m.timeframe)
@@ -320,8 +338,10 @@ BEGIN
     WHERE d.canonical_symbol = ANY (v_symbols) AND (d.canonical_symbol || ' ' || d.source_timeframe) = ANY (v_moved)
       AND d.enabled AND t.timeframe = d.timeframe
       AND (d.last_agg_bar_ts_utc IS NULL
-           OR d.last_agg_bar_ts_utc + t.bucket_interval
-              + make_interval(secs => COALESCE(d.aggregation_delay_seconds, 0)) <= v_now)
+           OR LEAST(d.last_agg_bar_ts_utc,
+                    (SELECT min(v.window_start) FROM agg_invalidations v
+                     WHERE v.canonical_symbol = d.canonical_symbol AND v.timeframe = d.timeframe))
+              + t.bucket_interval + make_interval(secs => COALESCE(d.aggregation_delay_seconds, 0)) <= v_now)
       AND ((d.status = 'idle' AND (d.next_run_at IS NULL OR d.next_run_at > v_now))
            OR (d.status = 'running' AND NOT d.rerun_requested));
 
@@ -336,10 +356,13 @@ END $$;
 -- ---------------------------------------------------------------------------------------------
 -- Success: idle, cursor, counters (p_stats: the keys of catchup_aggregation_range, for the call not
 -- yet checkpointed), streak 0, and next_run_at = now when a backlog remains (p_stats->'continue') or
--- the source advanced meanwhile, else the moment the next window becomes final (cursor + interval +
--- delay), or one minute from now when that moment has passed already (the next window is final but
--- could not be built: no source data yet, or the source task is behind; its finish wakes us).
--- A success that moved the cursor wakes the tasks built from this one (same symbol).
+-- the source advanced meanwhile, else the moment the next window becomes final: the window at the
+-- cursor or the task's earliest logged window still waiting (agg_invalidations), whichever is
+-- earlier (window start + interval + delay); one minute from now when that moment has passed
+-- already (the window is final by the clock but could not be built: no source data yet, or a task
+-- below it is behind; that task's finish wakes us). A task with logged windows is never scheduled
+-- past them. A success that moved the cursor (or re-aggregated logged windows) wakes the tasks
+-- built from this one (same symbol).
 --
 -- Failure (p_fail_kind 'transient' or anything else = hard; the cursor stays where the last
 -- checkpoint put it): transient → retry in 1 minute, streak unchanged; hard → streak + 1, retry in
