@@ -146,20 +146,22 @@ COPY ingest_stage (line, canonical_symbol, ts_us, open, high, low, close, vol, v
 FROM STDIN WITH (FORMAT csv);
 
 -- name: ingest_duplicates
--- Good rows whose (symbol, time) appears more than once in the file, with the other lines.
-WITH keyed AS (
-    SELECT line, canonical_symbol, ts_utc, ok,
-           array_agg(line) OVER (PARTITION BY canonical_symbol, ts_utc) AS lines
+-- Good rows whose (symbol, time) appears more than once in the file, in line order, with up to five
+-- of the other lines and how many other lines there are (a time repeated a million times must not
+-- give every one of its rows a list of a million lines).
+WITH repeated AS (
+    SELECT canonical_symbol, ts_utc, count(*) AS n, (array_agg(line ORDER BY line))[1:6] AS first_lines
     FROM ingest_stage
-    WHERE (canonical_symbol, ts_utc) IN (
-        SELECT canonical_symbol, ts_utc FROM ingest_stage
-        GROUP BY canonical_symbol, ts_utc HAVING count(*) > 1
-    )
+    GROUP BY canonical_symbol, ts_utc
+    HAVING count(*) > 1
 )
-SELECT line, ts_utc, ARRAY(SELECT l FROM unnest(lines) AS l WHERE l <> keyed.line ORDER BY l) AS others
-FROM keyed
-WHERE ok
-ORDER BY line;
+SELECT s.line, s.ts_utc,
+       ARRAY(SELECT l FROM unnest(r.first_lines) AS l WHERE l <> s.line ORDER BY l LIMIT 5) AS others,
+       r.n - 1 AS n_others
+FROM ingest_stage s
+JOIN repeated r USING (canonical_symbol, ts_utc)
+WHERE s.ok
+ORDER BY s.line;
 
 -- name: ingest_drop_duplicates
 UPDATE ingest_stage s SET ok = false
