@@ -96,7 +96,7 @@ class _Chunk:
     raw: pd.DataFrame
     done: int  # progress position after this chunk
     fields: list[pd.Series] | None = None  # one per file column, in file order (all_columns only)
-    malformed: list[tuple[int, list[str], str]] = field(default_factory=list)  # (line, fields, reason)
+    malformed: list[tuple[int, str, str]] = field(default_factory=list)  # (line, text, reason)
 
 
 class _Source:
@@ -234,20 +234,18 @@ class _CsvSource(_Source):
         if len(over):
             raise _too_long(self.path, first_line + int(over[0]))
 
-    def _not_utf8(self, block: bytes, first_line: int) -> tuple[bytes, list[tuple[int, list[str], str]]]:
+    def _not_utf8(self, block: bytes, first_line: int) -> tuple[bytes, list[tuple[int, str, str]]]:
         """The block with its lines that are not UTF-8 blanked (line numbers kept), and those lines
         as malformed rows."""
         lines = block.split(b"\n")
-        bad: list[tuple[int, list[str], str]] = []
+        bad: list[tuple[int, str, str]] = []
         for offset, raw in enumerate(lines):
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 text = raw.decode("utf-8", errors="replace").rstrip("\r")
                 byte = raw[exc.start : exc.start + 1].hex()
-                bad.append(
-                    (first_line + offset, next(csv.reader([text]), []), f"not UTF-8 text (byte 0x{byte})")
-                )
+                bad.append((first_line + offset, text, f"not UTF-8 text (byte 0x{byte})"))
                 lines[offset] = b""
         return b"\n".join(lines), bad
 
@@ -257,6 +255,7 @@ class _CsvSource(_Source):
         wanted = names if all_columns else [names[p] for p in self.positions]
         for first_line, block, read in self._blocks():
             line_count = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+            not_utf8: list[tuple[int, str, str]] = []  # blanked lines: read as empty lines, dropped below
             try:
                 try:
                     table, malformed = self._parse(block, first_line, names, wanted)
@@ -265,7 +264,6 @@ class _CsvSource(_Source):
                         raise
                     block, not_utf8 = self._not_utf8(block, first_line)
                     table, malformed = self._parse(block, first_line, names, wanted)
-                    malformed = sorted(malformed + not_utf8)
             except pa.ArrowInvalid as exc:
                 last = first_line + line_count - 1
                 raise InvalidInput(
@@ -286,17 +284,18 @@ class _CsvSource(_Source):
                 )
             fields = [frame[name] for name in names] if all_columns else None
             done = min(read, self.total) if self.total else read
-            yield _Chunk(lines=lines, raw=raw, done=done, fields=fields, malformed=malformed)
+            yield _Chunk(
+                lines=lines, raw=raw, done=done, fields=fields, malformed=sorted(malformed + not_utf8)
+            )
 
     def _parse(
         self, block: bytes, first_line: int, names: list[str], wanted: list[str]
-    ) -> tuple[pa.Table, list[tuple[int, list[str], str]]]:
-        malformed: list[tuple[int, list[str], str]] = []
+    ) -> tuple[pa.Table, list[tuple[int, str, str]]]:
+        malformed: list[tuple[int, str, str]] = []
 
         def on_invalid_row(row: pa_csv.InvalidRow) -> str:
-            fields = next(csv.reader([row.text]), [])
             reason = f"expected {row.expected_columns} fields, found {row.actual_columns}"
-            malformed.append((first_line + (row.number or 1) - 1, fields, reason))
+            malformed.append((first_line + (row.number or 1) - 1, row.text, reason))
             return "skip"
 
         table = pa_csv.read_csv(
@@ -532,8 +531,10 @@ class _BadRows:
             self.reject.write([[row.line, *cells, f"{row.column}: {row.reason}"]])
         self._check(row.line)
 
-    def add_malformed(self, malformed: list[tuple[int, list[str], str]]) -> None:
-        for line, fields, reason in malformed:
+    def add_malformed(self, malformed: list[tuple[int, str, str]]) -> None:
+        """Rows the reader could not split into the header's fields: (line, text, reason)."""
+        for line, text, reason in malformed:
+            fields = next(csv.reader([text]), []) if self.reject else []
             self.add(BadRow(line, "(row)", reason), fields)
 
     def add_chunk(self, chunk: _Chunk, checked: Any, positions: np.ndarray) -> None:
