@@ -401,6 +401,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         args.timeframe,
         start=parse_time(args.from_, "--from"),
         end=parse_time(args.to, "--to"),
+        keep=None if args.json else max(args.limit, 0),  # the text lists at most --limit of them
     )
     if args.json:
         print_json(report.as_dict())
@@ -413,8 +414,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(
         f"{report.symbol} {report.timeframe} [{when(report.window_from)}, {when(report.window_to)}): "
-        f"{report.checked} bars checked: {report.equal} equal, {len(report.missing)} missing, "
-        f"{len(report.extra)} extra, {len(report.different)} different"
+        f"{report.checked} bars checked: {report.equal} equal, {report.missing_count} missing, "
+        f"{report.extra_count} extra, {report.different_count} different"
     )
     shown = 0
     for moment in report.missing:
@@ -430,8 +431,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             detail = "; ".join(f"{c} stored {s} expected {e}" for c, (s, e) in diff.columns.items())
             print(f"  different  {when(diff.ts_utc)}: {detail}")
         shown += 1
-    if shown > args.limit:
-        print(f"  ... and {shown - args.limit} more (--limit N or --json for all)")
+    total = report.missing_count + report.extra_count + report.different_count
+    if total > args.limit:
+        print(f"  ... and {total - args.limit} more (--limit N or --json for all)")
     return 0 if report.ok else 1
 
 
