@@ -381,7 +381,15 @@ def test_extra_columns_are_refused_unless_ignored_and_kept_in_the_reject_file(
     assert "unknown column 'provider'" in refused.stderr and "--ignore-column provider" in refused.stderr
     assert bars(conn) == [] and not rejects.exists()
     done = baragg(
-        registered, "ingest", path, "--symbol", "EURUSD", "--reject-file", rejects, "--ignore-column", "provider"
+        registered,
+        "ingest",
+        path,
+        "--symbol",
+        "EURUSD",
+        "--reject-file",
+        rejects,
+        "--ignore-column",
+        "provider",
     )
     assert done.returncode == 0, done.stderr
     assert "ignored columns: provider" in done.stdout and "rejected 1" in done.stdout
