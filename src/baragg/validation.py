@@ -10,6 +10,7 @@ its staging table.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ def column_names(header: list[str], *, ignore: Collection[str] = ()) -> dict[int
     ignored = {name.strip().lower() for name in ignore}
     found: dict[int, str] = {}
     unknown: list[str] = []
+    nameless: list[int] = []
     for position, name in enumerate(header):
         key = name.strip().lower()
         if key in ignored:
@@ -61,6 +63,8 @@ def column_names(header: list[str], *, ignore: Collection[str] = ()) -> dict[int
         column = _NAME_OF.get(key)
         if column is None:
             unknown.append(name)
+            if not key:
+                nameless.append(position + 1)
             continue
         twice = [header[p] for p, c in found.items() if c == column]
         if twice:
@@ -70,11 +74,13 @@ def column_names(header: list[str], *, ignore: Collection[str] = ()) -> dict[int
             )
         found[position] = column
     if unknown:
-        names = ", ".join(repr(shown(n)) for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        named = [n for n in unknown if n.strip()]
+        described = [repr(shown(n)) for n in named[:5]] + [f"'' (column {p}, no name)" for p in nameless[:1]]
+        fix = shlex.quote(",".join([shown(n.strip()) for n in named[:5]] + ([""] if nameless else [])))
         raise InvalidInput(
-            f"unknown column{'s' if len(unknown) > 1 else ''} {names}: rename to one of "
-            f"{', '.join(COLUMNS)} (aliases such as volume, timestamp, symbol are accepted), or drop "
-            f"with --ignore-column {','.join(shown(n) for n in unknown[:5])}"
+            f"unknown column{'s' if len(unknown) > 1 else ''} {', '.join(described)}"
+            f"{' ...' if len(named) > 5 else ''}: rename to one of {', '.join(COLUMNS)} (aliases such as "
+            f"volume, timestamp, symbol are accepted), or drop with --ignore-column {fix}"
         )
     return found
 
