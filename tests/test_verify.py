@@ -13,6 +13,7 @@ from baragg.db import Database
 from baragg.verify import aggregate, bucket_start, quality
 from conftest import REAL_DATA
 from ops_helpers import baragg
+from rss_helpers import baragg_peak_rss
 
 T0 = datetime(2024, 1, 2, 10, 0, tzinfo=UTC)  # a Tuesday
 
@@ -240,3 +241,76 @@ def test_real_data_through_the_worker_verifies_equal(db: Database, tmp_path) -> 
                 report["different"][:3],
             )
             assert report["equal"] > 0 or timeframe == "1w"
+
+
+def test_metadata_columns_are_compared_too(world: Database, conn: psycopg.Connection) -> None:
+    conn.execute(
+        "UPDATE derived_data_bars SET quality_score = 1, source_candles = 4 WHERE ts_utc = %s",
+        (T0 + timedelta(minutes=10),),
+    )
+    conn.execute(
+        "UPDATE derived_data_bars SET expected_candles = 6, source_timeframe = '5m' WHERE ts_utc = %s",
+        (T0 + timedelta(minutes=15),),
+    )
+    done = baragg(world, "verify", "EURUSD", "5m", "--json")
+    assert done.returncode == 1
+    different = {d["ts_utc"][11:16]: d["columns"] for d in json.loads(done.stdout)["different"]}
+    assert different == {
+        "10:10": {
+            "source_candles": {"stored": 4, "expected": 5},
+            "quality_score": {"stored": 1, "expected": 2},
+        },
+        "10:15": {
+            "expected_candles": {"stored": 6, "expected": 5},
+            "source_timeframe": {"stored": "5m", "expected": "1m"},
+        },
+    }
+
+
+def test_small_chunks_give_the_same_report(world: Database, conn: psycopg.Connection) -> None:
+    """Chunks are aligned to windows: one window per chunk finds exactly what one chunk finds."""
+    conn.execute(
+        "UPDATE derived_data_bars SET high = high + 1 WHERE ts_utc = %s", (T0 + timedelta(minutes=5),)
+    )
+    conn.execute("DELETE FROM derived_data_bars WHERE ts_utc = %s", (T0 + timedelta(minutes=10),))
+    conn.execute(
+        "INSERT INTO derived_data_bars (canonical_symbol, timeframe, ts_utc, open, high, low, close)"
+        " VALUES ('EURUSD', '5m', '2024-01-02 09:00+00', 1, 1, 1, 1), ('EURUSD', '5m', '2024-01-02 10:03+00', 1, 1, 1, 1)"
+    )
+    args = ("verify", "EURUSD", "5m", "--from", "2024-01-02T08:00:00Z", "--json")
+    whole = baragg(world, *args)
+    tiny = baragg(world, *args, env={"BARAGG_VERIFY_CHUNK_ROWS": "1"})
+    assert whole.returncode == tiny.returncode == 1
+    assert json.loads(tiny.stdout) == json.loads(whole.stdout)
+    assert json.loads(whole.stdout)["extra"] == ["2024-01-02 09:00:00+00:00", "2024-01-02 10:03:00+00:00"]
+
+
+def test_a_long_range_is_streamed_in_bounded_memory(db: Database, conn: psycopg.Connection) -> None:
+    """300,000 1m rows and their 60,000 5m bars: the recomputation reads them chunk by chunk (before,
+    all of them at once into pandas: ~860 MB for 200,000 5m bars)."""
+    conn.execute("INSERT INTO core_asset_registry_all (canonical_symbol) VALUES ('EURUSD')")
+    conn.execute(
+        "INSERT INTO data_bars (canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap,"
+        " trade_count, source)"
+        " SELECT 'EURUSD', '1m', %s::timestamptz + i * interval '1 minute', p, p + 0.002, p - 0.001, p + 0.001,"
+        "        1 + i %% 5, p + 0.0005, 1 + i %% 3, 'test'"
+        " FROM generate_series(0, 299999) i, LATERAL (SELECT 1 + (i %% 97) * 0.001 AS p) price",
+        (T0,),
+    )
+    conn.execute(
+        "INSERT INTO derived_data_bars (canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap,"
+        " trade_count, source_timeframe, source_candles, expected_candles, quality_score)"
+        " SELECT 'EURUSD', '5m', date_bin('5 minutes', ts_utc, 'epoch'), (array_agg(open ORDER BY ts_utc))[1],"
+        "        max(high), min(low), (array_agg(close ORDER BY ts_utc DESC))[1], sum(vol),"
+        "        sum(vwap * vol) / sum(vol), sum(trade_count), '1m', count(*), 5, 2"
+        " FROM data_bars GROUP BY 3"
+    )
+    conn.execute(
+        "INSERT INTO data_agg_state (canonical_symbol, timeframe, source_timeframe, agg_start_utc,"
+        " last_agg_bar_ts_utc) VALUES ('EURUSD', '5m', '1m', %s, %s)",
+        (T0, T0 + timedelta(minutes=300_000)),
+    )
+    done, peak = baragg_peak_rss(db, "verify", "EURUSD", "5m")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "60000 bars checked: 60000 equal, 0 missing, 0 extra, 0 different" in done.stdout
+    assert peak < 200, f"peak RSS {peak:.0f} MiB"

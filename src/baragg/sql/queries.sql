@@ -165,20 +165,22 @@ COPY ingest_stage (line, canonical_symbol, ts_us, open, high, low, close, vol, v
 FROM STDIN WITH (FORMAT csv);
 
 -- name: ingest_duplicates
--- Good rows whose (symbol, time) appears more than once in the file, with the other lines.
-WITH keyed AS (
-    SELECT line, canonical_symbol, ts_utc, ok,
-           array_agg(line) OVER (PARTITION BY canonical_symbol, ts_utc) AS lines
+-- Good rows whose (symbol, time) appears more than once in the file, in line order, with up to five
+-- of the other lines and how many other lines there are (a time repeated a million times must not
+-- give every one of its rows a list of a million lines).
+WITH repeated AS (
+    SELECT canonical_symbol, ts_utc, count(*) AS n, (array_agg(line ORDER BY line))[1:6] AS first_lines
     FROM ingest_stage
-    WHERE (canonical_symbol, ts_utc) IN (
-        SELECT canonical_symbol, ts_utc FROM ingest_stage
-        GROUP BY canonical_symbol, ts_utc HAVING count(*) > 1
-    )
+    GROUP BY canonical_symbol, ts_utc
+    HAVING count(*) > 1
 )
-SELECT line, ts_utc, ARRAY(SELECT l FROM unnest(lines) AS l WHERE l <> keyed.line ORDER BY l) AS others
-FROM keyed
-WHERE ok
-ORDER BY line;
+SELECT s.line, s.ts_utc,
+       ARRAY(SELECT l FROM unnest(r.first_lines) AS l WHERE l <> s.line ORDER BY l LIMIT 5) AS others,
+       r.n - 1 AS n_others
+FROM ingest_stage s
+JOIN repeated r USING (canonical_symbol, ts_utc)
+WHERE s.ok
+ORDER BY s.line;
 
 -- name: ingest_drop_duplicates
 UPDATE ingest_stage s SET ok = false
@@ -289,31 +291,80 @@ SELECT agg_start_utc, last_agg_bar_ts_utc
 FROM data_agg_state
 WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s;
 
+-- name: verify_session_settings
+-- One chunk is one aggregate over an index range: parallel workers only add a sort and a merge.
+SELECT set_config('max_parallel_workers_per_gather', '0', true);
+
+-- name: verify_next_base
+-- `baragg verify` reads rows one chunk of time at a time and aggregates them itself, independently
+-- of the engine. Where the next chunk starts: the first source or stored row at or after the given
+-- instants (an empty stretch of the range costs one index probe each side).
+SELECT least(
+    (SELECT min(ts_utc) FROM data_bars
+     WHERE canonical_symbol = %(symbol)s AND timeframe = %(source_timeframe)s
+       AND ts_utc >= %(source_from)s AND ts_utc < %(hi)s AND NOT coalesce(is_partial, false)),
+    (SELECT min(ts_utc) FROM derived_data_bars
+     WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s
+       AND ts_utc >= %(stored_from)s AND ts_utc < %(hi)s AND deleted_at IS NULL));
+
+-- name: verify_next_derived
+SELECT least(
+    (SELECT min(ts_utc) FROM derived_data_bars
+     WHERE canonical_symbol = %(symbol)s AND timeframe = %(source_timeframe)s
+       AND ts_utc >= %(source_from)s AND ts_utc < %(hi)s
+       AND deleted_at IS NULL AND NOT coalesce(is_partial, false)),
+    (SELECT min(ts_utc) FROM derived_data_bars
+     WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s
+       AND ts_utc >= %(stored_from)s AND ts_utc < %(hi)s AND deleted_at IS NULL));
+
 -- name: verify_source_base
--- Raw 1m bars that count as source: not still forming.
-SELECT ts_utc, open, high, low, close, vol, vwap, trade_count
+-- Raw 1m bars that count as source (not still forming), in time order, one column per value: each a
+-- float8[] in PostgreSQL's binary array format (array_send), which Python reads straight into numpy;
+-- NULL is sent as NaN (a missing value either way). Rows never travel one by one.
+SELECT array_send(array_agg(ts_utc ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(open, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(high, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(low, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(close, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(vol, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(vwap, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(trade_count::float8, 'NaN') ORDER BY ts_utc))
 FROM data_bars
 WHERE canonical_symbol = %(symbol)s AND timeframe = %(source_timeframe)s
   AND ts_utc >= %(lo)s AND ts_utc < %(hi)s
-  AND NOT coalesce(is_partial, false)
-ORDER BY ts_utc;
+  AND NOT coalesce(is_partial, false);
 
 -- name: verify_source_derived
-SELECT ts_utc, open, high, low, close, vol, vwap, trade_count
+SELECT array_send(array_agg(ts_utc ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(open, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(high, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(low, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(close, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(vol, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(vwap, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(trade_count::float8, 'NaN') ORDER BY ts_utc))
 FROM derived_data_bars
 WHERE canonical_symbol = %(symbol)s AND timeframe = %(source_timeframe)s
   AND ts_utc >= %(lo)s AND ts_utc < %(hi)s
-  AND deleted_at IS NULL AND NOT coalesce(is_partial, false)
-ORDER BY ts_utc;
+  AND deleted_at IS NULL AND NOT coalesce(is_partial, false);
 
 -- name: verify_stored
-SELECT ts_utc, open, high, low, close, vol, vwap, trade_count,
-       source_candles, expected_candles, quality_score, source_timeframe
+SELECT array_send(array_agg(ts_utc ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(open, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(high, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(low, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(close, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(vol, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(vwap, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(trade_count::float8, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(source_candles::float8, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(expected_candles::float8, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(quality_score::float8, 'NaN') ORDER BY ts_utc)),
+       array_agg(source_timeframe ORDER BY ts_utc)
 FROM derived_data_bars
 WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s
   AND ts_utc >= %(lo)s AND ts_utc < %(hi)s
-  AND deleted_at IS NULL
-ORDER BY ts_utc;
+  AND deleted_at IS NULL;
 
 -- ==== operator tools: status ====
 
