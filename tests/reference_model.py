@@ -285,14 +285,13 @@ def catch_up(
     symbol: str,
     tf_name: str,
     cursor: datetime,
-    max_windows: int | None = 100,
-    now: datetime | None = None,
+    max_windows: int | None,
+    now: datetime,
     derivation_version: int = 1,
     ignore_confirmation: bool = False,
 ) -> Result:
     """The catch-up of catchup_aggregation_range, one window at a time. Writes into ``world``."""
     tf = LADDER[tf_name]
-    now = now or datetime.now(UTC)
     task = world.task(symbol, tf_name)
     sparse = symbol in world.sparse
     rows = world.source_rows(symbol, tf.source)
@@ -305,6 +304,8 @@ def catch_up(
     # is skipped too). An unaligned cursor counts from the start of its window.
     start = max(bucket_start(tf, cursor), first_window_at_or_after(tf, task.agg_start))
     window_start = start
+    # Ends: each pass moves one window on, and a pass that does not stop needs a source row at or
+    # after the window's end (rules 4 and 5), so there are at most len(rows) + gaps passes.
     while True:
         if max_windows is not None and result.windows_processed >= max_windows:
             result.continue_ = True  # rule 6

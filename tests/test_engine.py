@@ -265,7 +265,7 @@ def test_max_windows_bounds_non_empty_windows_and_sets_continue(conn: psycopg.Co
     for day in range(3):
         add_minutes(conn, FRI - timedelta(days=3 - day), 5)
     cursor, calls = FRI - timedelta(days=3), []
-    while True:
+    for _ in range(10):  # 4 calls expected; a `continue` that never turns false fails below
         result = catch_up(conn, "5m", cursor, FRI + timedelta(days=1), max_windows=1)
         calls.append((result["windows_processed"], result["gaps_skipped"], result["continue"]))
         cursor = result["cursor_advanced_to"]

@@ -170,6 +170,8 @@ def run_worker_rounds(
                     store_cursor(conn, world, symbol, tf, cursors[tf])
                 if not sql["continue"]:
                     break
+            else:
+                raise AssertionError(f"{tf} at {now}: `continue` still true after 200 calls")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +247,8 @@ def test_derived_catch_up_equals_model(
             store_cursor(conn, world, "AAA", tf_name, cursors[tf_name])
             if not sql["continue"]:
                 break
+        else:
+            raise AssertionError(f"{tf_name} at {now}: `continue` still true after 100 calls")
     assert_same_bars(conn, world)
 
 

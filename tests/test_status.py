@@ -11,8 +11,6 @@ import pytest
 from baragg.db import Database
 from ops_helpers import baragg
 
-pytest.importorskip("baragg.worker", reason="the worker (issue 'worker') is not merged yet")
-
 START = datetime(2025, 9, 8, 0, 0, tzinfo=UTC)  # a Monday, after the default agg_start_utc
 NOW = "2025-09-10T00:10:00Z"
 

@@ -197,9 +197,44 @@ def test_a_changed_source_bar_shows_as_different(world: Database, conn: psycopg.
     assert diff["columns"] == {"low": {"stored": 109.0, "expected": 50.0}}
 
 
+def test_changed_quality_and_count_columns_show_as_different(
+    world: Database, conn: psycopg.Connection
+) -> None:
+    """Not only prices: a stored bar whose quality or counts disagree with its source is wrong too."""
+    tampered = {  # window minute: (column, stored value, the value the source gives)
+        0: ("quality_score", 0, 2),
+        5: ("source_candles", 5, 4),  # minute 7 is missing
+        10: ("expected_candles", 6, 5),
+        15: ("source_timeframe", "5m", "1m"),
+    }
+    for minute, (column, value, _) in tampered.items():
+        conn.execute(
+            f"UPDATE derived_data_bars SET {column} = %s WHERE ts_utc = %s",
+            (value, T0 + timedelta(minutes=minute)),
+        )
+    done = baragg(world, "verify", "EURUSD", "5m", "--json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert (report["equal"], report["missing"], report["extra"]) == (1, [], [])
+    got = {d["ts_utc"]: d["columns"] for d in report["different"]}
+    assert got == {
+        f"{T0 + timedelta(minutes=minute):%Y-%m-%d %H:%M:%S+00:00}": {
+            column: {"stored": stored, "expected": expected}
+        }
+        for minute, (column, stored, expected) in tampered.items()
+    }
+    human = baragg(world, "verify", "EURUSD", "5m")
+    assert human.returncode == 1
+    assert "different  2024-01-02 10:00: quality_score stored 0 expected 2" in human.stdout, human.stdout
+
+
 def test_bad_arguments_exit_2(world: Database) -> None:
-    assert baragg(world, "verify", "NOPE", "5m").returncode == 2
-    assert baragg(world, "verify", "EURUSD", "2m").returncode == 2
+    done = baragg(world, "verify", "NOPE", "5m")
+    assert done.returncode == 2
+    assert done.stderr == "baragg: error: unknown symbol 'NOPE' (not in core_asset_registry_all)\n"
+    done = baragg(world, "verify", "EURUSD", "2m")
+    assert done.returncode == 2
+    assert done.stderr.startswith("baragg: error: baragg verify: argument TIMEFRAME: invalid choice: '2m'")
     done = baragg(world, "verify", "EURUSD", "5m", "--from", "yesterday")
     assert done.returncode == 2 and "--from" in done.stderr
 
@@ -209,7 +244,6 @@ def test_bad_arguments_exit_2(world: Database) -> None:
 
 @pytest.mark.skipif(not REAL_DATA.exists(), reason=f"real data not found at {REAL_DATA}")
 def test_real_data_through_the_worker_verifies_equal(db: Database, tmp_path) -> None:
-    pytest.importorskip("baragg.worker", reason="the worker is not merged yet")
     es = pd.read_csv(REAL_DATA / "ES_ESZ13_cme_1m_trade_20131006-20131014_UTC.csv")
     es = es.rename(columns={"timestamp_utc": "ts_utc", "volume": "vol"}).assign(canonical_symbol="ES")
     xau = pd.read_csv(REAL_DATA / "XAUUSD_oanda_1m_bidask_20140501-20140515_UTC.csv")

@@ -13,7 +13,18 @@ import pytest
 
 from baragg import migrate
 from baragg.db import Database
-from scheduling_helpers import T0, add_assets, add_minutes, iso, popen_cli, run_cli, sql1, task
+from scheduling_helpers import (
+    T0,
+    add_assets,
+    add_minutes,
+    days_ago,
+    iso,
+    popen_cli,
+    run_cli,
+    sql1,
+    task,
+    tasks_from,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +78,13 @@ def test_four_run_once_processes_aggregate_every_window_exactly_once(db: Databas
         popen_cli("run", "--once", "--now", now, "--batch-size", "7", "--max-windows", "100", url=db.url)
         for _ in range(4)
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=200) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1][-2000:] for o in outs]
 
     assert sql1(conn, "SELECT count(*) FROM data_agg_state") == 40 * 4
@@ -166,8 +183,11 @@ def test_a_killed_worker_task_is_rescued_after_its_lease_and_the_result_equals_a
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_daemon_cleanly(db: Database, conn, sig: signal.Signals) -> None:
+    # The daemon runs on the real clock: a day of data that ended a day ago is final.
+    start = days_ago(2)
     add_assets(conn, ["AAA", "BBB"])
-    add_minutes(conn, ["AAA", "BBB"], T0, T0 + timedelta(days=1))
+    add_minutes(conn, ["AAA", "BBB"], start, start + timedelta(days=1))
+    tasks_from(conn, start)
     daemon = popen_cli(
         "worker",
         "--interval",
@@ -192,6 +212,7 @@ def test_a_signal_stops_the_daemon_cleanly(db: Database, conn, sig: signal.Signa
     finally:
         if daemon.poll() is None:
             daemon.kill()
+            daemon.wait(10)
     assert daemon.returncode == 0, stderr
     assert sql1(conn, "SELECT count(*) FROM data_agg_state WHERE status = 'running'") == 0
     assert sql1(conn, "SELECT count(*) FROM data_agg_state WHERE lease_owner IS NOT NULL") == 0
