@@ -73,8 +73,10 @@ def page(browser):
     assert errors == [], f"the page logged errors: {errors}"
 
 
+# Predicates are passed as functions: a string expression would be eval'ed in the page, which its
+# Content-Security-Policy (no 'unsafe-eval') forbids.
 def wait_for_chart(page, timeout: float = 60_000) -> None:
-    page.wait_for_function("window.baraggChart && window.baraggChart.ready", timeout=timeout)
+    page.wait_for_function("() => window.baraggChart && window.baraggChart.ready", timeout=timeout)
 
 
 def test_status_page_lists_tasks_and_draws_candles(db, conn, page):
@@ -128,11 +130,11 @@ def test_status_page_lists_tasks_and_draws_candles(db, conn, page):
 
         # A new bar in the database appears on the chart at the next refresh (every second here).
         add_derived_bars(conn, "ESZ4", "5m", fixture["end_5m"], 1, step=FIVE_MIN, start_price=6080.0)
-        page.wait_for_function("window.baraggChart.candleCount === 601", timeout=30_000)
+        page.wait_for_function("() => window.baraggChart.candleCount === 601", timeout=30_000)
 
         # Clicking a task charts it; the 1h task has no bars yet, and the page says so.
         page.locator('#tasks tbody tr[data-symbol="ESZ4"][data-timeframe="1h"]').click()
-        page.wait_for_function("window.baraggChart.ready && window.baraggChart.timeframe === '1h'")
+        page.wait_for_function("() => window.baraggChart.ready && window.baraggChart.timeframe === '1h'")
         assert page.evaluate("window.baraggChart.candleCount") == 0
         assert "no 1h bars" in page.inner_text("#chart")
         # ... and charts its first bars as soon as the worker writes them.
@@ -140,7 +142,7 @@ def test_status_page_lists_tasks_and_draws_candles(db, conn, page):
             conn, "ESZ4", "1h", NOW.replace(hour=13, minute=0, second=0), 2, step=timedelta(hours=1)
         )
         page.wait_for_function(
-            "window.baraggChart.candleCount === 2 && window.baraggChart.ready", timeout=30_000
+            "() => window.baraggChart.candleCount === 2 && window.baraggChart.ready", timeout=30_000
         )
 
 
@@ -167,15 +169,15 @@ def test_a_year_of_5m_bars_loads_and_zooms(db, conn, page):
         page.mouse.move(box["x"] + box["width"] * 0.9, box["y"] + box["height"] / 3)
         for _ in range(10):
             page.mouse.wheel(0, 500)
-        page.wait_for_function(f"{span} > {initial * 2}")
+        page.wait_for_function(f"() => {span} > {initial * 2}")
         # "fit all" shows the whole year at once.
         page.click("#fit")
-        page.wait_for_function(f"{span} >= {n - 1}")
+        page.wait_for_function(f"() => {span} >= {n - 1}")
         # Load only the latest 20k: panning to the oldest of them brings 20k more.
         page.select_option("#limit", "20000")
-        page.wait_for_function("window.baraggChart.ready && window.baraggChart.candleCount === 20000")
+        page.wait_for_function("() => window.baraggChart.ready && window.baraggChart.candleCount === 20000")
         page.click("#fit")
-        page.wait_for_function("window.baraggChart.candleCount === 40000")
+        page.wait_for_function("() => window.baraggChart.candleCount === 40000")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "status-page-year.png"))
 

@@ -39,9 +39,10 @@ def get(url: str, headers: dict[str, str] | None = None, timeout: float = 30) ->
             status, hdrs, body = res.status, dict(res.headers), res.read()
     except urllib.error.HTTPError as err:
         status, hdrs, body = err.code, dict(err.headers), err.read()
-    if hdrs.get("Content-Encoding") == "gzip":
+    lowered = {k.lower(): v for k, v in hdrs.items()}  # header names are case-insensitive
+    if lowered.get("content-encoding") == "gzip":
         body = gzip.decompress(body)
-    return Response(status, {k.lower(): v for k, v in hdrs.items()}, body)
+    return Response(status, lowered, body)
 
 
 @contextmanager
