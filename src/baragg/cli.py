@@ -175,7 +175,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _check_budget(args)
     _setup_worker_logging(args)
     db = database(args)
-    worker.check_schema(db)
+    # The daemon waits for the database (--startup-timeout) and then checks the schema itself.
     observed = args.metrics_port is not None  # observability: metrics, health (and pages) on a port
     if args.serve and not observed:
         raise InvalidInput("baragg worker: --serve needs --metrics-port")
@@ -190,6 +190,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
         max_windows=args.max_windows,
         batch_size=args.batch_size,
+        startup_timeout=args.startup_timeout,
         on_task=record_task_result if observed else None,
     )
     if not observed:
@@ -667,6 +668,14 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
         type=_positive(int),
         default=env("BARAGG_CONCURRENCY", "1"),
         help="threads, each claiming on its own (env BARAGG_CONCURRENCY; default 1)",
+    )
+    p.add_argument(
+        "--startup-timeout",
+        type=_positive(float),
+        default=env("BARAGG_STARTUP_TIMEOUT"),
+        metavar="SECONDS",
+        help="give up (exit 1) when the database is not reachable within this many seconds of the start "
+        "(env BARAGG_STARTUP_TIMEOUT; default: keep trying)",
     )
     # observability: see add_observability_commands / baragg.web
     p.add_argument(

@@ -125,6 +125,8 @@ def worker_probe(
     def probe() -> tuple[bool, str]:
         if getattr(worker, "stopping", False):
             return False, "worker is shutting down"
+        if getattr(worker, "waiting_for_database", False):
+            return True, "worker waiting for the database"
         threads = [t for t in threading.enumerate() if pattern.fullmatch(t.name) and t.is_alive()]
         if threads:
             return True, f"{len(threads)} claim thread(s) running"
