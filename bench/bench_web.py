@@ -97,7 +97,16 @@ def main() -> None:
         port = free_port()
         env = {**os.environ, "DATABASE_URL": db.url}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "baragg.cli", "serve", "--port", str(port), "--now", "2024-11-22T15:07:30Z"],
+            [
+                sys.executable,
+                "-m",
+                "baragg.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--now",
+                "2024-11-22T15:07:30Z",
+            ],
             env=env,
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
@@ -137,7 +146,7 @@ def main() -> None:
                 per_thread = 25
                 errors: list[str] = []
 
-                def client(p: str = path) -> None:
+                def client(p: str = path, per_thread: int = per_thread, errors: list[str] = errors) -> None:
                     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
                     try:
                         for _ in range(per_thread):

@@ -8,6 +8,7 @@ where the binaries are missing.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -26,7 +27,9 @@ USER = "baragg_pg"
 def find_bindir() -> Path | None:
     """The newest /usr/lib/postgresql/NN/bin with initdb and pg_ctl ($BARAGG_PG_BINDIR first)."""
     candidates = [os.environ.get("BARAGG_PG_BINDIR", "")]
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
+    candidates += sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True
+    )
     for c in candidates:
         if c and all(os.access(Path(c, tool), os.X_OK) for tool in ("initdb", "pg_ctl", "postgres")):
             return Path(c)
@@ -64,7 +67,9 @@ class Cluster:
             try:
                 pwd.getpwnam(USER)
             except KeyError:
-                subprocess.run(["useradd", "--system", "--no-create-home", USER], check=True, capture_output=True)
+                subprocess.run(
+                    ["useradd", "--system", "--no-create-home", USER], check=True, capture_output=True
+                )
             self.as_user = ["runuser", "-u", USER, "--"]
             entry = pwd.getpwnam(USER)
             for path in (self.root, self.sockets):
@@ -126,10 +131,8 @@ class Cluster:
                 time.sleep(0.05)
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # already stopped
             self.stop()
-        except Exception:  # already stopped
-            pass
         shutil.rmtree(self.root, ignore_errors=True)
 
 
