@@ -7,6 +7,7 @@ the shared test server instead.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
@@ -27,6 +28,8 @@ from scheduling_helpers import T0, add_assets, add_minutes, iso, popen_cli, run_
 pytestmark = pytest.mark.slow
 
 CLUSTER_SKIP = unavailable_reason()
+# The outage of test_worker_resumes_within_seconds_after_an_outage (60 to reproduce issue 14's report).
+OUTAGE_SECONDS = float(os.environ.get("BARAGG_TEST_OUTAGE_SECONDS", "10"))
 needs_cluster = pytest.mark.skipif(
     CLUSTER_SKIP is not None, reason=f"no PostgreSQL cluster to restart: {CLUSTER_SKIP}"
 )
@@ -176,7 +179,7 @@ def test_worker_resumes_within_seconds_after_an_outage(cluster, cluster_db):
     try:
         poll_until(lambda: bars(cluster_db.url) == 24, 60, "the first two hours")
         cluster.stop()
-        time.sleep(10)  # an outage long enough to reach the longest backoff
+        time.sleep(OUTAGE_SECONDS)  # long enough to reach the longest backoff
         assert proc.poll() is None, lines.text()[-3000:]
         cluster.start()
         back = time.monotonic()

@@ -176,6 +176,8 @@ def classify(exc: BaseException) -> str:
     """
     if isinstance(exc, psycopg.errors.ProgramLimitExceeded):
         return "hard"
+    if database_unavailable(exc):  # also a reconnect that failed (Database.connect's BaraggError)
+        return "transient"
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, ConnectionError)):
         return "transient"
     with contextlib.suppress(ImportError):
