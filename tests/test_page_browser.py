@@ -191,3 +191,25 @@ def test_page_says_when_the_database_is_down(page):
         assert page.inner_text("#ready") == "not ready"
         page.wait_for_selector("#chart .chart-msg")
         assert page.inner_text("#chart .chart-msg") == "waiting for the database"
+
+
+def test_page_behind_a_token_works_once_the_browser_has_it(browser, db, conn):
+    """With a token the browser is asked for it (HTTP Basic); given it, the page and its API calls work
+    (the 401 without it: tests/test_web_hardening.py)."""
+    standard_fixture(conn, bars=50)
+    token = "0123456789abcdef0123456789abcdef"
+    with running_server(db, now=NOW, token=token) as server:
+        context = browser.new_context(http_credentials={"username": "ops", "password": token})
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        try:
+            response = page.goto(server.url + "/")
+            assert response.status == 200
+            page.wait_for_selector("#tasks tbody tr")
+            assert page.locator("#tasks tbody tr").count() == 7
+            page.wait_for_function("() => document.querySelector('#ready').textContent === 'ready'")
+            assert errors == []
+        finally:
+            context.close()

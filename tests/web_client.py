@@ -54,6 +54,7 @@ def running_server(
     pages: bool = True,
     now: datetime | None = None,
     db_timeout: float = 5,
+    token: str | None = None,
 ) -> Iterator[StatusServer]:
     """A StatusServer on a free port with its own metrics registry, stopped afterwards."""
     server = StatusServer(
@@ -66,6 +67,7 @@ def running_server(
         refresh_seconds=1,
         db_timeout=db_timeout,  # a dead database answers 503 after this long (tests of it pass 1)
         now=now,
+        token=token,
     )
     with server:
         yield server
