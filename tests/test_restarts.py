@@ -8,6 +8,7 @@ the shared test server instead.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -24,6 +25,7 @@ from baragg.db import Database
 from conftest import create_database, url_for
 from pg_cluster import Cluster, unavailable_reason
 from scheduling_helpers import T0, add_assets, add_minutes, iso, popen_cli, run_cli, sql1, task
+from web_client import closed_port_database, get
 
 pytestmark = pytest.mark.slow
 
@@ -283,3 +285,21 @@ def test_a_run_whose_session_is_cut_records_the_failure(db, conn):
     assert t["status"] == "idle" and t["lease_owner"] is None
     assert t["last_error"].startswith("AdminShutdown") or "terminat" in t["last_error"], t["last_error"]
     assert t["total_transient_failures"] == 1
+
+
+def test_worker_waiting_for_the_database_is_alive_but_not_ready():
+    """`worker --metrics-port`: while it waits for the database, /healthz says alive (an orchestrator
+    must not restart it for the database's sake) and /readyz says why it is not ready."""
+    dead = closed_port_database()
+    proc = popen_cli("worker", "--metrics-port", "0", url=dead.url)
+    lines = Lines(proc)
+    try:
+        lines.wait_for("serving on http://", timeout=60)
+        url = re.search(r"serving on (http://127\.0\.0\.1:\d+)", lines.text()).group(1)
+        lines.wait_for("the database is not reachable", n=2, timeout=30)
+        health = get(url + "/healthz")
+        assert (health.status, health.json()["reason"]) == (200, "worker waiting for the database")
+        ready = get(url + "/readyz")
+        assert ready.status == 503 and ready.json()["reason"].startswith("database unreachable")
+    finally:
+        assert stop_process(proc, timeout=30) == 0
