@@ -203,7 +203,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _check_budget(args)
     _setup_worker_logging(args)
     db = database(args)
-    worker.check_schema(db)
+    # The daemon waits for the database (--startup-timeout) and then checks the schema itself.
     observed = args.metrics_port is not None  # observability: metrics, health (and pages) on a port
     if args.serve and not observed:
         raise InvalidInput("baragg worker: --serve needs --metrics-port")
@@ -218,6 +218,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
         max_windows=args.max_windows,
         batch_size=args.batch_size,
+        startup_timeout=args.startup_timeout,
         on_task=record_task_result if observed else None,
     )
     if not observed:
@@ -225,7 +226,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 0
     from baragg.web import start_for_worker
 
-    server = start_for_worker(db, daemon, args.metrics_host, args.metrics_port, pages=args.serve)
+    token = _web_token(args, args.metrics_host)
+    server = start_for_worker(
+        db,
+        daemon,
+        args.metrics_host,
+        args.metrics_port,
+        pages=args.serve,
+        allowed_hosts=args.allowed_host or [],
+        token=token,
+    )
     try:
         daemon.run()
     finally:
@@ -541,12 +551,31 @@ def cmd_cleanup_legacy_derived(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # handlers: observability (serve)
 # ---------------------------------------------------------------------------------------------
+def _web_token(args: argparse.Namespace, host: str) -> str | None:
+    """The status server's token (--token-file, else BARAGG_TOKEN); refuses a non-loopback address
+    without one unless --insecure."""
+    from baragg.web.guard import check_exposure, load_token
+
+    token = load_token(args.token_file)
+    check_exposure(host, token, args.insecure)
+    return token
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from baragg.web import StatusServer
     from baragg.web.api import parse_time
 
     now = parse_time("--now", args.now)  # None without --now: the real clock
-    server = StatusServer(database(args), args.host, args.port, refresh_seconds=args.refresh, now=now)
+    token = _web_token(args, args.host)
+    server = StatusServer(
+        database(args),
+        args.host,
+        args.port,
+        refresh_seconds=args.refresh,
+        now=now,
+        allowed_hosts=args.allowed_host or [],
+        token=token,
+    )
     server.bind()
     print(
         f"baragg status page on {server.url}/  (metrics {server.url}/metrics; Ctrl-C stops)", file=sys.stderr
@@ -686,6 +715,14 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
         default=env("BARAGG_CONCURRENCY", "1"),
         help="threads, each claiming on its own (env BARAGG_CONCURRENCY; default 1)",
     )
+    p.add_argument(
+        "--startup-timeout",
+        type=_positive(float),
+        default=env("BARAGG_STARTUP_TIMEOUT"),
+        metavar="SECONDS",
+        help="give up (exit 1) when the database is not reachable within this many seconds of the start "
+        "(env BARAGG_STARTUP_TIMEOUT; default: keep trying)",
+    )
     # observability: see add_observability_commands / baragg.web
     p.add_argument(
         "--metrics-port",
@@ -704,8 +741,36 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
         default=env_flag("BARAGG_SERVE"),
         help="with --metrics-port, also serve the status page and JSON API there (env BARAGG_SERVE=1)",
     )
+    add_web_security_options(p)
     common(p)
     p.set_defaults(handler=cmd_worker)
+
+
+def add_web_security_options(p: argparse.ArgumentParser) -> None:
+    """Host check, token and the non-loopback rule of the status server (baragg.web.guard)."""
+    env = os.environ.get
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        default=[n for n in env("BARAGG_ALLOWED_HOSTS", "").split(",") if n.strip()],
+        help="a host name the server may be reached by, besides its address, localhost and IP addresses; "
+        "*.example.com for subdomains (repeatable; env BARAGG_ALLOWED_HOSTS, comma-separated)",
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="PATH",
+        default=env("BARAGG_TOKEN_FILE"),
+        help="require this file's token on every path but /healthz (Authorization: Bearer, or HTTP Basic "
+        "with the token as password; env BARAGG_TOKEN_FILE, or the token itself in BARAGG_TOKEN)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=env_flag("BARAGG_INSECURE"),
+        help="allow a non-loopback address without a token, e.g. behind an authenticating proxy "
+        "(env BARAGG_INSECURE=1)",
+    )
 
 
 def add_operator_commands(commands: argparse._SubParsersAction) -> None:
@@ -928,6 +993,7 @@ def add_observability_commands(commands: argparse._SubParsersAction) -> None:
         help="fix the clock of the page and JSON API, ISO-8601; no offset means UTC, for replays and "
         "tests (env BARAGG_NOW; default: the real time)",
     )
+    add_web_security_options(p)
     p.set_defaults(handler=cmd_serve)
 
 

@@ -45,7 +45,7 @@ SELECT sync_agg_state_from_registry(%(env)s, %(now)s::timestamptz);
 
 -- name: worker_claim
 SELECT canonical_symbol, timeframe, source_timeframe, last_agg_bar_ts_utc, is_mandatory, lease_expires_at,
-       rescued_from
+       rescued_from, rescue_reason
 FROM agg_claim_tasks(%(worker_id)s, %(limit)s, %(lease_seconds)s, %(now)s::timestamptz,
                      %(symbols)s::text[], %(timeframes)s::text[]);
 
@@ -84,6 +84,11 @@ SELECT EXTRACT(epoch FROM min(CASE WHEN s.status = 'running'
 FROM data_agg_state s
 JOIN agg_timeframes t ON t.timeframe = s.timeframe
 WHERE s.enabled AND s.status IN ('idle', 'hard_failed', 'running');
+
+-- name: worker_session_lock
+-- The worker lock of this connection's session (migration 0006): held until the session ends, so a
+-- claim can tell that a running task's owner is gone. false: the key is taken, pick another.
+SELECT pg_try_advisory_lock(1650553447, %(key)s);
 
 -- name: worker_has_function
 SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = %(name)s AND pronamespace = 'public'::regnamespace);

@@ -155,7 +155,11 @@ def parse_time(name: str, text: str | None) -> datetime | None:
         value = datetime.fromisoformat(text.replace(" ", "+") if "T" in text else text)
     except ValueError as exc:
         raise InvalidInput(f"{name}: not ISO 8601 or epoch seconds: {text!r}") from exc
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        # In UTC from here on; 0001-01-01T00:00+14:00 is before the first representable UTC instant.
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidInput(f"{name}: out of range: {text!r}") from exc
 
 
 def parse_limit(text: str | None) -> int:

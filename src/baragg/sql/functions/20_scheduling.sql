@@ -27,6 +27,34 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
             OR (p_status = 'running' AND _agg_lease_end(p_lease_expires_at, p_running_started_at_utc) <= p_now))
 $$;
 
+-- Worker sessions (migration 0006): every baragg worker connection holds the session-level advisory
+-- lock pg_advisory_lock(1650553447, key) for its lifetime; a claim records the key in lease_session.
+-- The lock dies with the session (process killed, connection cut, server restarted), so a running
+-- task whose lease_session holds no lock any more has no one working on it and is claimable at once.
+-- Keys of the worker locks held in this database now (one scan of pg_locks per statement).
+CREATE OR REPLACE FUNCTION _agg_live_sessions()
+RETURNS integer[] LANGUAGE sql STABLE AS $$
+    SELECT COALESCE(array_agg(l.objid::text::bigint::integer), '{}')
+    FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.classid = 1650553447::oid AND l.objsubid = 2 AND l.granted
+      AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+$$;
+
+-- The key of the worker lock this session holds, or NULL (a caller without one: lease only).
+CREATE OR REPLACE FUNCTION _agg_my_session()
+RETURNS integer LANGUAGE sql STABLE AS $$
+    SELECT min(l.objid::text::bigint)::integer
+    FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.classid = 1650553447::oid AND l.objsubid = 2 AND l.granted
+      AND l.pid = pg_backend_pid()
+$$;
+
+-- A running task whose owner's database session has ended (its worker lock is gone).
+CREATE OR REPLACE FUNCTION _agg_owner_gone(p_status text, p_lease_session integer, p_live integer[])
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT p_status = 'running' AND p_lease_session IS NOT NULL AND NOT (p_lease_session = ANY (p_live))
+$$;
+
 -- Adds the counters of one catch-up call to a running sum (keys of catchup_aggregation_range; the
 -- re-aggregation of logged windows adds its own to last_run_stats and the totals itself).
 CREATE OR REPLACE FUNCTION _agg_stats_add(p_sum jsonb, p_stats jsonb)
@@ -56,12 +84,15 @@ RETURNS TABLE (canonical_symbol text, timeframe text, source_timeframe text, las
                run_interval_minutes integer, aggregation_delay_seconds integer, is_mandatory boolean,
                task_priority integer)
 LANGUAGE sql STABLE AS $$
+    WITH live AS MATERIALIZED (SELECT _agg_live_sessions() AS keys)
     SELECT s.canonical_symbol, s.timeframe, s.source_timeframe, s.last_agg_bar_ts_utc, s.run_interval_minutes,
            s.aggregation_delay_seconds, s.is_mandatory, s.task_priority
     FROM data_agg_state s
     JOIN agg_timeframes t ON t.timeframe = s.timeframe
-    WHERE _agg_is_due(s.enabled, s.status, s.next_run_at, s.lease_expires_at, s.running_started_at_utc,
-                      COALESCE(p_now_utc, now()))
+    CROSS JOIN live
+    WHERE (_agg_is_due(s.enabled, s.status, s.next_run_at, s.lease_expires_at, s.running_started_at_utc,
+                       COALESCE(p_now_utc, now()))
+           OR (s.enabled AND _agg_owner_gone(s.status, s.lease_session, live.keys)))
     ORDER BY s.is_mandatory DESC, t.bucket_interval, s.task_priority, s.last_successful_at_utc NULLS FIRST,
              s.canonical_symbol
     LIMIT p_limit
@@ -72,23 +103,43 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- FOR UPDATE SKIP LOCKED: concurrent claimers never wait for each other and never take the same
 -- row (a row claimed meanwhile is re-checked against the WHERE and dropped). A claim of a running
--- task whose lease expired is a rescue: counted, and the reason kept in last_rescue and last_error.
+-- task whose lease expired, or whose owner's database session ended (_agg_owner_gone), is a rescue:
+-- counted, and the reason kept in last_rescue and last_error (and returned as rescue_reason). The
+-- claim records this session's worker lock (lease_session) and backend pid with the lease.
 -- Rows come back in due order.
+DROP FUNCTION IF EXISTS agg_claim_tasks(text, integer, integer, timestamptz, text[], text[]);
 CREATE OR REPLACE FUNCTION agg_claim_tasks(p_worker_id text, p_limit integer DEFAULT 10,
     p_lease_seconds integer DEFAULT 300, p_now_utc timestamptz DEFAULT now(),
     p_symbols text[] DEFAULT NULL, p_timeframes text[] DEFAULT NULL)
 RETURNS TABLE (canonical_symbol text, timeframe text, source_timeframe text, last_agg_bar_ts_utc timestamptz,
                run_interval_minutes integer, aggregation_delay_seconds integer, is_mandatory boolean,
                task_priority integer, agg_start_utc timestamptz, lease_expires_at timestamptz,
-               rescued_from text)
+               rescued_from text, rescue_reason text)
 LANGUAGE sql AS $$
-    WITH due AS (
-        SELECT s.canonical_symbol, s.timeframe, s.status AS old_status, s.lease_owner AS old_owner,
-               _agg_lease_end(s.lease_expires_at, s.running_started_at_utc) AS old_lease_end
+    WITH live AS MATERIALIZED (
+        SELECT _agg_live_sessions() AS keys, _agg_my_session() AS mine, pg_backend_pid() AS backend
+    ), due AS (
+        SELECT s.canonical_symbol, s.timeframe, s.status AS old_status,
+               CASE WHEN s.status <> 'running' THEN NULL
+                    WHEN _agg_lease_end(s.lease_expires_at, s.running_started_at_utc) > COALESCE(p_now_utc, now())
+                         AND _agg_owner_gone(s.status, s.lease_session, live.keys)
+                    THEN format('the database session of worker %s (backend pid %s) ended before its lease ran out'
+                                || ' at %s; reclaimed by %s at %s',
+                                COALESCE(s.lease_owner, '(unknown)'), COALESCE(s.lease_backend_pid::text, '?'),
+                                _agg_lease_end(s.lease_expires_at, s.running_started_at_utc), p_worker_id,
+                                COALESCE(p_now_utc, now()))
+                    ELSE format('lease of worker %s expired at %s; reclaimed by %s at %s',
+                                COALESCE(s.lease_owner, '(unknown)'),
+                                _agg_lease_end(s.lease_expires_at, s.running_started_at_utc), p_worker_id,
+                                COALESCE(p_now_utc, now()))
+               END AS reason,
+               s.lease_owner AS old_owner
         FROM data_agg_state s
         JOIN agg_timeframes t ON t.timeframe = s.timeframe
-        WHERE _agg_is_due(s.enabled, s.status, s.next_run_at, s.lease_expires_at, s.running_started_at_utc,
-                          COALESCE(p_now_utc, now()))
+        CROSS JOIN live
+        WHERE (_agg_is_due(s.enabled, s.status, s.next_run_at, s.lease_expires_at, s.running_started_at_utc,
+                           COALESCE(p_now_utc, now()))
+               OR (s.enabled AND _agg_owner_gone(s.status, s.lease_session, live.keys)))
           AND (p_symbols IS NULL OR s.canonical_symbol = ANY (p_symbols))
           AND (p_timeframes IS NULL OR s.timeframe = ANY (p_timeframes))
         ORDER BY s.is_mandatory DESC, t.bucket_interval, s.task_priority, s.last_successful_at_utc NULLS FIRST,
@@ -100,34 +151,29 @@ LANGUAGE sql AS $$
         SET status = 'running',
             lease_owner = p_worker_id,
             lease_expires_at = COALESCE(p_now_utc, now()) + make_interval(secs => p_lease_seconds),
+            lease_session = live.mine,
+            lease_backend_pid = live.backend,
             running_started_at_utc = COALESCE(p_now_utc, now()),
             last_attempted_at_utc = COALESCE(p_now_utc, now()),
             rerun_requested = false,
             last_run_stats = jsonb_build_object('worker', p_worker_id, 'claimed_at', COALESCE(p_now_utc, now()),
                                                 'cursor_before', s.last_agg_bar_ts_utc),
             total_rescues = s.total_rescues + CASE WHEN due.old_status = 'running' THEN 1 ELSE 0 END,
-            last_rescue = CASE WHEN due.old_status = 'running'
-                THEN format('lease of worker %s expired at %s; reclaimed by %s at %s',
-                            COALESCE(due.old_owner, '(unknown)'), due.old_lease_end, p_worker_id,
-                            COALESCE(p_now_utc, now()))
-                ELSE s.last_rescue END,
-            last_error = CASE WHEN due.old_status = 'running'
-                THEN format('lease of worker %s expired at %s; reclaimed by %s at %s',
-                            COALESCE(due.old_owner, '(unknown)'), due.old_lease_end, p_worker_id,
-                            COALESCE(p_now_utc, now()))
-                ELSE s.last_error END,
+            last_rescue = COALESCE(due.reason, s.last_rescue),
+            last_error = COALESCE(due.reason, s.last_error),
             updated_at = now()
-        FROM due
+        FROM due, live
         WHERE s.canonical_symbol = due.canonical_symbol AND s.timeframe = due.timeframe
         RETURNING s.canonical_symbol, s.timeframe, s.source_timeframe, s.last_agg_bar_ts_utc,
                   s.run_interval_minutes, s.aggregation_delay_seconds, s.is_mandatory, s.task_priority,
                   s.agg_start_utc, s.lease_expires_at,
                   CASE WHEN due.old_status = 'running' THEN COALESCE(due.old_owner, '(unknown)') END AS rescued_from,
+                  due.reason AS rescue_reason,
                   s.last_successful_at_utc
     )
     SELECT c.canonical_symbol, c.timeframe, c.source_timeframe, c.last_agg_bar_ts_utc, c.run_interval_minutes,
            c.aggregation_delay_seconds, c.is_mandatory, c.task_priority, c.agg_start_utc, c.lease_expires_at,
-           c.rescued_from
+           c.rescued_from, c.rescue_reason
     FROM claimed c
     JOIN agg_timeframes t ON t.timeframe = c.timeframe
     ORDER BY c.is_mandatory DESC, t.bucket_interval, c.task_priority, c.last_successful_at_utc NULLS FIRST,
@@ -275,6 +321,8 @@ BEGIN
         SET status = 'idle',
             lease_owner = NULL,
             lease_expires_at = NULL,
+            lease_session = NULL,
+            lease_backend_pid = NULL,
             rerun_requested = false,
             last_agg_bar_ts_utc = COALESCE(i.cur, s.last_agg_bar_ts_utc),
             last_successful_at_utc = v_now,
@@ -422,6 +470,8 @@ BEGIN
     SET status = v_status,
         lease_owner = NULL,
         lease_expires_at = NULL,
+        lease_session = NULL,
+        lease_backend_pid = NULL,
         rerun_requested = false,
         hard_fail_streak = v_streak,
         last_error = left(COALESCE(p_error, 'unknown error'), 2000),
@@ -499,7 +549,8 @@ RETURNS jsonb LANGUAGE sql AS $$
     WITH changed AS (
         UPDATE data_agg_state s
         SET status = CASE WHEN s.hard_fail_streak >= 3 AND s.is_mandatory THEN 'hard_failed' ELSE 'idle' END,
-            lease_owner = NULL, lease_expires_at = NULL, rerun_requested = false,
+            lease_owner = NULL, lease_expires_at = NULL, lease_session = NULL, lease_backend_pid = NULL,
+            rerun_requested = false,
             next_run_at = LEAST(s.next_run_at, COALESCE(p_now_utc, now())), updated_at = now()
         WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
           AND s.status = 'running' AND s.lease_owner = p_worker_id
