@@ -84,7 +84,8 @@ def test_status_shows_lags_and_problems_first(two_symbols: Database, conn: psyco
     human = baragg(two_symbols, "status")
     assert human.returncode == 0
     lines = human.stdout.splitlines()
-    assert "HARD_FAILED" in lines[1] and "boom" in lines[1]
+    assert lines[2].split()[:3] == ["XAUUSD", "1h", "FAILED"]  # under the two-line header, first
+    assert "XAUUSD 1h last error (3 in a row): boom" in lines
     assert "1 task(s) need attention" in human.stdout
 
 
@@ -119,4 +120,4 @@ def test_reenable_a_failed_task(two_symbols: Database, conn: psycopg.Connection)
     ).fetchone()
     assert row == ("idle", 0)
     again = baragg(two_symbols, "reenable", "EURUSD", "4h")
-    assert again.returncode == 2 and "neither disabled nor failed" in again.stderr
+    assert again.returncode == 2 and "neither failing nor disabled" in again.stderr

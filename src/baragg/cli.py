@@ -21,6 +21,7 @@ from typing import Any
 from baragg import __version__
 from baragg.db import Database, open_database
 from baragg.errors import BaraggError, InvalidInput
+from baragg.sql import query
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -36,9 +37,50 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def database(args: argparse.Namespace) -> Database:
-    """The database named by the global options (or the embedded server)."""
-    return open_database(args.database_url, args.data_dir, prepare=not args.no_prepare)
+def database(args: argparse.Namespace, *, prepare_embedded: bool = True) -> Database:
+    """The database named by the global options (or the embedded server), once per command.
+
+    The embedded server is baragg's own, so it is simply ready: its pending migrations are applied
+    here (``prepare_embedded``; the ``db`` commands pass False and do it themselves, visibly). A
+    server named by DATABASE_URL is the operator's: its upgrades stay an explicit `baragg db upgrade`
+    (see ``require_current_schema``).
+    """
+    cached = getattr(args, "_database", None)
+    if cached is not None:
+        return cached
+    db = open_database(args.database_url, args.data_dir, prepare=not args.no_prepare)
+    if db.embedded and prepare_embedded:
+        from baragg import migrate
+
+        applied = migrate.upgrade(db)
+        if applied:
+            print(
+                f"baragg: prepared the embedded database ({len(applied)} migration(s) applied)",
+                file=sys.stderr,
+            )
+    args._database = db
+    return db
+
+
+def require_current_schema(db: Database) -> None:
+    """Refuse to work on a database whose schema is missing or behind the shipped migrations, with
+    the command that fixes it. A database whose migrations were applied with psql (nothing recorded)
+    passes when baragg's tables are there; a missing object is then reported where it is used."""
+    from baragg import migrate
+
+    states = migrate.status(db)
+    pending = [s.name for s in states if s.state == "pending"]
+    if not pending:
+        return
+    if len(pending) < len(states):
+        raise BaraggError(
+            f"the database schema is behind this baragg: {len(pending)} migration(s) pending "
+            f"({', '.join(pending)}); run `baragg db upgrade`"
+        )
+    with db.connect(autocommit=True) as conn:
+        present = conn.execute(query("schema_present")).fetchone()
+    if not present or not present[0]:
+        raise BaraggError("the database has no baragg schema: run `baragg db upgrade`")
 
 
 def print_json(value: Any) -> None:
@@ -51,7 +93,7 @@ def print_json(value: Any) -> None:
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from baragg import migrate
 
-    db = database(args)
+    db = database(args, prepare_embedded=False)
     applied = migrate.upgrade(db)
     for warning in migrate.warnings_for(migrate.status(db)):
         print(f"warning: {warning}", file=sys.stderr)
@@ -68,7 +110,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def cmd_db_status(args: argparse.Namespace) -> int:
     from baragg import migrate
 
-    db = database(args)
+    db = database(args, prepare_embedded=False)
     states = migrate.status(db)
     if args.json:
         print_json([s.__dict__ for s in states])
@@ -78,7 +120,9 @@ def cmd_db_status(args: argparse.Namespace) -> int:
             print(f"{s.version:04d}  {s.state:<8} {s.name:<40} {when}")
     for warning in migrate.warnings_for(states):
         print(f"warning: {warning}", file=sys.stderr)
-    return 0
+    # Scripts (deploys, readiness checks) read the exit code: 0 only when every shipped migration is
+    # applied unchanged; 1 when any is pending, edited, or unknown to this baragg.
+    return 0 if all(s.state == "applied" for s in states) else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,12 +179,21 @@ def _check_budget(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from baragg import worker
+    from baragg.timeparse import refuse_future
 
     _check_budget(args)
     if not args.once:
         raise InvalidInput("baragg run: only --once is supported (use `baragg worker` for a daemon)")
+    refuse_future(
+        args.now,
+        "--now",
+        force=args.force,
+        why="windows that have not closed yet would be aggregated as final",
+    )
     _setup_worker_logging(args)
     db = database(args)
+    if not db.embedded:
+        require_current_schema(db)
     worker.check_schema(db)
     stop = threading.Event()
     _install_stop_signals(stop)
@@ -208,12 +261,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 # handlers: operator tools (registry, ingest, status, backfill, verify, cleanup, demo)
 # ---------------------------------------------------------------------------------------------
 def _needs_schema(handler: Handler) -> Handler:
-    """Turn "relation/function does not exist" into advice: the database has not been upgraded."""
+    """Check that the schema is current before the command runs (a DATABASE_URL server; the embedded
+    one is upgraded by ``database``), and turn "relation/function does not exist" into advice."""
 
     def run(args: argparse.Namespace) -> int:
         import psycopg
 
         try:
+            db = database(args)
+            if not db.embedded:
+                require_current_schema(db)
             return handler(args)
         except (
             psycopg.errors.UndefinedTable,
@@ -359,13 +416,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from baragg import verify
     from baragg.timeparse import parse_time
 
-    report = verify.verify(
-        database(args),
-        args.symbol,
-        args.timeframe,
-        start=parse_time(args.from_, "--from"),
-        end=parse_time(args.to, "--to"),
-    )
+    start, end = parse_time(args.from_, "--from"), parse_time(args.to, "--to")
+    if start is not None and end is not None and start >= end:
+        raise InvalidInput(
+            f"verify: --from {start:%Y-%m-%d %H:%M} is not before --to {end:%Y-%m-%d %H:%M} (the range is [from, to))"
+        )
+    report = verify.verify(database(args), args.symbol, args.timeframe, start=start, end=end)
     if args.json:
         print_json(report.as_dict())
         return 0 if report.ok else 1
@@ -419,17 +475,26 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_reenable(args: argparse.Namespace) -> int:
     from baragg import status
 
-    if status.reenable(database(args), args.symbol, args.timeframe):
-        print(f"re-enabled {args.symbol} {args.timeframe}: idle, streak 0, due now")
-        return 0
-    raise InvalidInput(f"{args.symbol} {args.timeframe}: no such task, or it is neither disabled nor failed")
+    status.reenable(database(args), args.symbol, args.timeframe, env=args.env)
+    print(f"re-enabled {args.symbol} {args.timeframe}: idle, streak 0, due now")
+    return 0
 
 
 @_needs_schema
 def cmd_backfill(args: argparse.Namespace) -> int:
     from baragg import backfill
-    from baragg.timeparse import parse_time
+    from baragg.timeparse import parse_time, refuse_future
 
+    now, start = parse_time(args.now, "--now"), parse_time(args.from_, "--from")
+    refuse_future(
+        now, "--now", force=args.force, why="windows that have not closed yet would be aggregated as final"
+    )
+    refuse_future(
+        start,
+        "--from",
+        force=args.force,
+        why="the tasks would aggregate nothing until then and show no lag meanwhile",
+    )
     bar = _progress("backfill", "market time")
     with bar if bar is not None else _nullcontext():
         report = backfill.backfill(
@@ -437,9 +502,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             env=args.env,
             symbols=args.symbol or None,
             timeframes=args.timeframe or None,
-            now=parse_time(args.now, "--now"),
+            now=now,
             jobs=args.jobs,
-            start=parse_time(args.from_, "--from"),
+            start=start,
             on_progress=(lambda done, total, rate: bar.update(done, total, rate))
             if bar is not None
             else None,
@@ -459,7 +524,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
                 f"failed: {failure['symbol']} {failure['timeframe']} ({failure['kind']}): {failure['error']}",
                 file=sys.stderr,
             )
-    return 1 if report.failures else 0
+        for task in report.not_run:
+            label = " ".join(part for part in (task["symbol"], task["timeframe"]) if part)
+            print(f"not run: {label}: {task['reason']}", file=sys.stderr)
+    return 1 if report.failures or report.not_run else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -622,6 +690,12 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
         "--timeframe", action="append", metavar="TF", help="only these timeframes, e.g. 5m (repeatable)"
     )
     p.add_argument("--json", action="store_true", help="print the run's totals as JSON")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="accept a --now in the future (windows are then aggregated before they close; the tasks' "
+        "next runs are still scheduled by the real clock)",
+    )
     common(p)
     p.set_defaults(handler=cmd_run)
 
@@ -754,10 +828,17 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_status)
 
     p = commands.add_parser(
-        "reenable", help="give a hard_failed or disabled task a fresh start (after fixing the cause)"
+        "reenable",
+        help="retry a failing task now: hard_failed, disabled, or backing off after a failure "
+        "(idle, streak 0, due now)",
     )
     p.add_argument("symbol", metavar="SYMBOL")
     p.add_argument("timeframe", metavar="TIMEFRAME", choices=["5m", "15m", "1h", "4h", "1d", "1w"])
+    p.add_argument(
+        "--env",
+        default=os.environ.get("BARAGG_ENV", "prod"),
+        help="environment whose registry flags must have the task active (env BARAGG_ENV; default prod)",
+    )
     p.set_defaults(handler=cmd_reenable)
 
     p = commands.add_parser(
@@ -788,9 +869,14 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--jobs",
-        type=int,
-        default=int(os.environ.get("BARAGG_BACKFILL_JOBS", "2")),
-        help="worker threads (env BARAGG_BACKFILL_JOBS; default 2)",
+        type=_positive(int),
+        default=os.environ.get("BARAGG_BACKFILL_JOBS", "2"),
+        help="worker threads, at least 1 (env BARAGG_BACKFILL_JOBS; default 2)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="accept a --now or --from in the future (next runs are still scheduled by the real clock)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_backfill)

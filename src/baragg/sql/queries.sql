@@ -21,6 +21,10 @@ SELECT version, name, checksum, applied_at FROM baragg_schema_migrations ORDER B
 -- name: migrations_record
 INSERT INTO baragg_schema_migrations (version, name, checksum) VALUES (%(version)s, %(name)s, %(checksum)s);
 
+-- name: schema_present
+-- Whether baragg's tables exist (migrations may have been applied with psql, which records nothing).
+SELECT to_regclass('data_agg_state') IS NOT NULL AND to_regclass('agg_timeframes') IS NOT NULL;
+
 -- ==== worker ====
 
 -- name: worker_sync
@@ -309,6 +313,9 @@ SELECT to_regclass('agg_timeframes') IS NOT NULL
 SELECT s.canonical_symbol, s.timeframe, s.status, s.enabled, s.is_mandatory, s.last_agg_bar_ts_utc,
        s.next_run_at, s.hard_fail_streak, s.last_error, s.last_successful_at_utc,
        s.total_bars_created, s.total_bars_quality_poor, s.lease_owner,
+       -- '-infinity' (no explicit start: from the first source data) reads as NULL
+       NULLIF(s.agg_start_utc, '-infinity') AS agg_start_utc,
+       e.first_before_start, tf.source_timeframe AS ladder_source,
        f.frontier,
        CASE WHEN s.last_agg_bar_ts_utc IS NOT NULL AND f.frontier IS NOT NULL
             THEN greatest(0, extract(epoch FROM f.frontier - s.last_agg_bar_ts_utc)) END AS lag_frontier_seconds,
@@ -335,11 +342,35 @@ LEFT JOIN LATERAL (
     SELECT date_bin(tf.bucket_interval, n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
                     tf.bucket_origin) AS frontier
 ) f ON true
+LEFT JOIN LATERAL (
+    -- The first source row before the task's start: rows the task will never aggregate (rule 1).
+    -- One index probe; none when the task has no explicit start.
+    SELECT CASE WHEN s.agg_start_utc = '-infinity' THEN NULL
+                WHEN tf.source_table = 'data_bars' THEN
+                    (SELECT min(b.ts_utc) FROM data_bars b
+                     WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = tf.source_timeframe
+                       AND b.ts_utc < s.agg_start_utc)
+                ELSE
+                    (SELECT min(d.ts_utc) FROM derived_data_bars d
+                     WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = tf.source_timeframe
+                       AND d.ts_utc < s.agg_start_utc AND d.deleted_at IS NULL)
+           END AS first_before_start
+) e ON true
 WHERE %(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[])
 ORDER BY s.canonical_symbol, tf.duration_rank;
 
+-- name: status_reenable_check
+-- What `baragg reenable` needs to know first: the task's state, and whether the registry wants it in
+-- the environment (a task the registry has inactive would be disabled again by the next sync).
+SELECT s.status, s.enabled, s.hard_fail_streak, s.last_error, s.next_run_at, s.lease_owner,
+       EXISTS (SELECT 1 FROM _agg_wanted_tasks(%(env)s) w
+               WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe) AS wanted
+FROM data_agg_state s
+WHERE s.canonical_symbol = %(symbol)s AND s.timeframe = %(timeframe)s
+FOR UPDATE;
+
 -- name: status_reenable
-SELECT agg_reenable_task(%(symbol)s, %(timeframe)s, COALESCE(%(now)s::timestamptz, now()));
+SELECT agg_reenable_task(%(symbol)s, %(timeframe)s, %(now)s::timestamptz);
 
 -- ==== operator tools: backfill ====
 
@@ -372,6 +403,19 @@ WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::tex
   AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
   AND s.status <> 'running'
 RETURNING s.canonical_symbol, s.timeframe;
+
+-- name: backfill_known_symbols
+SELECT canonical_symbol FROM core_asset_registry_all WHERE canonical_symbol = ANY (%(symbols)s::text[]);
+
+-- name: backfill_task_states
+-- The selected tasks after a backfill, to report those it could not run (failing, held, off).
+SELECT s.canonical_symbol, s.timeframe, s.enabled, s.status, s.hard_fail_streak, s.last_error, s.next_run_at,
+       s.lease_owner, _agg_lease_end(s.lease_expires_at, s.running_started_at_utc) AS lease_end
+FROM data_agg_state s
+JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+ORDER BY s.canonical_symbol, tf.duration_rank;
 
 -- name: backfill_running
 SELECT s.canonical_symbol || ' ' || s.timeframe
