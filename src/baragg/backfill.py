@@ -36,6 +36,9 @@ class BackfillReport:
     # Selected tasks it could not run: backing off, hard_failed, disabled, held by another worker,
     # or asked for but not active in the registry. Each {symbol, timeframe, reason}.
     not_run: list[dict[str, Any]] = field(default_factory=list)
+    # Selected tasks with source rows before their agg_start_utc, which they never aggregate
+    # (DESIGN.md 4, rule 1). Each {symbol, timeframe, agg_start_utc, first_source_before_start}.
+    source_rows_before_start: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -161,6 +164,7 @@ def backfill(
     report.seconds = time.monotonic() - started
     ran = {(r["symbol"], r["timeframe"]) for r in report.failures} | set(ran_tasks)
     report.not_run = not_run(db, env, symbols, timeframes, ran=ran, now=now)
+    report.source_rows_before_start = rows_before_start(db, symbols, timeframes)
     if on_progress:
         complete = not report.failures and not report.not_run
         on_progress(total if complete else sum(done.values()), total, "")
@@ -235,6 +239,25 @@ def not_run(
                 }
             )
     return out
+
+
+def rows_before_start(
+    db: Database, symbols: list[str] | None, timeframes: list[str] | None
+) -> list[dict[str, Any]]:
+    """Selected tasks whose source has rows before their agg_start_utc (never aggregated)."""
+    with db.connect() as conn:
+        rows = conn.execute(
+            query("backfill_before_start"), {"symbols": symbols, "timeframes": timeframes}
+        ).fetchall()
+    return [
+        {
+            "symbol": symbol,
+            "timeframe": timeframe,
+            "agg_start_utc": start.astimezone(UTC),
+            "first_source_before_start": first.astimezone(UTC),
+        }
+        for symbol, timeframe, start, first in rows
+    ]
 
 
 def _when(moment: datetime | None) -> str:

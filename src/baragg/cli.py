@@ -483,6 +483,8 @@ def cmd_reenable(args: argparse.Namespace) -> int:
 @_needs_schema
 def cmd_backfill(args: argparse.Namespace) -> int:
     from baragg import backfill
+    from baragg.status import before_start_note
+    from baragg.terminal import printable
     from baragg.timeparse import parse_time, refuse_future
 
     now, start = parse_time(args.now, "--now"), parse_time(args.from_, "--from")
@@ -524,9 +526,17 @@ def cmd_backfill(args: argparse.Namespace) -> int:
                 f"failed: {failure['symbol']} {failure['timeframe']} ({failure['kind']}): {failure['error']}",
                 file=sys.stderr,
             )
+        before: dict[str, list[dict[str, Any]]] = {}
+        for task in report.source_rows_before_start:
+            before.setdefault(task["symbol"], []).append(task)
+        for symbol, tasks in before.items():
+            first = min(t["first_source_before_start"] for t in tasks)
+            start = max(t["agg_start_utc"] for t in tasks)
+            timeframes = [t["timeframe"] for t in tasks]
+            print(before_start_note(symbol, timeframes, first, start), file=sys.stderr)
         for task in report.not_run:
             label = " ".join(part for part in (task["symbol"], task["timeframe"]) if part)
-            print(f"not run: {label}: {task['reason']}", file=sys.stderr)
+            print(f"not run: {printable(label)}: {printable(task['reason'])}", file=sys.stderr)
     return 1 if report.failures or report.not_run else 0
 
 

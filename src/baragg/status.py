@@ -251,13 +251,19 @@ def notes(tasks: list[TaskStatus], clock: datetime) -> list[str]:
     for symbol, group in before.items():
         first = min(t.first_source_before_start for t in group if t.first_source_before_start)
         start = max(t.agg_start for t in group if t.agg_start)
-        timeframes = ", ".join(printable(t.timeframe) for t in group)
-        out.append(
-            f"note: {printable(symbol)} has source rows from {first:%Y-%m-%d %H:%M} before the start of its "
-            f"{timeframes} task(s) ({start:%Y-%m-%d %H:%M}): never aggregated; to include them: "
-            f"baragg backfill --symbol {printable(symbol)} --from {first:%Y-%m-%d}"
-        )
+        out.append(before_start_note(symbol, [t.timeframe for t in group], first, start))
     return out
+
+
+def before_start_note(symbol: str, timeframes: list[str], first: datetime, start: datetime) -> str:
+    """One line: a symbol's source rows before its tasks' start are never aggregated, and the fix."""
+    from baragg.terminal import printable
+
+    return (
+        f"note: {printable(symbol)} has source rows from {first:%Y-%m-%d %H:%M} before the start of its "
+        f"{printable(', '.join(timeframes))} task(s) ({start:%Y-%m-%d %H:%M}): never aggregated; "
+        f"to include them: baragg backfill --symbol {printable(symbol)} --from {first:%Y-%m-%d}"
+    )
 
 
 def reenable(

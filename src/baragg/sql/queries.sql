@@ -417,6 +417,27 @@ WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::tex
   AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
 ORDER BY s.canonical_symbol, tf.duration_rank;
 
+-- name: backfill_before_start
+-- Selected tasks that have source rows before their agg_start_utc: rows they never aggregate (rule 1).
+SELECT s.canonical_symbol, s.timeframe, s.agg_start_utc, e.first_before_start
+FROM data_agg_state s
+JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN tf.source_table = 'data_bars' THEN
+                    (SELECT min(b.ts_utc) FROM data_bars b
+                     WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = tf.source_timeframe
+                       AND b.ts_utc < s.agg_start_utc)
+                ELSE
+                    (SELECT min(d.ts_utc) FROM derived_data_bars d
+                     WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = tf.source_timeframe
+                       AND d.ts_utc < s.agg_start_utc AND d.deleted_at IS NULL)
+           END AS first_before_start
+) e
+WHERE s.agg_start_utc <> '-infinity' AND s.enabled AND e.first_before_start IS NOT NULL
+  AND (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+ORDER BY s.canonical_symbol, tf.duration_rank;
+
 -- name: backfill_running
 SELECT s.canonical_symbol || ' ' || s.timeframe
 FROM data_agg_state s
