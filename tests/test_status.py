@@ -121,3 +121,60 @@ def test_reenable_a_failed_task(two_symbols: Database, conn: psycopg.Connection)
     assert row == ("idle", 0)
     again = baragg(two_symbols, "reenable", "EURUSD", "4h")
     assert again.returncode == 2 and "neither failing nor disabled" in again.stderr
+
+
+def status_lines(db: Database, columns: int) -> list[str]:
+    done = baragg(db, "status", "--now", NOW, env={"COLUMNS": str(columns)})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_status_is_readable_at_80_and_120_columns(
+    two_symbols: Database, conn: psycopg.Connection, columns: int
+) -> None:
+    assert (
+        baragg(two_symbols, "registry", "add", "GBPUSD", "--calc-15m", "--calc-4h", "--calc-1d").returncode
+        == 0
+    )
+    load_minutes(conn, "GBPUSD", 2)
+    assert baragg(two_symbols, "backfill", "--now", NOW).returncode == 0
+    conn.execute(
+        "UPDATE data_agg_state SET status = 'hard_failed', hard_fail_streak = 3, last_error = %s"
+        " WHERE canonical_symbol = 'GBPUSD' AND timeframe = '1h'",
+        ("connection to server lost while writing the 1h bars of a very long backfill; " * 3,),
+    )
+    lines = status_lines(two_symbols, columns)
+    assert all(len(line) <= columns for line in lines), [line for line in lines if len(line) > columns]
+    assert "…" not in "\n".join(lines[:13])  # the two header lines and 11 rows: nothing cut
+    tasks = [line.split() for line in lines if line.split()[:1] in (["EURUSD"], ["XAUUSD"], ["GBPUSD"])]
+    rows = [t for t in tasks if t[1] in ("5m", "15m", "1h", "4h", "1d") and t[2] != "last"]
+    assert len(rows) == 4 + 2 + 5  # one line per task, the full symbol first
+    assert rows[0][:3] == ["GBPUSD", "1h", "FAILED"]  # problems first
+    assert any(
+        line.startswith("GBPUSD 1h last error (3 in a row): connection to server lost") for line in lines
+    )
+
+
+def test_status_escapes_control_characters_in_names_and_errors(
+    db: Database, conn: psycopg.Connection
+) -> None:
+    # A name the registry would refuse, as an upgraded database may hold it (the CHECK is NOT VALID).
+    evil = "EVIL\x1b[2J\x1b]0;pwned\x07"
+    conn.execute(
+        "ALTER TABLE core_asset_registry_all DROP CONSTRAINT IF EXISTS core_asset_registry_all_symbol_check"
+    )
+    conn.execute("INSERT INTO core_asset_registry_all (canonical_symbol) VALUES (%s)", (evil,))
+    assert baragg(db, "registry", "sync").returncode == 0
+    conn.execute(
+        "UPDATE data_agg_state SET status = 'hard_failed', hard_fail_streak = 3, last_error = %s WHERE timeframe = '5m'",
+        ("bad\rrow \x1b[31mred\x1b[0m \u202etxt.exe",),
+    )
+    done = baragg(db, "status")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out and "\u202e" not in out
+    assert "EVIL\\x1b[2J\\x1b]0;pwned\\x07" in out
+    assert "bad row \\x1b[31mred\\x1b[0m \\u202etxt.exe" in out  # line breaks become spaces
+    listed = baragg(db, "registry", "list")
+    assert listed.returncode == 0 and "\x1b" not in listed.stdout and "EVIL\\x1b[2J" in listed.stdout

@@ -368,8 +368,9 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     from rich.table import Table
+    from rich.text import Text
 
-    from baragg.terminal import stdout_console
+    from baragg.terminal import printable, stdout_console
 
     table = Table(box=None, header_style="bold")
     for name in ("symbol", "active", "test", "sparse", "15m", "4h", "1d", "1w", "ticker", "class", "source"):
@@ -378,9 +379,12 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
     def flag(value: object) -> str:
         return {True: "yes", False: "-", None: "?"}.get(value, str(value))  # type: ignore[arg-type]
 
+    def text(value: str | None) -> Text:  # plain text, control characters escaped, no markup
+        return Text(printable(value or ""))
+
     for r in rows:
         table.add_row(
-            r["canonical_symbol"],
+            text(r["canonical_symbol"]),
             flag(r["active"]),
             flag(r["test_active"]),
             flag(r["is_sparse"]),
@@ -388,9 +392,9 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
             flag(r["calc_4h"]),
             flag(r["calc_1d"]),
             flag(r["calc_1w"]),
-            r["provider_ticker"] or "",
-            r["asset_class"] or "",
-            r["source"] or "",
+            text(r["provider_ticker"]),
+            text(r["asset_class"]),
+            text(r["source"]),
         )
     stdout_console().print(table)
     if not rows:
