@@ -142,15 +142,87 @@ def test_upgrade_from_seed_production_state(empty_db: Database, db: Database) ->
 @pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed on this machine")
 def test_migration_files_apply_as_is_with_psql(empty_db: Database, db: Database) -> None:
     for m in migrate.discover():
-        path = migrate.migrations_dir().joinpath(m.name)
+        path = m.path()
         subprocess.run(
             ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", empty_db.url, "-f", str(path)],
             check=True,
             capture_output=True,
         )
     with empty_db.connect() as by_psql, db.connect() as by_baragg:
-        exclude = ("baragg_schema_migrations",)
+        exclude = ("baragg_schema_migrations", "baragg_schema_repeatables")
         assert snapshot(by_psql, exclude_tables=exclude) == snapshot(by_baragg, exclude_tables=exclude)
+
+
+def test_database_of_the_previous_cut_upgrades_without_edits(empty_db: Database, db: Database) -> None:
+    """0002-0004 held the functions until they moved to the repeatable files: such a database counts as
+    current for those migrations (no "edited" warning), gets the repeatable files once, and ends equal to
+    a fresh install."""
+    migrate.upgrade(empty_db)
+    with empty_db.connect(autocommit=True) as conn:
+        for version, checksums in migrate._SUPERSEDED_CHECKSUMS.items():
+            conn.execute(
+                "UPDATE baragg_schema_migrations SET checksum = %s WHERE version = %s",
+                (min(checksums), version),
+            )
+        conn.execute("DROP TABLE baragg_schema_repeatables")
+    states = migrate.status(empty_db)
+    assert {s.state for s in states if s.version is not None} == {"applied"}
+    assert {s.state for s in states if s.version is None} == {"pending"}
+    applied = migrate.upgrade(empty_db)
+    assert applied and all(m.repeatable for m in applied)
+    assert not migrate.warnings_for(migrate.status(empty_db))
+    with empty_db.connect() as upgraded, db.connect() as fresh:
+        assert snapshot(upgraded) == snapshot(fresh)
+        recorded = upgraded.execute(
+            "SELECT checksum FROM baragg_schema_migrations ORDER BY version"
+        ).fetchall()
+    assert [r[0] for r in recorded] == [m.checksum for m in migrate.discover() if not m.repeatable]
+
+
+def test_changed_repeatable_file_is_reapplied(empty_db: Database, tmp_path: Path) -> None:
+    numbered, functions = tmp_path / "migrations", tmp_path / "functions"
+    numbered.mkdir()
+    functions.mkdir()
+    (numbered / "0001_t.sql").write_text("CREATE TABLE t (x int);\n")
+    (functions / "10_f.sql").write_text(
+        "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1';\n"
+    )
+    (functions / "20_g.sql").write_text(
+        "CREATE OR REPLACE FUNCTION g() RETURNS int LANGUAGE sql AS 'SELECT f()';\n"
+    )
+    assert [m.name for m in migrate.upgrade(empty_db, migrate.discover(numbered, functions))] == [
+        "0001_t.sql",
+        "10_f.sql",
+        "20_g.sql",
+    ]
+    assert migrate.upgrade(empty_db, migrate.discover(numbered, functions)) == []
+    (functions / "10_f.sql").write_text(
+        "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 2';\n"
+    )
+    states = migrate.status(empty_db, migrate.discover(numbered, functions))
+    assert [(s.name, s.state) for s in states] == [
+        ("0001_t.sql", "applied"),
+        ("10_f.sql", "pending"),
+        ("20_g.sql", "applied"),
+    ]
+    assert [m.name for m in migrate.upgrade(empty_db, migrate.discover(numbered, functions))] == ["10_f.sql"]
+    with empty_db.connect() as conn:
+        assert conn.execute("SELECT g()").fetchone() == (2,)
+
+
+def test_failed_repeatable_changes_nothing(empty_db: Database, tmp_path: Path) -> None:
+    numbered, functions = tmp_path / "migrations", tmp_path / "functions"
+    numbered.mkdir()
+    functions.mkdir()
+    (numbered / "0001_t.sql").write_text("SELECT 1;\n")
+    (functions / "10_f.sql").write_text(
+        "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1';\n"
+    )
+    (functions / "20_bad.sql").write_text("SELECT no_such_function();\n")
+    with pytest.raises(BaraggError, match=r"repeatable 20_bad\.sql failed"):
+        migrate.upgrade(empty_db, migrate.discover(numbered, functions))
+    with empty_db.connect() as conn:
+        assert conn.execute("SELECT to_regproc('f') IS NULL").fetchone() == (True,)
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -117,7 +117,8 @@ def cmd_db_status(args: argparse.Namespace) -> int:
     else:
         for s in states:
             when = s.applied_at.isoformat(timespec="seconds") if s.applied_at else ""
-            print(f"{s.version:04d}  {s.state:<8} {s.name:<40} {when}")
+            label = "R" if s.version is None else f"{s.version:04d}"
+            print(f"{label:<4}  {s.state:<8} {s.name:<40} {when}")
     for warning in migrate.warnings_for(states):
         print(f"warning: {warning}", file=sys.stderr)
     # Scripts (deploys, readiness checks) read the exit code: 0 only when every shipped migration is

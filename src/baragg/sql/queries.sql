@@ -21,6 +21,23 @@ SELECT version, name, checksum, applied_at FROM baragg_schema_migrations ORDER B
 -- name: migrations_record
 INSERT INTO baragg_schema_migrations (version, name, checksum) VALUES (%(version)s, %(name)s, %(checksum)s);
 
+-- name: migrations_rechecksum
+UPDATE baragg_schema_migrations SET checksum = %(checksum)s WHERE version = %(version)s;
+
+-- name: repeatables_table
+CREATE TABLE IF NOT EXISTS baragg_schema_repeatables (
+    name text PRIMARY KEY,
+    checksum text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: repeatables_applied
+SELECT name, checksum, applied_at FROM baragg_schema_repeatables ORDER BY name;
+
+-- name: repeatables_record
+INSERT INTO baragg_schema_repeatables AS r (name, checksum) VALUES (%(name)s, %(checksum)s)
+ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
+
 -- name: schema_present
 -- Whether baragg's tables exist (migrations may have been applied with psql, which records nothing).
 SELECT to_regclass('data_agg_state') IS NOT NULL AND to_regclass('agg_timeframes') IS NOT NULL;

@@ -1,0 +1,572 @@
+-- Repeatable: the aggregation engine's functions (DESIGN.md sections 3 and 4). Re-applied, with every
+-- other file of this folder, whenever one of them changes (baragg/migrate.py); the ladder table they
+-- read is created by migration 0002. A changed signature drops the old one here first.
+
+-- ---------------------------------------------------------------------------------------------
+-- Quality (DESIGN.md 3): from r = n / expected, in integers so that no float rounding decides a
+-- boundary. r >= 1 -> 2; r >= 0.8 -> 1; r >= 0.6 -> 0; r >= 0.55 -> -1; below: NULL (not stored).
+-- Sparse assets store any window with at least one source bar (-1 below 0.55).
+-- Reproduces the seed's tables: 5m 5->2, 4->1, 3->0, <3 skip; 1h 12->2, 10-11->1, 8-9->0, 7->-1.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION agg_quality_score(p_source_candles integer, p_expected_candles integer,
+                                             p_is_sparse boolean DEFAULT false)
+RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN p_source_candles >= p_expected_candles THEN 2
+        WHEN 5 * p_source_candles >= 4 * p_expected_candles THEN 1
+        WHEN 5 * p_source_candles >= 3 * p_expected_candles THEN 0
+        WHEN 20 * p_source_candles >= 11 * p_expected_candles THEN -1
+        WHEN p_is_sparse AND p_source_candles >= 1 THEN -1
+    END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Source bars of one symbol and timeframe in [p_from, p_to): raw 1m bars from data_bars, everything
+-- else from derived_data_bars. Rows still forming (is_partial) or soft-deleted are never used.
+-- An inlinable SQL function: the planner sees both branches with their index conditions and
+-- skips the branch whose one-time filter (p_source_table) is false, so only one table is read.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION _agg_source_bars(p_source_table text, p_symbol text, p_source_tf text,
+                                            p_from timestamptz, p_to timestamptz)
+RETURNS TABLE (ts_utc timestamptz, open double precision, high double precision, low double precision,
+               close double precision, vol double precision, vwap double precision, trade_count integer)
+LANGUAGE sql STABLE AS $$
+    SELECT b.ts_utc, b.open, b.high, b.low, b.close, b.vol, b.vwap, b.trade_count
+    FROM data_bars b
+    WHERE p_source_table = 'data_bars'
+      AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+      AND b.ts_utc >= p_from AND b.ts_utc < p_to
+      AND NOT b.is_partial
+    UNION ALL
+    SELECT b.ts_utc, b.open, b.high, b.low, b.close, b.vol, b.vwap, b.trade_count
+    FROM derived_data_bars b
+    WHERE p_source_table = 'derived_data_bars'
+      AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+      AND b.ts_utc >= p_from AND b.ts_utc < p_to
+      AND b.deleted_at IS NULL AND NOT b.is_partial
+$$;
+
+-- The first, last and n-th (0-based) source bar time in [p_from, p_to). Each branch is a plain
+-- ordered index scan that stops at the row it wants (through the UNION ALL above, PostgreSQL would
+-- read every row and sort them).
+CREATE OR REPLACE FUNCTION _agg_source_ts(p_source_table text, p_symbol text, p_source_tf text,
+                                          p_from timestamptz, p_to timestamptz, p_last boolean DEFAULT false,
+                                          p_offset integer DEFAULT 0)
+RETURNS timestamptz LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_ts timestamptz;
+BEGIN
+    IF p_source_table = 'data_bars' THEN
+        IF p_last THEN
+            SELECT b.ts_utc INTO v_ts FROM data_bars b
+            WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+              AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
+            ORDER BY b.ts_utc DESC OFFSET p_offset LIMIT 1;
+        ELSE
+            SELECT b.ts_utc INTO v_ts FROM data_bars b
+            WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+              AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
+            ORDER BY b.ts_utc OFFSET p_offset LIMIT 1;
+        END IF;
+    ELSIF p_last THEN
+        SELECT b.ts_utc INTO v_ts FROM derived_data_bars b
+        WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+          AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
+        ORDER BY b.ts_utc DESC OFFSET p_offset LIMIT 1;
+    ELSE
+        SELECT b.ts_utc INTO v_ts FROM derived_data_bars b
+        WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+          AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
+        ORDER BY b.ts_utc OFFSET p_offset LIMIT 1;
+    END IF;
+    RETURN v_ts;
+END
+$$;
+
+-- The same lookups as a set-returning SQL function that the planner inlines into the caller's
+-- query (LATERAL): no PL/pgSQL call per row. Each branch is an ordered index scan that stops at its
+-- row; the branches not chosen by p_source_table / p_last are one-time filters that never run.
+-- Returns one row (the time) or none. The set-based catch-up uses this one: per task, a
+-- PL/pgSQL call costs tens of microseconds, the inlined scan a few.
+CREATE OR REPLACE FUNCTION _agg_source_edge(p_source_table text, p_symbol text, p_source_tf text,
+                                            p_from timestamptz, p_to timestamptz, p_last boolean DEFAULT false,
+                                            p_offset integer DEFAULT 0)
+RETURNS TABLE (ts_utc timestamptz) LANGUAGE sql STABLE AS $$
+    (SELECT b.ts_utc FROM data_bars b
+     WHERE p_source_table = 'data_bars' AND NOT p_last
+       AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+       AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
+     ORDER BY b.ts_utc OFFSET p_offset LIMIT 1)
+    UNION ALL
+    (SELECT b.ts_utc FROM data_bars b
+     WHERE p_source_table = 'data_bars' AND p_last
+       AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+       AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
+     ORDER BY b.ts_utc DESC OFFSET p_offset LIMIT 1)
+    UNION ALL
+    (SELECT b.ts_utc FROM derived_data_bars b
+     WHERE p_source_table = 'derived_data_bars' AND NOT p_last
+       AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+       AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
+     ORDER BY b.ts_utc OFFSET p_offset LIMIT 1)
+    UNION ALL
+    (SELECT b.ts_utc FROM derived_data_bars b
+     WHERE p_source_table = 'derived_data_bars' AND p_last
+       AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
+       AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
+     ORDER BY b.ts_utc DESC OFFSET p_offset LIMIT 1)
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- The aggregation core, shared by the catch-up, the single-window functions and recomputation:
+-- one bar per non-empty bucket of p_to_tf in [p_from, p_to) for one symbol (DESIGN.md 3), with
+-- its quality (NULL: not to be stored). Also inlinable, so callers' plans see through it.
+-- open/close are first/last by time; vwap is volume-weighted over the rows that have both vwap
+-- and vol, NULL if there are none or their volume sums to 0.
+-- ---------------------------------------------------------------------------------------------
+-- p_is_sparse: the asset's flag when the caller has it already (the catch-up joins the registry once
+-- per task); NULL looks it up, once per bar.
+DROP FUNCTION IF EXISTS _agg_window_bars(text, text, timestamptz, timestamptz);
+CREATE OR REPLACE FUNCTION _agg_window_bars(p_to_tf text, p_symbol text, p_from timestamptz,
+                                            p_to timestamptz, p_is_sparse boolean DEFAULT NULL)
+RETURNS TABLE (ts_utc timestamptz, open double precision, high double precision, low double precision,
+               close double precision, vol double precision, vwap double precision, trade_count integer,
+               source_candles integer, expected_candles integer, quality_score integer)
+LANGUAGE sql STABLE AS $$
+    SELECT date_bin(tf.bucket_interval, s.ts_utc, tf.bucket_origin),
+           (array_agg(s.open ORDER BY s.ts_utc))[1],
+           max(s.high),
+           min(s.low),
+           (array_agg(s.close ORDER BY s.ts_utc DESC))[1],
+           sum(s.vol),
+           sum(s.vwap * s.vol) / NULLIF(sum(s.vol) FILTER (WHERE s.vwap IS NOT NULL), 0),
+           sum(s.trade_count)::integer,
+           count(*)::integer,
+           tf.expected_source_bars,
+           agg_quality_score(count(*)::integer, tf.expected_source_bars,
+                             COALESCE(p_is_sparse,
+                                      (SELECT r.is_sparse FROM core_asset_registry_all r
+                                       WHERE r.canonical_symbol = p_symbol), false))
+    FROM agg_timeframes tf
+    CROSS JOIN LATERAL _agg_source_bars(tf.source_table, p_symbol, tf.source_timeframe, p_from, p_to) s
+    WHERE tf.timeframe = p_to_tf
+    GROUP BY 1, tf.expected_source_bars
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- _upsert_derived_bar: the seed's one-row upsert (seed C.1: name, parameters, result keys).
+-- The set-based functions below write many rows with the same ON CONFLICT clause.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION _upsert_derived_bar(
+    p_symbol text, p_tf text, p_ts timestamptz,
+    p_open double precision, p_high double precision, p_low double precision, p_close double precision,
+    p_vol double precision, p_vwap double precision, p_trade_count integer,
+    p_source text, p_source_tf text, p_source_candles integer, p_expected_candles integer,
+    p_quality_score integer, p_derivation_version integer, p_raw jsonb)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_inserted boolean;
+BEGIN
+    INSERT INTO derived_data_bars AS d (
+        canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
+        is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
+        quality_score, derivation_version, raw, deleted_at)
+    VALUES (
+        p_symbol, p_tf, p_ts, p_open, p_high, p_low, p_close, p_vol, p_vwap, p_trade_count,
+        false, COALESCE(p_source, 'agg'), now(), p_source_tf, p_source_candles, p_expected_candles,
+        p_quality_score, p_derivation_version, COALESCE(p_raw, '{}'::jsonb), NULL)
+    ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
+    DO UPDATE SET
+        open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+        vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
+        is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
+        source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
+        expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
+        derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = now()
+    RETURNING (xmax = 0) INTO v_inserted;
+    RETURN jsonb_build_object('success', true, 'inserted', COALESCE(v_inserted, false));
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- A task's settings: its data_agg_state row, or the defaults when there is none (delay 0,
+-- agg_start the column's default), so the functions also work for ad-hoc calls from psql.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION _agg_task_settings(p_symbol text, p_to_tf text,
+    OUT delay_seconds integer, OUT agg_start_utc timestamptz, OUT is_sparse boolean)
+LANGUAGE sql STABLE AS $$
+    SELECT COALESCE((SELECT s.aggregation_delay_seconds FROM data_agg_state s
+                     WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf), 0),
+           COALESCE((SELECT s.agg_start_utc FROM data_agg_state s
+                     WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf),
+                    timestamptz '2025-07-01 00:00:00+00'),
+           COALESCE((SELECT r.is_sparse FROM core_asset_registry_all r
+                     WHERE r.canonical_symbol = p_symbol), false)
+$$;
+
+CREATE OR REPLACE FUNCTION _agg_ladder(p_to_tf text) RETURNS agg_timeframes
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v agg_timeframes;
+BEGIN
+    SELECT * INTO v FROM agg_timeframes WHERE timeframe = p_to_tf;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown timeframe %: expected one of %', p_to_tf,
+            (SELECT string_agg(timeframe, ', ' ORDER BY duration_rank) FROM agg_timeframes)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN v;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- agg_bootstrap_cursor (seed C.2): the first window to process for a task without a cursor: the
+-- bucket containing max(agg_start_utc, earliest source bar at or after agg_start_utc); with no
+-- source data there, the next bucket boundary after now. Reads only the source timeframe's table
+-- (the seed's UNION ALL of both tables is gone).
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION agg_bootstrap_cursor(p_symbol text, p_to_tf text,
+                                                p_now_utc timestamptz DEFAULT now())
+RETURNS timestamptz LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_agg_start timestamptz := (_agg_task_settings(p_symbol, p_to_tf)).agg_start_utc;
+    v_first timestamptz;
+BEGIN
+    v_first := _agg_source_ts(v_tf.source_table, p_symbol, v_tf.source_timeframe, v_agg_start, 'infinity');
+    IF v_first IS NULL THEN
+        RETURN date_bin(v_tf.bucket_interval, COALESCE(p_now_utc, now()), v_tf.bucket_origin)
+               + v_tf.bucket_interval;
+    END IF;
+    RETURN date_bin(v_tf.bucket_interval, v_first, v_tf.bucket_origin);
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- One window of any timeframe, and the seed's two window functions (seed C.3, C.4) on top of it.
+-- Result keys as the seed's: success, stored, source_count, quality_score, reason (when not stored).
+-- The window must be exactly one bucket of the timeframe.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION aggregate_window(p_symbol text, p_to_tf text, p_from_utc timestamptz,
+                                            p_to_utc timestamptz, p_derivation_version integer DEFAULT 1)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_bar record;
+BEGIN
+    IF p_from_utc IS NULL OR p_to_utc IS NULL
+       OR date_bin(v_tf.bucket_interval, p_from_utc, v_tf.bucket_origin) <> p_from_utc
+       OR p_to_utc <> p_from_utc + v_tf.bucket_interval THEN
+        RAISE EXCEPTION 'window [%, %) is not one % bucket', p_from_utc, p_to_utc, p_to_tf
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v_bar FROM _agg_window_bars(p_to_tf, p_symbol, p_from_utc, p_to_utc);
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('success', true, 'stored', false, 'source_count', 0,
+                                  'quality_score', NULL, 'reason', 'no_source_bars');
+    END IF;
+    IF v_bar.quality_score IS NULL THEN
+        RETURN jsonb_build_object('success', true, 'stored', false, 'source_count', v_bar.source_candles,
+                                  'quality_score', NULL, 'reason', 'insufficient_source_bars');
+    END IF;
+    PERFORM _upsert_derived_bar(p_symbol, p_to_tf, v_bar.ts_utc, v_bar.open, v_bar.high, v_bar.low,
+        v_bar.close, v_bar.vol, v_bar.vwap, v_bar.trade_count, 'agg', v_tf.source_timeframe,
+        v_bar.source_candles, v_bar.expected_candles, v_bar.quality_score, p_derivation_version, '{}');
+    RETURN jsonb_build_object('success', true, 'stored', true, 'source_count', v_bar.source_candles,
+                              'quality_score', v_bar.quality_score);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION aggregate_1m_to_5m_window(p_symbol text, p_from_utc timestamptz,
+                                                     p_to_utc timestamptz, p_derivation_version integer DEFAULT 1)
+RETURNS jsonb LANGUAGE sql AS $$
+    SELECT aggregate_window(p_symbol, '5m', p_from_utc, p_to_utc, p_derivation_version)
+$$;
+
+CREATE OR REPLACE FUNCTION aggregate_5m_to_1h_window(p_symbol text, p_from_utc timestamptz,
+                                                     p_to_utc timestamptz, p_derivation_version integer DEFAULT 1)
+RETURNS jsonb LANGUAGE sql AS $$
+    SELECT aggregate_window(p_symbol, '1h', p_from_utc, p_to_utc, p_derivation_version)
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- agg_catchup_tasks: catch up many tasks of one timeframe in ONE statement (DESIGN.md 4).
+--
+--   agg_catchup_tasks(p_to_tf text, p_symbols text[], p_cursors timestamptz[],
+--                     p_max_windows integer DEFAULT 100, p_now_utc timestamptz DEFAULT NULL,
+--                     p_derivation_version integer DEFAULT 1, p_ignore_confirmation boolean DEFAULT false)
+--   RETURNS TABLE (canonical_symbol text, result jsonb)     -- one row per symbol, in input order
+--
+-- p_cursors[i] is symbol i's cursor (start of the next window to process); NULL bootstraps it with
+-- agg_bootstrap_cursor. `result` has catchup_aggregation_range's keys. p_max_windows bounds the
+-- non-empty windows handled per symbol (NULL: no bound). Bars are written; data_agg_state is not
+-- (the caller stores each cursor in the same transaction).
+--
+-- How one task is planned (equivalent to the window-by-window rules, tests/reference_model.py):
+--   s0    = max(cursor, first bucket start >= agg_start_utc)          -- rule 1
+--   limit = min(now - delay, W): windows [ws, we) with we <= limit are allowed   -- rules 2, 3
+--           W (derived sources only) = first row of the source task's own source at or after its
+--           cursor c_s (+infinity if none): a window waits iff c_s < we and such a row lies before we.
+--   next  = first window start >= s0 that is not allowed = max(s0, date_bin(limit))
+--   The non-empty allowed windows from s0 are aggregated and written (the first p_max_windows);
+--   the empty ones between them are gaps (later data exists), passed over for free (rules 4-6).
+--   cursor = end of the p_max_windows-th non-empty window if the bound was reached (continue),
+--            else min(next, bucket after the last source row): the first window that is not final,
+--            or the frontier (an empty window with no later data).
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION agg_catchup_tasks(p_to_tf text, p_symbols text[], p_cursors timestamptz[],
+                                             p_max_windows integer DEFAULT 100,
+                                             p_now_utc timestamptz DEFAULT NULL,
+                                             p_derivation_version integer DEFAULT 1,
+                                             p_ignore_confirmation boolean DEFAULT false)
+RETURNS TABLE (canonical_symbol text, result jsonb)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_iv interval := v_tf.bucket_interval;
+    v_origin timestamptz := v_tf.bucket_origin;
+    v_now timestamptz := COALESCE(p_now_utc, now());
+    v_derived boolean := v_tf.source_table = 'derived_data_bars';
+    -- The source task's own source (rule 3), e.g. 1m bars for a 1h task (whose source task is 5m).
+    v_sos agg_timeframes;
+    v_scan_rows integer := p_max_windows * v_tf.max_source_bars;
+BEGIN
+    IF p_max_windows IS NOT NULL AND p_max_windows < 1 THEN
+        RAISE EXCEPTION 'p_max_windows must be at least 1 (or NULL for no bound), got %', p_max_windows
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF cardinality(p_symbols) IS DISTINCT FROM cardinality(p_cursors) THEN
+        RAISE EXCEPTION 'p_symbols and p_cursors differ in length (% vs %)',
+            cardinality(p_symbols), cardinality(p_cursors) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (SELECT count(DISTINCT x) FROM unnest(p_symbols) x) <> cardinality(p_symbols) THEN
+        RAISE EXCEPTION 'p_symbols must be distinct and not NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_derived THEN
+        v_sos := _agg_ladder(v_tf.source_timeframe);
+    END IF;
+
+    RETURN QUERY
+    WITH input AS (
+        -- The task's settings, as _agg_task_settings gives them (defaults without a task row), by a
+        -- join: one index probe per task instead of a function call.
+        SELECT u.sym, u.ord, u.cur,
+               COALESCE(st.aggregation_delay_seconds, 0) AS delay_seconds,
+               COALESCE(st.agg_start_utc, timestamptz '2025-07-01 00:00:00+00') AS agg_start_utc,
+               COALESCE(r.is_sparse, false) AS is_sparse
+        FROM unnest(p_symbols, p_cursors) WITH ORDINALITY AS u(sym, cur, ord)
+        LEFT JOIN data_agg_state st ON st.canonical_symbol = u.sym AND st.timeframe = p_to_tf
+        LEFT JOIN core_asset_registry_all r ON r.canonical_symbol = u.sym
+    ),
+    started AS (
+        SELECT i.sym, i.ord, i.delay_seconds, i.agg_start_utc, i.is_sparse,
+               GREATEST(
+                   date_bin(v_iv, COALESCE(i.cur, agg_bootstrap_cursor(i.sym, p_to_tf, v_now)), v_origin),
+                   CASE WHEN date_bin(v_iv, i.agg_start_utc, v_origin) = i.agg_start_utc
+                        THEN i.agg_start_utc
+                        ELSE date_bin(v_iv, i.agg_start_utc, v_origin) + v_iv END) AS s0
+        FROM input i
+    ),
+    limited AS (
+        SELECT s.*,
+               LEAST(CASE WHEN p_ignore_confirmation THEN timestamptz 'infinity'
+                          ELSE v_now - make_interval(secs => s.delay_seconds) END,
+                     COALESCE(w.bound, timestamptz 'infinity')) AS lim
+        FROM started s
+        LEFT JOIN LATERAL (
+            -- Rule 3: windows ending after the source task's first unprocessed input wait. That
+            -- input is the first row of its own source at or after its cursor (NULL cursor: none
+            -- processed yet); with none, nothing waits. (max(c_s, r) = r since r >= c_s.)
+            SELECT COALESCE(e.ts_utc, timestamptz 'infinity') AS bound
+            FROM data_agg_state src
+            LEFT JOIN LATERAL _agg_source_edge(v_sos.source_table, s.sym, v_sos.source_timeframe,
+                                               COALESCE(src.last_agg_bar_ts_utc, timestamptz '-infinity'),
+                                               timestamptz 'infinity') e ON true
+            WHERE v_derived AND src.canonical_symbol = s.sym AND src.timeframe = v_tf.source_timeframe
+        ) w ON true
+    ),
+    planned AS (
+        SELECT l.*,
+               CASE WHEN l.lim = timestamptz 'infinity' THEN timestamptz 'infinity'
+                    ELSE GREATEST(l.s0, date_bin(v_iv, l.lim, v_origin)) END AS nxt
+        FROM limited l
+    ),
+    bounded AS (
+        SELECT p.*,
+               le.ts_utc AS last_source_ts,
+               -- Where to stop reading: a window holds at most max_source_bars source bars, so the
+               -- first p_max_windows * max_source_bars rows span at least p_max_windows windows.
+               CASE WHEN p_max_windows IS NULL THEN p.nxt
+                    ELSE COALESCE(date_bin(v_iv, se.ts_utc, v_origin) + v_iv, p.nxt) END AS scan_end
+        FROM planned p
+        LEFT JOIN LATERAL _agg_source_edge(v_tf.source_table, p.sym, v_tf.source_timeframe, p.s0,
+                                           timestamptz 'infinity', true) le ON true
+        LEFT JOIN LATERAL _agg_source_edge(v_tf.source_table, p.sym, v_tf.source_timeframe, p.s0, p.nxt,
+                                           false, v_scan_rows - 1) se ON p_max_windows IS NOT NULL
+    ),
+    windows AS (
+        -- Numbered per task inside the LATERAL: the windows come out of the per-symbol GroupAggregate
+        -- already in time order, so no sort is needed (a row_number over the whole call sorted every
+        -- window of every task at once: an on-disk sort beyond work_mem with 100 symbols per call).
+        SELECT b.sym, w.*
+        FROM bounded b
+        CROSS JOIN LATERAL (
+            SELECT x.*, row_number() OVER (ORDER BY x.ts_utc) AS rn
+            FROM _agg_window_bars(p_to_tf, b.sym, b.s0, b.scan_end, b.is_sparse) x
+        ) w
+        WHERE b.scan_end > b.s0
+    ),
+    handled AS (
+        SELECT w.* FROM windows w WHERE p_max_windows IS NULL OR w.rn <= p_max_windows
+    ),
+    written AS (
+        INSERT INTO derived_data_bars AS d (
+            canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
+            is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
+            quality_score, derivation_version, raw, deleted_at)
+        SELECT h.sym, p_to_tf, h.ts_utc, h.open, h.high, h.low, h.close, h.vol, h.vwap, h.trade_count,
+               false, 'agg', now(), v_tf.source_timeframe, h.source_candles, h.expected_candles,
+               h.quality_score, p_derivation_version, '{}'::jsonb, NULL
+        FROM handled h
+        WHERE h.quality_score IS NOT NULL
+        ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
+        DO UPDATE SET
+            open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+            vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
+            is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
+            source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
+            expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
+            derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = now()
+        RETURNING d.canonical_symbol, d.quality_score
+    ),
+    handled_counts AS (
+        SELECT h.sym, count(*) AS n_handled, max(h.ts_utc) AS last_ws,
+               count(*) FILTER (WHERE h.quality_score IS NULL) AS n_skipped
+        FROM handled h GROUP BY h.sym
+    ),
+    written_counts AS (
+        SELECT w.canonical_symbol AS sym, count(*) AS n_created,
+               count(*) FILTER (WHERE w.quality_score <= 0) AS n_poor
+        FROM written w GROUP BY w.canonical_symbol
+    ),
+    outcome AS (
+        SELECT b.sym, b.ord, b.s0, b.agg_start_utc,
+               COALESCE(hc.n_handled, 0) AS n_handled, COALESCE(hc.n_skipped, 0) AS n_skipped,
+               COALESCE(wc.n_created, 0) AS n_created, COALESCE(wc.n_poor, 0) AS n_poor,
+               CASE WHEN hc.n_handled >= p_max_windows THEN hc.last_ws + v_iv
+                    WHEN b.scan_end < b.nxt THEN b.scan_end
+                    ELSE LEAST(b.nxt, CASE WHEN b.last_source_ts IS NULL THEN b.s0
+                                           ELSE GREATEST(b.s0, date_bin(v_iv, b.last_source_ts, v_origin)
+                                                               + v_iv) END)
+               END AS new_cursor,
+               COALESCE(hc.n_handled >= p_max_windows OR b.scan_end < b.nxt, false) AS more
+        FROM bounded b
+        LEFT JOIN handled_counts hc ON hc.sym = b.sym
+        LEFT JOIN written_counts wc ON wc.sym = b.sym
+    )
+    SELECT o.sym, jsonb_build_object(
+               'success', true,
+               'windows_processed', o.n_handled,
+               'cursor_advanced_to', o.new_cursor,
+               'bars_created', o.n_created,
+               'bars_quality_poor', o.n_poor,
+               'bars_skipped', o.n_skipped,
+               'gaps_skipped', round(extract(epoch FROM o.new_cursor - o.s0)
+                                     / extract(epoch FROM v_iv))::bigint - o.n_handled,
+               'continue', o.more,
+               'agg_start_enforced', o.agg_start_utc)
+    FROM outcome o
+    ORDER BY o.ord;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- catchup_aggregation_range (seed C.5): one task, through agg_catchup_tasks (one implementation).
+-- Writes bars; does NOT update data_agg_state: the caller stores cursor_advanced_to.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION catchup_aggregation_range(p_symbol text, p_to_tf text,
+                                                     p_start_cursor_utc timestamptz,
+                                                     p_max_windows integer DEFAULT 100,
+                                                     p_now_utc timestamptz DEFAULT NULL,
+                                                     p_derivation_version integer DEFAULT 1,
+                                                     p_ignore_confirmation boolean DEFAULT false)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_result jsonb;
+BEGIN
+    IF p_start_cursor_utc IS NULL THEN
+        RAISE EXCEPTION 'catchup_aggregation_range: start cursor is NULL for % %; call agg_bootstrap_cursor first',
+            p_symbol, p_to_tf USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT t.result INTO v_result
+    FROM agg_catchup_tasks(p_to_tf, ARRAY[p_symbol], ARRAY[p_start_cursor_utc], p_max_windows, p_now_utc,
+                           p_derivation_version, p_ignore_confirmation) t;
+    RETURN v_result;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- agg_recompute_windows: rebuild the listed windows of one task from the current source bars
+-- (late or corrected data, DESIGN.md 5). Each window is upserted if its quality allows, otherwise
+-- its active bar (if any) is soft-deleted (deleted_at = now()), never hard-deleted. Same
+-- aggregation core (_agg_window_bars) and the same ON CONFLICT as the catch-up. Does not look at
+-- cursors, finality or agg_start: the caller decides which windows are due.
+-- Result: success, windows, bars_written, bars_deleted, bars_quality_poor.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION agg_recompute_windows(p_symbol text, p_to_tf text, p_window_starts timestamptz[],
+                                                 p_derivation_version integer DEFAULT 1)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_result jsonb;
+BEGIN
+    WITH wanted AS (
+        SELECT DISTINCT date_bin(v_tf.bucket_interval, w.ws, v_tf.bucket_origin) AS ws
+        FROM unnest(p_window_starts) AS w(ws)
+        WHERE w.ws IS NOT NULL
+    ),
+    fresh AS (
+        SELECT b.*
+        FROM wanted x
+        CROSS JOIN LATERAL _agg_window_bars(p_to_tf, p_symbol, x.ws, x.ws + v_tf.bucket_interval) b
+        WHERE b.quality_score IS NOT NULL
+    ),
+    written AS (
+        INSERT INTO derived_data_bars AS d (
+            canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
+            is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
+            quality_score, derivation_version, raw, deleted_at)
+        SELECT p_symbol, p_to_tf, f.ts_utc, f.open, f.high, f.low, f.close, f.vol, f.vwap, f.trade_count,
+               false, 'agg', now(), v_tf.source_timeframe, f.source_candles, f.expected_candles,
+               f.quality_score, p_derivation_version, '{}'::jsonb, NULL
+        FROM fresh f
+        ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
+        DO UPDATE SET
+            open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+            vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
+            is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
+            source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
+            expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
+            derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = now()
+        RETURNING d.quality_score
+    ),
+    removed AS (
+        UPDATE derived_data_bars d
+        SET deleted_at = now(), updated_at = now()
+        FROM wanted x
+        WHERE d.canonical_symbol = p_symbol AND d.timeframe = p_to_tf AND d.ts_utc = x.ws
+          AND d.deleted_at IS NULL
+          AND NOT EXISTS (SELECT 1 FROM fresh f WHERE f.ts_utc = x.ws)
+        RETURNING d.ts_utc
+    )
+    SELECT jsonb_build_object(
+               'success', true,
+               'windows', (SELECT count(*) FROM wanted),
+               'bars_written', (SELECT count(*) FROM written),
+               'bars_deleted', (SELECT count(*) FROM removed),
+               'bars_quality_poor', (SELECT count(*) FROM written w WHERE w.quality_score <= 0))
+    INTO v_result;
+    RETURN v_result;
+END
+$$;

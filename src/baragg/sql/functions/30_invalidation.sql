@@ -1,0 +1,397 @@
+-- Repeatable: late and corrected data (DESIGN.md section 5): the triggers on the source tables and the
+-- re-aggregation of logged windows; the log table is created by migration 0004. The triggers are
+-- re-created here because they name these functions.
+
+-- ---------------------------------------------------------------------------------------------
+-- _agg_record_invalidations: the common tail of every trigger
+-- ---------------------------------------------------------------------------------------------
+-- The arrays hold one (symbol, dependent timeframe, window) per changed source row that passed the
+-- triggers' "before the dependent task's cursor" filter; bulk ingest of new data never gets here.
+-- Records the windows, then wakes the tasks that got a new entry: an idle task becomes due at once
+-- (next_run_at NULL: due under any clock, including a replayed one), a running one runs again right
+-- after its finish (rerun_requested, as agg_finish does for the tasks built from a task). A disabled
+-- task is woken too: it is not due while disabled, and runs as soon as it is enabled again.
+CREATE OR REPLACE FUNCTION _agg_record_invalidations(p_symbols text[], p_timeframes text[],
+                                                     p_windows timestamptz[], p_reason text)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_recorded integer;
+BEGIN
+    WITH recorded AS (
+        INSERT INTO agg_invalidations AS i (canonical_symbol, timeframe, window_start, reason)
+        SELECT DISTINCT u.sym, u.tf, u.ws, p_reason
+        FROM unnest(p_symbols, p_timeframes, p_windows) AS u(sym, tf, ws)
+        ORDER BY 1, 2, 3
+        ON CONFLICT (canonical_symbol, timeframe, window_start) DO NOTHING
+        RETURNING i.canonical_symbol, i.timeframe
+    ),
+    tasks AS (
+        SELECT DISTINCT r.canonical_symbol, r.timeframe FROM recorded r
+    ),
+    -- Lock the tasks in key order (as sync_agg_state_from_registry and agg_finish_many do) so that two
+    -- writers waking overlapping tasks cannot deadlock.
+    locked AS (
+        SELECT s.canonical_symbol, s.timeframe
+        FROM data_agg_state s JOIN tasks t USING (canonical_symbol, timeframe)
+        ORDER BY s.canonical_symbol, s.timeframe
+        FOR NO KEY UPDATE OF s
+    ),
+    woken AS (
+        UPDATE data_agg_state s
+        SET next_run_at = CASE WHEN s.status = 'idle' THEN NULL ELSE s.next_run_at END,
+            rerun_requested = s.rerun_requested OR s.status = 'running',
+            updated_at = now()
+        FROM locked l
+        WHERE s.canonical_symbol = l.canonical_symbol AND s.timeframe = l.timeframe
+          AND ((s.status = 'idle' AND s.next_run_at IS NOT NULL)
+               OR (s.status = 'running' AND NOT s.rerun_requested))
+        RETURNING 1
+    )
+    -- (a data-modifying CTE runs whether or not it is read)
+    SELECT count(*) INTO v_recorded FROM recorded;
+    RETURN v_recorded;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- _agg_lock_dependents: lock before reading a cursor, so that no late row is ever lost
+-- ---------------------------------------------------------------------------------------------
+-- A worker locks its tasks' rows (FOR NO KEY UPDATE, key order) at the start of every catch-up
+-- transaction and keeps them until it commits the new cursor. A trigger locks the same rows before it
+-- reads their cursors. Then a source row written while a catch-up is in flight is either
+--   * committed before the worker's lock is granted: the catch-up statement (a later snapshot) sees it; or
+--   * written after: the trigger waits for the worker's commit and then reads the ADVANCED cursor
+--     (each statement of this volatile function takes a new snapshot), so the window is recorded.
+-- Without the lock, a row committed during the catch-up could be neither seen by it nor recorded
+-- (its window was still at or after the old cursor). Claims use SKIP LOCKED and never wait here.
+CREATE OR REPLACE FUNCTION _agg_lock_dependents(p_source_table text, p_symbols text[],
+                                                p_source_timeframes text[])
+RETURNS bigint LANGUAGE sql AS $$
+    -- count(*) reads every row of the subquery, so every row is locked.
+    SELECT count(*) FROM (
+        SELECT 1
+        FROM data_agg_state s
+        JOIN agg_timeframes t ON t.timeframe = s.timeframe
+        WHERE s.canonical_symbol = ANY (p_symbols)
+          AND t.source_table = p_source_table AND t.source_timeframe = ANY (p_source_timeframes)
+        ORDER BY s.canonical_symbol, s.timeframe
+        FOR NO KEY UPDATE OF s
+    ) locked
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- The triggers
+-- ---------------------------------------------------------------------------------------------
+-- One function per source table; TG_OP picks the transition tables. For every changed row the
+-- dependents are the tasks of the same symbol whose ladder entry reads this table and timeframe;
+-- its window is date_bin(bucket_interval, ts, bucket_origin) (1w: Monday). Recorded when
+--   agg_start_utc <= window < date_bin(cursor)      (a NULL cursor: nothing aggregated yet)
+-- A window before agg_start_utc never has a derived bar (DESIGN.md 4, rule 1), so it is ignored.
+-- "Changed" means a change to what aggregation reads: the bar's key, its values (open, high, low,
+-- close, vol, vwap, trade_count) or its eligibility (is_partial; deleted_at for derived bars). An
+-- UPDATE that rewrites identical values (a re-ingest) or only touches raw, ingested_at, source or
+-- provider_ticker records nothing.
+--
+-- The cheap test comes first: `ts < cursor` on the raw row (the cursor is a bucket start, so a row at
+-- or after it lies in future work); only the few rows that pass it are bucketed and recorded.
+
+CREATE OR REPLACE FUNCTION _agg_invalidate_data_bars() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    v_syms text[];
+    v_tfs text[];
+    v_ws timestamptz[];
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM _agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows),
+                                     ARRAY(SELECT DISTINCT timeframe FROM new_rows));
+        SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
+               array_agg(date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin))
+        INTO v_syms, v_tfs, v_ws
+        FROM new_rows n
+        JOIN agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = n.timeframe
+        JOIN data_agg_state s ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
+        WHERE NOT n.is_partial
+          AND n.ts_utc < s.last_agg_bar_ts_utc
+          AND date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin)
+              < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
+          AND date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin) >= s.agg_start_utc;
+    ELSIF TG_OP = 'DELETE' THEN
+        PERFORM _agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
+                                     ARRAY(SELECT DISTINCT timeframe FROM old_rows));
+        SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
+               array_agg(date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin))
+        INTO v_syms, v_tfs, v_ws
+        FROM old_rows o
+        JOIN agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = o.timeframe
+        JOIN data_agg_state s ON s.canonical_symbol = o.canonical_symbol AND s.timeframe = t.timeframe
+        WHERE NOT o.is_partial
+          AND o.ts_utc < s.last_agg_bar_ts_utc
+          AND date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin)
+              < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
+          AND date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin) >= s.agg_start_utc;
+    ELSE
+        PERFORM _agg_lock_dependents('data_bars',
+            ARRAY(SELECT canonical_symbol FROM old_rows UNION SELECT canonical_symbol FROM new_rows),
+            ARRAY(SELECT timeframe FROM old_rows UNION SELECT timeframe FROM new_rows));
+        -- UPDATE: the row's old position (if it was eligible) and its new one (if it is), for the
+        -- rows whose aggregated columns or eligibility changed.
+        SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
+               array_agg(date_bin(t.bucket_interval, k.ts_utc, t.bucket_origin))
+        INTO v_syms, v_tfs, v_ws
+        FROM old_rows o
+        JOIN new_rows n ON n.id = o.id
+        CROSS JOIN LATERAL (VALUES (o.canonical_symbol, o.timeframe, o.ts_utc, NOT o.is_partial),
+                                   (n.canonical_symbol, n.timeframe, n.ts_utc, NOT n.is_partial))
+            AS k(canonical_symbol, timeframe, ts_utc, eligible)
+        JOIN agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = k.timeframe
+        JOIN data_agg_state s ON s.canonical_symbol = k.canonical_symbol AND s.timeframe = t.timeframe
+        WHERE (o.canonical_symbol, o.timeframe, o.ts_utc, o.open, o.high, o.low, o.close, o.vol, o.vwap,
+               o.trade_count, o.is_partial)
+              IS DISTINCT FROM
+              (n.canonical_symbol, n.timeframe, n.ts_utc, n.open, n.high, n.low, n.close, n.vol, n.vwap,
+               n.trade_count, n.is_partial)
+          AND k.eligible
+          AND k.ts_utc < s.last_agg_bar_ts_utc
+          AND date_bin(t.bucket_interval, k.ts_utc, t.bucket_origin)
+              < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
+          AND date_bin(t.bucket_interval, k.ts_utc, t.bucket_origin) >= s.agg_start_utc;
+    END IF;
+    IF v_syms IS NOT NULL THEN
+        PERFORM _agg_record_invalidations(v_syms, v_tfs, v_ws, lower(TG_OP));
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _agg_invalidate_derived_bars() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    v_syms text[];
+    v_tfs text[];
+    v_ws timestamptz[];
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM _agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows),
+                                     ARRAY(SELECT DISTINCT timeframe FROM new_rows));
+        SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
+               array_agg(date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin))
+        INTO v_syms, v_tfs, v_ws
+        FROM new_rows n
+        JOIN agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = n.timeframe
+        JOIN data_agg_state s ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
+        WHERE n.deleted_at IS NULL AND NOT n.is_partial
+          AND n.ts_utc < s.last_agg_bar_ts_utc
+          AND date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin)
+              < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
+          AND date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin) >= s.agg_start_utc;
+    ELSIF TG_OP = 'DELETE' THEN
+        PERFORM _agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
+                                     ARRAY(SELECT DISTINCT timeframe FROM old_rows));
+        SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
+               array_agg(date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin))
+        INTO v_syms, v_tfs, v_ws
+        FROM old_rows o
+        JOIN agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = o.timeframe
+        JOIN data_agg_state s ON s.canonical_symbol = o.canonical_symbol AND s.timeframe = t.timeframe
+        WHERE o.deleted_at IS NULL AND NOT o.is_partial
+          AND o.ts_utc < s.last_agg_bar_ts_utc
+          AND date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin)
+              < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
+          AND date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin) >= s.agg_start_utc;
+    ELSE
+        PERFORM _agg_lock_dependents('derived_data_bars',
+            ARRAY(SELECT canonical_symbol FROM old_rows UNION SELECT canonical_symbol FROM new_rows),
+            ARRAY(SELECT timeframe FROM old_rows UNION SELECT timeframe FROM new_rows));
+        SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
+               array_agg(date_bin(t.bucket_interval, k.ts_utc, t.bucket_origin))
+        INTO v_syms, v_tfs, v_ws
+        FROM old_rows o
+        JOIN new_rows n ON n.id = o.id
+        CROSS JOIN LATERAL (VALUES (o.canonical_symbol, o.timeframe, o.ts_utc,
+                                    o.deleted_at IS NULL AND NOT o.is_partial),
+                                   (n.canonical_symbol, n.timeframe, n.ts_utc,
+                                    n.deleted_at IS NULL AND NOT n.is_partial))
+            AS k(canonical_symbol, timeframe, ts_utc, eligible)
+        JOIN agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = k.timeframe
+        JOIN data_agg_state s ON s.canonical_symbol = k.canonical_symbol AND s.timeframe = t.timeframe
+        WHERE (o.canonical_symbol, o.timeframe, o.ts_utc, o.open, o.high, o.low, o.close, o.vol, o.vwap,
+               o.trade_count, o.is_partial, o.deleted_at IS NULL)
+              IS DISTINCT FROM
+              (n.canonical_symbol, n.timeframe, n.ts_utc, n.open, n.high, n.low, n.close, n.vol, n.vwap,
+               n.trade_count, n.is_partial, n.deleted_at IS NULL)
+          AND k.eligible
+          AND k.ts_utc < s.last_agg_bar_ts_utc
+          AND date_bin(t.bucket_interval, k.ts_utc, t.bucket_origin)
+              < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
+          AND date_bin(t.bucket_interval, k.ts_utc, t.bucket_origin) >= s.agg_start_utc;
+    END IF;
+    IF v_syms IS NOT NULL THEN
+        PERFORM _agg_record_invalidations(v_syms, v_tfs, v_ws, lower(TG_OP));
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- A transition table serves one event per trigger, hence three triggers per table.
+DROP TRIGGER IF EXISTS agg_invalidate_insert ON data_bars;
+CREATE TRIGGER agg_invalidate_insert AFTER INSERT ON data_bars
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION _agg_invalidate_data_bars();
+DROP TRIGGER IF EXISTS agg_invalidate_update ON data_bars;
+CREATE TRIGGER agg_invalidate_update AFTER UPDATE ON data_bars
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION _agg_invalidate_data_bars();
+DROP TRIGGER IF EXISTS agg_invalidate_delete ON data_bars;
+CREATE TRIGGER agg_invalidate_delete AFTER DELETE ON data_bars
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION _agg_invalidate_data_bars();
+
+DROP TRIGGER IF EXISTS agg_invalidate_insert ON derived_data_bars;
+CREATE TRIGGER agg_invalidate_insert AFTER INSERT ON derived_data_bars
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION _agg_invalidate_derived_bars();
+DROP TRIGGER IF EXISTS agg_invalidate_update ON derived_data_bars;
+CREATE TRIGGER agg_invalidate_update AFTER UPDATE ON derived_data_bars
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION _agg_invalidate_derived_bars();
+DROP TRIGGER IF EXISTS agg_invalidate_delete ON derived_data_bars;
+CREATE TRIGGER agg_invalidate_delete AFTER DELETE ON derived_data_bars
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION _agg_invalidate_derived_bars();
+
+-- ---------------------------------------------------------------------------------------------
+-- agg_reaggregate_tasks: re-aggregate every pending window of many tasks of one timeframe
+-- ---------------------------------------------------------------------------------------------
+--   agg_reaggregate_tasks(p_to_tf text, p_symbols text[], p_derivation_version integer DEFAULT 1)
+--   RETURNS TABLE (canonical_symbol text, result jsonb)      -- one row per symbol, in input order
+--
+-- result: {"success": true, "windows": n (entries re-aggregated), "bars_reaggregated": n (bars
+-- inserted or changed), "bars_withdrawn": n (bars soft-deleted), "entries_dropped": n (entries at or
+-- after the cursor, or before agg_start_utc: nothing to fix there)}.
+--
+-- One statement: take (delete) the tasks' log entries, recompute their windows from the current
+-- source rows with the engine's core (_agg_window_bars, one index range per window), upsert the
+-- bars that changed (identical ones are not rewritten, so they cascade nothing), soft-delete the
+-- active bars of windows that lost all source rows or fell below the storing threshold, and add the
+-- counts to data_agg_state (total_bars_reaggregated, total_bars_withdrawn, last_run_stats). Call it
+-- in the worker's transaction before the catch-up; the cursor is not moved. An entry written by a
+-- concurrent transaction after the entries were taken stays in the log for the next run.
+CREATE OR REPLACE FUNCTION agg_reaggregate_tasks(p_to_tf text, p_symbols text[],
+                                                 p_derivation_version integer DEFAULT 1)
+RETURNS TABLE (canonical_symbol text, result jsonb)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+BEGIN
+    -- The common case, every catch-up of a task with nothing pending: one index probe, and the
+    -- statement below is not even planned.
+    IF NOT EXISTS (SELECT 1 FROM agg_invalidations i
+                   WHERE i.timeframe = p_to_tf AND i.canonical_symbol = ANY (p_symbols)) THEN
+        RETURN QUERY
+        SELECT u.sym, jsonb_build_object('success', true, 'windows', 0, 'bars_reaggregated', 0,
+                                         'bars_withdrawn', 0, 'entries_dropped', 0)
+        FROM unnest(p_symbols) WITH ORDINALITY AS u(sym, ord)
+        ORDER BY u.ord;
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH input AS (
+        SELECT u.sym, u.ord FROM unnest(p_symbols) WITH ORDINALITY AS u(sym, ord)
+    ),
+    taken AS (
+        DELETE FROM agg_invalidations i
+        USING input
+        WHERE i.canonical_symbol = input.sym AND i.timeframe = p_to_tf
+        RETURNING i.canonical_symbol AS sym, i.window_start AS ws
+    ),
+    pending AS (
+        SELECT k.sym, k.ws
+        FROM taken k
+        JOIN data_agg_state s ON s.canonical_symbol = k.sym AND s.timeframe = p_to_tf
+        WHERE k.ws < date_bin(v_tf.bucket_interval, s.last_agg_bar_ts_utc, v_tf.bucket_origin)
+          AND k.ws >= s.agg_start_utc
+    ),
+    fresh AS (
+        SELECT p.sym, p.ws, w.open, w.high, w.low, w.close, w.vol, w.vwap, w.trade_count,
+               w.source_candles, w.expected_candles, w.quality_score
+        FROM pending p
+        LEFT JOIN LATERAL _agg_window_bars(p_to_tf, p.sym, p.ws, p.ws + v_tf.bucket_interval) w ON true
+    ),
+    written AS (
+        INSERT INTO derived_data_bars AS d (
+            canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
+            is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
+            quality_score, derivation_version, raw, deleted_at)
+        SELECT f.sym, p_to_tf, f.ws, f.open, f.high, f.low, f.close, f.vol, f.vwap, f.trade_count,
+               false, 'agg', now(), v_tf.source_timeframe, f.source_candles, f.expected_candles,
+               f.quality_score, p_derivation_version, '{}'::jsonb, NULL
+        FROM fresh f
+        WHERE f.quality_score IS NOT NULL
+        ORDER BY f.sym, f.ws
+        ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
+        DO UPDATE SET
+            open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+            vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
+            is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
+            source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
+            expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
+            derivation_version = excluded.derivation_version, updated_at = now()
+        WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
+               d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
+               d.derivation_version)
+              IS DISTINCT FROM
+              (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
+               excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
+               excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
+        RETURNING d.canonical_symbol
+    ),
+    withdrawn AS (
+        UPDATE derived_data_bars d
+        SET deleted_at = now(), updated_at = now()
+        FROM fresh f
+        WHERE f.quality_score IS NULL
+          AND d.canonical_symbol = f.sym AND d.timeframe = p_to_tf AND d.ts_utc = f.ws
+          AND d.deleted_at IS NULL
+        RETURNING d.canonical_symbol
+    ),
+    counts AS (
+        SELECT i.sym, i.ord,
+               (SELECT count(*) FROM pending p WHERE p.sym = i.sym) AS n_windows,
+               (SELECT count(*) FROM taken k WHERE k.sym = i.sym) AS n_taken,
+               (SELECT count(*) FROM written w WHERE w.canonical_symbol = i.sym) AS n_written,
+               (SELECT count(*) FROM withdrawn w WHERE w.canonical_symbol = i.sym) AS n_withdrawn
+        FROM input i
+    ),
+    recorded AS (
+        UPDATE data_agg_state s
+        SET total_bars_reaggregated = s.total_bars_reaggregated + c.n_written,
+            total_bars_withdrawn = s.total_bars_withdrawn + c.n_withdrawn,
+            last_run_stats = COALESCE(s.last_run_stats, '{}'::jsonb) || jsonb_build_object(
+                'windows_reaggregated', COALESCE((s.last_run_stats->>'windows_reaggregated')::bigint, 0)
+                                        + c.n_windows,
+                'bars_reaggregated', COALESCE((s.last_run_stats->>'bars_reaggregated')::bigint, 0)
+                                     + c.n_written,
+                'bars_withdrawn', COALESCE((s.last_run_stats->>'bars_withdrawn')::bigint, 0)
+                                  + c.n_withdrawn),
+            updated_at = now()
+        FROM counts c
+        WHERE s.canonical_symbol = c.sym AND s.timeframe = p_to_tf AND c.n_taken > 0
+        RETURNING 1
+    )
+    SELECT c.sym, jsonb_build_object(
+               'success', true,
+               'windows', c.n_windows,
+               'bars_reaggregated', c.n_written,
+               'bars_withdrawn', c.n_withdrawn,
+               'entries_dropped', c.n_taken - c.n_windows)
+    FROM counts c
+    ORDER BY c.ord;
+END
+$$;
+
+-- One task, the shape of catchup_aggregation_range's result (for psql and RPC callers).
+CREATE OR REPLACE FUNCTION agg_reaggregate_invalidated(p_symbol text, p_to_tf text,
+                                                       p_derivation_version integer DEFAULT 1)
+RETURNS jsonb LANGUAGE sql AS $$
+    SELECT t.result FROM agg_reaggregate_tasks(p_to_tf, ARRAY[p_symbol], p_derivation_version) t
+$$;
