@@ -3,6 +3,7 @@ one line, exit 2 (usage) or 1 (the database is not ready); `db status` tells scr
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -123,3 +124,100 @@ def test_now_in_the_future_is_refused_without_force(eurusd: Database, command: t
     done = baragg(eurusd, *command, "--now", tomorrow())
     assert done.returncode == 2
     assert "--now" in one_line(done) and "is in the future" in one_line(done)
+
+
+def load_minutes(conn: psycopg.Connection, symbol: str, start: datetime, days: int) -> None:
+    conn.execute(
+        "INSERT INTO data_bars (canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, source)"
+        " SELECT %s, '1m', t, 1, 2, 0.5, 1.5, 10, 'test'"
+        " FROM generate_series(%s::timestamptz, %s::timestamptz - interval '1 minute', interval '1 minute') t",
+        (symbol, start, start + timedelta(days=days)),
+    )
+
+
+def test_a_forced_future_clock_leaves_scheduling_to_the_real_clock(
+    eurusd: Database, conn: psycopg.Connection
+) -> None:
+    load_minutes(conn, "EURUSD", datetime(2025, 9, 8, tzinfo=UTC), 1)
+    done = baragg(eurusd, "run", "--once", "--now", tomorrow(), "--force")
+    assert done.returncode == 0, done.stderr
+    # Every next run is where a real-time run would have put it: within a minute of the real clock
+    # (the windows after the data are final but empty), not a day ahead.
+    late = conn.execute(
+        "SELECT canonical_symbol || ' ' || timeframe, next_run_at - now() FROM data_agg_state"
+        " WHERE next_run_at > now() + interval '2 minutes'"
+    ).fetchall()
+    assert late == []
+    assert conn.execute("SELECT count(*) FROM derived_data_bars WHERE timeframe = '5m'").fetchone() == (288,)
+
+
+def test_scheduling_functions_never_write_times_past_the_real_clock(
+    eurusd: Database, conn: psycopg.Connection
+) -> None:
+    """Leases and retries from a clock a day ahead are as the real clock would write them."""
+    ahead = conn.execute("SELECT now() + interval '1 day'").fetchone()[0]
+    claimed = conn.execute(
+        "SELECT lease_expires_at - now() FROM agg_claim_tasks('w', 10, 300, %s, ARRAY['EURUSD'], ARRAY['4h'])",
+        (ahead,),
+    ).fetchall()
+    assert len(claimed) == 1 and claimed[0][0] <= timedelta(seconds=300)
+    failed = conn.execute(
+        "SELECT agg_finish('EURUSD', '4h', false, NULL, NULL, 'hard', 'boom', %s, 'w')", (ahead,)
+    ).fetchone()[0]
+    assert failed["changed"] is True
+    retry = conn.execute(
+        "SELECT next_run_at - now() FROM data_agg_state WHERE canonical_symbol = 'EURUSD' AND timeframe = '4h'"
+    ).fetchone()[0]
+    assert retry <= timedelta(minutes=5)  # the first strike's backoff, from the real clock
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks a backfill could not run, and retrying them (item 5)
+# ---------------------------------------------------------------------------------------------
+NOW = "2025-09-10T00:10:00Z"
+
+
+def test_backfill_reports_a_backing_off_task_and_reenable_retries_it(
+    eurusd: Database, conn: psycopg.Connection
+) -> None:
+    load_minutes(conn, "EURUSD", datetime(2025, 9, 8, tzinfo=UTC), 2)
+    conn.execute(
+        "UPDATE data_agg_state SET hard_fail_streak = 1, last_error = 'deadlock detected',"
+        " next_run_at = %s::timestamptz + interval '5 minutes'"
+        " WHERE canonical_symbol = 'EURUSD' AND timeframe = '5m'",
+        (NOW,),
+    )
+    done = baragg(eurusd, "backfill", "--now", NOW, "--json")
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert [(t["symbol"], t["timeframe"]) for t in report["not_run"]] == [("EURUSD", "5m")]
+    plain = baragg(eurusd, "backfill", "--now", NOW)
+    assert plain.returncode == 1
+    assert (
+        "not run: EURUSD 5m: backing off after a failure until 2025-09-10 00:15 UTC: deadlock detected; "
+        "retry now with: baragg reenable EURUSD 5m"
+    ) in plain.stderr
+
+    retried = baragg(eurusd, "reenable", "EURUSD", "5m")
+    assert retried.returncode == 0, retried.stderr
+    again = baragg(eurusd, "backfill", "--now", NOW, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["not_run"] == []
+    row = conn.execute(
+        "SELECT status, hard_fail_streak, last_error, last_agg_bar_ts_utc FROM data_agg_state"
+        " WHERE canonical_symbol = 'EURUSD' AND timeframe = '5m'"
+    ).fetchone()
+    assert row == ("idle", 0, None, datetime(2025, 9, 10, tzinfo=UTC))
+    assert conn.execute("SELECT count(*) FROM derived_data_bars WHERE timeframe = '4h'").fetchone() == (12,)
+
+
+def test_backfill_reports_disabled_and_inactive_tasks(eurusd: Database, conn: psycopg.Connection) -> None:
+    assert baragg(eurusd, "registry", "add", "DXY", "--inactive").returncode == 0
+    conn.execute(
+        "UPDATE data_agg_state SET status = 'disabled', hard_fail_streak = 3, last_error = 'boom'"
+        " WHERE canonical_symbol = 'EURUSD' AND timeframe = '4h'"
+    )
+    done = baragg(eurusd, "backfill", "--now", NOW, "--symbol", "EURUSD", "--symbol", "DXY")
+    assert done.returncode == 1
+    assert "not run: EURUSD 4h: disabled after 3 failures in a row: boom; retry now with" in done.stderr
+    assert "not run: DXY: no active task in env prod" in done.stderr

@@ -13,7 +13,7 @@ from ops_helpers import baragg
 
 pytest.importorskip("baragg.worker", reason="the worker (issue 'worker') is not merged yet")
 
-START = datetime(2025, 9, 8, 0, 0, tzinfo=UTC)  # a Monday, after the default agg_start_utc
+START = datetime(2025, 9, 8, 0, 0, tzinfo=UTC)  # a Monday
 NOW = "2025-09-10T00:10:00Z"
 
 
@@ -95,8 +95,9 @@ def test_status_of_an_empty_database(db: Database) -> None:
 
 
 def test_backfill_from_aggregates_history_before_agg_start(db: Database, conn: psycopg.Connection) -> None:
-    assert baragg(db, "registry", "add", "EURUSD").returncode == 0
-    load_minutes(conn, "EURUSD", 1, start=datetime(2024, 3, 4, tzinfo=UTC))  # before the default agg_start
+    # tasks that start at 2025-07-01, as the seed's production tasks do
+    assert baragg(db, "registry", "add", "EURUSD", "--agg-start", "2025-07-01").returncode == 0
+    load_minutes(conn, "EURUSD", 1, start=datetime(2024, 3, 4, tzinfo=UTC))  # before agg_start
     first = baragg(db, "backfill", "--now", NOW, "--json")
     assert first.returncode == 0 and json.loads(first.stdout)["bars_created"] == 0
     done = baragg(db, "backfill", "--now", NOW, "--from", "2024-03-04", "--json")

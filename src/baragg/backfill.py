@@ -181,7 +181,7 @@ def check_symbols(db: Database, symbols: list[str] | None) -> None:
     if unknown:
         from baragg.terminal import printable
 
-        names = ", ".join(repr(printable(name)) for name in unknown)
+        names = ", ".join(f"'{printable(name)}'" for name in unknown)
         raise InvalidInput(
             f"backfill: unknown symbol {names} (registered symbols: baragg registry list; "
             f"add one with: baragg registry add SYMBOL)"

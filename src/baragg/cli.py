@@ -97,6 +97,17 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     applied = migrate.upgrade(db)
     for warning in migrate.warnings_for(migrate.status(db)):
         print(f"warning: {warning}", file=sys.stderr)
+    from baragg.registry import names_breaking_the_rule
+    from baragg.terminal import printable
+
+    kept = names_breaking_the_rule(db)
+    if kept:
+        names = ", ".join(f"'{printable(name)}'" for name in kept[:20]) + (" ..." if len(kept) > 20 else "")
+        print(
+            f"warning: {len(kept)} registry symbol(s) do not follow the naming rule and were kept as they are "
+            f"(the database checks new and changed names only): {names}",
+            file=sys.stderr,
+        )
     if args.json:
         print_json({"applied": [m.name for m in applied]})
     elif applied:
@@ -338,8 +349,27 @@ class _nullcontext:
 
 def _registry_settings(args: argparse.Namespace) -> dict[str, Any]:
     from baragg.registry import FIELDS
+    from baragg.timeparse import parse_time, refuse_future
 
-    return {name: getattr(args, name, None) for name in FIELDS}
+    settings = {name: getattr(args, name, None) for name in FIELDS}
+    start = parse_time(args.agg_start, "--agg-start")
+    refuse_future(start, "--agg-start", force=args.force, why="its tasks would aggregate nothing until then")
+    settings["agg_start_utc"] = start
+    return settings
+
+
+def _report_registry_change(change: Any, verb: str) -> None:
+    print(f"{verb} {change.symbol}")
+    if change.kept_starts:
+        kept = ", ".join(
+            f"{tf} {start:%Y-%m-%d %H:%M}" if start else f"{tf} from its first source row"
+            for tf, start in change.kept_starts
+        )
+        print(
+            f"note: --agg-start applies to tasks created from now on; the existing ones keep their start "
+            f"({kept}); to move them: baragg backfill --symbol {change.symbol} --from TIME",
+            file=sys.stderr,
+        )
 
 
 @_needs_schema
@@ -347,7 +377,7 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
     from baragg import registry
 
     change = registry.add(database(args), args.symbol, **_registry_settings(args))
-    print(f"{'added' if change.created else 'updated'} {change.symbol}")
+    _report_registry_change(change, "added" if change.created else "updated")
     return 0
 
 
@@ -356,7 +386,7 @@ def cmd_registry_set(args: argparse.Namespace) -> int:
     from baragg import registry
 
     change = registry.set_fields(database(args), args.symbol, **_registry_settings(args))
-    print(f"updated {change.symbol}")
+    _report_registry_change(change, "updated")
     return 0
 
 
@@ -374,7 +404,20 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
     from baragg.terminal import printable, stdout_console
 
     table = Table(box=None, header_style="bold")
-    for name in ("symbol", "active", "test", "sparse", "15m", "4h", "1d", "1w", "ticker", "class", "source"):
+    for name in (
+        "symbol",
+        "active",
+        "test",
+        "sparse",
+        "15m",
+        "4h",
+        "1d",
+        "1w",
+        "start",
+        "ticker",
+        "class",
+        "source",
+    ):
         table.add_column(name)
 
     def flag(value: object) -> str:
@@ -393,6 +436,10 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
             flag(r["calc_4h"]),
             flag(r["calc_1d"]),
             flag(r["calc_1w"]),
+            # where new tasks start: a time, or "first" (the symbol's first source row)
+            r["agg_start_utc"].astimezone(UTC).strftime("%Y-%m-%d %H:%M").removesuffix(" 00:00")
+            if r["agg_start_utc"]
+            else "first",
             text(r["provider_ticker"]),
             text(r["asset_class"]),
             text(r["source"]),
@@ -806,6 +853,15 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
                 default=None,
                 help=f"aggregate {tf} bars",
             )
+        p.add_argument(
+            "--agg-start",
+            dest="agg_start",
+            metavar="TIME",
+            help="aggregate only from TIME on (ISO 8601, UTC unless an offset); the registry sync creates the "
+            "symbol's tasks with it. Default: from the symbol's first source row. Existing tasks keep their "
+            "start (move them with backfill --from)",
+        )
+        p.add_argument("--force", action="store_true", help="accept an --agg-start in the future")
         p.set_defaults(handler=handler)
     p = reg.add_parser("list", help="list registered symbols")
     p.add_argument("--json", action="store_true", help="machine-readable output")

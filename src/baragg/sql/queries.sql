@@ -226,12 +226,12 @@ SELECT DISTINCT canonical_symbol FROM ingest_stage WHERE ok ORDER BY 1;
 -- to registry_update (in the same transaction), which keeps the values not given.
 INSERT INTO core_asset_registry_all (
     canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
-    calc_15m, calc_4h, calc_1d, calc_1w, notes)
+    calc_15m, calc_4h, calc_1d, calc_1w, notes, agg_start_utc)
 VALUES (
     %(symbol)s, %(provider_ticker)s, %(asset_class)s, %(source)s,
     COALESCE(%(active)s, true), COALESCE(%(test_active)s, true), COALESCE(%(is_sparse)s, false),
     COALESCE(%(calc_15m)s, false), COALESCE(%(calc_4h)s, false), COALESCE(%(calc_1d)s, false),
-    COALESCE(%(calc_1w)s, false), %(notes)s)
+    COALESCE(%(calc_1w)s, false), %(notes)s, %(agg_start_utc)s)
 ON CONFLICT (canonical_symbol) DO NOTHING
 RETURNING canonical_symbol;
 
@@ -248,14 +248,27 @@ UPDATE core_asset_registry_all AS r SET
     calc_1d = COALESCE(%(calc_1d)s, r.calc_1d),
     calc_1w = COALESCE(%(calc_1w)s, r.calc_1w),
     notes = COALESCE(%(notes)s, r.notes),
+    agg_start_utc = COALESCE(%(agg_start_utc)s, r.agg_start_utc),
     updated_at = now()
 WHERE canonical_symbol = %(symbol)s
 RETURNING canonical_symbol;
 
 -- name: registry_list
 SELECT canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
-       calc_15m, calc_4h, calc_1d, calc_1w, notes, created_at, updated_at
+       calc_15m, calc_4h, calc_1d, calc_1w, notes, agg_start_utc, created_at, updated_at
 FROM core_asset_registry_all
+ORDER BY canonical_symbol;
+
+-- name: registry_existing_task_starts
+-- The symbol's tasks and their start, to say that an existing task keeps it (the sync never moves it).
+SELECT timeframe, NULLIF(agg_start_utc, '-infinity') FROM data_agg_state WHERE canonical_symbol = %(symbol)s
+ORDER BY timeframe;
+
+-- name: registry_bad_symbols
+-- Registry names that break the naming rule (kept from before the CHECK of migration 0005).
+-- (after `db upgrade`, so the table exists)
+SELECT canonical_symbol FROM core_asset_registry_all
+WHERE canonical_symbol !~ '^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$'
 ORDER BY canonical_symbol;
 
 -- name: registry_sync_exists
@@ -287,7 +300,8 @@ SELECT canonical_symbol, count(*) FROM deleted GROUP BY canonical_symbol ORDER B
 SELECT coalesce(is_sparse, false) FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s;
 
 -- name: verify_task
-SELECT agg_start_utc, last_agg_bar_ts_utc
+-- '-infinity' (no explicit start: from the first source row) reads as NULL.
+SELECT NULLIF(agg_start_utc, '-infinity'), last_agg_bar_ts_utc
 FROM data_agg_state
 WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s;
 
@@ -396,7 +410,8 @@ SELECT agg_reenable_task(%(symbol)s, %(timeframe)s, %(now)s::timestamptz);
 -- put it) to the frontier of the raw 1m data, which every timeframe reaches after a full catch-up.
 SELECT s.canonical_symbol, s.timeframe, tf.bucket_interval,
        COALESCE(s.last_agg_bar_ts_utc,
-                date_bin(tf.bucket_interval, greatest(s.agg_start_utc, b.first_bar), tf.bucket_origin)) AS start_at,
+                date_bin(tf.bucket_interval, greatest(NULLIF(s.agg_start_utc, '-infinity'), b.first_bar),
+                         tf.bucket_origin)) AS start_at,
        date_bin(tf.bucket_interval, b.last_bar + interval '1 minute', tf.bucket_origin) AS end_at
 FROM data_agg_state s
 JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
@@ -427,7 +442,8 @@ SELECT canonical_symbol FROM core_asset_registry_all WHERE canonical_symbol = AN
 -- name: backfill_task_states
 -- The selected tasks after a backfill, to report those it could not run (failing, held, off).
 SELECT s.canonical_symbol, s.timeframe, s.enabled, s.status, s.hard_fail_streak, s.last_error, s.next_run_at,
-       s.lease_owner, _agg_lease_end(s.lease_expires_at, s.running_started_at_utc) AS lease_end
+       s.lease_owner,
+       NULLIF(_agg_lease_end(s.lease_expires_at, s.running_started_at_utc), '-infinity') AS lease_end
 FROM data_agg_state s
 JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
 WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
@@ -516,7 +532,7 @@ SELECT f.canonical_symbol AS symbol,
        f.is_mandatory AS mandatory,
        f.task_priority AS priority,
        f.last_agg_bar_ts_utc AS cursor_utc,
-       f.agg_start_utc,
+       NULLIF(f.agg_start_utc, '-infinity') AS agg_start_utc,  -- null: from the first source row
        f.frontier_utc,
        f.source_last_ts AS source_last_bar_utc,
        f.last_bar_ts AS last_bar_utc,
