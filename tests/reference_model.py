@@ -13,7 +13,9 @@ from datetime import UTC, datetime, timedelta
 
 from baragg.timeframes import LADDER, Timeframe, bucket_start, quality_score
 
-DEFAULT_AGG_START = datetime(2025, 7, 1, tzinfo=UTC)
+# A task without an explicit start (the column's default '-infinity', and a missing task row): no lower
+# bound, the task starts at its first source row.
+DEFAULT_AGG_START: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Bar:
 class Task:
     cursor: datetime | None = None
     delay_seconds: int = 0
-    agg_start: datetime = DEFAULT_AGG_START
+    agg_start: datetime | None = DEFAULT_AGG_START  # None: no lower bound ('-infinity')
 
 
 @dataclass
@@ -107,10 +109,10 @@ def bootstrap(world: World, symbol: str, tf_name: str, now: datetime) -> datetim
     """Rule 'Bootstrap' of DESIGN.md 4."""
     tf = LADDER[tf_name]
     agg_start = world.task(symbol, tf_name).agg_start
-    later = [r.ts for r in world.source_rows(symbol, tf.source) if r.ts >= agg_start]
+    later = [r.ts for r in world.source_rows(symbol, tf.source) if agg_start is None or r.ts >= agg_start]
     if not later:
         return bucket_start(tf, now) + tf.interval
-    return bucket_start(tf, max(agg_start, min(later)))
+    return bucket_start(tf, min(later) if agg_start is None else max(agg_start, min(later)))
 
 
 def source_task_waits(
@@ -152,7 +154,9 @@ def catch_up(
 
     # Rule 1: never a window starting before agg_start (the one containing an unaligned agg_start
     # is skipped too). An unaligned cursor counts from the start of its window.
-    window_start = max(bucket_start(tf, cursor), first_window_at_or_after(tf, task.agg_start))
+    window_start = bucket_start(tf, cursor)
+    if task.agg_start is not None:
+        window_start = max(window_start, first_window_at_or_after(tf, task.agg_start))
     while True:
         if max_windows is not None and result.windows_processed >= max_windows:
             result.continue_ = True  # rule 6

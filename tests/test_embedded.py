@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -86,13 +87,23 @@ def data_dir() -> Iterator[Path]:
         shutil.rmtree(parent, ignore_errors=True)
 
 
-def test_a_fresh_data_dir_is_ready_without_db_upgrade(data_dir: Path) -> None:
+def test_the_readme_first_steps_on_a_fresh_data_dir(data_dir: Path) -> None:
+    """Clone to one's own data aggregated: registry add, ingest, backfill, verify; no db upgrade."""
     added = cli(data_dir, "registry", "add", "EURUSD")
     assert added.returncode == 0, added.stderr
     assert added.stdout.strip() == "added EURUSD"
     assert "prepared the embedded database" in added.stderr
-    again = cli(data_dir, "registry", "list", "--json")  # nothing left to apply: nothing said
-    assert again.returncode == 0 and again.stderr == ""
+    csv = data_dir.parent / "eurusd_1m.csv"
+    start = datetime(2024, 3, 4, tzinfo=UTC)  # a Monday long ago: final under any real clock
+    rows = [f"{(start + timedelta(minutes=i)).isoformat()},1.1,1.2,1.0,1.15" for i in range(1440)]
+    csv.write_text("\n".join(["ts_utc,open,high,low,close", *rows]) + "\n")
+    loaded = cli(data_dir, "ingest", csv, "--symbol", "EURUSD")
+    assert loaded.returncode == 0 and loaded.stderr == "", loaded.stderr  # nothing left to apply: silent
+    done = cli(data_dir, "backfill")
+    assert done.returncode == 0, done.stderr
+    assert "312 bars created" in done.stdout  # 288 5m + 24 1h: the whole day, from its first row
+    checked = cli(data_dir, "verify", "EURUSD", "1h")
+    assert checked.returncode == 0 and "24 bars checked: 24 equal" in checked.stdout, checked.stdout
     status = cli(data_dir, "db", "status")
     assert status.returncode == 0 and "pending" not in status.stdout
 
