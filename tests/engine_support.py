@@ -55,7 +55,10 @@ def load(conn: psycopg.Connection, world: World, symbols: list[str]) -> None:
         cur.executemany(
             "INSERT INTO data_agg_state (canonical_symbol, timeframe, last_agg_bar_ts_utc,"
             " aggregation_delay_seconds, agg_start_utc) VALUES (%s, %s, %s, %s, %s)",
-            [(s, tf, t.cursor, t.delay_seconds, t.agg_start) for (s, tf), t in world.tasks.items()],
+            [
+                (s, tf, t.cursor, t.delay_seconds, "-infinity" if t.agg_start is None else t.agg_start)
+                for (s, tf), t in world.tasks.items()
+            ],
         )
 
 
@@ -101,7 +104,7 @@ def parse_result(result: dict[str, Any]) -> dict[str, Any]:
     out = dict(result)
     out.pop("reaggregated", None)
     for key in ("cursor_advanced_to", "agg_start_enforced"):
-        out[key] = datetime.fromisoformat(out[key])
+        out[key] = None if out[key] == "-infinity" else datetime.fromisoformat(out[key])
     return out
 
 

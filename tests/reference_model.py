@@ -23,7 +23,9 @@ from datetime import UTC, datetime, timedelta
 
 from baragg.timeframes import LADDER, Timeframe, bucket_start, quality_score
 
-DEFAULT_AGG_START = datetime(2025, 7, 1, tzinfo=UTC)
+# A task without an explicit start (the column's default '-infinity', and a missing task row): no lower
+# bound, the task starts at its first source row.
+DEFAULT_AGG_START: datetime | None = None
 # The columns a recomputation compares with the stored bar: equal ones are not rewritten.
 VALUE_FIELDS = (
     "open", "high", "low", "close", "vol", "vwap", "trade_count", "is_partial", "source_timeframe",
@@ -57,7 +59,7 @@ class Bar:
 class Task:
     cursor: datetime | None = None
     delay_seconds: int = 0
-    agg_start: datetime = DEFAULT_AGG_START
+    agg_start: datetime | None = DEFAULT_AGG_START  # None: no lower bound ('-infinity')
 
 
 @dataclass
@@ -94,7 +96,7 @@ class World:
             if sym != symbol or tf.source != tf_name or task.cursor is None or ts >= task.cursor:
                 continue
             window = bucket_start(tf, ts)
-            if window < bucket_start(tf, task.cursor) and window >= task.agg_start:
+            if window < bucket_start(tf, task.cursor) and (task.agg_start is None or window >= task.agg_start):
                 self.pending.setdefault((symbol, dependent), set()).add(window)
 
     def put_raw(self, symbol: str, bar: Bar) -> None:
@@ -224,10 +226,10 @@ def bootstrap(world: World, symbol: str, tf_name: str, now: datetime) -> datetim
     with none, the window containing now (not final yet, so nothing is built early)."""
     tf = LADDER[tf_name]
     agg_start = world.task(symbol, tf_name).agg_start
-    later = [r.ts for r in world.source_rows(symbol, tf.source) if r.ts >= agg_start]
+    later = [r.ts for r in world.source_rows(symbol, tf.source) if agg_start is None or r.ts >= agg_start]
     if not later:
         return bucket_start(tf, now)
-    return bucket_start(tf, max(agg_start, min(later)))
+    return bucket_start(tf, min(later) if agg_start is None else max(agg_start, min(later)))
 
 
 def chain_below(tf_name: str) -> list[str]:
@@ -302,7 +304,9 @@ def catch_up(
 
     # Rule 1: never a window starting before agg_start (the one containing an unaligned agg_start
     # is skipped too). An unaligned cursor counts from the start of its window.
-    start = max(bucket_start(tf, cursor), first_window_at_or_after(tf, task.agg_start))
+    start = bucket_start(tf, cursor)
+    if task.agg_start is not None:
+        start = max(start, first_window_at_or_after(tf, task.agg_start))
     window_start = start
     # Ends: each pass moves one window on, and a pass that does not stop needs a source row at or
     # after the window's end (rules 4 and 5), so there are at most len(rows) + gaps passes.
@@ -368,7 +372,8 @@ def reaggregate(
         ws
         for ws in logged
         if task.cursor is not None
-        and task.agg_start <= ws < bucket_start(tf, task.cursor)
+        and (task.agg_start is None or task.agg_start <= ws)
+        and ws < bucket_start(tf, task.cursor)
         and (symbol, tf_name) in world.tasks
     }
     final = {ws for ws in in_range if window_final(world, symbol, tf_name, ws, now)}
@@ -397,7 +402,7 @@ def from_scratch(
     world = World(raw={symbol: list(raw)})
     if sparse:
         world.sparse.add(symbol)
-    far = max((r.ts for r in raw), default=DEFAULT_AGG_START) + timedelta(days=30)
+    far = max((r.ts for r in raw), default=datetime(2025, 7, 1, tzinfo=UTC)) + timedelta(days=30)
     for tf_name in sorted(LADDER, key=lambda n: LADDER[n].duration_rank):
         world.tasks[(symbol, tf_name)] = Task(agg_start=agg_start.get(tf_name, DEFAULT_AGG_START))
     for tf_name in sorted(LADDER, key=lambda n: LADDER[n].duration_rank):

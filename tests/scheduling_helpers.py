@@ -69,8 +69,18 @@ def tasks_from(conn: psycopg.Connection, start: datetime) -> None:
 
 
 def task(conn: psycopg.Connection, symbol: str, timeframe: str) -> dict[str, Any]:
+    """Every column of the task; agg_start_utc '-infinity' (from the first source row), which Python
+    cannot hold, reads as None."""
+    columns = [
+        "NULLIF(agg_start_utc, '-infinity') AS agg_start_utc" if name == "agg_start_utc" else name
+        for (name,) in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'data_agg_state'"
+            " ORDER BY ordinal_position"
+        )
+    ]
     cur = conn.execute(
-        "SELECT * FROM data_agg_state WHERE canonical_symbol = %s AND timeframe = %s", (symbol, timeframe)
+        f"SELECT {', '.join(columns)} FROM data_agg_state WHERE canonical_symbol = %s AND timeframe = %s",
+        (symbol, timeframe),
     )
     row = cur.fetchone()
     assert row is not None, f"no task {symbol} {timeframe}"

@@ -342,6 +342,7 @@ def test_weekly_bar_starts_on_monday(conn: psycopg.Connection) -> None:
             " VALUES ('EURUSD', '1d', %s, %s, %s, %s, %s, 10)",
             (MON - timedelta(days=7) + timedelta(days=day), day, day + 1, day - 1, day + 0.5),
         )
+    add_task(conn, "1w", MON - timedelta(days=14))  # agg_start 2025-07-01, a Tuesday
     result = catch_up(conn, "1w", MON - timedelta(days=14), MON + timedelta(hours=1))
     assert bars(conn, "1w") == [(MON - timedelta(days=7), 0.0, 4.5, 5, 2)]
     # The week of June 30 starts before agg_start (July 1): never built, not counted as a gap.

@@ -497,7 +497,8 @@ def test_failure_of_a_task_not_held_changes_nothing(one) -> None:
 # ---------------------------------------------------------------------------------------------
 STATE_COLUMNS = (
     "canonical_symbol, timeframe, enabled, status, source_timeframe, is_mandatory, last_agg_bar_ts_utc,"
-    " agg_start_utc, task_priority, run_interval_minutes, aggregation_delay_seconds, next_run_at, hard_fail_streak"
+    " NULLIF(agg_start_utc, '-infinity'), task_priority, run_interval_minutes, aggregation_delay_seconds,"
+    " next_run_at, hard_fail_streak"
 )
 
 
@@ -547,7 +548,8 @@ def test_sync_never_touches_cursors_or_operator_settings(conn) -> None:
         (T0 + timedelta(hours=5), T0, NOW + timedelta(hours=2)),
     )
     settings = (
-        "last_agg_bar_ts_utc, agg_start_utc, task_priority, aggregation_delay_seconds, run_interval_minutes"
+        "last_agg_bar_ts_utc, NULLIF(agg_start_utc, '-infinity'), task_priority, aggregation_delay_seconds,"
+        " run_interval_minutes"
     )
 
     def operator_view() -> list[tuple]:

@@ -259,7 +259,7 @@ def test_real_data_through_the_worker_verifies_equal(db: Database, tmp_path) -> 
     loaded = baragg(db, "ingest", path, "--json")
     assert loaded.returncode == 0, loaded.stderr
     assert json.loads(loaded.stdout)["inserted"] == 8198 + 15222
-    # the data is older than the default agg_start_utc: --from moves it
+    # --from also restarts the tasks from a given time
     done = baragg(db, "backfill", "--now", "2014-06-01T00:00:00Z", "--from", "2013-01-01", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["bars_created"] > 5_000

@@ -23,6 +23,7 @@ from typing import Any
 from baragg import __version__
 from baragg.db import Database, open_database
 from baragg.errors import BaraggError, InvalidInput, RedactingFilter, printable, redact, register_secrets_from
+from baragg.sql import query
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -38,9 +39,50 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def database(args: argparse.Namespace) -> Database:
-    """The database named by the global options (or the embedded server)."""
-    return open_database(args.database_url, args.data_dir, prepare=not args.no_prepare)
+def database(args: argparse.Namespace, *, prepare_embedded: bool = True) -> Database:
+    """The database named by the global options (or the embedded server), once per command.
+
+    The embedded server is baragg's own, so it is simply ready: its pending migrations are applied
+    here (``prepare_embedded``; the ``db`` commands pass False and do it themselves, visibly). A
+    server named by DATABASE_URL is the operator's: its upgrades stay an explicit `baragg db upgrade`
+    (see ``require_current_schema``).
+    """
+    cached = getattr(args, "_database", None)
+    if cached is not None:
+        return cached
+    db = open_database(args.database_url, args.data_dir, prepare=not args.no_prepare)
+    if db.embedded and prepare_embedded:
+        from baragg import migrate
+
+        applied = migrate.upgrade(db)
+        if applied:
+            print(
+                f"baragg: prepared the embedded database ({len(applied)} migration(s) applied)",
+                file=sys.stderr,
+            )
+    args._database = db
+    return db
+
+
+def require_current_schema(db: Database) -> None:
+    """Refuse to work on a database whose schema is missing or behind the shipped migrations, with
+    the command that fixes it. A database whose migrations were applied with psql (nothing recorded)
+    passes when baragg's tables are there; a missing object is then reported where it is used."""
+    from baragg import migrate
+
+    states = migrate.status(db)
+    pending = [s.name for s in states if s.state == "pending"]
+    if not pending:
+        return
+    if len(pending) < len(states):
+        raise BaraggError(
+            f"the database schema is behind this baragg: {len(pending)} migration(s) pending "
+            f"({', '.join(pending)}); run `baragg db upgrade`"
+        )
+    with db.connect(autocommit=True) as conn:
+        present = conn.execute(query("schema_present")).fetchone()
+    if not present or not present[0]:
+        raise BaraggError("the database has no baragg schema: run `baragg db upgrade`")
 
 
 def print_json(value: Any) -> None:
@@ -53,10 +95,21 @@ def print_json(value: Any) -> None:
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from baragg import migrate
 
-    db = database(args)
+    db = database(args, prepare_embedded=False)
     applied = migrate.upgrade(db)
     for warning in migrate.warnings_for(migrate.status(db)):
         print(f"warning: {warning}", file=sys.stderr)
+    from baragg.registry import names_breaking_the_rule
+    from baragg.terminal import printable
+
+    kept = names_breaking_the_rule(db)
+    if kept:
+        names = ", ".join(f"'{printable(name)}'" for name in kept[:20]) + (" ..." if len(kept) > 20 else "")
+        print(
+            f"warning: {len(kept)} registry symbol(s) do not follow the naming rule and were kept as they are "
+            f"(the database checks new and changed names only): {names}",
+            file=sys.stderr,
+        )
     if args.json:
         print_json({"applied": [m.name for m in applied]})
     elif applied:
@@ -70,7 +123,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def cmd_db_status(args: argparse.Namespace) -> int:
     from baragg import migrate
 
-    db = database(args)
+    db = database(args, prepare_embedded=False)
     states = migrate.status(db)
     if args.json:
         print_json([s.__dict__ for s in states])
@@ -81,7 +134,9 @@ def cmd_db_status(args: argparse.Namespace) -> int:
             print(f"{label:<4}  {s.state:<8} {s.name:<40} {when}")
     for warning in migrate.warnings_for(states):
         print(f"warning: {warning}", file=sys.stderr)
-    return 0
+    # Scripts (deploys, readiness checks) read the exit code: 0 only when every shipped migration is
+    # applied unchanged; 1 when any is pending, edited, or unknown to this baragg.
+    return 0 if all(s.state == "applied" for s in states) else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,12 +217,21 @@ def _check_budget(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from baragg import worker
+    from baragg.timeparse import refuse_future
 
     _check_budget(args)
     if not args.once:
         raise InvalidInput("baragg run: only --once is supported (use `baragg worker` for a daemon)")
+    refuse_future(
+        args.now,
+        "--now",
+        force=args.force,
+        why="windows that have not closed yet would be aggregated as final",
+    )
     _setup_worker_logging(args)
     db = database(args)
+    if not db.embedded:
+        require_current_schema(db)
     worker.check_schema(db)
     stop = threading.Event()
     _install_stop_signals(stop)
@@ -247,12 +311,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 # handlers: operator tools (registry, ingest, status, backfill, verify, cleanup, demo)
 # ---------------------------------------------------------------------------------------------
 def _needs_schema(handler: Handler) -> Handler:
-    """Turn "relation/function does not exist" into advice: the database has not been upgraded."""
+    """Check that the schema is current before the command runs (a DATABASE_URL server; the embedded
+    one is upgraded by ``database``), and turn "relation/function does not exist" into advice."""
 
     def run(args: argparse.Namespace) -> int:
         import psycopg
 
         try:
+            db = database(args)
+            if not db.embedded:
+                require_current_schema(db)
             return handler(args)
         except (
             psycopg.errors.UndefinedTable,
@@ -321,8 +389,27 @@ class _nullcontext:
 
 def _registry_settings(args: argparse.Namespace) -> dict[str, Any]:
     from baragg.registry import FIELDS
+    from baragg.timeparse import parse_time, refuse_future
 
-    return {name: getattr(args, name, None) for name in FIELDS}
+    settings = {name: getattr(args, name, None) for name in FIELDS}
+    start = parse_time(args.agg_start, "--agg-start")
+    refuse_future(start, "--agg-start", force=args.force, why="its tasks would aggregate nothing until then")
+    settings["agg_start_utc"] = start
+    return settings
+
+
+def _report_registry_change(change: Any, verb: str) -> None:
+    print(f"{verb} {change.symbol}")
+    if change.kept_starts:
+        kept = ", ".join(
+            f"{tf} {start:%Y-%m-%d %H:%M}" if start else f"{tf} from its first source row"
+            for tf, start in change.kept_starts
+        )
+        print(
+            f"note: --agg-start applies to tasks created from now on; the existing ones keep their start "
+            f"({kept}); to move them: baragg backfill --symbol {change.symbol} --from TIME",
+            file=sys.stderr,
+        )
 
 
 @_needs_schema
@@ -330,7 +417,7 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
     from baragg import registry
 
     change = registry.add(database(args), args.symbol, **_registry_settings(args))
-    print(f"{'added' if change.created else 'updated'} {change.symbol}")
+    _report_registry_change(change, "added" if change.created else "updated")
     return 0
 
 
@@ -339,7 +426,7 @@ def cmd_registry_set(args: argparse.Namespace) -> int:
     from baragg import registry
 
     change = registry.set_fields(database(args), args.symbol, **_registry_settings(args))
-    print(f"updated {change.symbol}")
+    _report_registry_change(change, "updated")
     return 0
 
 
@@ -352,19 +439,36 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     from rich.table import Table
+    from rich.text import Text
 
-    from baragg.terminal import stdout_console
+    from baragg.terminal import printable, stdout_console
 
     table = Table(box=None, header_style="bold")
-    for name in ("symbol", "active", "test", "sparse", "15m", "4h", "1d", "1w", "ticker", "class", "source"):
+    for name in (
+        "symbol",
+        "active",
+        "test",
+        "sparse",
+        "15m",
+        "4h",
+        "1d",
+        "1w",
+        "start",
+        "ticker",
+        "class",
+        "source",
+    ):
         table.add_column(name)
 
     def flag(value: object) -> str:
         return {True: "yes", False: "-", None: "?"}.get(value, str(value))  # type: ignore[arg-type]
 
+    def text(value: str | None) -> Text:  # plain text, control characters escaped, no markup
+        return Text(printable(value or ""))
+
     for r in rows:
         table.add_row(
-            r["canonical_symbol"],
+            text(r["canonical_symbol"]),
             flag(r["active"]),
             flag(r["test_active"]),
             flag(r["is_sparse"]),
@@ -372,9 +476,13 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
             flag(r["calc_4h"]),
             flag(r["calc_1d"]),
             flag(r["calc_1w"]),
-            r["provider_ticker"] or "",
-            r["asset_class"] or "",
-            r["source"] or "",
+            # where new tasks start: a time, or "first" (the symbol's first source row)
+            r["agg_start_utc"].astimezone(UTC).strftime("%Y-%m-%d %H:%M").removesuffix(" 00:00")
+            if r["agg_start_utc"]
+            else "first",
+            text(r["provider_ticker"]),
+            text(r["asset_class"]),
+            text(r["source"]),
         )
     stdout_console().print(table)
     if not rows:
@@ -408,12 +516,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from baragg import verify
     from baragg.timeparse import parse_time
 
+    start, end = parse_time(args.from_, "--from"), parse_time(args.to, "--to")
+    if start is not None and end is not None and start >= end:
+        raise InvalidInput(
+            f"verify: --from {start:%Y-%m-%d %H:%M} is not before --to {end:%Y-%m-%d %H:%M} (the range is [from, to))"
+        )
     report = verify.verify(
         database(args),
         args.symbol,
         args.timeframe,
-        start=parse_time(args.from_, "--from"),
-        end=parse_time(args.to, "--to"),
+        start=start,
+        end=end,
         keep=None if args.json else max(args.limit, 0),  # the text lists at most --limit of them
     )
     if args.json:
@@ -470,17 +583,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_reenable(args: argparse.Namespace) -> int:
     from baragg import status
 
-    if status.reenable(database(args), args.symbol, args.timeframe):
-        print(f"re-enabled {args.symbol} {args.timeframe}: idle, streak 0, due now")
-        return 0
-    raise InvalidInput(f"{args.symbol} {args.timeframe}: no such task, or it is neither disabled nor failed")
+    status.reenable(database(args), args.symbol, args.timeframe, env=args.env)
+    print(f"re-enabled {args.symbol} {args.timeframe}: idle, streak 0, due now")
+    return 0
 
 
 @_needs_schema
 def cmd_backfill(args: argparse.Namespace) -> int:
     from baragg import backfill
-    from baragg.timeparse import parse_time
+    from baragg.status import before_start_note
+    from baragg.terminal import printable
+    from baragg.timeparse import parse_time, refuse_future
 
+    now, start = parse_time(args.now, "--now"), parse_time(args.from_, "--from")
+    refuse_future(
+        now, "--now", force=args.force, why="windows that have not closed yet would be aggregated as final"
+    )
+    refuse_future(
+        start,
+        "--from",
+        force=args.force,
+        why="the tasks would aggregate nothing until then and show no lag meanwhile",
+    )
     bar = _progress("backfill", "market time")
     with bar if bar is not None else _nullcontext():
         report = backfill.backfill(
@@ -488,9 +612,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             env=args.env,
             symbols=args.symbol or None,
             timeframes=args.timeframe or None,
-            now=parse_time(args.now, "--now"),
+            now=now,
             jobs=args.jobs,
-            start=parse_time(args.from_, "--from"),
+            start=start,
             on_progress=(lambda done, total, rate: bar.update(done, total, rate))
             if bar is not None
             else None,
@@ -516,7 +640,18 @@ def cmd_backfill(args: argparse.Namespace) -> int:
                 f"failed: {failure['symbol']} {failure['timeframe']} ({failure['kind']}): {failure['error']}",
                 file=sys.stderr,
             )
-    return 1 if report.failures else 0
+        before: dict[str, list[dict[str, Any]]] = {}
+        for task in report.source_rows_before_start:
+            before.setdefault(task["symbol"], []).append(task)
+        for symbol, tasks in before.items():
+            first = min(t["first_source_before_start"] for t in tasks)
+            start = max(t["agg_start_utc"] for t in tasks)
+            timeframes = [t["timeframe"] for t in tasks]
+            print(before_start_note(symbol, timeframes, first, start), file=sys.stderr)
+        for task in report.not_run:
+            label = " ".join(part for part in (task["symbol"], task["timeframe"]) if part)
+            print(f"not run: {printable(label)}: {printable(task['reason'])}", file=sys.stderr)
+    return 1 if report.failures or report.not_run else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -698,6 +833,12 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
         "--timeframe", action="append", metavar="TF", help="only these timeframes, e.g. 5m (repeatable)"
     )
     p.add_argument("--json", action="store_true", help="print the run's totals as JSON")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="accept a --now in the future (windows are then aggregated before they close; the tasks' "
+        "next runs are still scheduled by the real clock)",
+    )
     common(p)
     p.set_defaults(handler=cmd_run)
 
@@ -850,6 +991,15 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
                 default=None,
                 help=f"aggregate {tf} bars",
             )
+        p.add_argument(
+            "--agg-start",
+            dest="agg_start",
+            metavar="TIME",
+            help="aggregate only from TIME on (ISO 8601, UTC unless an offset); the registry sync creates the "
+            "symbol's tasks with it. Default: from the symbol's first source row. Existing tasks keep their "
+            "start (move them with backfill --from)",
+        )
+        p.add_argument("--force", action="store_true", help="accept an --agg-start in the future")
         p.set_defaults(handler=handler)
     p = reg.add_parser("list", help="list registered symbols")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -887,10 +1037,17 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_status)
 
     p = commands.add_parser(
-        "reenable", help="give a hard_failed or disabled task a fresh start (after fixing the cause)"
+        "reenable",
+        help="retry a failing task now: hard_failed, disabled, or backing off after a failure "
+        "(idle, streak 0, due now)",
     )
     p.add_argument("symbol", metavar="SYMBOL")
     p.add_argument("timeframe", metavar="TIMEFRAME", choices=["5m", "15m", "1h", "4h", "1d", "1w"])
+    p.add_argument(
+        "--env",
+        default=os.environ.get("BARAGG_ENV", "prod"),
+        help="environment whose registry flags must have the task active (env BARAGG_ENV; default prod)",
+    )
     p.set_defaults(handler=cmd_reenable)
 
     p = commands.add_parser(
@@ -921,9 +1078,14 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--jobs",
-        type=int,
-        default=int(os.environ.get("BARAGG_BACKFILL_JOBS", "2")),
-        help="worker threads (env BARAGG_BACKFILL_JOBS; default 2)",
+        type=_positive(int),
+        default=os.environ.get("BARAGG_BACKFILL_JOBS", "2"),
+        help="worker threads, at least 1 (env BARAGG_BACKFILL_JOBS; default 2)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="accept a --now or --from in the future (next runs are still scheduled by the real clock)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_backfill)

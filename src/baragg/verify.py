@@ -376,11 +376,12 @@ def verify(
             notes.append(f"no task for {symbol} {timeframe}: checking every window in the range")
         else:
             agg_start, cursor = (t.astimezone(UTC) if t is not None else None for t in task)
-            first = _ceil_to_bucket(agg_start, timeframe)
-            lo = max(lo, first) if lo else first
+            if agg_start is not None:  # None: no explicit start, from the first source row
+                first = _ceil_to_bucket(agg_start, timeframe)
+                lo = max(lo, first) if lo else first
             if cursor is None:
                 notes.append("the task has no cursor yet: nothing has been aggregated")
-                hi = lo
+                hi = lo or datetime(1, 1, 1, tzinfo=UTC)
             else:
                 hi = min(hi, cursor) if hi else cursor
         if lo is not None:

@@ -38,6 +38,10 @@ SELECT name, checksum, applied_at FROM baragg_schema_repeatables ORDER BY name;
 INSERT INTO baragg_schema_repeatables AS r (name, checksum) VALUES (%(name)s, %(checksum)s)
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 
+-- name: schema_present
+-- Whether baragg's tables exist (migrations may have been applied with psql, which records nothing).
+SELECT to_regclass('data_agg_state') IS NOT NULL AND to_regclass('agg_timeframes') IS NOT NULL;
+
 -- ==== worker ====
 
 -- name: worker_sync
@@ -231,12 +235,12 @@ SELECT DISTINCT canonical_symbol FROM ingest_stage WHERE ok ORDER BY 1;
 -- to registry_update (in the same transaction), which keeps the values not given.
 INSERT INTO core_asset_registry_all (
     canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
-    calc_15m, calc_4h, calc_1d, calc_1w, notes)
+    calc_15m, calc_4h, calc_1d, calc_1w, notes, agg_start_utc)
 VALUES (
     %(symbol)s, %(provider_ticker)s, %(asset_class)s, %(source)s,
     COALESCE(%(active)s, true), COALESCE(%(test_active)s, true), COALESCE(%(is_sparse)s, false),
     COALESCE(%(calc_15m)s, false), COALESCE(%(calc_4h)s, false), COALESCE(%(calc_1d)s, false),
-    COALESCE(%(calc_1w)s, false), %(notes)s)
+    COALESCE(%(calc_1w)s, false), %(notes)s, %(agg_start_utc)s)
 ON CONFLICT (canonical_symbol) DO NOTHING
 RETURNING canonical_symbol;
 
@@ -253,14 +257,27 @@ UPDATE core_asset_registry_all AS r SET
     calc_1d = COALESCE(%(calc_1d)s, r.calc_1d),
     calc_1w = COALESCE(%(calc_1w)s, r.calc_1w),
     notes = COALESCE(%(notes)s, r.notes),
+    agg_start_utc = COALESCE(%(agg_start_utc)s, r.agg_start_utc),
     updated_at = now()
 WHERE canonical_symbol = %(symbol)s
 RETURNING canonical_symbol;
 
 -- name: registry_list
 SELECT canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
-       calc_15m, calc_4h, calc_1d, calc_1w, notes, created_at, updated_at
+       calc_15m, calc_4h, calc_1d, calc_1w, notes, agg_start_utc, created_at, updated_at
 FROM core_asset_registry_all
+ORDER BY canonical_symbol;
+
+-- name: registry_existing_task_starts
+-- The symbol's tasks and their start, to say that an existing task keeps it (the sync never moves it).
+SELECT timeframe, NULLIF(agg_start_utc, '-infinity') FROM data_agg_state WHERE canonical_symbol = %(symbol)s
+ORDER BY timeframe;
+
+-- name: registry_bad_symbols
+-- Registry names that break the naming rule (kept from before the CHECK of migration 0007).
+-- (after `db upgrade`, so the table exists)
+SELECT canonical_symbol FROM core_asset_registry_all
+WHERE canonical_symbol !~ '^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$'
 ORDER BY canonical_symbol;
 
 -- name: registry_sync_exists
@@ -292,7 +309,8 @@ SELECT canonical_symbol, count(*) FROM deleted GROUP BY canonical_symbol ORDER B
 SELECT coalesce(is_sparse, false) FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s;
 
 -- name: verify_task
-SELECT agg_start_utc, last_agg_bar_ts_utc
+-- '-infinity' (no explicit start: from the first source row) reads as NULL.
+SELECT NULLIF(agg_start_utc, '-infinity'), last_agg_bar_ts_utc
 FROM data_agg_state
 WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s;
 
@@ -385,6 +403,9 @@ SELECT s.canonical_symbol, s.timeframe, s.status, s.enabled, s.is_mandatory, s.l
        s.next_run_at, s.hard_fail_streak, s.last_error, s.last_successful_at_utc,
        s.total_bars_created, s.total_bars_rewritten, s.total_bars_withdrawn, s.total_bars_unchanged,
        s.total_bars_quality_poor, s.lease_owner,
+       -- '-infinity' (no explicit start: from the first source data) reads as NULL
+       NULLIF(s.agg_start_utc, '-infinity') AS agg_start_utc,
+       e.first_before_start, tf.source_timeframe AS ladder_source,
        f.frontier,
        CASE WHEN s.last_agg_bar_ts_utc IS NOT NULL AND f.frontier IS NOT NULL
             THEN greatest(0, extract(epoch FROM f.frontier - s.last_agg_bar_ts_utc)) END AS lag_frontier_seconds,
@@ -411,11 +432,35 @@ LEFT JOIN LATERAL (
     SELECT date_bin(tf.bucket_interval, n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
                     tf.bucket_origin) AS frontier
 ) f ON true
+LEFT JOIN LATERAL (
+    -- The first source row before the task's start: rows the task will never aggregate (rule 1).
+    -- One index probe; none when the task has no explicit start.
+    SELECT CASE WHEN s.agg_start_utc = '-infinity' THEN NULL
+                WHEN tf.source_table = 'data_bars' THEN
+                    (SELECT min(b.ts_utc) FROM data_bars b
+                     WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = tf.source_timeframe
+                       AND b.ts_utc < s.agg_start_utc)
+                ELSE
+                    (SELECT min(d.ts_utc) FROM derived_data_bars d
+                     WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = tf.source_timeframe
+                       AND d.ts_utc < s.agg_start_utc AND d.deleted_at IS NULL)
+           END AS first_before_start
+) e ON true
 WHERE %(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[])
 ORDER BY s.canonical_symbol, tf.duration_rank;
 
+-- name: status_reenable_check
+-- What `baragg reenable` needs to know first: the task's state, and whether the registry wants it in
+-- the environment (a task the registry has inactive would be disabled again by the next sync).
+SELECT s.status, s.enabled, s.hard_fail_streak, s.last_error, s.next_run_at, s.lease_owner,
+       EXISTS (SELECT 1 FROM _agg_wanted_tasks(%(env)s) w
+               WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe) AS wanted
+FROM data_agg_state s
+WHERE s.canonical_symbol = %(symbol)s AND s.timeframe = %(timeframe)s
+FOR UPDATE;
+
 -- name: status_reenable
-SELECT agg_reenable_task(%(symbol)s, %(timeframe)s, COALESCE(%(now)s::timestamptz, now()));
+SELECT agg_reenable_task(%(symbol)s, %(timeframe)s, %(now)s::timestamptz);
 
 -- ==== operator tools: backfill ====
 
@@ -424,7 +469,8 @@ SELECT agg_reenable_task(%(symbol)s, %(timeframe)s, COALESCE(%(now)s::timestampt
 -- put it) to the frontier of the raw 1m data, which every timeframe reaches after a full catch-up.
 SELECT s.canonical_symbol, s.timeframe, tf.bucket_interval,
        COALESCE(s.last_agg_bar_ts_utc,
-                date_bin(tf.bucket_interval, greatest(s.agg_start_utc, b.first_bar), tf.bucket_origin)) AS start_at,
+                date_bin(tf.bucket_interval, greatest(NULLIF(s.agg_start_utc, '-infinity'), b.first_bar),
+                         tf.bucket_origin)) AS start_at,
        date_bin(tf.bucket_interval, b.last_bar + interval '1 minute', tf.bucket_origin) AS end_at
 FROM data_agg_state s
 JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
@@ -448,6 +494,41 @@ WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::tex
   AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
   AND s.status <> 'running'
 RETURNING s.canonical_symbol, s.timeframe;
+
+-- name: backfill_known_symbols
+SELECT canonical_symbol FROM core_asset_registry_all WHERE canonical_symbol = ANY (%(symbols)s::text[]);
+
+-- name: backfill_task_states
+-- The selected tasks after a backfill, to report those it could not run (failing, held, off).
+SELECT s.canonical_symbol, s.timeframe, s.enabled, s.status, s.hard_fail_streak, s.last_error, s.next_run_at,
+       s.lease_owner,
+       NULLIF(_agg_lease_end(s.lease_expires_at, s.running_started_at_utc), '-infinity') AS lease_end
+FROM data_agg_state s
+JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+ORDER BY s.canonical_symbol, tf.duration_rank;
+
+-- name: backfill_before_start
+-- Selected tasks that have source rows before their agg_start_utc: rows they never aggregate (rule 1).
+SELECT s.canonical_symbol, s.timeframe, s.agg_start_utc, e.first_before_start
+FROM data_agg_state s
+JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN tf.source_table = 'data_bars' THEN
+                    (SELECT min(b.ts_utc) FROM data_bars b
+                     WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = tf.source_timeframe
+                       AND b.ts_utc < s.agg_start_utc)
+                ELSE
+                    (SELECT min(d.ts_utc) FROM derived_data_bars d
+                     WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = tf.source_timeframe
+                       AND d.ts_utc < s.agg_start_utc AND d.deleted_at IS NULL)
+           END AS first_before_start
+) e
+WHERE s.agg_start_utc <> '-infinity' AND s.enabled AND e.first_before_start IS NOT NULL
+  AND (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+ORDER BY s.canonical_symbol, tf.duration_rank;
 
 -- name: backfill_running
 SELECT s.canonical_symbol || ' ' || s.timeframe
@@ -510,7 +591,7 @@ SELECT f.canonical_symbol AS symbol,
        f.is_mandatory AS mandatory,
        f.task_priority AS priority,
        f.last_agg_bar_ts_utc AS cursor_utc,
-       f.agg_start_utc,
+       NULLIF(f.agg_start_utc, '-infinity') AS agg_start_utc,  -- null: from the first source row
        f.frontier_utc,
        f.source_last_ts AS source_last_bar_utc,
        f.last_bar_ts AS last_bar_utc,

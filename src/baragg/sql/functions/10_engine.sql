@@ -198,7 +198,8 @@ $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- A task's settings: its data_agg_state row, or the defaults when there is none (delay 0,
--- agg_start the column's default), so the functions also work for ad-hoc calls from psql.
+-- agg_start the column's default, '-infinity': from the first source row), so the functions also
+-- work for ad-hoc calls from psql.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION _agg_task_settings(p_symbol text, p_to_tf text,
     OUT delay_seconds integer, OUT agg_start_utc timestamptz, OUT is_sparse boolean)
@@ -207,7 +208,7 @@ LANGUAGE sql STABLE AS $$
                      WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf), 0),
            COALESCE((SELECT s.agg_start_utc FROM data_agg_state s
                      WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf),
-                    timestamptz '2025-07-01 00:00:00+00'),
+                    timestamptz '-infinity'),
            COALESCE((SELECT r.is_sparse FROM core_asset_registry_all r
                      WHERE r.canonical_symbol = p_symbol), false)
 $$;
@@ -429,7 +430,7 @@ BEGIN
         -- join: one index probe per task instead of a function call.
         SELECT u.sym, u.ord, u.cur,
                COALESCE(st.aggregation_delay_seconds, 0) AS delay_seconds,
-               COALESCE(st.agg_start_utc, timestamptz '2025-07-01 00:00:00+00') AS agg_start_utc,
+               COALESCE(st.agg_start_utc, timestamptz '-infinity') AS agg_start_utc,
                COALESCE(r.is_sparse, false) AS is_sparse
         FROM unnest(p_symbols, p_cursors) WITH ORDINALITY AS u(sym, cur, ord)
         LEFT JOIN data_agg_state st ON st.canonical_symbol = u.sym AND st.timeframe = p_to_tf

@@ -16,15 +16,27 @@ RETURNS timestamptz LANGUAGE sql STABLE AS $$
     SELECT COALESCE(p_lease_expires_at, p_running_started_at_utc + interval '5 minutes', '-infinity')
 $$;
 
+-- The clock of scheduling (when a task is due, its next run, retries, leases): the caller's fixed clock
+-- (p_now_utc, for replays and tests), but never one ahead of the database's real clock. A run with a
+-- clock in the future (`baragg run --once --now ... --force`) must not leave next runs or leases in
+-- that future, where a later real-time worker would wait for them: it schedules, and finds tasks due,
+-- as the real clock would. The caller's clock still decides finality (which windows are built).
+CREATE OR REPLACE FUNCTION _agg_schedule_clock(p_now timestamptz)
+RETURNS timestamptz LANGUAGE sql STABLE AS $$
+    SELECT LEAST(COALESCE(p_now, now()), now())
+$$;
+
 -- Due (DESIGN.md 6): enabled, idle (or hard_failed: still retried) or running with an expired lease,
--- and next_run_at reached (NULL: never scheduled, so due).
+-- and next_run_at reached (NULL: never scheduled, so due). Next runs and leases are judged by the clock
+-- they are written with (_agg_schedule_clock).
 CREATE OR REPLACE FUNCTION _agg_is_due(p_enabled boolean, p_status text, p_next_run_at timestamptz,
     p_lease_expires_at timestamptz, p_running_started_at_utc timestamptz, p_now timestamptz)
 RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT p_enabled
-       AND (p_next_run_at IS NULL OR p_next_run_at <= p_now)
+       AND (p_next_run_at IS NULL OR p_next_run_at <= _agg_schedule_clock(p_now))
        AND (p_status IN ('idle', 'hard_failed')
-            OR (p_status = 'running' AND _agg_lease_end(p_lease_expires_at, p_running_started_at_utc) <= p_now))
+            OR (p_status = 'running'
+                AND _agg_lease_end(p_lease_expires_at, p_running_started_at_utc) <= _agg_schedule_clock(p_now)))
 $$;
 
 -- Worker sessions (migration 0006): every baragg worker connection holds the session-level advisory
@@ -150,7 +162,7 @@ LANGUAGE sql AS $$
         UPDATE data_agg_state s
         SET status = 'running',
             lease_owner = p_worker_id,
-            lease_expires_at = COALESCE(p_now_utc, now()) + make_interval(secs => p_lease_seconds),
+            lease_expires_at = _agg_schedule_clock(p_now_utc) + make_interval(secs => p_lease_seconds),
             lease_session = live.mine,
             lease_backend_pid = live.backend,
             running_started_at_utc = COALESCE(p_now_utc, now()),
@@ -212,10 +224,11 @@ BEGIN
         v_reason := 'task is not enabled';
     ELSIF v_row.status = 'disabled' THEN
         v_reason := 'task was disabled after repeated hard failures';
-    ELSIF v_row.status = 'running' AND _agg_lease_end(v_row.lease_expires_at, v_row.running_started_at_utc) > v_now THEN
+    ELSIF v_row.status = 'running'
+          AND _agg_lease_end(v_row.lease_expires_at, v_row.running_started_at_utc) > _agg_schedule_clock(v_now) THEN
         v_reason := format('held by %s until %s', COALESCE(v_row.lease_owner, '(unknown)'),
                            _agg_lease_end(v_row.lease_expires_at, v_row.running_started_at_utc));
-    ELSIF v_row.next_run_at > v_now THEN
+    ELSIF v_row.next_run_at > _agg_schedule_clock(v_now) THEN
         v_reason := format('not due until %s', v_row.next_run_at);
     ELSE
         v_reason := 'being claimed by another worker';
@@ -248,7 +261,8 @@ BEGIN
         total_bars_skipped = s.total_bars_skipped + COALESCE((p_stats->>'bars_skipped')::bigint, 0),
         total_gaps_skipped = s.total_gaps_skipped + COALESCE((p_stats->>'gaps_skipped')::bigint, 0),
         last_run_stats = _agg_stats_add(s.last_run_stats, p_stats),
-        lease_expires_at = GREATEST(s.lease_expires_at, v_now + make_interval(secs => p_lease_seconds)),
+        lease_expires_at = GREATEST(s.lease_expires_at,
+                                    _agg_schedule_clock(v_now) + make_interval(secs => p_lease_seconds)),
         updated_at = now()
     WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
       AND s.status = 'running' AND s.lease_owner = p_worker_id
@@ -288,6 +302,7 @@ RETURNS TABLE (out_symbol text, out_timeframe text, out_cursor timestamptz, out_
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz := COALESCE(p_now_utc, now());
+    v_sched timestamptz := _agg_schedule_clock(p_now_utc);  -- next runs: never after the real clock
     v_items jsonb;
     v_symbols text[];
     v_timeframes text[];
@@ -353,7 +368,7 @@ BEGIN
             -- still waiting (DESIGN.md 5), whichever comes first.
             next_run_at = _agg_next_run(LEAST(COALESCE(i.cur, s.last_agg_bar_ts_utc), lg.first_logged), t.bucket_interval,
                                         s.aggregation_delay_seconds, s.run_interval_minutes,
-                                        COALESCE((i.st->>'continue')::boolean, false) OR s.rerun_requested, v_now),
+                                        COALESCE((i.st->>'continue')::boolean, false) OR s.rerun_requested, v_sched),
             updated_at = now()
         FROM input i
         LEFT JOIN agg_timeframes t ON t.timeframe = i.tf
@@ -379,7 +394,7 @@ BEGIN
     FROM jsonb_to_recordset(v_done) AS m(canonical_symbol text, timeframe text, moved boolean)
     WHERE m.moved;
     UPDATE data_agg_state d
-    SET next_run_at = CASE WHEN d.status = 'running' THEN d.next_run_at ELSE v_now END,
+    SET next_run_at = CASE WHEN d.status = 'running' THEN d.next_run_at ELSE v_sched END,
         rerun_requested = d.rerun_requested OR d.status = 'running',
         updated_at = now()
     FROM agg_timeframes t
@@ -390,7 +405,7 @@ BEGIN
                     (SELECT min(v.window_start) FROM agg_invalidations v
                      WHERE v.canonical_symbol = d.canonical_symbol AND v.timeframe = d.timeframe))
               + t.bucket_interval + make_interval(secs => COALESCE(d.aggregation_delay_seconds, 0)) <= v_now)
-      AND ((d.status = 'idle' AND (d.next_run_at IS NULL OR d.next_run_at > v_now))
+      AND ((d.status = 'idle' AND (d.next_run_at IS NULL OR d.next_run_at > v_sched))
            OR (d.status = 'running' AND NOT d.rerun_requested));
 
     RETURN QUERY
@@ -425,6 +440,7 @@ CREATE OR REPLACE FUNCTION agg_finish(p_symbol text, p_to_tf text, p_success boo
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz := COALESCE(p_now_utc, now());
+    v_sched timestamptz := _agg_schedule_clock(p_now_utc);  -- retries: never after the real clock
     v_row data_agg_state%ROWTYPE;
     v_cursor timestamptz;
     v_next timestamptz;
@@ -462,10 +478,10 @@ BEGIN
         ELSE 'idle' END;
     v_next := CASE
         WHEN v_status = 'disabled' THEN NULL
-        WHEN v_transient THEN v_now + interval '1 minute'
-        WHEN v_status = 'hard_failed' THEN v_now + interval '1 hour'
-        WHEN v_streak = 1 THEN v_now + interval '5 minutes'
-        ELSE v_now + interval '15 minutes' END;
+        WHEN v_transient THEN v_sched + interval '1 minute'
+        WHEN v_status = 'hard_failed' THEN v_sched + interval '1 hour'
+        WHEN v_streak = 1 THEN v_sched + interval '5 minutes'
+        ELSE v_sched + interval '15 minutes' END;
     UPDATE data_agg_state s
     SET status = v_status,
         lease_owner = NULL,
@@ -551,7 +567,7 @@ RETURNS jsonb LANGUAGE sql AS $$
         SET status = CASE WHEN s.hard_fail_streak >= 3 AND s.is_mandatory THEN 'hard_failed' ELSE 'idle' END,
             lease_owner = NULL, lease_expires_at = NULL, lease_session = NULL, lease_backend_pid = NULL,
             rerun_requested = false,
-            next_run_at = LEAST(s.next_run_at, COALESCE(p_now_utc, now())), updated_at = now()
+            next_run_at = LEAST(s.next_run_at, _agg_schedule_clock(p_now_utc)), updated_at = now()
         WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
           AND s.status = 'running' AND s.lease_owner = p_worker_id
         RETURNING 1
@@ -560,16 +576,23 @@ RETURNS jsonb LANGUAGE sql AS $$
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- agg_reenable_task: the operator's way back for a task disabled after three hard failures
+-- agg_reenable_task: the operator's "try again now" for a failing task
 -- ---------------------------------------------------------------------------------------------
+-- Any task that is not running and is failing: hard_failed, disabled after three hard failures, not
+-- enabled, or backing off after one or two (a streak, or the last run's error). It becomes idle with
+-- streak 0 and due at once under any clock (next_run_at NULL, as the invalidation triggers do, so a
+-- replay with `--now` in the past runs it too); last_error stays until the next success clears it.
+-- p_now_utc is kept for the seed-style signature.
 CREATE OR REPLACE FUNCTION agg_reenable_task(p_symbol text, p_to_tf text, p_now_utc timestamptz DEFAULT now())
 RETURNS jsonb LANGUAGE sql AS $$
     WITH changed AS (
         UPDATE data_agg_state s
-        SET status = 'idle', enabled = true, hard_fail_streak = 0, next_run_at = COALESCE(p_now_utc, now()),
+        SET status = 'idle', enabled = true, hard_fail_streak = 0, next_run_at = NULL,
             updated_at = now()
         WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
-          AND (s.status IN ('disabled', 'hard_failed') OR NOT s.enabled)
+          AND s.status <> 'running'
+          AND (s.status IN ('disabled', 'hard_failed') OR NOT s.enabled
+               OR s.hard_fail_streak > 0 OR s.last_error IS NOT NULL)
         RETURNING 1
     )
     SELECT jsonb_build_object('changed', EXISTS (SELECT 1 FROM changed))
@@ -600,7 +623,8 @@ $$;
 -- For every asset active in the environment (`active` for 'prod', `test_active` otherwise):
 -- mandatory 5m<-1m and 1h<-5m; optional 15m<-5m, 4h<-1h, 1d<-1h (calc_15m, calc_4h, calc_1d) and
 -- 1w<-1d (calc_1w, which also needs the 1d task, so it implies 1d).
--- * creates missing tasks (interval = the timeframe's, delay 30 s for 5m and 60 s above, due now);
+-- * creates missing tasks (interval = the timeframe's, delay 30 s for 5m and 60 s above, due now,
+--   agg_start_utc = the registry's agg_start_utc, else from the first source row);
 -- * disables (enabled = false) tasks of inactive or unknown assets and of cleared flags;
 -- * re-enables them when the asset/flag is set again; a task that was 'disabled' after three hard
 --   failures starts over then (idle, streak 0): clearing and setting the flag is the operator's
@@ -633,13 +657,18 @@ BEGIN
 
     WITH ins AS (
         INSERT INTO data_agg_state (canonical_symbol, timeframe, source_timeframe, is_mandatory,
-                                    run_interval_minutes, aggregation_delay_seconds, enabled, status, next_run_at)
+                                    run_interval_minutes, aggregation_delay_seconds, enabled, status, next_run_at,
+                                    agg_start_utc)
         SELECT w.canonical_symbol, w.timeframe, w.source_timeframe, w.is_mandatory,
                (extract(epoch FROM t.bucket_interval) / 60)::integer,
                CASE WHEN w.timeframe = '5m' THEN 30 ELSE 60 END,
-               true, 'idle', NULL
+               true, 'idle', NULL,
+               -- the symbol's explicit start (registry add --agg-start), else the column's default:
+               -- '-infinity', i.e. from its first source row (migration 0007)
+               COALESCE(r.agg_start_utc, timestamptz '-infinity')
         FROM _agg_wanted_tasks(p_env_name) w
         JOIN agg_timeframes t ON t.timeframe = w.timeframe
+        JOIN core_asset_registry_all r ON r.canonical_symbol = w.canonical_symbol
         -- Only the missing ones (an anti-join is far cheaper than a conflict per existing task);
         -- ON CONFLICT still covers a task inserted meanwhile by a caller not taking the lock.
         WHERE NOT EXISTS (SELECT 1 FROM data_agg_state s
@@ -655,7 +684,7 @@ BEGIN
         SET enabled = true,
             status = CASE WHEN s.status = 'disabled' THEN 'idle' ELSE s.status END,
             hard_fail_streak = CASE WHEN s.status = 'disabled' THEN 0 ELSE s.hard_fail_streak END,
-            next_run_at = CASE WHEN s.status = 'disabled' THEN v_now ELSE s.next_run_at END,
+            next_run_at = CASE WHEN s.status = 'disabled' THEN _agg_schedule_clock(v_now) ELSE s.next_run_at END,
             updated_at = now()
         FROM _agg_wanted_tasks(p_env_name) w
         WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe AND NOT s.enabled
