@@ -82,6 +82,24 @@ def cmd_db_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_grant_read(args: argparse.Namespace) -> int:
+    from baragg import access
+
+    changed = access.grant_read(database(args), args.role)
+    print(
+        f"{args.role} can read data_bars and derived_data_bars" + ("" if changed else " (it could already)")
+    )
+    return 0
+
+
+def cmd_db_revoke_read(args: argparse.Namespace) -> int:
+    from baragg import access
+
+    changed = access.revoke_read(database(args), args.role)
+    print(f"{args.role} can no longer read the bars" if changed else f"{args.role} had no read access")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # handlers: worker (run, worker)
 # ---------------------------------------------------------------------------------------------
@@ -557,6 +575,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = db_commands.add_parser("status", help="list applied and pending migrations")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_db_status)
+    p = db_commands.add_parser(
+        "grant-read", help="let ROLE read the bars (data_bars, derived_data_bars) and nothing else"
+    )
+    p.add_argument("role", metavar="ROLE", help="an existing role, e.g. authenticated (Supabase)")
+    p.set_defaults(handler=cmd_db_grant_read)
+    p = db_commands.add_parser("revoke-read", help="take back what grant-read gave ROLE")
+    p.add_argument("role", metavar="ROLE")
+    p.set_defaults(handler=cmd_db_revoke_read)
 
     add_worker_commands(commands)
     add_operator_commands(commands)
