@@ -609,3 +609,32 @@ BEGIN
     END LOOP;
 END
 $baragg$;
+
+-- ==== pg_cron: the worker round as a pg_cron job (functions/40_round.sql) ====
+
+-- name: cron_state
+-- Whether pg_cron is installed in this database, could be, and may be used by the current role.
+SELECT to_regnamespace('cron') IS NOT NULL AS installed,
+       EXISTS (SELECT 1 FROM pg_catalog.pg_available_extensions WHERE name = 'pg_cron') AS available,
+       to_regnamespace('cron') IS NOT NULL AND has_schema_privilege('cron', 'USAGE') AS usable,
+       to_regclass('cron.job_run_details') IS NOT NULL AS has_run_details;
+
+-- name: cron_schedule
+-- cron.schedule with a job name updates that job when it exists (pg_cron >= 1.3): idempotent.
+SELECT cron.schedule(%(job)s, %(schedule)s, public.baragg_round_command(%(env)s, %(budget)s));
+
+-- name: cron_unschedule
+SELECT cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobname = %(job)s;
+
+-- name: cron_job
+SELECT j.jobid, j.schedule, j.command, j.active, j.username, j.database
+FROM cron.job j WHERE j.jobname = %(job)s ORDER BY j.jobid;
+
+-- name: cron_runs
+-- The job's latest runs (pg_cron keeps them in cron.job_run_details), newest first.
+SELECT d.runid, d.status, d.return_message, d.start_time, d.end_time
+FROM cron.job_run_details d
+JOIN cron.job j ON j.jobid = d.jobid
+WHERE j.jobname = %(job)s
+ORDER BY d.start_time DESC NULLS LAST, d.runid DESC
+LIMIT %(limit)s;
