@@ -19,6 +19,7 @@ from psycopg import sql as pg_sql
 import pg_cluster
 from baragg import cli, migrate, pgcron, worker
 from baragg.db import Database
+from baragg.web import api
 from scheduling_helpers import add_assets, add_minutes
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)  # a Monday
@@ -324,6 +325,10 @@ def test_pg_cron_runs_the_round(cluster: pg_cluster.Cluster, capsys: pytest.Capt
         code, out, _ = main(url, "status", capsys=capsys)
         assert code == 0
         assert "pg_cron job baragg (* * * * *, env prod, as postgres, active)" in out
+        with psycopg.connect(url) as conn:
+            page = api.cron(conn)["job"]  # what the status page shows
+        assert (page["schedule"], page["env"], page["runs"][0]["status"]) == ("* * * * *", "prod", "failed")
+        assert page["runs"][1]["status"] == "succeeded" and page["runs"][1]["start_time"].endswith("Z")
         assert "succeeded" in out
         assert "failed" in out and "statement timeout" in out
     finally:

@@ -155,7 +155,13 @@ def unschedule(db: Database) -> bool:
 def job_status(db: Database, *, limit: int = 10) -> CronJob | None:
     """The job and its latest ``limit`` runs; None when pg_cron is absent, not usable by this role, or
     the job is not scheduled (or scheduled by another role: pg_cron shows each role its own jobs)."""
-    with db.connect(autocommit=True) as conn, conn.cursor(row_factory=dict_row) as cur:
+    with db.connect(autocommit=True) as conn:
+        return job_status_on(conn, limit=limit)
+
+
+def job_status_on(conn: psycopg.Connection, *, limit: int = 10) -> CronJob | None:
+    """job_status on an open connection (the status page's pool)."""
+    with conn.cursor(row_factory=dict_row) as cur:
         state = cur.execute(query("cron_state")).fetchone()
         if not state or not state["usable"]:
             return None

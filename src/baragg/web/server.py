@@ -325,6 +325,7 @@ class Handler(BaseHTTPRequestHandler):
                     "/api/symbols": self.get_symbols,
                     "/api/bars": self.get_bars,
                     "/api/config": self.get_config,
+                    "/api/cron": self.get_cron,
                 }
             )
         return routes
@@ -367,6 +368,11 @@ class Handler(BaseHTTPRequestHandler):
         with self.app.connection() as conn:
             text = api.bars_json(conn, parsed)
         self.send_body(text.encode(), "application/json")
+
+    def get_cron(self, params: dict[str, str]) -> None:
+        self.no_params(params)
+        with self.app.connection() as conn:
+            self.send_json(api.cron(conn))
 
     def get_config(self, params: dict[str, str]) -> None:
         self.no_params(params)
