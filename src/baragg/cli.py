@@ -100,6 +100,22 @@ def cmd_db_revoke_read(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_export_migrations(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from baragg import supabase
+
+    written = supabase.export_migrations(Path(args.directory))
+    if args.json:
+        print_json({"written": [str(e.path) for e in written]})
+    elif written:
+        for e in written:
+            print(f"wrote {e.path}")
+    else:
+        print(f"{args.directory} has every baragg migration; nothing to write")
+    return 0
+
+
 def cmd_db_schedule(args: argparse.Namespace) -> int:
     from baragg import pgcron
     from baragg.worker import resolve_env
@@ -612,6 +628,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("role", metavar="ROLE")
     p.set_defaults(handler=cmd_db_revoke_read)
     p = db_commands.add_parser(
+        "export-migrations",
+        help="write the schema as Supabase CLI migration files into DIR (only what DIR lacks)",
+    )
+    p.add_argument("directory", metavar="DIR", help="e.g. supabase/migrations")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_db_export_migrations)
+    p = db_commands.add_parser(
         "schedule", help="run the worker round from pg_cron in this database (no process of its own)"
     )
     p.add_argument(
@@ -628,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         type=_positive(int),
         default=None,
-        help="seconds a round may claim work for (default 50, less for schedules under a minute apart)",
+        help="seconds a round may claim work for (default 50)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_db_schedule)
