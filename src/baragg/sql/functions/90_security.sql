@@ -127,7 +127,7 @@ $baragg$;
 -- ---------------------------------------------------------------------------------------------
 -- Functions
 -- ---------------------------------------------------------------------------------------------
--- baragg's functions are named agg_*, _agg_* or baragg_*, or keep one of the seed's names. PostgreSQL
+-- baragg's functions are named agg_*, _agg_*, baragg_* or _baragg_*, or keep one of the seed's names. PostgreSQL
 -- grants EXECUTE on every new function to PUBLIC (and Supabase's default privileges to anon and
 -- authenticated): taken back here, and given to the worker role, which runs all of them (helpers
 -- included: a function's callers need EXECUTE on it too).
@@ -143,7 +143,7 @@ BEGIN
         SELECT p.oid::regprocedure
         FROM pg_catalog.pg_proc p
         WHERE p.pronamespace = 'public'::regnamespace
-          AND (p.proname ~ '^(_?agg_|baragg_)'
+          AND (p.proname ~ '^_?(agg_|baragg_)'
                OR p.proname IN ('catchup_aggregation_range', 'sync_agg_state_from_registry', 'aggregate_window',
                                 'aggregate_1m_to_5m_window', 'aggregate_5m_to_1h_window', '_upsert_derived_bar'))
     LOOP
