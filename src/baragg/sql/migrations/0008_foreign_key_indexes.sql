@@ -1,4 +1,4 @@
--- 0005: an index on exactly the columns of each foreign key (DESIGN.md 10b: Supabase's database
+-- 0008: an index on exactly the columns of each foreign key (DESIGN.md 10b: Supabase's database
 -- linter, lint 0001 unindexed_foreign_keys, reports a foreign key whose columns are not exactly those of
 -- some index).
 --
