@@ -1,138 +1,161 @@
-"""A throwaway PostgreSQL 15 cluster with pg_cron, for the pg_cron tests.
+"""A throwaway PostgreSQL cluster that a test may stop and start (restarts, outages).
 
-Debian's server binaries (/usr/lib/postgresql/15/bin) and its postgresql-15-cron package (installed by
-.ci/run when missing). initdb refuses to run as root, so as root the cluster belongs to a system user
-created for it (baragg-pgtest) and is run with runuser. It listens on a free loopback port, trusts local
-connections, and is stopped and deleted at the end. Callers skip (with the reason) when it cannot start.
+Uses the system's PostgreSQL binaries (Debian's postgresql-NN: initdb, pg_ctl), run as an unprivileged
+user because initdb refuses root (``baragg_pg``, created when running as root and missing). Listens
+on a free port of 127.0.0.1 with trust authentication. Tests that need it skip (with the reason)
+where the binaries are missing. ``Cluster(settings={...})`` adds server settings (the pg_cron tests
+preload pg_cron: ``pg_cron_unavailable_reason`` says when its package is missing).
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import pwd
 import shutil
 import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
-from psycopg.conninfo import make_conninfo
+import psycopg
 
-BIN = Path(os.environ.get("BARAGG_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
-OS_USER = "baragg-pgtest"
-CRON_DATABASE = "postgres"
+USER = "baragg_pg"
 
 
-class Unavailable(Exception):
-    """Why the cluster cannot be had here (the tests skip with this text)."""
+def find_bindir() -> Path | None:
+    """The newest /usr/lib/postgresql/NN/bin with initdb and pg_ctl ($BARAGG_PG_BINDIR first)."""
+    candidates = [os.environ.get("BARAGG_PG_BINDIR", "")]
+    candidates += sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True
+    )
+    for c in candidates:
+        if c and all(os.access(Path(c, tool), os.X_OK) for tool in ("initdb", "pg_ctl", "postgres")):
+            return Path(c)
+    return None
 
 
-@dataclass
+def unavailable_reason() -> str | None:
+    """Why a cluster cannot be made here, or None."""
+    if find_bindir() is None:
+        return "no PostgreSQL server binaries (initdb, pg_ctl) under /usr/lib/postgresql/*/bin"
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            return "running as root without runuser"
+        try:
+            pwd.getpwnam(USER)
+        except KeyError:
+            if shutil.which("useradd") is None:
+                return f"no user {USER} and no useradd to create it"
+    return None
+
+
 class Cluster:
-    directory: Path
-    port: int
-    run_as: str | None  # OS user to run the server as (None: the current one)
+    """initdb + pg_ctl in a temporary directory; ``stop()``/``start()`` to simulate outages."""
 
-    def url(self, dbname: str = CRON_DATABASE, user: str = "postgres") -> str:
-        return make_conninfo(host="127.0.0.1", port=self.port, dbname=dbname, user=user)
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        self.settings = dict(settings or {})
+        self.bindir = find_bindir()
+        assert self.bindir is not None
+        self.root = Path(tempfile.mkdtemp(prefix="baragg-pgcluster-"))
+        self.data = self.root / "data"
+        self.sockets = self.root / "sock"
+        self.sockets.mkdir()
+        self.port = free_port()
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam(USER)
+            except KeyError:
+                subprocess.run(
+                    ["useradd", "--system", "--no-create-home", USER], check=True, capture_output=True
+                )
+            self.as_user = ["runuser", "-u", USER, "--"]
+            entry = pwd.getpwnam(USER)
+            for path in (self.root, self.sockets):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        )
+        self.start()
 
     @property
-    def data(self) -> Path:
-        return self.directory / "data"
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str, timeout: float = 120) -> None:
+        res = subprocess.run([*self.as_user, *args], capture_output=True, text=True, timeout=timeout)
+        if res.returncode != 0:
+            raise RuntimeError(f"{Path(args[0]).name} failed: {res.stderr.strip()[-2000:]}")
+
+    def start(self, wait: bool = True) -> None:
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.sockets}"
+            " -c fsync=off -c full_page_writes=off -c synchronous_commit=off -c max_connections=60"
+        )
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.root / "server.log"),
+            "-w" if wait else "-W",
+            "start",
+        )
+        if wait:
+            self.wait_ready()
 
     def stop(self) -> None:
-        _run(
-            self.run_as,
-            [str(BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "-t", "60", "stop"],
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.url, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def destroy(self) -> None:
+        with contextlib.suppress(Exception):  # already stopped
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def pg_cron_unavailable_reason() -> str | None:
+    """Why a cluster with pg_cron cannot be made here (Debian's postgresql-NN-cron missing), or None."""
+    reason = unavailable_reason()
+    if reason:
+        return reason
+    bindir = find_bindir()
+    assert bindir is not None
+    libdir = subprocess.run([str(bindir / "pg_config"), "--pkglibdir"], capture_output=True, text=True)
+    if not (Path(libdir.stdout.strip()) / "pg_cron.so").exists():
+        version = bindir.parent.name
+        return (
+            f"pg_cron is not installed for PostgreSQL {version} (apt-get install postgresql-{version}-cron)"
         )
-
-    def log_tail(self, lines: int = 40) -> str:
-        log = self.directory / "server.log"
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
+    return None
 
 
-def _run(user: str | None, args: list[str]) -> subprocess.CompletedProcess[str]:
-    command = ["runuser", "-u", user, "--", *args] if user else args
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-
-
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _os_user() -> str | None:
-    """None when not root; else the system user for the cluster, created when missing."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam(OS_USER)
-    except KeyError:
-        made = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OS_USER],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if made.returncode != 0:
-            raise Unavailable(f"cannot create the OS user {OS_USER}: {made.stderr.strip()}") from None
-    if shutil.which("runuser") is None:
-        raise Unavailable("runuser is missing (needed to run PostgreSQL as a non-root user)")
-    return OS_USER
-
-
-def start(*, pg_cron: bool = True) -> Cluster:
-    """initdb + start; with pg_cron preloaded and CREATE EXTENSION pg_cron in the postgres database."""
-    for binary in ("initdb", "pg_ctl", "postgres"):
-        if not (BIN / binary).exists():
-            raise Unavailable(f"no PostgreSQL server binaries in {BIN} ({binary} missing)")
-    if pg_cron:
-        libdir = subprocess.run([str(BIN / "pg_config"), "--pkglibdir"], capture_output=True, text=True)
-        if not (Path(libdir.stdout.strip()) / "pg_cron.so").exists():
-            raise Unavailable("pg_cron is not installed for this server (apt-get install postgresql-15-cron)")
-    user = _os_user()
-    directory = Path(tempfile.mkdtemp(prefix="baragg-pg15-"))
-    if user:
-        shutil.chown(directory, user)
-    cluster = Cluster(directory, _free_port(), user)
-    init = _run(
-        user,
-        [str(BIN / "initdb"), "-D", str(cluster.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-         "--locale=C.UTF-8", "--no-sync"],
-    )  # fmt: skip
-    if init.returncode != 0:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise Unavailable(f"initdb failed: {init.stderr.strip().splitlines()[-1:]}")
-    settings = [
-        f"port = {cluster.port}",
-        "listen_addresses = '127.0.0.1'",
-        f"unix_socket_directories = '{directory}'",
-        "fsync = off",
-        "synchronous_commit = off",
-        "max_connections = 40",
-    ]
-    if pg_cron:
-        settings += [
-            "shared_preload_libraries = 'pg_cron'",
-            f"cron.database_name = '{CRON_DATABASE}'",
-            "cron.host = '127.0.0.1'",
-        ]
-    with (cluster.data / "postgresql.conf").open("a") as conf:
-        conf.write("\n".join(settings) + "\n")
-    started = _run(
-        user,
-        [str(BIN / "pg_ctl"), "-D", str(cluster.data), "-l", str(directory / "server.log"), "-w", "-t", "60",
-         "start"],
-    )  # fmt: skip
-    if started.returncode != 0:
-        tail = cluster.log_tail(5)
-        shutil.rmtree(directory, ignore_errors=True)
-        raise Unavailable(f"PostgreSQL 15 did not start: {tail or started.stderr.strip()}")
-    return cluster
-
-
-def remove(cluster: Cluster) -> None:
-    cluster.stop()
-    shutil.rmtree(cluster.directory, ignore_errors=True)

@@ -1,6 +1,7 @@
 """pg_cron mode (DESIGN.md 10b): the worker round in SQL (functions/40_round.sql) and `baragg db
-schedule`, on a real PostgreSQL 15 with Debian's pg_cron (tests/pg_cluster.py; skipped, with the reason,
-where the binaries or the extension are missing).
+schedule`, on a real PostgreSQL (Debian's 15 on these machines) with Debian's pg_cron, in a cluster the
+tests start and stop (tests/pg_cluster.py; skipped, with the reason, where the binaries or the extension
+are missing).
 """
 
 from __future__ import annotations
@@ -20,34 +21,47 @@ import pg_cluster
 from baragg import cli, migrate, pgcron, worker
 from baragg.db import Database
 from baragg.web import api
+from conftest import url_for
 from scheduling_helpers import add_assets, add_minutes
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)  # a Monday
 NOW = T0 + timedelta(days=9, hours=3, minutes=7)  # over a weekend, mid-window
 
 
+CRON_SETTINGS = {
+    "shared_preload_libraries": "pg_cron",
+    "cron.database_name": "postgres",
+    "cron.host": "127.0.0.1",
+}
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[pg_cluster.Cluster]:
+    reason = pg_cluster.pg_cron_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    running = pg_cluster.Cluster(settings=CRON_SETTINGS)
     try:
-        running = pg_cluster.start()
-    except pg_cluster.Unavailable as why:
-        pytest.skip(str(why))
-    try:
-        with psycopg.connect(running.url(), autocommit=True) as conn:
+        with psycopg.connect(running.url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
             conn.execute("CREATE DATABASE baragg_tpl")
-        migrate.upgrade(Database(running.url()))  # the cron database holds baragg too (as on Supabase)
-        migrate.upgrade(Database(running.url("baragg_tpl")))
+        migrate.upgrade(Database(running.url))  # the cron database holds baragg too (as on Supabase)
+        migrate.upgrade(Database(url_for(running.url, "baragg_tpl")))
         yield running
     finally:
-        pg_cluster.remove(running)
+        running.destroy()
 
 
 def fresh(cluster: pg_cluster.Cluster) -> Database:
     name = f"t_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
         conn.execute(pg_sql.SQL("CREATE DATABASE {} TEMPLATE baragg_tpl").format(pg_sql.Identifier(name)))
-    return Database(cluster.url(name))
+    return Database(url_for(cluster.url, name))
+
+
+def log_tail(cluster: pg_cluster.Cluster, lines: int = 40) -> str:
+    log = cluster.root / "server.log"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
 
 
 def load(db: Database, symbols: int = 3) -> None:
@@ -91,7 +105,8 @@ def counters(db: Database) -> list[tuple]:
         return conn.execute(
             "SELECT canonical_symbol, timeframe, status, last_agg_bar_ts_utc, enabled, hard_fail_streak,"
             " total_windows_processed, total_bars_created, total_bars_quality_poor, total_bars_skipped,"
-            " total_gaps_skipped, total_bars_reaggregated, total_bars_withdrawn, lease_owner, next_run_at"
+            " total_gaps_skipped, total_bars_reaggregated, total_bars_withdrawn, total_bars_rewritten,"
+            " total_bars_unchanged, lease_owner, next_run_at, lease_session IS NULL"
             " FROM data_agg_state ORDER BY 1, 2"
         ).fetchall()
 
@@ -251,7 +266,7 @@ def main(url: str, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int,
 def test_schedule_is_idempotent_and_unschedule_removes_it(
     cluster: pg_cluster.Cluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url = cluster.url()
+    url = cluster.url
     code, out, err = main(url, "db", "schedule", capsys=capsys)
     assert code == 0, err
     assert out.startswith("pg_cron job baragg (jobid ")
@@ -288,7 +303,7 @@ def test_schedule_without_pg_cron_says_what_to_do(
 def test_pg_cron_runs_the_round(cluster: pg_cluster.Cluster, capsys: pytest.CaptureFixture[str]) -> None:
     """The job fires at the next minute (waited for, at most ~75 s), runs a whole round, and `status`
     shows its runs and failures."""
-    url = cluster.url()
+    url = cluster.url
     db = Database(url)
     start = datetime(2020, 3, 2, tzinfo=UTC)  # long past: every window is final under the real clock
     with db.connect(autocommit=True) as conn:
@@ -305,7 +320,7 @@ def test_pg_cron_runs_the_round(cluster: pg_cluster.Cluster, capsys: pytest.Capt
             if job and any(r.status in ("succeeded", "failed") for r in job.runs):
                 break
             time.sleep(1)
-        assert job is not None and job.runs, f"pg_cron did not run the job in 75 s:\n{cluster.log_tail()}"
+        assert job is not None and job.runs, f"pg_cron did not run the job in 75 s:\n{log_tail(cluster)}"
         assert job.runs[0].status == "succeeded", job.runs[0].message
         with db.connect(autocommit=True) as conn:
             built = dict(

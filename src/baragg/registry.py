@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from psycopg.rows import dict_row
@@ -29,21 +30,30 @@ FIELDS = (
     "calc_1d",
     "calc_1w",
     "notes",
+    "agg_start_utc",  # where new tasks of the symbol start (None: from its first source row)
 )
 
-_SYMBOL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\-]{0,63}$")
+# The naming rule; migration 0007 puts the same rule on the table as a CHECK (keep them equal).
+SYMBOL_RULE = r"[A-Za-z0-9][A-Za-z0-9._:/\-]{0,63}"
+_SYMBOL = re.compile(SYMBOL_RULE)
 
 
 @dataclass(frozen=True)
 class Change:
     symbol: str
     created: bool
+    # The symbol's existing tasks that keep their own start although --agg-start was given:
+    # (timeframe, agg_start_utc or None for "from the first source row").
+    kept_starts: tuple[tuple[str, datetime | None], ...] = ()
 
 
 def check_symbol(symbol: str) -> str:
-    if not _SYMBOL.match(symbol):
+    if not _SYMBOL.fullmatch(symbol):
+        from baragg.terminal import printable
+
         raise InvalidInput(
-            f"symbol {symbol!r} is not a valid symbol (letters, digits and . _ : / -, at most 64 characters)"
+            f"symbol '{printable(symbol)}' is not a valid symbol (a letter or digit first, then letters, digits "
+            "and . _ : / -, at most 64 characters)"
         )
     return symbol
 
@@ -63,8 +73,9 @@ def add(db: Database, symbol: str, **settings: Any) -> Change:
         created = conn.execute(query("registry_insert_new"), params).fetchone() is not None
         if not created:
             conn.execute(query("registry_update"), params)
+        kept = _kept_starts(conn, symbol, settings)
         conn.commit()
-    return Change(symbol, created)
+    return Change(symbol, created, kept)
 
 
 def set_fields(db: Database, symbol: str, **settings: Any) -> Change:
@@ -73,10 +84,31 @@ def set_fields(db: Database, symbol: str, **settings: Any) -> Change:
         raise InvalidInput("registry set: nothing to change (give at least one flag, e.g. --calc-4h)")
     with db.connect() as conn:
         row = conn.execute(query("registry_update"), _params(symbol, settings)).fetchone()
+        kept = _kept_starts(conn, symbol, settings)
         conn.commit()
     if row is None:
-        raise InvalidInput(f"unknown symbol '{symbol}' (add it with: baragg registry add {symbol})")
-    return Change(symbol, False)
+        from baragg.terminal import printable
+
+        name = printable(symbol)
+        raise InvalidInput(f"unknown symbol '{name}' (add it with: baragg registry add {name})")
+    return Change(symbol, False, kept)
+
+
+def _kept_starts(conn: Any, symbol: str, settings: dict[str, Any]) -> tuple[tuple[str, datetime | None], ...]:
+    """With --agg-start, the symbol's existing tasks whose start differs: the registry sync creates
+    new tasks with the registry's start but never moves an existing task's (DESIGN.md 7)."""
+    start = settings.get("agg_start_utc")
+    if start is None:
+        return ()
+    rows = conn.execute(query("registry_existing_task_starts"), {"symbol": symbol}).fetchall()
+    return tuple((timeframe, begin) for timeframe, begin in rows if begin != start)
+
+
+def names_breaking_the_rule(db: Database) -> list[str]:
+    """Registry names that do not follow the naming rule: kept from before migration 0007's CHECK,
+    which is then NOT VALID (it checks new and changed rows only)."""
+    with db.connect() as conn:
+        return [name for (name,) in conn.execute(query("registry_bad_symbols"))]
 
 
 def list_assets(db: Database) -> list[dict[str, Any]]:

@@ -37,6 +37,8 @@ CREATE OR REPLACE FUNCTION baragg_round_start(p_env text DEFAULT 'prod', p_budge
     p_max_windows integer DEFAULT 2000, p_batch_size integer DEFAULT 500, p_lease_seconds integer DEFAULT 300,
     p_now_utc timestamptz DEFAULT NULL, p_worker_id text DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql VOLATILE SET search_path = public, pg_temp AS $$
+DECLARE
+    v_session integer;
 BEGIN
     IF p_budget_seconds IS NULL OR p_budget_seconds < 1 THEN
         RAISE EXCEPTION 'baragg_round_start: p_budget_seconds must be at least 1, not %', p_budget_seconds
@@ -51,6 +53,14 @@ BEGIN
         RAISE EXCEPTION 'baragg_round_start: p_lease_seconds must be at least 1, not %', p_lease_seconds
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- The worker lock of this session (migration 0006), as every Python worker connection holds one:
+    -- if the round dies with its session (cancelled, server restart), a claim takes its tasks over at
+    -- once instead of waiting for their leases. Released when the round is done.
+    FOR i IN 1 .. 8 LOOP
+        v_session := 1 + pg_catalog.floor(pg_catalog.random() * 2147483646)::integer;
+        EXIT WHEN pg_catalog.pg_try_advisory_lock(1650553447, v_session);
+        v_session := NULL;
+    END LOOP;
     RETURN pg_catalog.jsonb_build_object(
         'phase', 'sync',
         'env', COALESCE(p_env, 'prod'),
@@ -64,9 +74,11 @@ BEGIN
         'lease_seconds', p_lease_seconds,
         'sync_attempts', 0,
         'queue', '[]'::jsonb,
+        'session', v_session,
         'totals', pg_catalog.jsonb_build_object(
-            'task_runs', 0, 'windows', 0, 'bars_created', 0, 'bars_quality_poor', 0, 'bars_skipped', 0,
-            'gaps_skipped', 0, 'bars_reaggregated', 0, 'bars_withdrawn', 0,
+            'task_runs', 0, 'windows', 0, 'bars_created', 0, 'bars_rewritten', 0, 'bars_withdrawn', 0,
+            'bars_unchanged', 0, 'bars_quality_poor', 0, 'bars_skipped', 0, 'gaps_skipped', 0,
+            'windows_reaggregated', 0, 'bars_reaggregated', 0,
             'ok', 0, 'continue', 0, 'transient', 0, 'hard', 0, 'lease_lost', 0));
 END
 $$;
@@ -120,6 +132,7 @@ DECLARE
     v_message text;
     v_kind text;
     v_group jsonb;
+    v_key text;
     i integer;
 BEGIN
     IF v_phase = 'sync' THEN
@@ -169,6 +182,9 @@ BEGIN
         v_state := v_state || jsonb_build_object(
             'phase', 'done', 'seconds',
             round(extract(epoch FROM clock_timestamp() - (p_state ->> 'started_at')::timestamptz), 3));
+        IF p_state ->> 'session' IS NOT NULL THEN
+            PERFORM pg_advisory_unlock(1650553447, (p_state ->> 'session')::integer);
+        END IF;
         RAISE LOG 'baragg round %: %', v_worker, v_state -> 'totals';
         RETURN v_state;
     END IF;
@@ -200,7 +216,7 @@ BEGIN
           AND s.rerun_requested;
         IF v_first THEN
             SELECT COALESCE(jsonb_object_agg(r.canonical_symbol, r.result), '{}') INTO v_fixed
-            FROM agg_reaggregate_tasks(v_tf, v_symbols) r;
+            FROM agg_reaggregate_tasks(v_tf, v_symbols, 1, v_now) r;
         END IF;
         SELECT COALESCE(jsonb_agg(jsonb_build_object('symbol', c.canonical_symbol, 'result', c.result)), '[]')
         INTO v_results
@@ -216,12 +232,10 @@ BEGIN
             END IF;
             v_cursor := COALESCE((v_row.result ->> 'cursor_advanced_to')::timestamptz,
                                  v_cursors[array_position(v_symbols, v_row.canonical_symbol)]);
-            v_stats := jsonb_build_object(
-                'windows_processed', COALESCE((v_row.result ->> 'windows_processed')::bigint, 0),
-                'bars_created', COALESCE((v_row.result ->> 'bars_created')::bigint, 0),
-                'bars_quality_poor', COALESCE((v_row.result ->> 'bars_quality_poor')::bigint, 0),
-                'bars_skipped', COALESCE((v_row.result ->> 'bars_skipped')::bigint, 0),
-                'gaps_skipped', COALESCE((v_row.result ->> 'gaps_skipped')::bigint, 0));
+            -- The call's counts (the worker's STAT_KEYS), as given to agg_checkpoint / agg_finish.
+            SELECT jsonb_object_agg(k, COALESCE((v_row.result ->> k)::bigint, 0)) INTO v_stats
+            FROM unnest(ARRAY['windows_processed', 'bars_created', 'bars_rewritten', 'bars_unchanged',
+                              'bars_withdrawn', 'bars_quality_poor', 'bars_skipped', 'gaps_skipped']) k;
             v_backlog := COALESCE((v_row.result ->> 'continue')::boolean, false);
             v_calls := v_calls || jsonb_build_object(v_row.canonical_symbol,
                                                      jsonb_build_object('stats', v_stats, 'backlog', v_backlog));
@@ -283,18 +297,21 @@ BEGIN
     v_next_cursors := '{}';
     FOR i IN 1 .. array_length(v_symbols, 1) LOOP
         CONTINUE WHEN NOT v_calls ? v_symbols[i];
+        -- The worker's task result: bar counts of both paths (catch-up and logged windows), windows
+        -- of the catch-up, windows_reaggregated / bars_reaggregated of the logged windows.
         v_stats := v_calls -> v_symbols[i] -> 'stats';
         v_state := _baragg_round_count(v_state, 'windows', (v_stats ->> 'windows_processed')::bigint);
-        v_state := _baragg_round_count(v_state, 'bars_created', (v_stats ->> 'bars_created')::bigint);
-        v_state := _baragg_round_count(v_state, 'bars_quality_poor', (v_stats ->> 'bars_quality_poor')::bigint);
         v_state := _baragg_round_count(v_state, 'bars_skipped', (v_stats ->> 'bars_skipped')::bigint);
         v_state := _baragg_round_count(v_state, 'gaps_skipped', (v_stats ->> 'gaps_skipped')::bigint);
-        IF v_fixed ? v_symbols[i] THEN
-            v_state := _baragg_round_count(v_state, 'bars_reaggregated',
-                                           COALESCE((v_fixed -> v_symbols[i] ->> 'bars_reaggregated')::bigint, 0));
-            v_state := _baragg_round_count(v_state, 'bars_withdrawn',
-                                           COALESCE((v_fixed -> v_symbols[i] ->> 'bars_withdrawn')::bigint, 0));
-        END IF;
+        FOREACH v_key IN ARRAY ARRAY['bars_created', 'bars_rewritten', 'bars_withdrawn', 'bars_unchanged',
+                                     'bars_quality_poor'] LOOP
+            v_state := _baragg_round_count(v_state, v_key, (v_stats ->> v_key)::bigint
+                                           + COALESCE((v_fixed -> v_symbols[i] ->> v_key)::bigint, 0));
+        END LOOP;
+        v_state := _baragg_round_count(v_state, 'windows_reaggregated',
+                                       COALESCE((v_fixed -> v_symbols[i] ->> 'windows')::bigint, 0));
+        v_state := _baragg_round_count(v_state, 'bars_reaggregated',
+                                       COALESCE((v_fixed -> v_symbols[i] ->> 'bars_reaggregated')::bigint, 0));
         IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_continuing) c WHERE c ->> 'canonical_symbol' = v_symbols[i]) THEN
             v_next_symbols := v_next_symbols || v_symbols[i];
             v_next_cursors := v_next_cursors || (SELECT (c ->> 'new_cursor_utc')::timestamptz
