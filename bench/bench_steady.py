@@ -60,15 +60,14 @@ def tick_process(db: Database, now: datetime) -> tuple[float, int]:
 
 
 class Daemon:
-    """The daemon's tick (Worker._loop's body: sync, then claim rounds until none is due) on a pool
-    connection kept open between ticks, with the clock fixed like run_once's."""
+    """The daemon's tick (Worker._tick: sync, then claim rounds until none is due) on the claim thread's
+    own connection, kept open between ticks, with the clock fixed like run_once's."""
 
     def __init__(self, db: Database) -> None:
-        self.pool = db.pool(min_size=1, max_size=2, name="bench-daemon")
-        self.pool.open(wait=True, timeout=30)
+        self.connection = worker._ReconnectingConnection(db)
         self.settings = worker._Settings()
         self.claimer = worker._Claimer(
-            worker._autocommit(self.pool), self.settings, worker.new_worker_id("bench"), threading.Event()
+            self.connection.borrow, self.settings, worker.new_worker_id("bench"), threading.Event()
         )
 
     def tick(self, now: datetime) -> tuple[float, int]:
@@ -85,7 +84,7 @@ class Daemon:
         return time.perf_counter() - t0, windows
 
     def close(self) -> None:
-        self.pool.close()
+        self.connection.close()
 
 
 def bench_size(n: int, ticks: int) -> dict[str, list[float]]:

@@ -96,7 +96,9 @@ class World:
             if sym != symbol or tf.source != tf_name or task.cursor is None or ts >= task.cursor:
                 continue
             window = bucket_start(tf, ts)
-            if window < bucket_start(tf, task.cursor) and (task.agg_start is None or window >= task.agg_start):
+            if window < bucket_start(tf, task.cursor) and (
+                task.agg_start is None or window >= task.agg_start
+            ):
                 self.pending.setdefault((symbol, dependent), set()).add(window)
 
     def put_raw(self, symbol: str, bar: Bar) -> None:

@@ -143,8 +143,22 @@ def test_status_is_readable_at_80_and_120_columns(
         " WHERE canonical_symbol = 'GBPUSD' AND timeframe = '1h'",
         ("connection to server lost while writing the 1h bars of a very long backfill; " * 3,),
     )
+    # Late-data counts on one task: their columns appear while they fit, the rest is named below.
+    conn.execute(
+        "UPDATE data_agg_state SET total_bars_rewritten = 12345, total_bars_withdrawn = 7,"
+        " total_bars_unchanged = 99999, total_bars_quality_poor = 3"
+        " WHERE canonical_symbol = 'EURUSD' AND timeframe = '5m'"
+    )
     lines = status_lines(two_symbols, columns)
     assert all(len(line) <= columns for line in lines), [line for line in lines if len(line) > columns]
+    counts = ["poor", "rewritten", "withdrawn", "unchanged"]
+    shown = [name for name in lines[1].split() if name in counts]
+    left_out = [line for line in lines if line.startswith("(not shown at this width: ")]
+    if columns == 80:  # not all fit: the first ones in order, the others named
+        assert shown == counts[: len(shown)] and "poor" in shown and len(shown) < 4
+        assert left_out == [f"(not shown at this width: {', '.join(counts[len(shown) :])}; see --json)"]
+    else:
+        assert shown == counts and left_out == []
     assert "…" not in "\n".join(lines[:13])  # the two header lines and 11 rows: nothing cut
     tasks = [line.split() for line in lines if line.split()[:1] in (["EURUSD"], ["XAUUSD"], ["GBPUSD"])]
     rows = [t for t in tasks if t[1] in ("5m", "15m", "1h", "4h", "1d") and t[2] != "last"]

@@ -177,6 +177,7 @@ def test_a_task_row_locked_elsewhere_is_passed_over_not_waited_for(db: Database,
         holder.rollback()  # lets a waiting run finish, so the thread ends either way
         run.join(60)
     assert not waited, "run_once waited for the row another transaction locked"
+    assert summaries, "run_once raised (its traceback is above)"
     assert {(r.symbol, r.timeframe, r.outcome) for r in summaries[0].tasks} == {
         ("AAA", "5m", "ok"), ("AAA", "1h", "ok"), ("BBB", "1h", "ok"),
     }  # fmt: skip

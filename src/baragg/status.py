@@ -139,15 +139,61 @@ def render(tasks: list[TaskStatus], *, console: Any = None, now: datetime | None
     a name cannot move the cursor or recolour the terminal.
     """
     from rich.console import Console
+    from rich.text import Text
+
+    console = console or Console()
+    clock = now or datetime.now(UTC)
+    # Counts that are usually zero get a column only when some task has one, in this order of
+    # importance, and only while the table still fits the terminal (the rest: --json).
+    optional = [
+        ("late", lambda t: t.pending_invalidations),
+        ("poor", lambda t: t.bars_quality_poor),
+        ("rewritten", lambda t: t.bars_rewritten),
+        ("withdrawn", lambda t: t.bars_withdrawn),
+        ("unchanged", lambda t: t.bars_unchanged),
+    ]
+    optional = [(name, value) for name, value in optional if any(value(t) for t in tasks)]
+    shown = len(optional)
+    table = _table(tasks, clock, optional)
+    while shown and _width(console, table) > console.width:
+        shown -= 1
+        table = _table(tasks, clock, optional[:shown])
+    if tasks:
+        # Never cut a column: when the names are too long for the terminal, the table is as wide as it
+        # needs (the terminal wraps the line) instead of rich truncating "GBPUSD" to "GBPU…".
+        width = console.width
+        console.width = max(width, _width(console, table))
+        try:
+            console.print(table)
+        finally:
+            console.width = width
+    if shown < len(optional):
+        left_out = ", ".join(name for name, _ in optional[shown:])
+        console.print(Text(f"(not shown at this width: {left_out}; see --json)"))
+    for line in notes(tasks, clock):
+        console.print(Text(line), soft_wrap=False)
+    alerts = [t for t in tasks if t.alert]
+    if alerts:
+        console.print(
+            f"[bold red]{len(alerts)} task(s) need attention[/] "
+            "(FAILED: hard_failed, failing repeatedly, still retried; DISABLED: an optional task stopped "
+            "after failures; after fixing the cause: `baragg reenable SYMBOL TIMEFRAME`)"
+        )
+    if not tasks:
+        console.print(
+            "no tasks yet (register symbols with `baragg registry add`, then `baragg registry sync`)"
+        )
+
+
+def _table(tasks: list[TaskStatus], clock: datetime, optional: list[tuple[str, Any]]) -> Any:
+    """The task table with the base columns and the given optional count columns."""
     from rich.table import Table
     from rich.text import Text
 
     from baragg.terminal import printable
 
-    console = console or Console()
-    clock = now or datetime.now(UTC)
     # One space between columns (two-line headers keep the numeric columns narrow): with symbols of
-    # up to ~12 characters a row fits 80 columns; longer names widen the table, never get cut.
+    # up to ~12 characters the base columns fit 80; longer names widen the table, never get cut.
     table = Table(header_style="bold", box=None, pad_edge=False, padding=(0, 1, 0, 0))
     columns = [
         ("symbol", "left"),
@@ -159,19 +205,9 @@ def render(tasks: list[TaskStatus], *, console: Any = None, now: datetime | None
         ("next\nrun", "right"),
         ("bars", "right"),
     ]
-    # Counts that are usually zero get a column only when some task has one, so the table stays narrow.
-    optional = [
-        ("rewritten", lambda t: t.bars_rewritten),
-        ("withdrawn", lambda t: t.bars_withdrawn),
-        ("unchanged", lambda t: t.bars_unchanged),
-        ("poor", lambda t: t.bars_quality_poor),
-        ("late", lambda t: t.pending_invalidations),
-    ]
-    optional = [(name, value) for name, value in optional if any(value(t) for t in tasks)]
     columns += [(name, "right") for name, _ in optional]
     for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-
     for t in tasks:
         style = {"hard_failed": "bold red", "disabled": "yellow", "running": "cyan"}.get(t.status, "")
         if t.backing_off:
@@ -190,31 +226,14 @@ def render(tasks: list[TaskStatus], *, console: Any = None, now: datetime | None
         ]
         cells += [Text(f"{value(t):,}" if value(t) else "") for _, value in optional]
         table.add_row(*cells, style=style)
-    if tasks:
-        # Never cut a column: when the names are too long for the terminal, the table is as wide as it
-        # needs (the terminal wraps the line) instead of rich truncating "GBPUSD" to "GBPU…".
-        from rich.measure import Measurement
+    return table
 
-        needed = Measurement.get(console, console.options.update(width=100_000), table).maximum
-        width = console.width
-        console.width = max(width, needed)
-        try:
-            console.print(table)
-        finally:
-            console.width = width
-    for line in notes(tasks, clock):
-        console.print(Text(line), soft_wrap=False)
-    alerts = [t for t in tasks if t.alert]
-    if alerts:
-        console.print(
-            f"[bold red]{len(alerts)} task(s) need attention[/] "
-            "(FAILED: hard_failed, failing repeatedly, still retried; DISABLED: an optional task stopped "
-            "after failures; after fixing the cause: `baragg reenable SYMBOL TIMEFRAME`)"
-        )
-    if not tasks:
-        console.print(
-            "no tasks yet (register symbols with `baragg registry add`, then `baragg registry sync`)"
-        )
+
+def _width(console: Any, table: Any) -> int:
+    """The width the table needs to show every cell whole."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update(width=100_000), table).maximum
 
 
 def _state(t: TaskStatus) -> str:
