@@ -39,6 +39,24 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
         ["ALTER TABLE {t} ADD PRIMARY KEY (id)", UNIQUE, "ALTER TABLE {t} ADD " + FK],
         True,
     ),
+    "as shipped + B-tree index on (canonical_symbol), ON CONFLICT (not chosen)": (
+        [
+            "ALTER TABLE {t} ADD PRIMARY KEY (id)",
+            UNIQUE,
+            "ALTER TABLE {t} ADD " + FK,
+            "CREATE INDEX ON {t} (canonical_symbol)",
+        ],
+        True,
+    ),
+    "as shipped + BRIN index on (canonical_symbol) (migration 0005), ON CONFLICT": (
+        [
+            "ALTER TABLE {t} ADD PRIMARY KEY (id)",
+            UNIQUE,
+            "ALTER TABLE {t} ADD " + FK,
+            "CREATE INDEX ON {t} USING brin (canonical_symbol)",
+        ],
+        True,
+    ),
     "without the FK": (["ALTER TABLE {t} ADD PRIMARY KEY (id)", UNIQUE], False),
     "without the FK, ON CONFLICT DO UPDATE": (["ALTER TABLE {t} ADD PRIMARY KEY (id)", UNIQUE], True),
     "without the id primary key (FK kept)": ([UNIQUE, "ALTER TABLE {t} ADD " + FK], False),
@@ -70,6 +88,12 @@ def main() -> None:
     parser.add_argument("--bars", type=int, default=750_000)
     parser.add_argument("--symbols", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="TEXT",
+        help="only the variants whose name contains TEXT (repeatable)",
+    )
     args = parser.parse_args()
     load_at_start = load()
     with scratch_database() as db, db.connect(autocommit=True) as conn:
@@ -94,9 +118,14 @@ def main() -> None:
         conn.execute("VACUUM ANALYZE bars")
         (n,) = conn.execute("SELECT count(*) FROM bars").fetchone()
         conn.execute("CREATE SCHEMA wp")
-        results: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        chosen = {
+            name: v
+            for name, v in VARIANTS.items()
+            if not args.only or name.startswith("bare heap: no index") or any(o in name for o in args.only)
+        }
+        results: dict[str, list[float]] = {name: [] for name in chosen}
         for run in range(args.runs):
-            for i, (name, (ddl, upsert)) in enumerate(VARIANTS.items()):
+            for i, (name, (ddl, upsert)) in enumerate(chosen.items()):
                 t = f"wp.v{i}"
                 conn.execute(f"DROP TABLE IF EXISTS {t}")
                 conn.execute(f"CREATE TABLE {t} (LIKE derived_data_bars INCLUDING DEFAULTS)")

@@ -26,6 +26,19 @@ _QUERIES = {
     "views": """
         SELECT table_name, view_definition FROM information_schema.views WHERE table_schema = 'public'
         ORDER BY 1""",
+    # Who may do what (functions/90_security.sql): row-level security and grants of tables and
+    # sequences, policies, and each routine's grants, pinned settings and security mode.
+    "privileges": """
+        SELECT relname, relkind::text, relrowsecurity, relforcerowsecurity, relacl::text
+        FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'S')
+        ORDER BY 1""",
+    "policies": """
+        SELECT tablename, policyname, permissive, roles::text, cmd, qual, with_check
+        FROM pg_policies WHERE schemaname = 'public' ORDER BY 1, 2""",
+    "routine_privileges": """
+        SELECT proname, pg_get_function_identity_arguments(oid), proacl::text, proconfig::text, prosecdef
+        FROM pg_proc WHERE pronamespace = 'public'::regnamespace
+        ORDER BY 1, 2""",
     "sequences": """
         SELECT sequence_name, data_type FROM information_schema.sequences WHERE sequence_schema = 'public'
         ORDER BY 1""",
@@ -33,7 +46,8 @@ _QUERIES = {
 
 
 def snapshot(conn: psycopg.Connection, *, exclude_tables: tuple[str, ...] = ()) -> dict[str, list[tuple]]:
-    """Every column, constraint, index, function, trigger, view and sequence of schema public."""
+    """Every column, constraint, index, function, trigger, view and sequence of schema public, and who
+    may use them (grants, row-level security, policies)."""
     out = {}
     for kind, sql in _QUERIES.items():
         rows = conn.execute(sql).fetchall()

@@ -103,3 +103,22 @@ def conn(db: Database) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the test's fresh database."""
     with db.connect(autocommit=True) as connection:
         yield connection
+
+
+@pytest.fixture
+def supabase_db(server_url: str) -> Iterator[Database]:
+    """A fresh database made like a Supabase project's (API roles, their default privileges on schema
+    public), then upgraded by baragg: what a Supabase user gets from `baragg db upgrade`."""
+    import supabase_like
+
+    name = f"baragg_sb_{uuid.uuid4().hex[:12]}"
+    create_database(server_url, name)
+    try:
+        with psycopg.connect(url_for(server_url, name), autocommit=True) as conn:
+            supabase_like.create_roles(conn)
+            supabase_like.apply_default_privileges(conn)
+        database = Database(url_for(server_url, name))
+        migrate.upgrade(database)
+        yield database
+    finally:
+        drop_database(server_url, name)

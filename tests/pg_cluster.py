@@ -3,7 +3,8 @@
 Uses the system's PostgreSQL binaries (Debian's postgresql-NN: initdb, pg_ctl), run as an unprivileged
 user because initdb refuses root (``baragg_pg``, created when running as root and missing). Listens
 on a free port of 127.0.0.1 with trust authentication. Tests that need it skip (with the reason)
-where the binaries are missing.
+where the binaries are missing. ``Cluster(settings={...})`` adds server settings (the pg_cron tests
+preload pg_cron: ``pg_cron_unavailable_reason`` says when its package is missing).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def unavailable_reason() -> str | None:
 class Cluster:
     """initdb + pg_ctl in a temporary directory; ``stop()``/``start()`` to simulate outages."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        self.settings = dict(settings or {})
         self.bindir = find_bindir()
         assert self.bindir is not None
         self.root = Path(tempfile.mkdtemp(prefix="baragg-pgcluster-"))
@@ -102,6 +104,7 @@ class Cluster:
             f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.sockets}"
             " -c fsync=off -c full_page_writes=off -c synchronous_commit=off -c max_connections=60"
         )
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run(
             str(self.bindir / "pg_ctl"),
             "-D",
@@ -134,6 +137,22 @@ class Cluster:
         with contextlib.suppress(Exception):  # already stopped
             self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def pg_cron_unavailable_reason() -> str | None:
+    """Why a cluster with pg_cron cannot be made here (Debian's postgresql-NN-cron missing), or None."""
+    reason = unavailable_reason()
+    if reason:
+        return reason
+    bindir = find_bindir()
+    assert bindir is not None
+    libdir = subprocess.run([str(bindir / "pg_config"), "--pkglibdir"], capture_output=True, text=True)
+    if not (Path(libdir.stdout.strip()) / "pg_cron.so").exists():
+        version = bindir.parent.name
+        return (
+            f"pg_cron is not installed for PostgreSQL {version} (apt-get install postgresql-{version}-cron)"
+        )
+    return None
 
 
 def free_port() -> int:

@@ -139,6 +139,63 @@ def cmd_db_status(args: argparse.Namespace) -> int:
     return 0 if all(s.state == "applied" for s in states) else 1
 
 
+def cmd_db_grant_read(args: argparse.Namespace) -> int:
+    from baragg import access
+
+    changed = access.grant_read(database(args), args.role)
+    print(
+        f"{args.role} can read data_bars and derived_data_bars" + ("" if changed else " (it could already)")
+    )
+    return 0
+
+
+def cmd_db_revoke_read(args: argparse.Namespace) -> int:
+    from baragg import access
+
+    changed = access.revoke_read(database(args), args.role)
+    print(f"{args.role} can no longer read the bars" if changed else f"{args.role} had no read access")
+    return 0
+
+
+def cmd_db_export_migrations(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from baragg import supabase
+
+    written = supabase.export_migrations(Path(args.directory))
+    if args.json:
+        print_json({"written": [str(e.path) for e in written]})
+    elif written:
+        for e in written:
+            print(f"wrote {e.path}")
+    else:
+        print(f"{args.directory} has every baragg migration; nothing to write")
+    return 0
+
+
+def cmd_db_schedule(args: argparse.Namespace) -> int:
+    from baragg import pgcron
+    from baragg.worker import resolve_env
+
+    job = pgcron.schedule(database(args), every=args.every, env=resolve_env(args.env), budget=args.budget)
+    if args.json:
+        print_json(job.as_dict())
+    else:
+        print(
+            f"pg_cron job {pgcron.JOB_NAME} (jobid {job.jobid}): {job.schedule}, env {job.env}, "
+            f"runs as {job.username} in database {job.database}"
+        )
+    return 0
+
+
+def cmd_db_unschedule(args: argparse.Namespace) -> int:
+    from baragg import pgcron
+
+    removed = pgcron.unschedule(database(args))
+    print(f"removed pg_cron job {pgcron.JOB_NAME}" if removed else f"no pg_cron job {pgcron.JOB_NAME}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # handlers: worker (run, worker)
 # ---------------------------------------------------------------------------------------------
@@ -576,6 +633,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         from baragg.terminal import stdout_console
 
         status.render(tasks, console=stdout_console(), now=now)
+        from baragg import pgcron
+
+        job = pgcron.job_status(database(args), limit=5)
+        if job is not None:  # the round scheduled in pg_cron (baragg db schedule)
+            print("\n".join(pgcron.describe(job)))
     return 0
 
 
@@ -767,6 +829,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = db_commands.add_parser("status", help="list applied and pending migrations")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_db_status)
+    p = db_commands.add_parser(
+        "grant-read", help="let ROLE read the bars (data_bars, derived_data_bars) and nothing else"
+    )
+    p.add_argument("role", metavar="ROLE", help="an existing role, e.g. authenticated (Supabase)")
+    p.set_defaults(handler=cmd_db_grant_read)
+    p = db_commands.add_parser("revoke-read", help="take back what grant-read gave ROLE")
+    p.add_argument("role", metavar="ROLE")
+    p.set_defaults(handler=cmd_db_revoke_read)
+    p = db_commands.add_parser(
+        "export-migrations",
+        help="write the schema as Supabase CLI migration files into DIR (only what DIR lacks)",
+    )
+    p.add_argument("directory", metavar="DIR", help="e.g. supabase/migrations")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_db_export_migrations)
+    p = db_commands.add_parser(
+        "schedule", help="run the worker round from pg_cron in this database (no process of its own)"
+    )
+    p.add_argument(
+        "--every",
+        default="1 minute",
+        help="'N minutes', 'N hours' or a cron expression (default '1 minute')",
+    )
+    p.add_argument(
+        "--env",
+        default=None,
+        help="environment of the round (env BARAGG_ENV, else DISTORT_ENV; default prod)",
+    )
+    p.add_argument(
+        "--budget",
+        type=_positive(int),
+        default=None,
+        help="seconds a round may claim work for (default 50)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_db_schedule)
+    p = db_commands.add_parser("unschedule", help="remove the pg_cron job")
+    p.set_defaults(handler=cmd_db_unschedule)
 
     add_worker_commands(commands)
     add_operator_commands(commands)

@@ -199,7 +199,13 @@ def upgrade(db: Database, migrations: list[Migration] | None = None) -> list[Mig
     with db.connect(autocommit=True) as conn:
         conn.execute(query("migrations_lock"))
         try:
-            conn.execute(query("migrations_table"))
+            try:
+                conn.execute(query("migrations_table"))
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise BaraggError(
+                    f"{str(exc).strip().splitlines()[0]}: run `baragg db upgrade` as the owner of "
+                    "baragg's tables (the role that created them), not as a worker or reader role"
+                ) from exc
             applied = _applied(conn)
             for m in migrations:
                 if m.repeatable:
@@ -225,21 +231,28 @@ def upgrade(db: Database, migrations: list[Migration] | None = None) -> list[Mig
                     ) from exc
                 log.info("applied migration %s", m.name)
                 applied_now.append(m)
-            applied_now += _apply_repeatables(conn, [m for m in migrations if m.repeatable])
+            # A new table needs the last repeatable (security: grants, row-level security) too.
+            applied_now += _apply_repeatables(
+                conn, [m for m in migrations if m.repeatable], force=bool(applied_now)
+            )
         finally:
             conn.execute(query("migrations_unlock"))
     return applied_now
 
 
-def _apply_repeatables(conn: psycopg.Connection, repeatables: list[Migration]) -> list[Migration]:
-    """Re-apply every repeatable file, in order and in one transaction, when any of them changed.
+def _apply_repeatables(
+    conn: psycopg.Connection, repeatables: list[Migration], *, force: bool = False
+) -> list[Migration]:
+    """Re-apply every repeatable file, in order and in one transaction, when any of them changed
+    (or ``force``: a numbered migration was just applied).
 
     All of them, not just the changed one: a SQL function's body is checked against the functions it
-    calls when it is created, so a changed signature must be followed by its callers.
+    calls when it is created, so a changed signature must be followed by its callers. And the last one
+    (security) must follow any new table or function: they arrive with the grants this file revokes.
     """
     conn.execute(query("repeatables_table"))
     recorded = _applied_repeatables(conn)
-    if all(recorded.get(m.name, ("",))[0] == m.checksum for m in repeatables):
+    if not force and all(recorded.get(m.name, ("",))[0] == m.checksum for m in repeatables):
         return []
     current = None
     try:

@@ -688,3 +688,96 @@ SELECT to_regclass('agg_invalidations') IS NOT NULL;
 SELECT count(*) AS pending,
        extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - min(first_seen_at))::float8 AS oldest_age_seconds
 FROM agg_invalidations;
+
+-- ==== access: read access to the bars (functions/90_security.sql) ====
+-- A role given read access holds SELECT on the two bar tables and is in their baragg_reader_select
+-- policy; 90_security.sql keeps both across upgrades. Run by the tables' owner.
+
+-- name: access_role_exists
+SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %(role)s);
+
+-- name: access_readers
+-- The roles with read access through baragg's policy (the same on both tables).
+SELECT COALESCE(array_agg(r.rolname::text ORDER BY r.rolname), '{}')
+FROM pg_catalog.pg_policy p
+JOIN pg_catalog.pg_roles r ON r.oid = ANY (p.polroles)
+WHERE p.polrelid = to_regclass('public.derived_data_bars') AND p.polname = 'baragg_reader_select';
+
+-- name: access_set_role
+-- The role for the DO block that follows in the same transaction (a DO block takes no parameters).
+SELECT set_config('baragg.access_role', %(role)s, true);
+
+-- name: access_grant_read
+DO $baragg$
+DECLARE
+    v_role text := current_setting('baragg.access_role');
+    v_table text;
+    v_readers text[];
+BEGIN
+    FOREACH v_table IN ARRAY ARRAY['data_bars', 'derived_data_bars'] LOOP
+        SELECT array_agg(quote_ident(r.rolname) ORDER BY r.rolname) INTO v_readers
+        FROM pg_catalog.pg_policy p
+        JOIN pg_catalog.pg_roles r ON r.oid = ANY (p.polroles)
+        WHERE p.polrelid = ('public.' || v_table)::regclass AND p.polname = 'baragg_reader_select';
+        IF v_readers IS NULL THEN
+            RAISE EXCEPTION 'table % has no policy baragg_reader_select: run `baragg db upgrade` first', v_table;
+        END IF;
+        IF NOT quote_ident(v_role) = ANY (v_readers) THEN
+            EXECUTE format('ALTER POLICY baragg_reader_select ON public.%I TO %s', v_table,
+                           array_to_string(v_readers || quote_ident(v_role), ', '));
+        END IF;
+        EXECUTE format('GRANT SELECT ON TABLE public.%I TO %I', v_table, v_role);
+    END LOOP;
+END
+$baragg$;
+
+-- name: access_revoke_read
+DO $baragg$
+DECLARE
+    v_role text := current_setting('baragg.access_role');
+    v_table text;
+    v_readers text[];
+BEGIN
+    FOREACH v_table IN ARRAY ARRAY['data_bars', 'derived_data_bars'] LOOP
+        SELECT array_agg(quote_ident(r.rolname) ORDER BY r.rolname) INTO v_readers
+        FROM pg_catalog.pg_policy p
+        JOIN pg_catalog.pg_roles r ON r.oid = ANY (p.polroles)
+        WHERE p.polrelid = ('public.' || v_table)::regclass AND p.polname = 'baragg_reader_select'
+          AND r.rolname <> v_role;
+        IF v_readers IS NOT NULL THEN
+            EXECUTE format('ALTER POLICY baragg_reader_select ON public.%I TO %s', v_table,
+                           array_to_string(v_readers, ', '));
+        END IF;
+        EXECUTE format('REVOKE SELECT ON TABLE public.%I FROM %I', v_table, v_role);
+    END LOOP;
+END
+$baragg$;
+
+-- ==== pg_cron: the worker round as a pg_cron job (functions/40_round.sql) ====
+
+-- name: cron_state
+-- Whether pg_cron is installed in this database, could be, and may be used by the current role.
+SELECT to_regnamespace('cron') IS NOT NULL AS installed,
+       EXISTS (SELECT 1 FROM pg_catalog.pg_available_extensions WHERE name = 'pg_cron') AS available,
+       to_regnamespace('cron') IS NOT NULL AND has_schema_privilege('cron', 'USAGE') AS usable,
+       to_regclass('cron.job_run_details') IS NOT NULL AS has_run_details;
+
+-- name: cron_schedule
+-- cron.schedule with a job name updates that job when it exists (pg_cron >= 1.3): idempotent.
+SELECT cron.schedule(%(job)s, %(schedule)s, public.baragg_round_command(%(env)s, %(budget)s));
+
+-- name: cron_unschedule
+SELECT cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobname = %(job)s;
+
+-- name: cron_job
+SELECT j.jobid, j.schedule, j.command, j.active, j.username, j.database
+FROM cron.job j WHERE j.jobname = %(job)s ORDER BY j.jobid;
+
+-- name: cron_runs
+-- The job's latest runs (pg_cron keeps them in cron.job_run_details), newest first.
+SELECT d.runid, d.status, d.return_message, d.start_time, d.end_time
+FROM cron.job_run_details d
+JOIN cron.job j ON j.jobid = d.jobid
+WHERE j.jobname = %(job)s
+ORDER BY d.start_time DESC NULLS LAST, d.runid DESC
+LIMIT %(limit)s;

@@ -218,3 +218,18 @@ def bars_json(conn: psycopg.Connection, params: dict[str, Any]) -> str:
     }
     # Splice the columns object in as text: re-parsing ~1M numbers in Python would cost more than the query.
     return json.dumps(head)[:-1] + ', "columns": ' + columns + "}"
+
+
+def cron(conn: psycopg.Connection) -> dict[str, Any]:
+    """/api/cron: the pg_cron job that runs the worker round (baragg db schedule) and its latest runs;
+    {"job": null} without pg_cron or without the job."""
+    from baragg import pgcron
+
+    job = pgcron.job_status_on(conn, limit=10)
+    if job is None:
+        return {"job": None}
+    out = job.as_dict()
+    out["runs"] = [
+        {**r, "start_time": iso(r["start_time"]), "end_time": iso(r["end_time"])} for r in out["runs"]
+    ]
+    return {"job": out}

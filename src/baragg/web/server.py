@@ -412,6 +412,7 @@ class StatusServer:
                 Route("/api/symbols", self.get_symbols),
                 Route("/api/bars", self.get_bars),
                 Route("/api/config", self.get_config),
+                Route("/api/cron", self.get_cron),
             ]
         return Starlette(
             routes=routes,
@@ -512,6 +513,14 @@ class StatusServer:
             return Response(
                 text.encode(), media_type="application/json", headers={"cache-control": "no-store"}
             )
+
+        return await self.in_thread(request, work)
+
+    async def get_cron(self, request: Request) -> Response:
+        def work(params: dict[str, str]) -> Response:
+            no_params(params)
+            with self.connection() as conn:
+                return json_response(api.cron(conn))
 
         return await self.in_thread(request, work)
 

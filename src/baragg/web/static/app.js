@@ -109,7 +109,7 @@
   // ---------------------------------------------------------------------------------------------
   // header and task table
   // ---------------------------------------------------------------------------------------------
-  function renderChips(summary) {
+  function renderChips(summary, cron) {
     const by = summary.by_state || {};
     const chips = [];
     const chip = (cls, value, label, title, labelFirst) => {
@@ -136,6 +136,17 @@
     chip("", num(summary.bars_withdrawn), "withdrawn", "bars soft-deleted because their source bars vanished");
     chip("", num(summary.bars_unchanged), "unchanged", "bars recomputed equal to the stored bar: nothing written");
     chip("", num(summary.bars_quality_poor), "poor", "bars written with quality ≤ 0");
+    const job = cron && cron.job;
+    if (job) {  // the worker round run by pg_cron (baragg db schedule)
+      const runs = job.runs || [];
+      const failed = runs.filter((r) => r.status === "failed");
+      const tone = runs.length && runs[0].status === "failed" ? "bad" : failed.length ? "warn" : runs.length ? "ok" : "";
+      const lines = [`${job.schedule}, env ${job.env}, as ${job.username}${job.active ? "" : " (paused)"}`]
+        .concat(runs.slice(0, 5).map((r) => `${utc(r.start_time, true)} ${r.status}` +
+          (r.seconds !== null ? ` ${r.seconds.toFixed(1)}s` : "") +
+          (r.status === "failed" && r.return_message ? `: ${r.return_message.trim().split("\n")[0]}` : "")));
+      chip(tone, runs.length ? runs[0].status : "no runs yet", "pg_cron", lines.join("\n"), true);
+    }
     $("#chips").innerHTML = chips.join("");
   }
 
@@ -238,10 +249,11 @@
 
   async function refreshTasks() {
     try {
-      const [summary, tasks] = await Promise.all([getJSON("/api/summary"), getJSON("/api/tasks")]);
+      const [summary, tasks, cron] = await Promise.all([getJSON("/api/summary"), getJSON("/api/tasks"),
+        getJSON("/api/cron").catch(() => null)]);
       state.tasks = tasks.tasks;
       state.nowIso = tasks.now;
-      renderChips(summary);
+      renderChips(summary, cron);
       renderTasks();
       $("#updated").textContent = "updated " + utc(tasks.now, true).slice(11) + " UTC";
       $("#updated").title = "last refresh of the task table";
