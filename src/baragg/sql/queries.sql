@@ -222,12 +222,12 @@ SELECT DISTINCT canonical_symbol FROM ingest_stage WHERE ok ORDER BY 1;
 -- to registry_update (in the same transaction), which keeps the values not given.
 INSERT INTO core_asset_registry_all (
     canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
-    calc_15m, calc_4h, calc_1d, calc_1w, notes)
+    calc_15m, calc_4h, calc_1d, calc_1w, calc_1mo, session, notes)
 VALUES (
     %(symbol)s, %(provider_ticker)s, %(asset_class)s, %(source)s,
     COALESCE(%(active)s, true), COALESCE(%(test_active)s, true), COALESCE(%(is_sparse)s, false),
     COALESCE(%(calc_15m)s, false), COALESCE(%(calc_4h)s, false), COALESCE(%(calc_1d)s, false),
-    COALESCE(%(calc_1w)s, false), %(notes)s)
+    COALESCE(%(calc_1w)s, false), COALESCE(%(calc_1mo)s, false), COALESCE(%(session)s, '24x7'), %(notes)s)
 ON CONFLICT (canonical_symbol) DO NOTHING
 RETURNING canonical_symbol;
 
@@ -243,6 +243,8 @@ UPDATE core_asset_registry_all AS r SET
     calc_4h = COALESCE(%(calc_4h)s, r.calc_4h),
     calc_1d = COALESCE(%(calc_1d)s, r.calc_1d),
     calc_1w = COALESCE(%(calc_1w)s, r.calc_1w),
+    calc_1mo = COALESCE(%(calc_1mo)s, r.calc_1mo),
+    session = COALESCE(%(session)s, r.session),
     notes = COALESCE(%(notes)s, r.notes),
     updated_at = now()
 WHERE canonical_symbol = %(symbol)s
@@ -250,7 +252,7 @@ RETURNING canonical_symbol;
 
 -- name: registry_list
 SELECT canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
-       calc_15m, calc_4h, calc_1d, calc_1w, notes, created_at, updated_at
+       calc_15m, calc_4h, calc_1d, calc_1w, calc_1mo, session, notes, created_at, updated_at
 FROM core_asset_registry_all
 ORDER BY canonical_symbol;
 
@@ -545,3 +547,99 @@ SELECT to_regclass('agg_invalidations') IS NOT NULL;
 SELECT count(*) AS pending,
        extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - min(first_seen_at))::float8 AS oldest_age_seconds
 FROM agg_invalidations;
+
+-- ==== trading sessions (migration 0005, baragg/sessions.py) ====
+
+-- name: session_list
+SELECT name, tz, open_time, close_time, weekdays, calendar, builtin, days_from, days_to
+FROM agg_sessions
+ORDER BY builtin DESC, name;
+
+-- name: session_get
+SELECT name, tz, open_time, close_time, weekdays, calendar, builtin, days_from, days_to
+FROM agg_sessions
+WHERE name = %(name)s;
+
+-- name: session_insert
+INSERT INTO agg_sessions (name, tz, open_time, close_time, weekdays, calendar)
+VALUES (%(name)s, %(tz)s, %(open)s, %(close)s, %(weekdays)s::smallint[], %(calendar)s)
+ON CONFLICT (name) DO NOTHING;
+
+-- name: session_lock
+-- Serialises the extension of one session's days (held to the end of the transaction).
+SELECT pg_advisory_xact_lock(hashtext('baragg.session_days'), hashtext(%(name)s));
+
+-- name: session_day_insert
+WITH added AS (
+    INSERT INTO agg_session_days (session, trading_date, open_utc, close_utc)
+    SELECT %(name)s, d.trading_date, d.open_utc, d.close_utc
+    FROM unnest(%(dates)s::date[], %(opens)s::timestamptz[], %(closes)s::timestamptz[]) AS d(trading_date, open_utc, close_utc)
+    ON CONFLICT (session, trading_date) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM added;
+
+-- name: session_set_range
+UPDATE agg_sessions SET days_from = %(from)s, days_to = %(to)s, updated_at = now() WHERE name = %(name)s;
+
+-- name: session_regroup
+-- The trading week (ISO week of the trading dates) and calendar month of every day: first open, last
+-- close and the number of days a weekly or monthly bar expects (the 24x7 session counts Monday-Friday
+-- only, the seed's 5 per week). NULL for a week or month not wholly inside [days_from, days_to].
+WITH s AS (
+    SELECT name, days_from, days_to, name = '24x7' AS weekdays_only FROM agg_sessions WHERE name = %(name)s
+),
+keyed AS (
+    SELECT d.trading_date, d.open_utc, d.close_utc, s.days_from, s.days_to,
+           (NOT s.weekdays_only OR extract(isodow FROM d.trading_date) <= 5) AS counted,
+           d.trading_date - (extract(isodow FROM d.trading_date)::integer - 1) AS wk,
+           date_trunc('month', d.trading_date)::date AS mo
+    FROM agg_session_days d JOIN s ON s.name = d.session
+),
+grouped AS (
+    SELECT k.trading_date,
+           (k.wk >= k.days_from AND k.wk + 6 <= k.days_to) AS week_known,
+           (k.mo >= k.days_from AND (k.mo + interval '1 month')::date - 1 <= k.days_to) AS month_known,
+           min(k.open_utc) OVER w AS wo, max(k.close_utc) OVER w AS wc,
+           count(*) FILTER (WHERE k.counted) OVER w AS wn,
+           min(k.open_utc) OVER m AS mo_open, max(k.close_utc) OVER m AS mo_close,
+           count(*) FILTER (WHERE k.counted) OVER m AS mn
+    FROM keyed k
+    WINDOW w AS (PARTITION BY k.wk), m AS (PARTITION BY k.mo)
+),
+final AS (
+    SELECT g.trading_date,
+           CASE WHEN g.week_known THEN g.wo END AS week_open,
+           CASE WHEN g.week_known THEN g.wc END AS week_close,
+           CASE WHEN g.week_known THEN g.wn END AS week_days,
+           CASE WHEN g.month_known THEN g.mo_open END AS month_open,
+           CASE WHEN g.month_known THEN g.mo_close END AS month_close,
+           CASE WHEN g.month_known THEN g.mn END AS month_days
+    FROM grouped g
+)
+UPDATE agg_session_days d
+SET week_open = f.week_open, week_close = f.week_close, week_days = f.week_days,
+    month_open = f.month_open, month_close = f.month_close, month_days = f.month_days
+FROM final f
+WHERE d.session = %(name)s AND d.trading_date = f.trading_date
+  AND (d.week_open, d.week_close, d.week_days, d.month_open, d.month_close, d.month_days)
+      IS DISTINCT FROM (f.week_open, f.week_close, f.week_days, f.month_open, f.month_close, f.month_days);
+
+-- name: session_needed
+-- Every session in use, its materialised range, and the earliest agg_start_utc of its symbols' tasks
+-- (no bar is ever older), for the worker's sync to extend what is missing.
+SELECT s.name, s.days_from, s.days_to, min(st.agg_start_utc) AS first_needed
+FROM agg_sessions s
+JOIN core_asset_registry_all r ON r.session = s.name
+LEFT JOIN data_agg_state st ON st.canonical_symbol = r.canonical_symbol AND st.enabled
+GROUP BY s.name, s.days_from, s.days_to
+ORDER BY s.name;
+
+-- name: session_of_symbols
+SELECT DISTINCT session FROM core_asset_registry_all WHERE canonical_symbol = ANY (%(symbols)s::text[]) ORDER BY 1;
+
+-- name: session_days_between
+SELECT trading_date, open_utc, close_utc
+FROM agg_session_days
+WHERE session = %(name)s AND open_utc < %(end)s AND close_utc > %(start)s
+ORDER BY open_utc;

@@ -512,8 +512,9 @@ LANGUAGE sql STABLE AS $$
         ('1h', true, true),
         ('15m', false, COALESCE(r.calc_15m, false)),
         ('4h', false, COALESCE(r.calc_4h, false)),
-        ('1d', false, COALESCE(r.calc_1d, false) OR COALESCE(r.calc_1w, false)),
-        ('1w', false, COALESCE(r.calc_1w, false))
+        ('1d', false, COALESCE(r.calc_1d, false) OR COALESCE(r.calc_1w, false) OR COALESCE(r.calc_1mo, false)),
+        ('1w', false, COALESCE(r.calc_1w, false)),
+        ('1mo', false, COALESCE(r.calc_1mo, false))
     ) AS w(timeframe, mandatory, wanted)
     JOIN agg_timeframes t ON t.timeframe = w.timeframe
     WHERE w.wanted
@@ -524,8 +525,8 @@ $$;
 -- sync_agg_state_from_registry (DESIGN.md 7)
 -- ---------------------------------------------------------------------------------------------
 -- For every asset active in the environment (`active` for 'prod', `test_active` otherwise):
--- mandatory 5m<-1m and 1h<-5m; optional 15m<-5m, 4h<-1h, 1d<-1h (calc_15m, calc_4h, calc_1d) and
--- 1w<-1d (calc_1w, which also needs the 1d task, so it implies 1d).
+-- mandatory 5m<-1m and 1h<-5m; optional 15m<-5m, 4h<-1h, 1d<-1h (calc_15m, calc_4h, calc_1d),
+-- 1w<-1d (calc_1w) and 1mo<-1d (calc_1mo), which also need the 1d task, so they imply 1d.
 -- * creates missing tasks (interval = the timeframe's, delay 30 s for 5m and 60 s above, due now);
 -- * disables (enabled = false) tasks of inactive or unknown assets and of cleared flags;
 -- * re-enables them when the asset/flag is set again; a task that was 'disabled' after three hard
