@@ -27,7 +27,6 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-import pandas as pd
 import psycopg
 from psycopg.rows import dict_row
 
@@ -188,6 +187,8 @@ def _localize(zone: str, walls: list[datetime]) -> list[datetime]:
     the clock jumps to, one that happens twice is the first of the two."""
     if not walls:
         return []
+    import pandas as pd
+
     index = pd.DatetimeIndex(walls).tz_localize(
         zone, ambiguous=[True] * len(walls), nonexistent="shift_forward"
     )

@@ -213,7 +213,7 @@ SELECT count(*) FILTER (WHERE inserted),
 FROM written;
 
 -- name: ingest_stage_symbols
-SELECT DISTINCT canonical_symbol FROM ingest_stage WHERE ok ORDER BY 1;
+SELECT canonical_symbol, min(ts_utc), max(ts_utc) FROM ingest_stage WHERE ok GROUP BY 1 ORDER BY 1;
 
 -- ==== operator tools: registry ====
 
@@ -255,6 +255,20 @@ SELECT canonical_symbol, provider_ticker, asset_class, source, active, test_acti
        calc_15m, calc_4h, calc_1d, calc_1w, calc_1mo, session, notes, created_at, updated_at
 FROM core_asset_registry_all
 ORDER BY canonical_symbol;
+
+-- name: registry_rebuild_key
+SELECT session, COALESCE(is_sparse, false) FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s;
+
+-- name: registry_symbol_span
+-- The times a symbol's session days must cover: its data, its tasks' agg_start_utc and cursors.
+SELECT LEAST(b.first_bar, t.first_start), GREATEST(b.last_bar, t.last_cursor, t.first_start)
+FROM (SELECT min(ts_utc) AS first_bar, max(ts_utc) AS last_bar FROM data_bars
+      WHERE canonical_symbol = %(symbol)s AND timeframe = '1m') b,
+     (SELECT min(agg_start_utc) AS first_start, max(last_agg_bar_ts_utc) AS last_cursor FROM data_agg_state
+      WHERE canonical_symbol = %(symbol)s) t;
+
+-- name: registry_rebuild
+SELECT agg_rebuild_symbol(%(symbol)s);
 
 -- name: registry_sync_exists
 SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'sync_agg_state_from_registry');

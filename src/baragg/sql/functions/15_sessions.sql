@@ -456,3 +456,123 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
         OR EXISTS (SELECT 1 FROM core_asset_registry_all r
                    WHERE r.session <> '24x7' AND r.canonical_symbol = ANY (p_symbols))
 $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- agg_rebuild_symbol: after a symbol's session (or is_sparse) changed, rebuild what it affects from
+-- the stored sources, in the caller's transaction (registry add/set call it with the change).
+-- ---------------------------------------------------------------------------------------------
+-- Level by level up the ladder (5m before 1h before 1d ...), for the windows each task has passed
+-- (from its first window at or after agg_start_utc to its cursor): recompute every window of the
+-- symbol's current session from the current source rows, write the bars that differ (an equal bar is
+-- not rewritten, so levels the change does not affect stay as they were), and soft-delete every other
+-- active bar of the level: windows that no longer exist, windows now empty or below the quality
+-- threshold, and the window the cursor is in (the catch-up builds it). Cursors are not moved: an
+-- unaligned cursor counts from the window it lies in. Nothing is hard-deleted.
+-- The symbol's task rows are locked first (key order), so no catch-up of the old windows runs
+-- meanwhile and late rows written meanwhile are logged after this commits; the symbol's invalidation
+-- log entries are then superseded and removed, and its tasks become due.
+-- Result: {"symbol", "session", "levels": {tf: {"written": n, "withdrawn": n}}}.
+CREATE OR REPLACE FUNCTION agg_rebuild_symbol(p_symbol text, p_derivation_version integer DEFAULT 1)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_session text;
+    v_sparse boolean;
+    t record;
+    v_on_session boolean;
+    v_from timestamptz;
+    v_s0_end timestamptz;
+    v_to timestamptz;
+    v_written bigint;
+    v_withdrawn bigint;
+    v_levels jsonb := '{}'::jsonb;
+BEGIN
+    SELECT COALESCE(r.session, '24x7'), COALESCE(r.is_sparse, false) INTO v_session, v_sparse
+    FROM core_asset_registry_all r WHERE r.canonical_symbol = p_symbol;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown symbol %', p_symbol USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM 1 FROM data_agg_state s WHERE s.canonical_symbol = p_symbol
+    ORDER BY s.canonical_symbol, s.timeframe FOR NO KEY UPDATE;
+
+    FOR t IN
+        SELECT s.timeframe, s.last_agg_bar_ts_utc AS cur, s.agg_start_utc, tf.bucket_interval, tf.bucket_origin,
+               tf.window_kind, tf.source_timeframe
+        FROM data_agg_state s JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+        WHERE s.canonical_symbol = p_symbol
+        ORDER BY tf.duration_rank
+    LOOP
+        v_on_session := v_session <> '24x7' OR t.window_kind = 'month';
+        IF v_on_session THEN
+            SELECT w.ws, w.we INTO v_from, v_s0_end FROM _agg_session_next_window(v_session, t.timeframe, t.agg_start_utc) w;
+            IF v_from < t.agg_start_utc THEN
+                SELECT w.ws INTO v_from FROM _agg_session_next_window(v_session, t.timeframe, v_s0_end) w;
+            END IF;
+            v_to := LEAST(t.cur, COALESCE((SELECT w.ws FROM _agg_session_next_window(v_session, t.timeframe, t.cur) w),
+                                          t.cur));
+        ELSE
+            v_from := date_bin(t.bucket_interval, t.agg_start_utc, t.bucket_origin);
+            IF v_from < t.agg_start_utc THEN
+                v_from := v_from + t.bucket_interval;
+            END IF;
+            v_to := date_bin(t.bucket_interval, t.cur, t.bucket_origin);
+        END IF;
+        IF v_from IS NULL OR v_to IS NULL OR v_to < v_from THEN
+            v_to := v_from;
+        END IF;
+        WITH fresh AS (
+            SELECT b.ts_utc, b.open, b.high, b.low, b.close, b.vol, b.vwap, b.trade_count, b.source_candles,
+                   b.expected_candles, b.quality_score
+            FROM _agg_session_window_bars(t.timeframe, p_symbol, v_session, v_from, v_to, v_sparse) b
+            WHERE v_on_session AND v_from < v_to AND b.quality_score IS NOT NULL
+            UNION ALL
+            SELECT b.ts_utc, b.open, b.high, b.low, b.close, b.vol, b.vwap, b.trade_count, b.source_candles,
+                   b.expected_candles, b.quality_score
+            FROM _agg_window_bars(t.timeframe, p_symbol, v_from, v_to, v_sparse) b
+            WHERE NOT v_on_session AND v_from < v_to AND b.quality_score IS NOT NULL
+        ),
+        written AS (
+            INSERT INTO derived_data_bars AS d (
+                canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
+                is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
+                quality_score, derivation_version, raw, deleted_at)
+            SELECT p_symbol, t.timeframe, f.ts_utc, f.open, f.high, f.low, f.close, f.vol, f.vwap, f.trade_count,
+                   false, 'agg', now(), t.source_timeframe, f.source_candles, f.expected_candles,
+                   f.quality_score, p_derivation_version, '{}'::jsonb, NULL
+            FROM fresh f
+            ORDER BY f.ts_utc
+            ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
+            DO UPDATE SET
+                open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+                vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
+                is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
+                source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
+                expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
+                derivation_version = excluded.derivation_version, updated_at = now()
+            WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
+                   d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
+                   d.derivation_version)
+                  IS DISTINCT FROM
+                  (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
+                   excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
+                   excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
+            RETURNING 1
+        ),
+        withdrawn AS (
+            UPDATE derived_data_bars d
+            SET deleted_at = now(), updated_at = now()
+            WHERE d.canonical_symbol = p_symbol AND d.timeframe = t.timeframe AND d.deleted_at IS NULL
+              AND NOT EXISTS (SELECT 1 FROM fresh f WHERE f.ts_utc = d.ts_utc)
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM written), (SELECT count(*) FROM withdrawn) INTO v_written, v_withdrawn;
+        v_levels := v_levels || jsonb_build_object(t.timeframe,
+                                                   jsonb_build_object('written', v_written, 'withdrawn', v_withdrawn));
+    END LOOP;
+
+    -- Everything logged for the symbol so far (including by the writes above) is rebuilt already.
+    DELETE FROM agg_invalidations i WHERE i.canonical_symbol = p_symbol;
+    UPDATE data_agg_state s SET next_run_at = NULL, updated_at = now()
+    WHERE s.canonical_symbol = p_symbol AND s.status = 'idle';
+    RETURN jsonb_build_object('symbol', p_symbol, 'session', v_session, 'levels', v_levels);
+END
+$$;
