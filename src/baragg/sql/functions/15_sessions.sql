@@ -576,3 +576,192 @@ BEGIN
     RETURN jsonb_build_object('symbol', p_symbol, 'session', v_session, 'levels', v_levels);
 END
 $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Hooks for the other function files: the same questions for a 24x7 symbol (date_bin, as before)
+-- and for a symbol on a session. "Is the symbol off 24x7" is an index probe that the registry's
+-- partial index (migration 0005) answers at once while every symbol is on 24x7.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION _agg_session_of(p_symbol text, p_tf text)
+RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p_tf = '1mo' THEN COALESCE((SELECT r.session FROM core_asset_registry_all r
+                                                 WHERE r.canonical_symbol = p_symbol), '24x7')
+                ELSE (SELECT r.session FROM core_asset_registry_all r
+                      WHERE r.session <> '24x7' AND r.canonical_symbol = p_symbol) END
+$$;
+
+-- How long the window at p_cursor is, i.e. when it ends (cursor + length): p_interval for 24x7,
+-- the session window's end otherwise (NULL when it is not known yet). For scheduling (20_scheduling.sql).
+CREATE OR REPLACE FUNCTION _agg_window_length(p_symbol text, p_tf text, p_cursor timestamptz, p_interval interval)
+RETURNS interval LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p_cursor IS NULL OR s.sess IS NULL THEN p_interval
+                ELSE (SELECT w.we FROM _agg_session_next_window(s.sess, p_tf, p_cursor) w) - p_cursor END
+    FROM (SELECT _agg_session_of(p_symbol, p_tf) AS sess) s
+$$;
+
+-- The window of a changed source row at p_ts, if the dependent task (cursor p_cursor) has passed it
+-- already: for the invalidation triggers (30_invalidation.sql). No row when it has not, or when the
+-- row lies outside every session window.
+CREATE OR REPLACE FUNCTION _agg_passed_window(p_symbol text, p_tf text, p_interval interval, p_origin timestamptz,
+                                              p_ts timestamptz, p_cursor timestamptz)
+RETURNS TABLE (ws timestamptz) LANGUAGE sql STABLE AS $$
+    SELECT x.ws
+    FROM (SELECT _agg_session_of(p_symbol, p_tf) AS sess) s
+    CROSS JOIN LATERAL (
+        SELECT date_bin(p_interval, p_ts, p_origin) AS ws
+        WHERE s.sess IS NULL
+          AND date_bin(p_interval, p_ts, p_origin) < date_bin(p_interval, p_cursor, p_origin)
+        UNION ALL
+        SELECT w.ws FROM _agg_session_next_window(s.sess, p_tf, p_ts) w
+        WHERE s.sess IS NOT NULL AND w.ws <= p_ts AND w.we <= p_cursor
+    ) x
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Re-aggregation of logged windows (DESIGN.md 5) for symbols on a session: agg_reaggregate_tasks
+-- (30_invalidation.sql, same parameters and result) hands them here. A logged window is a session
+-- window start; it is recomputed when the task has passed it (its end <= the cursor) and it does not
+-- start before agg_start_utc; other entries are dropped.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION agg_reaggregate_session_tasks(p_to_tf text, p_symbols text[],
+                                                         p_derivation_version integer DEFAULT 1)
+RETURNS TABLE (canonical_symbol text, result jsonb)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+BEGIN
+    RETURN QUERY
+    WITH input AS (
+        SELECT u.sym, u.ord, COALESCE(r.session, '24x7') AS sess
+        FROM unnest(p_symbols) WITH ORDINALITY AS u(sym, ord)
+        LEFT JOIN core_asset_registry_all r ON r.canonical_symbol = u.sym
+    ),
+    taken AS (
+        DELETE FROM agg_invalidations i
+        USING input
+        WHERE i.canonical_symbol = input.sym AND i.timeframe = p_to_tf
+        RETURNING i.canonical_symbol AS sym, i.window_start AS ws
+    ),
+    pending AS (
+        SELECT k.sym, k.ws, w.we, i.sess
+        FROM taken k
+        JOIN input i ON i.sym = k.sym
+        JOIN data_agg_state s ON s.canonical_symbol = k.sym AND s.timeframe = p_to_tf
+        CROSS JOIN LATERAL _agg_session_next_window(i.sess, p_to_tf, k.ws) w
+        WHERE w.ws = k.ws AND w.we <= s.last_agg_bar_ts_utc AND k.ws >= s.agg_start_utc
+    ),
+    fresh AS (
+        SELECT p.sym, p.ws, b.open, b.high, b.low, b.close, b.vol, b.vwap, b.trade_count,
+               b.source_candles, b.expected_candles, b.quality_score
+        FROM pending p
+        LEFT JOIN LATERAL _agg_session_window_bars(p_to_tf, p.sym, p.sess, p.ws, p.we) b ON true
+    ),
+    written AS (
+        INSERT INTO derived_data_bars AS d (
+            canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
+            is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
+            quality_score, derivation_version, raw, deleted_at)
+        SELECT f.sym, p_to_tf, f.ws, f.open, f.high, f.low, f.close, f.vol, f.vwap, f.trade_count,
+               false, 'agg', now(), v_tf.source_timeframe, f.source_candles, f.expected_candles,
+               f.quality_score, p_derivation_version, '{}'::jsonb, NULL
+        FROM fresh f
+        WHERE f.quality_score IS NOT NULL
+        ORDER BY f.sym, f.ws
+        ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
+        DO UPDATE SET
+            open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+            vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
+            is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
+            source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
+            expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
+            derivation_version = excluded.derivation_version, updated_at = now()
+        WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
+               d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
+               d.derivation_version)
+              IS DISTINCT FROM
+              (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
+               excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
+               excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
+        RETURNING d.canonical_symbol
+    ),
+    withdrawn AS (
+        UPDATE derived_data_bars d
+        SET deleted_at = now(), updated_at = now()
+        FROM fresh f
+        WHERE f.quality_score IS NULL
+          AND d.canonical_symbol = f.sym AND d.timeframe = p_to_tf AND d.ts_utc = f.ws
+          AND d.deleted_at IS NULL
+        RETURNING d.canonical_symbol
+    ),
+    counts AS (
+        SELECT i.sym, i.ord,
+               (SELECT count(*) FROM pending p WHERE p.sym = i.sym) AS n_windows,
+               (SELECT count(*) FROM taken k WHERE k.sym = i.sym) AS n_taken,
+               (SELECT count(*) FROM written w WHERE w.canonical_symbol = i.sym) AS n_written,
+               (SELECT count(*) FROM withdrawn w WHERE w.canonical_symbol = i.sym) AS n_withdrawn
+        FROM input i
+    ),
+    recorded AS (
+        UPDATE data_agg_state s
+        SET total_bars_reaggregated = s.total_bars_reaggregated + c.n_written,
+            total_bars_withdrawn = s.total_bars_withdrawn + c.n_withdrawn,
+            last_run_stats = COALESCE(s.last_run_stats, '{}'::jsonb) || jsonb_build_object(
+                'windows_reaggregated', COALESCE((s.last_run_stats->>'windows_reaggregated')::bigint, 0)
+                                        + c.n_windows,
+                'bars_reaggregated', COALESCE((s.last_run_stats->>'bars_reaggregated')::bigint, 0)
+                                     + c.n_written,
+                'bars_withdrawn', COALESCE((s.last_run_stats->>'bars_withdrawn')::bigint, 0)
+                                  + c.n_withdrawn),
+            updated_at = now()
+        FROM counts c
+        WHERE s.canonical_symbol = c.sym AND s.timeframe = p_to_tf AND c.n_taken > 0
+        RETURNING 1
+    )
+    SELECT c.sym, jsonb_build_object(
+               'success', true,
+               'windows', c.n_windows,
+               'bars_reaggregated', c.n_written,
+               'bars_withdrawn', c.n_withdrawn,
+               'entries_dropped', c.n_taken - c.n_windows)
+    FROM counts c
+    ORDER BY c.ord;
+END
+$$;
+
+-- The split for agg_reaggregate_tasks: session symbols (and 1mo) here, the others on its date_bin path.
+CREATE OR REPLACE FUNCTION _agg_reaggregate_split(p_to_tf text, p_symbols text[], p_derivation_version integer)
+RETURNS TABLE (canonical_symbol text, result jsonb)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_plain text[];
+    v_sess text[];
+    v_out_syms text[] := '{}';
+    v_out jsonb[] := '{}';
+    v_syms text[];
+    v_res jsonb[];
+BEGIN
+    SELECT COALESCE(array_agg(x.sym ORDER BY x.ord) FILTER (WHERE _agg_session_of(x.sym, p_to_tf) IS NULL), '{}'),
+           COALESCE(array_agg(x.sym ORDER BY x.ord) FILTER (WHERE _agg_session_of(x.sym, p_to_tf) IS NOT NULL), '{}')
+    INTO v_plain, v_sess
+    FROM unnest(p_symbols) WITH ORDINALITY AS x(sym, ord);
+    IF cardinality(v_plain) > 0 THEN
+        SELECT array_agg(c.canonical_symbol), array_agg(c.result) INTO v_syms, v_res
+        FROM agg_reaggregate_tasks(p_to_tf, v_plain, p_derivation_version) c;
+        v_out_syms := v_out_syms || v_syms;
+        v_out := v_out || v_res;
+    END IF;
+    IF cardinality(v_sess) > 0 THEN
+        SELECT array_agg(c.canonical_symbol), array_agg(c.result) INTO v_syms, v_res
+        FROM agg_reaggregate_session_tasks(p_to_tf, v_sess, p_derivation_version) c;
+        v_out_syms := v_out_syms || v_syms;
+        v_out := v_out || v_res;
+    END IF;
+    RETURN QUERY
+    SELECT t.sym, t.res
+    FROM unnest(v_out_syms, v_out) AS t(sym, res)
+    JOIN unnest(p_symbols) WITH ORDINALITY AS x(sym, ord) ON x.sym = t.sym
+    ORDER BY x.ord;
+END
+$$;

@@ -288,7 +288,10 @@ BEGIN
                                       'moved', COALESCE(i.cur, s.last_agg_bar_ts_utc) IS DISTINCT FROM s.last_agg_bar_ts_utc
                                                OR COALESCE((s.last_run_stats->>'windows_processed')::bigint, 0)
                                                   + COALESCE((i.st->>'windows_processed')::bigint, 0) > 0),
-            next_run_at = _agg_next_run(COALESCE(i.cur, s.last_agg_bar_ts_utc), t.bucket_interval,
+            -- (the window at the cursor ends at cursor + its length: a session's may be clipped or shorter)
+            next_run_at = _agg_next_run(COALESCE(i.cur, s.last_agg_bar_ts_utc),
+                                        _agg_window_length(i.sym, i.tf, COALESCE(i.cur, s.last_agg_bar_ts_utc),
+                                                           t.bucket_interval),
                                         s.aggregation_delay_seconds, s.run_interval_minutes,
                                         COALESCE((i.st->>'continue')::boolean, false) OR s.rerun_requested, v_now),
             updated_at = now()
@@ -320,7 +323,8 @@ BEGIN
     WHERE d.canonical_symbol = ANY (v_symbols) AND (d.canonical_symbol || ' ' || d.source_timeframe) = ANY (v_moved)
       AND d.enabled AND t.timeframe = d.timeframe
       AND (d.last_agg_bar_ts_utc IS NULL
-           OR d.last_agg_bar_ts_utc + t.bucket_interval
+           OR d.last_agg_bar_ts_utc
+              + _agg_window_length(d.canonical_symbol, d.timeframe, d.last_agg_bar_ts_utc, t.bucket_interval)
               + make_interval(secs => COALESCE(d.aggregation_delay_seconds, 0)) <= v_now)
       AND ((d.status = 'idle' AND (d.next_run_at IS NULL OR d.next_run_at > v_now))
            OR (d.status = 'running' AND NOT d.rerun_requested));
