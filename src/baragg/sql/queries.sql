@@ -296,7 +296,13 @@ SELECT canonical_symbol, count(*) FROM deleted GROUP BY canonical_symbol ORDER B
 -- ==== operator tools: verify ====
 
 -- name: verify_asset
-SELECT coalesce(is_sparse, false) FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s;
+SELECT coalesce(is_sparse, false), session FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s;
+
+-- name: verify_session_range
+SELECT days_from, days_to FROM agg_sessions WHERE name = %(session)s;
+
+-- name: verify_session_days
+SELECT trading_date, open_utc, close_utc FROM agg_session_days WHERE session = %(session)s ORDER BY open_utc;
 
 -- name: verify_task
 SELECT agg_start_utc, last_agg_bar_ts_utc
