@@ -371,8 +371,10 @@ LEFT JOIN LATERAL (
            END AS newest
 ) n ON true
 LEFT JOIN LATERAL (
-    SELECT date_bin(tf.bucket_interval, n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
-                    tf.bucket_origin) AS frontier
+    -- (a symbol on a trading session: its session's windows, 15_sessions.sql)
+    SELECT _agg_frontier(s.canonical_symbol, s.timeframe,
+                         n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
+                         tf.bucket_interval, tf.bucket_origin) AS frontier
 ) f ON true
 WHERE %(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[])
 ORDER BY s.canonical_symbol, tf.duration_rank;
@@ -434,6 +436,7 @@ WITH clock AS (
 tasks AS (
     -- The ladder comes from agg_timeframes (migration 0002); raw 1m bars are the base, one minute each.
     SELECT s.*,
+           (SELECT r.session FROM core_asset_registry_all r WHERE r.canonical_symbol = s.canonical_symbol) AS session,
            coalesce(s.source_timeframe, tf.source_timeframe) AS src_tf,
            tf.bucket_interval AS tf_interval,
            tf.bucket_origin AS tf_origin,
@@ -462,11 +465,14 @@ probed AS MATERIALIZED (  -- evaluate each probe once per task, not once per use
 ),
 framed AS (
     SELECT p.*,
-           date_bin(p.tf_interval, p.source_last_ts + p.src_interval, p.tf_origin) AS frontier_utc
+           CASE WHEN p.tf_interval IS NOT NULL
+                THEN _agg_frontier(p.canonical_symbol, p.timeframe, p.source_last_ts + p.src_interval,
+                                   p.tf_interval, p.tf_origin) END AS frontier_utc
     FROM probed p
 )
 SELECT f.canonical_symbol AS symbol,
        f.timeframe,
+       f.session,
        f.src_tf AS source_timeframe,
        f.status,
        f.enabled,
@@ -481,7 +487,8 @@ SELECT f.canonical_symbol AS symbol,
             THEN greatest(0, extract(epoch FROM f.frontier_utc - f.last_agg_bar_ts_utc))::float8
        END AS lag_frontier_seconds,
        CASE WHEN f.last_agg_bar_ts_utc IS NOT NULL AND f.tf_interval IS NOT NULL
-            THEN greatest(0, extract(epoch FROM c.now_utc - (f.last_agg_bar_ts_utc + f.tf_interval)))::float8
+            THEN greatest(0, extract(epoch FROM c.now_utc - (f.last_agg_bar_ts_utc
+                 + _agg_window_length(f.canonical_symbol, f.timeframe, f.last_agg_bar_ts_utc, f.tf_interval))))::float8
        END AS lag_now_seconds,
        f.next_run_at AS next_run_utc,
        f.hard_fail_streak AS streak,
@@ -505,6 +512,7 @@ ORDER BY f.canonical_symbol, f.tf_order, f.timeframe;
 -- name: obs_symbols
 SELECT r.canonical_symbol AS symbol,
        r.asset_class,
+       r.session,
        coalesce(r.active, false) AS active,
        EXISTS (SELECT 1 FROM data_bars b WHERE b.canonical_symbol = r.canonical_symbol AND b.timeframe = '1m')
            AS has_1m,

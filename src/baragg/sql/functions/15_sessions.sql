@@ -765,3 +765,13 @@ BEGIN
     ORDER BY x.ord;
 END
 $$;
+
+-- A task's frontier (status and the status page): the start of the first window that the source data
+-- does not cover completely, given the end of the newest source bar. 24x7: date_bin, as before.
+CREATE OR REPLACE FUNCTION _agg_frontier(p_symbol text, p_tf text, p_newest_end timestamptz,
+                                         p_interval interval, p_origin timestamptz)
+RETURNS timestamptz LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN s.sess IS NULL THEN date_bin(p_interval, p_newest_end, p_origin)
+                ELSE (SELECT w.ws FROM _agg_session_next_window(s.sess, p_tf, p_newest_end) w) END
+    FROM (SELECT _agg_session_of(p_symbol, p_tf) AS sess) s
+$$;
