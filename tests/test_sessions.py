@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import psycopg
 
-from baragg import backfill, ingest, migrate, registry, sessions, verify, worker
+from baragg import backfill, ingest, migrate, registry, sessions, status, verify, worker
 from baragg.db import Database
 from ops_helpers import baragg
 
@@ -141,6 +141,12 @@ def test_us_equity_on_xnys_complete_days_early_close_and_holiday(db: Database, t
             "SELECT last_agg_bar_ts_utc FROM data_agg_state WHERE canonical_symbol = 'AAPL' AND timeframe = '1d'"
         ).fetchone()
         assert cursor == utc("2013-12-09 14:30")
+    # status: every task caught up with its data (lag 0 behind the frontier), on session XNYS.
+    tasks = status.task_status(db, now=utc("2013-12-09 12:00"), symbols=["AAPL"])
+    assert {t.session for t in tasks} == {"XNYS"}
+    assert {t.timeframe: t.lag_frontier_seconds for t in tasks} == dict.fromkeys(
+        ("5m", "15m", "1h", "4h", "1d", "1w"), 0.0
+    )
     assert_verified(db, "AAPL", ("5m", "15m", "1h", "4h", "1d", "1w"))
 
 
@@ -367,3 +373,31 @@ def test_24x7_bars_are_untouched_by_the_session_schema_and_equal_the_session_eng
                 (tf, cursor),
             ).fetchall()
             assert got == want, tf
+
+
+def test_late_corrections_on_a_session_climb_the_ladder(db: Database, tmp_path: Path) -> None:
+    """A corrected minute inside a session re-aggregates its session windows (5m ... 1w); a late minute
+    outside every session records nothing."""
+    registry.add(db, "AAPL", session="XNYS", calc_4h=True, calc_1d=True, calc_1w=True)
+    ingest_frame(db, tmp_path, "AAPL", minute_frame(regular_minutes(XNYS_DAYS)))
+    backfill.backfill(db, start=utc("2013-11-01"), now=utc("2013-12-09 12:00"))
+    with db.connect() as conn:
+        conn.execute(
+            "UPDATE data_bars SET high = 1000 WHERE canonical_symbol = 'AAPL' AND ts_utc = '2013-11-26 20:59Z'"
+        )
+        conn.execute(
+            "INSERT INTO data_bars (canonical_symbol, timeframe, ts_utc, open, high, low, close, source)"
+            " VALUES ('AAPL', '1m', '2013-11-26 22:00Z', 1, 2000, 1, 1, 'late')"  # 17:00 New York: after the close
+        )
+        logged = conn.execute(
+            "SELECT timeframe, window_start FROM agg_invalidations WHERE canonical_symbol = 'AAPL' ORDER BY 1"
+        ).fetchall()
+        conn.commit()
+    assert [(tf, ws.astimezone(UTC)) for tf, ws in logged] == [("5m", utc("2013-11-26 20:55"))]
+    worker.run_once(db, now=utc("2013-12-09 12:00"))
+    with db.connect() as conn:
+        for tf, start in (("5m", "2013-11-26 20:55"), ("1h", "2013-11-26 20:30"), ("4h", "2013-11-26 18:30"),
+                          ("1d", "2013-11-26 14:30"), ("1w", "2013-11-25 14:30")):  # fmt: skip
+            assert bars(conn, "AAPL", tf).loc[pd.Timestamp(start, tz=UTC), "high"] == 1000, tf
+        assert bars(conn, "AAPL", "1d")["high"].max() == 1000  # the 17:00 minute is in no window
+    assert_verified(db, "AAPL", ("5m", "1h", "4h", "1d", "1w"))

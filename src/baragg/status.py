@@ -41,6 +41,7 @@ class TaskStatus:
     bars_quality_poor: int
     lease_owner: str | None
     pending_invalidations: int = 0  # windows to re-aggregate: their source changed after aggregation
+    session: str = "24x7"  # the symbol's trading session, which cuts its windows (DESIGN.md 3b)
 
     @property
     def alert(self) -> bool:
@@ -78,6 +79,7 @@ def task_status(
             bars_quality_poor=r["total_bars_quality_poor"],
             lease_owner=r["lease_owner"],
             pending_invalidations=r["pending_invalidations"],
+            session=r["session"] or "24x7",
         )
         for r in rows
     ]
@@ -116,8 +118,10 @@ def render(tasks: list[TaskStatus], *, console: Any = None, now: datetime | None
 
     console = console or Console()
     table = Table(header_style="bold", box=None, pad_edge=False)
+    sessions = any(t.session != "24x7" for t in tasks)  # the column only when a symbol has one
     for name, justify in (
         ("symbol", "left"),
+        *((("session", "left"),) if sessions else ()),
         ("tf", "left"),
         ("status", "left"),
         ("enabled", "left"),
@@ -143,6 +147,7 @@ def render(tasks: list[TaskStatus], *, console: Any = None, now: datetime | None
         error = (t.last_error or "")[:60]
         table.add_row(
             t.symbol,
+            *((t.session,) if sessions else ()),
             t.timeframe,
             t.status.upper() if t.alert else t.status,
             "yes" if t.enabled else "no",

@@ -346,6 +346,7 @@ SELECT to_regclass('agg_timeframes') IS NOT NULL
 -- The frontier of a task is the end of the last window its source data covers completely:
 -- the bucket that starts right after the newest source bar ends.
 SELECT s.canonical_symbol, s.timeframe, s.status, s.enabled, s.is_mandatory, s.last_agg_bar_ts_utc,
+       (SELECT r.session FROM core_asset_registry_all r WHERE r.canonical_symbol = s.canonical_symbol) AS session,
        s.next_run_at, s.hard_fail_streak, s.last_error, s.last_successful_at_utc,
        s.total_bars_created, s.total_bars_quality_poor, s.lease_owner,
        f.frontier,
