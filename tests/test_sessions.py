@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 import psycopg
+import pytest
 
 from baragg import backfill, ingest, migrate, registry, sessions, status, verify, worker
 from baragg.db import Database
@@ -401,3 +402,21 @@ def test_late_corrections_on_a_session_climb_the_ladder(db: Database, tmp_path: 
             assert bars(conn, "AAPL", tf).loc[pd.Timestamp(start, tz=UTC), "high"] == 1000, tf
         assert bars(conn, "AAPL", "1d")["high"].max() == 1000  # the 17:00 minute is in no window
     assert_verified(db, "AAPL", ("5m", "1h", "4h", "1d", "1w"))
+
+
+def test_seed_window_functions_take_session_windows(db: Database, tmp_path: Path) -> None:
+    """aggregate_window / aggregate_5m_to_1h_window (the seed's API) and agg_recompute_windows accept a
+    session's windows for a symbol on a session, and refuse a UTC bucket that is not one."""
+    registry.add(db, "AAPL", session="XNYS")
+    ingest_frame(db, tmp_path, "AAPL", minute_frame(regular_minutes({date(2013, 11, 26): time(16)})))
+    with db.connect(autocommit=True) as conn:
+        (five,) = conn.execute(
+            "SELECT aggregate_window('AAPL', '5m', '2013-11-26 20:55Z', '2013-11-26 21:00Z')"
+        ).fetchone()
+        assert five == {"success": True, "stored": True, "source_count": 5, "quality_score": 2}
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="not one 1h window of session XNYS"):
+            conn.execute("SELECT aggregate_5m_to_1h_window('AAPL', '2013-11-26 20:00Z', '2013-11-26 21:00Z')")
+        (done,) = conn.execute(
+            "SELECT agg_recompute_windows('AAPL', '5m', ARRAY['2013-11-26 14:31Z', '2013-11-26 22:00Z']::timestamptz[])"
+        ).fetchone()
+        assert (done["windows"], done["bars_written"]) == (1, 1)  # 22:00Z (17:00 New York) is in no window

@@ -259,7 +259,13 @@ RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_tf agg_timeframes := _agg_ladder(p_to_tf);
     v_bar record;
+    v_session text := _agg_session_of(p_symbol, p_to_tf);
 BEGIN
+    -- A symbol on a trading session, or 1mo: one of its session's windows (15_sessions.sql).
+    IF v_session IS NOT NULL THEN
+        RETURN _agg_session_aggregate_window(p_symbol, p_to_tf, v_session, p_from_utc, p_to_utc,
+                                             p_derivation_version);
+    END IF;
     IF p_from_utc IS NULL OR p_to_utc IS NULL
        OR date_bin(v_tf.bucket_interval, p_from_utc, v_tf.bucket_origin) <> p_from_utc
        OR p_to_utc <> p_from_utc + v_tf.bucket_interval THEN
@@ -532,7 +538,12 @@ RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_tf agg_timeframes := _agg_ladder(p_to_tf);
     v_result jsonb;
+    v_session text := _agg_session_of(p_symbol, p_to_tf);
 BEGIN
+    -- A symbol on a trading session, or 1mo: its session's windows (15_sessions.sql).
+    IF v_session IS NOT NULL THEN
+        RETURN _agg_session_recompute_windows(p_symbol, p_to_tf, v_session, p_window_starts, p_derivation_version);
+    END IF;
     WITH wanted AS (
         SELECT DISTINCT date_bin(v_tf.bucket_interval, w.ws, v_tf.bucket_origin) AS ws
         FROM unnest(p_window_starts) AS w(ws)

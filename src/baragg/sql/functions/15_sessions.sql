@@ -775,3 +775,98 @@ RETURNS timestamptz LANGUAGE sql STABLE AS $$
                 ELSE (SELECT w.ws FROM _agg_session_next_window(s.sess, p_tf, p_newest_end) w) END
     FROM (SELECT _agg_session_of(p_symbol, p_tf) AS sess) s
 $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- The seed's single-window functions for a symbol on a session (aggregate_window and
+-- agg_recompute_windows hand them over): a window is one of the session's windows.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION _agg_session_aggregate_window(p_symbol text, p_to_tf text, p_session text,
+                                                         p_from_utc timestamptz, p_to_utc timestamptz,
+                                                         p_derivation_version integer DEFAULT 1)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_bar record;
+BEGIN
+    IF p_from_utc IS NULL OR p_to_utc IS NULL OR NOT EXISTS (
+        SELECT 1 FROM _agg_session_next_window(p_session, p_to_tf, p_from_utc) w
+        WHERE w.ws = p_from_utc AND w.we = p_to_utc) THEN
+        RAISE EXCEPTION 'window [%, %) is not one % window of session %', p_from_utc, p_to_utc, p_to_tf, p_session
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v_bar FROM _agg_session_window_bars(p_to_tf, p_symbol, p_session, p_from_utc, p_to_utc);
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('success', true, 'stored', false, 'source_count', 0,
+                                  'quality_score', NULL, 'reason', 'no_source_bars');
+    END IF;
+    IF v_bar.quality_score IS NULL THEN
+        RETURN jsonb_build_object('success', true, 'stored', false, 'source_count', v_bar.source_candles,
+                                  'quality_score', NULL, 'reason', 'insufficient_source_bars');
+    END IF;
+    PERFORM _upsert_derived_bar(p_symbol, p_to_tf, v_bar.ts_utc, v_bar.open, v_bar.high, v_bar.low,
+        v_bar.close, v_bar.vol, v_bar.vwap, v_bar.trade_count, 'agg', v_tf.source_timeframe,
+        v_bar.source_candles, v_bar.expected_candles, v_bar.quality_score, p_derivation_version, '{}');
+    RETURN jsonb_build_object('success', true, 'stored', true, 'source_count', v_bar.source_candles,
+                              'quality_score', v_bar.quality_score);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION _agg_session_recompute_windows(p_symbol text, p_to_tf text, p_session text,
+                                                          p_window_starts timestamptz[],
+                                                          p_derivation_version integer DEFAULT 1)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_result jsonb;
+BEGIN
+    WITH wanted AS (
+        -- the session window containing each instant (instants outside every window: none)
+        SELECT DISTINCT w.ws, w.we
+        FROM unnest(p_window_starts) AS x(ts)
+        CROSS JOIN LATERAL _agg_session_next_window(p_session, p_to_tf, x.ts) w
+        WHERE x.ts IS NOT NULL AND w.ws <= x.ts
+    ),
+    fresh AS (
+        SELECT b.*
+        FROM wanted x
+        CROSS JOIN LATERAL _agg_session_window_bars(p_to_tf, p_symbol, p_session, x.ws, x.we) b
+        WHERE b.quality_score IS NOT NULL
+    ),
+    written AS (
+        INSERT INTO derived_data_bars AS d (
+            canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
+            is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
+            quality_score, derivation_version, raw, deleted_at)
+        SELECT p_symbol, p_to_tf, f.ts_utc, f.open, f.high, f.low, f.close, f.vol, f.vwap, f.trade_count,
+               false, 'agg', now(), v_tf.source_timeframe, f.source_candles, f.expected_candles,
+               f.quality_score, p_derivation_version, '{}'::jsonb, NULL
+        FROM fresh f
+        ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
+        DO UPDATE SET
+            open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+            vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
+            is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
+            source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
+            expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
+            derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = now()
+        RETURNING d.quality_score
+    ),
+    removed AS (
+        UPDATE derived_data_bars d
+        SET deleted_at = now(), updated_at = now()
+        FROM wanted x
+        WHERE d.canonical_symbol = p_symbol AND d.timeframe = p_to_tf AND d.ts_utc = x.ws
+          AND d.deleted_at IS NULL
+          AND NOT EXISTS (SELECT 1 FROM fresh f WHERE f.ts_utc = x.ws)
+        RETURNING d.ts_utc
+    )
+    SELECT jsonb_build_object(
+               'success', true,
+               'windows', (SELECT count(*) FROM wanted),
+               'bars_written', (SELECT count(*) FROM written),
+               'bars_deleted', (SELECT count(*) FROM removed),
+               'bars_quality_poor', (SELECT count(*) FROM written w WHERE w.quality_score <= 0))
+    INTO v_result;
+    RETURN v_result;
+END
+$$;
