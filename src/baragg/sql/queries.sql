@@ -372,10 +372,15 @@ LEFT JOIN LATERAL (
            END AS newest
 ) n ON true
 LEFT JOIN LATERAL (
-    -- (a symbol on a trading session: its session's windows, 15_sessions.sql)
-    SELECT _agg_frontier(s.canonical_symbol, s.timeframe,
-                         n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
-                         tf.bucket_interval, tf.bucket_origin) AS frontier
+    -- (a symbol on a trading session, or 1mo: its session's windows, 15_sessions.sql; 24x7 inline)
+    SELECT CASE WHEN s.timeframe <> '1mo' AND COALESCE(
+                    (SELECT r.session FROM core_asset_registry_all r WHERE r.canonical_symbol = s.canonical_symbol),
+                    '24x7') = '24x7'
+                THEN date_bin(tf.bucket_interval, n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
+                              tf.bucket_origin)
+                ELSE _agg_frontier(s.canonical_symbol, s.timeframe,
+                                   n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
+                                   tf.bucket_interval, tf.bucket_origin) END AS frontier
 ) f ON true
 WHERE %(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[])
 ORDER BY s.canonical_symbol, tf.duration_rank;
@@ -466,8 +471,10 @@ probed AS MATERIALIZED (  -- evaluate each probe once per task, not once per use
 ),
 framed AS (
     SELECT p.*,
-           CASE WHEN p.tf_interval IS NOT NULL
-                THEN _agg_frontier(p.canonical_symbol, p.timeframe, p.source_last_ts + p.src_interval,
+           CASE WHEN p.tf_interval IS NULL THEN NULL
+                WHEN p.timeframe <> '1mo' AND COALESCE(p.session, '24x7') = '24x7'
+                    THEN date_bin(p.tf_interval, p.source_last_ts + p.src_interval, p.tf_origin)
+                ELSE _agg_frontier(p.canonical_symbol, p.timeframe, p.source_last_ts + p.src_interval,
                                    p.tf_interval, p.tf_origin) END AS frontier_utc
     FROM probed p
 )
@@ -489,7 +496,9 @@ SELECT f.canonical_symbol AS symbol,
        END AS lag_frontier_seconds,
        CASE WHEN f.last_agg_bar_ts_utc IS NOT NULL AND f.tf_interval IS NOT NULL
             THEN greatest(0, extract(epoch FROM c.now_utc - (f.last_agg_bar_ts_utc
-                 + _agg_window_length(f.canonical_symbol, f.timeframe, f.last_agg_bar_ts_utc, f.tf_interval))))::float8
+                 + CASE WHEN f.timeframe <> '1mo' AND COALESCE(f.session, '24x7') = '24x7' THEN f.tf_interval
+                        ELSE _agg_window_length(f.canonical_symbol, f.timeframe, f.last_agg_bar_ts_utc,
+                                                f.tf_interval) END)))::float8
        END AS lag_now_seconds,
        f.next_run_at AS next_run_utc,
        f.hard_fail_streak AS streak,

@@ -605,8 +605,14 @@ $$;
 CREATE OR REPLACE FUNCTION _agg_passed_window(p_symbol text, p_tf text, p_interval interval, p_origin timestamptz,
                                               p_ts timestamptz, p_cursor timestamptz)
 RETURNS TABLE (ws timestamptz) LANGUAGE sql STABLE AS $$
+    -- (_agg_session_of written out: this function is inlined into the triggers' queries, and a scalar
+    -- SQL function with sub-selects would be a function call per row)
     SELECT x.ws
-    FROM (SELECT _agg_session_of(p_symbol, p_tf) AS sess) s
+    FROM (SELECT CASE WHEN p_tf = '1mo'
+                      THEN COALESCE((SELECT r.session FROM core_asset_registry_all r
+                                     WHERE r.canonical_symbol = p_symbol), '24x7')
+                      ELSE (SELECT r.session FROM core_asset_registry_all r
+                            WHERE r.session <> '24x7' AND r.canonical_symbol = p_symbol) END AS sess) s
     CROSS JOIN LATERAL (
         SELECT date_bin(p_interval, p_ts, p_origin) AS ws
         WHERE s.sess IS NULL

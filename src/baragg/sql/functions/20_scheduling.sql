@@ -289,9 +289,14 @@ BEGIN
                                                OR COALESCE((s.last_run_stats->>'windows_processed')::bigint, 0)
                                                   + COALESCE((i.st->>'windows_processed')::bigint, 0) > 0),
             -- (the window at the cursor ends at cursor + its length: a session's may be clipped or shorter)
+            -- (24x7 symbols are told apart inline: a SQL function call per task would cost ~0.1 ms)
             next_run_at = _agg_next_run(COALESCE(i.cur, s.last_agg_bar_ts_utc),
-                                        _agg_window_length(i.sym, i.tf, COALESCE(i.cur, s.last_agg_bar_ts_utc),
-                                                           t.bucket_interval),
+                                        CASE WHEN i.tf = '1mo' OR EXISTS (
+                                                 SELECT 1 FROM core_asset_registry_all r
+                                                 WHERE r.session <> '24x7' AND r.canonical_symbol = i.sym)
+                                             THEN _agg_window_length(i.sym, i.tf, COALESCE(i.cur, s.last_agg_bar_ts_utc),
+                                                                     t.bucket_interval)
+                                             ELSE t.bucket_interval END,
                                         s.aggregation_delay_seconds, s.run_interval_minutes,
                                         COALESCE((i.st->>'continue')::boolean, false) OR s.rerun_requested, v_now),
             updated_at = now()
@@ -324,7 +329,11 @@ BEGIN
       AND d.enabled AND t.timeframe = d.timeframe
       AND (d.last_agg_bar_ts_utc IS NULL
            OR d.last_agg_bar_ts_utc
-              + _agg_window_length(d.canonical_symbol, d.timeframe, d.last_agg_bar_ts_utc, t.bucket_interval)
+              + CASE WHEN d.timeframe = '1mo' OR EXISTS (
+                         SELECT 1 FROM core_asset_registry_all r
+                         WHERE r.session <> '24x7' AND r.canonical_symbol = d.canonical_symbol)
+                     THEN _agg_window_length(d.canonical_symbol, d.timeframe, d.last_agg_bar_ts_utc, t.bucket_interval)
+                     ELSE t.bucket_interval END
               + make_interval(secs => COALESCE(d.aggregation_delay_seconds, 0)) <= v_now)
       AND ((d.status = 'idle' AND (d.next_run_at IS NULL OR d.next_run_at > v_now))
            OR (d.status = 'running' AND NOT d.rerun_requested));
