@@ -301,7 +301,12 @@ def _print_rebuild(rebuilt: dict[str, Any] | None) -> None:
     levels = (rebuilt or {}).get("levels") or {}
     if not levels:
         return  # no tasks yet: nothing was built, nothing to rebuild
-    detail = ", ".join(f"{tf} {v['written']} written, {v['withdrawn']} withdrawn" for tf, v in levels.items())
+    from baragg.timeframes import LADDER
+
+    order = sorted(levels, key=lambda tf: LADDER[tf].duration_rank if tf in LADDER else 99)
+    detail = ", ".join(
+        f"{tf} {levels[tf]['written']} written, {levels[tf]['withdrawn']} withdrawn" for tf in order
+    )
     print(f"rebuilt {rebuilt['symbol']} from its stored sources (session {rebuilt['session']}): {detail}")
 
 
