@@ -348,7 +348,7 @@ def test_24x7_bars_are_untouched_by_the_session_schema_and_equal_the_session_eng
         first = dump(conn)
         assert len(first) > 3000
         # Upgrading again: the session migration re-run and every function file re-applied.
-        conn.execute(next(m for m in migrate.discover() if m.name == "0005_sessions.sql").sql)
+        conn.execute(next(m for m in migrate.discover() if m.name == "0008_sessions.sql").sql)
         conn.execute("UPDATE baragg_schema_repeatables SET checksum = 'old'")
     migrate.upgrade(db)
     worker.run_once(db, now=utc("2024-03-18"))

@@ -586,7 +586,7 @@ SELECT count(*) AS pending,
        extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - min(first_seen_at))::float8 AS oldest_age_seconds
 FROM agg_invalidations;
 
--- ==== trading sessions (migration 0005, baragg/sessions.py) ====
+-- ==== trading sessions (migration 0008, baragg/sessions.py) ====
 
 -- name: session_list
 SELECT name, tz, open_time, close_time, weekdays, calendar, builtin, days_from, days_to

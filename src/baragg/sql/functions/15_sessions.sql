@@ -1,5 +1,5 @@
 -- Repeatable: the engine for symbols on a trading session (DESIGN.md 3b). The tables are created by
--- migration 0005; the days in agg_session_days are materialised by baragg's Python side.
+-- migration 0008; the days in agg_session_days are materialised by baragg's Python side.
 --
 -- A symbol on the 24x7 session keeps the date_bin engine of 10_engine.sql, untouched, for every level
 -- but 1mo. Every other symbol, and every 1mo task, goes through the functions below, which cut windows
@@ -450,7 +450,7 @@ $$;
 -- Whether a catch-up of these symbols needs the session engine (the hook in agg_catchup_tasks).
 CREATE OR REPLACE FUNCTION _agg_needs_sessions(p_to_tf text, p_symbols text[])
 RETURNS boolean LANGUAGE sql STABLE AS $$
-    -- The registry's partial index on symbols off 24x7 (migration 0005) makes this free when every
+    -- The registry's partial index on symbols off 24x7 (migration 0008) makes this free when every
     -- symbol is on 24x7.
     SELECT p_to_tf = '1mo'
         OR EXISTS (SELECT 1 FROM core_asset_registry_all r
@@ -580,7 +580,7 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- Hooks for the other function files: the same questions for a 24x7 symbol (date_bin, as before)
 -- and for a symbol on a session. "Is the symbol off 24x7" is an index probe that the registry's
--- partial index (migration 0005) answers at once while every symbol is on 24x7.
+-- partial index (migration 0008) answers at once while every symbol is on 24x7.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION _agg_session_of(p_symbol text, p_tf text)
 RETURNS text LANGUAGE sql STABLE AS $$

@@ -1,4 +1,4 @@
--- 0005: trading sessions (DESIGN.md section 3b) and the monthly level.
+-- 0008: trading sessions (DESIGN.md section 3b) and the monthly level.
 -- Tables and data only; the functions are the repeatable file functions/15_sessions.sql.
 --
 -- A session says when a symbol's market trades: an IANA time zone (daylight saving followed), the daily
