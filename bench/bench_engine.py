@@ -90,7 +90,8 @@ def catch_up_level(conn: psycopg.Connection, tf: str, symbols: list[str], max_wi
     """Catch every symbol's `tf` task up, as the worker would (storing cursors); return bars written."""
     cursors: list = [None] * len(symbols)
     written = 0
-    while True:
+    while True:  # ends when no task continues; a call that continues without moving a cursor stops it
+        before = cursors
         rows = conn.execute(
             "SELECT canonical_symbol, result FROM agg_catchup_tasks(%s, %s, %s::timestamptz[], %s, %s)",
             (tf, symbols, cursors, max_windows, NOW),
@@ -104,6 +105,8 @@ def catch_up_level(conn: psycopg.Connection, tf: str, symbols: list[str], max_wi
         )
         if not any(r[1]["continue"] for r in rows):
             return written
+        if cursors == before:
+            raise SystemExit(f"{tf}: `continue` is true but no cursor moved (at {sorted(set(cursors))[:3]})")
 
 
 def main() -> None:

@@ -10,7 +10,22 @@ from typing import Any
 
 import psycopg
 
-T0 = datetime(2026, 1, 5, 0, 0, tzinfo=UTC)  # a Monday
+T0 = datetime(2026, 1, 5, 0, 0, tzinfo=UTC)  # a Monday; for tests that pass the clock (now=, --now)
+
+
+def days_ago(days: int) -> datetime:
+    """Midnight UTC ``days`` days before today, on the real clock.
+
+    For the daemon tests: `baragg worker` and worker.Worker run on the real clock, so their data is
+    placed before it (a day's windows are final a day later), never at a fixed date that today's date
+    may not have passed.
+    """
+    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=days)
+
+
+def hours_ago(hours: int) -> datetime:
+    """The start of the hour ``hours`` hours before the current one, on the real clock (see days_ago)."""
+    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours)
 
 
 def add_assets(conn: psycopg.Connection, symbols: list[str], **flags: Any) -> None:
@@ -46,9 +61,26 @@ def set_agg_start(conn: psycopg.Connection, when: datetime) -> None:
     conn.execute("UPDATE data_agg_state SET agg_start_utc = %s", (when,))
 
 
+def tasks_from(conn: psycopg.Connection, start: datetime) -> None:
+    """Create the tasks now (the daemon's own sync keeps them) with agg_start_utc at ``start``, so
+    data placed relative to the real clock is aggregated whatever the default agg_start_utc."""
+    conn.execute("SELECT sync_agg_state_from_registry('prod')")
+    set_agg_start(conn, start)
+
+
 def task(conn: psycopg.Connection, symbol: str, timeframe: str) -> dict[str, Any]:
+    """Every column of the task; agg_start_utc '-infinity' (from the first source row), which Python
+    cannot hold, reads as None."""
+    columns = [
+        "NULLIF(agg_start_utc, '-infinity') AS agg_start_utc" if name == "agg_start_utc" else name
+        for (name,) in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'data_agg_state'"
+            " ORDER BY ordinal_position"
+        )
+    ]
     cur = conn.execute(
-        "SELECT * FROM data_agg_state WHERE canonical_symbol = %s AND timeframe = %s", (symbol, timeframe)
+        f"SELECT {', '.join(columns)} FROM data_agg_state WHERE canonical_symbol = %s AND timeframe = %s",
+        (symbol, timeframe),
     )
     row = cur.fetchone()
     assert row is not None, f"no task {symbol} {timeframe}"
@@ -71,6 +103,8 @@ def hours(n: float) -> timedelta:
 def run_cli(
     *args: str, url: str, env: dict[str, str] | None = None, **kw: Any
 ) -> subprocess.CompletedProcess[str]:
+    """Run `baragg ARGS`; a command still running after ``timeout`` (default 240 s) fails the test."""
+    kw.setdefault("timeout", 240)
     return subprocess.run(
         [sys.executable, "-m", "baragg.cli", *args],
         capture_output=True,

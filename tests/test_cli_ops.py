@@ -44,6 +44,10 @@ def test_cleanup_legacy_derived_soft_deletes_1m_rows(db: Database, conn: psycopg
 def test_cleanup_refuses_derived_timeframes(db: Database) -> None:
     done = baragg(db, "cleanup", "legacy-derived", "--timeframe", "5m")
     assert done.returncode == 2
+    assert done.stderr == (
+        "baragg: error: baragg cleanup legacy-derived: argument --timeframe: invalid choice: '5m'"
+        " (choose from '1m')\n"
+    )
 
 
 def test_runtime_failure_is_one_line_exit_1(tmp_path) -> None:
@@ -61,7 +65,10 @@ def test_debug_shows_the_traceback(db: Database, tmp_path) -> None:
 def test_usage_error_exit_2_one_line(db: Database) -> None:
     done = baragg(db, "ingest")
     assert done.returncode == 2
-    assert len(done.stderr.strip().splitlines()) == 1 and "FILE" in done.stderr.upper()
+    assert done.stderr == "baragg: error: baragg ingest: the following arguments are required: file\n"
+    done = baragg(db, "ingest", "bars.csv", "--no-such-option")
+    assert done.returncode == 2
+    assert done.stderr == "baragg: error: baragg: unrecognized arguments: --no-such-option\n"
 
 
 def test_a_database_without_the_schema_says_what_to_do(empty_db: Database, tmp_path) -> None:

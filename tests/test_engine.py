@@ -265,7 +265,7 @@ def test_max_windows_bounds_non_empty_windows_and_sets_continue(conn: psycopg.Co
     for day in range(3):
         add_minutes(conn, FRI - timedelta(days=3 - day), 5)
     cursor, calls = FRI - timedelta(days=3), []
-    while True:
+    for _ in range(10):  # 4 calls expected; a `continue` that never turns false fails below
         result = catch_up(conn, "5m", cursor, FRI + timedelta(days=1), max_windows=1)
         calls.append((result["windows_processed"], result["gaps_skipped"], result["continue"]))
         cursor = result["cursor_advanced_to"]
@@ -290,13 +290,18 @@ def test_agg_start_is_a_floor_and_an_unaligned_start_skips_its_window(conn: psyc
     assert result["gaps_skipped"] == 0 and result["windows_processed"] == 2
 
 
-def test_bootstrap_without_data_is_the_next_boundary_after_now(conn: psycopg.Connection) -> None:
+def test_bootstrap_without_data_is_the_window_containing_now(conn: psycopg.Connection) -> None:
+    """DESIGN.md 4: that window is not final yet, so its rows are future work, never "late data"."""
     add_asset(conn)
     (boot,) = conn.execute(
         "SELECT agg_bootstrap_cursor(p_symbol => 'EURUSD', p_to_tf => '1h', p_now_utc => %s)",
         (FRI + timedelta(minutes=61),),
     ).fetchone()
-    assert boot == FRI + timedelta(hours=2)
+    assert boot == FRI + timedelta(hours=1)
+    (week,) = conn.execute(
+        "SELECT agg_bootstrap_cursor('EURUSD', '1w', %s)", (FRI + timedelta(minutes=61),)
+    ).fetchone()
+    assert week == FRI - timedelta(days=4)  # the Monday of the week containing now
 
 
 def test_hour_waits_for_the_5m_task_but_fridays_last_hour_is_not_held_until_monday(conn) -> None:
@@ -337,6 +342,7 @@ def test_weekly_bar_starts_on_monday(conn: psycopg.Connection) -> None:
             " VALUES ('EURUSD', '1d', %s, %s, %s, %s, %s, 10)",
             (MON - timedelta(days=7) + timedelta(days=day), day, day + 1, day - 1, day + 0.5),
         )
+    add_task(conn, "1w", MON - timedelta(days=14))  # agg_start 2025-07-01, a Tuesday
     result = catch_up(conn, "1w", MON - timedelta(days=14), MON + timedelta(hours=1))
     assert bars(conn, "1w") == [(MON - timedelta(days=7), 0.0, 4.5, 5, 2)]
     # The week of June 30 starts before agg_start (July 1): never built, not counted as a gap.
@@ -353,11 +359,48 @@ def test_recomputing_updates_the_active_row_and_keeps_created_at(conn: psycopg.C
     conn.execute("UPDATE derived_data_bars SET created_at = '2020-01-01', updated_at = '2020-01-01'")
     conn.execute("UPDATE data_bars SET close = 99 WHERE ts_utc = %s", (FRI + timedelta(minutes=4),))
     result = catch_up(conn, "5m", FRI, FRI + timedelta(hours=1))
-    assert result["bars_created"] == 1
+    assert (result["bars_created"], result["bars_rewritten"], result["bars_unchanged"]) == (0, 1, 0)
     rows = conn.execute(
         "SELECT close, created_at, updated_at > '2020-01-02' FROM derived_data_bars"
     ).fetchall()
     assert rows == [(99.0, utc("2020-01-01 00:00"), True)]
+
+
+def test_an_equal_recomputation_writes_nothing_and_counts_unchanged(conn: psycopg.Connection) -> None:
+    """Issue 11: a recompute equal to the stored bar is not a "created" bar and bumps nothing."""
+    add_asset(conn)
+    add_minutes(conn, FRI, 10)
+    first = catch_up(conn, "5m", FRI, FRI + timedelta(hours=1))
+    assert (first["bars_created"], first["bars_rewritten"], first["bars_unchanged"]) == (2, 0, 0)
+    conn.execute("UPDATE derived_data_bars SET updated_at = '2020-01-01', ingested_at = '2020-01-01'")
+    (xmin_before,) = conn.execute(
+        "SELECT array_agg(xmin::text ORDER BY ts_utc) FROM derived_data_bars"
+    ).fetchone()
+    again = catch_up(conn, "5m", FRI, FRI + timedelta(hours=1))
+    assert (again["bars_created"], again["bars_rewritten"], again["bars_unchanged"]) == (0, 0, 2)
+    assert again["windows_processed"] == 2 and again["bars_withdrawn"] == 0
+    rows = conn.execute(
+        "SELECT updated_at, ingested_at, xmin::text FROM derived_data_bars ORDER BY ts_utc"
+    ).fetchall()
+    assert [r[:2] for r in rows] == [(utc("2020-01-01 00:00"), utc("2020-01-01 00:00"))] * 2
+    assert [r[2] for r in rows] == xmin_before  # no new row version
+
+
+def test_a_catch_up_over_stored_bars_withdraws_the_windows_that_lost_their_source(conn) -> None:
+    """A cursor moved back (backfill --from) over bars whose source rows are gone: soft-deleted."""
+    add_asset(conn)
+    add_minutes(conn, FRI, 15)
+    catch_up(conn, "5m", FRI, FRI + timedelta(hours=1))
+    conn.execute(
+        "DELETE FROM data_bars WHERE ts_utc >= %s AND ts_utc < %s",
+        (FRI + timedelta(minutes=5), FRI + timedelta(minutes=8)),
+    )  # 10:05 keeps 2 of 5 minutes: below the threshold
+    again = catch_up(conn, "5m", FRI, FRI + timedelta(hours=1))
+    assert (again["bars_withdrawn"], again["bars_skipped"], again["bars_unchanged"]) == (1, 1, 2)
+    rows = conn.execute(
+        "SELECT ts_utc, deleted_at IS NOT NULL FROM derived_data_bars ORDER BY ts_utc"
+    ).fetchall()
+    assert rows == [(FRI, False), (FRI + timedelta(minutes=5), True), (FRI + timedelta(minutes=10), False)]
 
 
 def test_upsert_derived_bar_has_the_seed_signature_and_result(conn: psycopg.Connection) -> None:
@@ -368,9 +411,15 @@ def test_upsert_derived_bar_has_the_seed_signature_and_result(conn: psycopg.Conn
         " p_source_tf => '1m', p_source_candles => 5, p_expected_candles => 5, p_quality_score => 2,"
         " p_derivation_version => 1, p_raw => NULL)"
     )
-    assert conn.execute(call, (FRI,)).fetchone()[0] == {"success": True, "inserted": True}
-    assert conn.execute(call, (FRI,)).fetchone()[0] == {"success": True, "inserted": False}
-    assert conn.execute("SELECT count(*), min(raw::text) FROM derived_data_bars").fetchone() == (1, "{}")
+    assert conn.execute(call, (FRI,)).fetchone()[0] == {"success": True, "inserted": True, "changed": True}
+    # the same values again: nothing written
+    assert conn.execute(call, (FRI,)).fetchone()[0] == {"success": True, "inserted": False, "changed": False}
+    assert conn.execute(call.replace("p_high => 2", "p_high => 3"), (FRI,)).fetchone()[0] == {
+        "success": True, "inserted": False, "changed": True,
+    }  # fmt: skip
+    assert conn.execute("SELECT count(*), min(raw::text), max(high) FROM derived_data_bars").fetchone() == (
+        1, "{}", 3.0,
+    )  # fmt: skip
 
 
 def test_catchup_result_has_the_seed_keys_and_refuses_a_null_cursor(conn: psycopg.Connection) -> None:
@@ -381,7 +430,8 @@ def test_catchup_result_has_the_seed_keys_and_refuses_a_null_cursor(conn: psycop
     ).fetchone()
     assert set(result) == {
         "success", "windows_processed", "cursor_advanced_to", "bars_created", "bars_quality_poor",
-        "bars_skipped", "gaps_skipped", "continue", "agg_start_enforced",
+        "bars_skipped", "gaps_skipped", "continue", "agg_start_enforced",  # the seed's keys
+        "bars_rewritten", "bars_unchanged", "bars_withdrawn", "reaggregated",  # issue 11
     }  # fmt: skip
     with pytest.raises(psycopg.errors.NullValueNotAllowed, match="agg_bootstrap_cursor"):
         conn.execute("SELECT catchup_aggregation_range('EURUSD', '5m', NULL)")
@@ -422,6 +472,9 @@ def test_recompute_windows_upserts_and_soft_deletes(conn: psycopg.Connection) ->
         "success": True,
         "windows": 3,
         "bars_written": 1,
+        "bars_created": 0,
+        "bars_rewritten": 1,
+        "bars_unchanged": 0,
         "bars_deleted": 1,
         "bars_quality_poor": 0,
     }

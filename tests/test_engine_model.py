@@ -8,6 +8,7 @@ derived bar with tests/reference_model.py.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from baragg.db import Database
 from baragg.timeframes import LADDER
 from engine_support import as_dict, assert_same_bars, clean, load, parse_result, sql_catch_up, store_cursor
-from reference_model import Bar, Task, World, bootstrap, catch_up, source_task_waits
+from reference_model import Bar, Task, World, bootstrap, catch_up, chain_below, reaggregate, source_task_waits
 
 BASE = datetime(2025, 7, 7, tzinfo=UTC)  # a Monday
 LADDER_ORDER = ["5m", "15m", "1h", "4h", "1d", "1w"]
@@ -169,10 +170,8 @@ def run_worker_rounds(
                     store_cursor(conn, world, symbol, tf, cursors[tf])
                 if not sql["continue"]:
                     break
-
-
-def own_source_times(world: World, tf) -> list[datetime]:
-    return [r.ts for r in world.source_rows("AAA", LADDER[tf.source].source)]
+            else:
+                raise AssertionError(f"{tf} at {now}: `continue` still true after 200 calls")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,13 +240,15 @@ def test_derived_catch_up_equals_model(
             assert sql == model
             note(tf_name, sql)
             if source_task != "none" and source_task_waits(
-                world, "AAA", tf, sql["cursor_advanced_to"] + tf.interval, own_source_times(world, tf)
+                world, "AAA", tf, sql["cursor_advanced_to"] + tf.interval
             ):
                 event(f"{tf_name}: stopped waiting on the source task")
             cursors[tf_name] = sql["cursor_advanced_to"]
             store_cursor(conn, world, "AAA", tf_name, cursors[tf_name])
             if not sql["continue"]:
                 break
+        else:
+            raise AssertionError(f"{tf_name} at {now}: `continue` still true after 100 calls")
     assert_same_bars(conn, world)
 
 
@@ -345,3 +346,126 @@ def test_multi_task_equals_model(model_db, per_symbol, seed, now, max_windows) -
         start = cursor if cursor is not None else bootstrap(world, symbol, "5m", clock)
         assert parse_result(result) == as_dict(catch_up(world, symbol, "5m", start, max_windows, clock))
     assert_same_bars(conn, world)
+
+
+# ---------------------------------------------------------------------------------------------
+# Final means final (issue 11): rule 3 recursive down the whole chain, logged windows of the tasks
+# below counting as unprocessed input, and the re-aggregation of logged windows obeying finality.
+# Every level from the target's source down to the 1m rows gets random bars; every task below the
+# target gets a random cursor (or none, or no task row) and random logged windows; the target gets
+# logged windows before and after its cursor, and the tasks built from it get cursors (so the
+# target's writes are logged for them). catchup_aggregation_range (re-aggregation, then catch-up)
+# must equal the model's reaggregate + catch_up: results, bars, and the invalidation log.
+# ---------------------------------------------------------------------------------------------
+def level_step(tf_name: str) -> timedelta:
+    return timedelta(minutes=1) if tf_name == "1m" else LADDER[tf_name].interval
+
+
+def db_pending(conn: psycopg.Connection) -> set[tuple[str, str, datetime]]:
+    return set(
+        conn.execute("SELECT canonical_symbol, timeframe, window_start FROM agg_invalidations").fetchall()
+    )
+
+
+def model_pending(world: World) -> set[tuple[str, str, datetime]]:
+    return {(s, tf, ws) for (s, tf), windows in world.pending.items() for ws in windows}
+
+
+@settings(SETTINGS, max_examples=int(os.environ.get("BARAGG_CHAIN_EXAMPLES", "80")))
+@given(
+    tf_name=st.sampled_from(["15m", "1h", "4h", "1d", "1w"]),
+    data=st.data(),
+    seed=st.integers(0, 2**32 - 1),
+    sparse=st.booleans(),
+    delay=st.sampled_from([0, 60, 3600]),
+    max_windows=st.sampled_from([1, 3, 100, None]),
+)
+def test_recursive_rule_3_and_final_logged_windows_equal_model(
+    model_db, tf_name, data, seed, sparse, delay, max_windows
+) -> None:
+    conn = model_db
+    clean(conn)
+    conn.execute("DELETE FROM agg_invalidations")
+    rnd = random.Random(seed)
+    tf = LADDER[tf_name]
+    start = tf.bucket_start(BASE) - 2 * tf.interval
+    world = World()
+    # bars of every level below the target, down to the 1m rows
+    levels = [tf.source, *chain_below(tf.source), "1m"]
+    for level in levels:
+        step = level_step(level)
+        # rows in units of the level, a little before the target's first window to well after it
+        stamps = data.draw(offsets(max_blocks=4, max_len=25), label=f"{level} rows")
+        bars = {start + k * step: random_bar(rnd, start + k * step, 0.05) for k in stamps}
+        if level == "1m":
+            world.raw["AAA"] = list(bars.values())
+        else:
+            world.derived[("AAA", level)] = bars
+    span = 6 * tf.interval
+    # the tasks below: no row, a NULL cursor, or a cursor somewhere; logged windows somewhere
+    for lower in chain_below(tf_name):
+        kind = data.draw(
+            st.sampled_from(["none", "null", "cursor", "cursor", "done", "done"]), label=f"{lower} task"
+        )
+        if kind == "none":
+            continue
+        step = LADDER[lower].interval
+        cursor = None
+        if kind == "cursor":
+            cursor = start + data.draw(st.integers(-2, span // step), label=f"{lower} cursor") * step
+        elif kind == "done":  # caught up past every row of the example
+            cursor = LADDER[lower].bucket_start(start + 400 * span)
+        world.tasks[("AAA", lower)] = Task(cursor=cursor)
+        logged = data.draw(st.lists(st.integers(-2, span // step), max_size=2), label=f"{lower} logged")
+        if logged and cursor is not None:
+            world.pending[("AAA", lower)] = {start + k * step for k in logged}
+    # the target: a cursor, logged windows before (and some after) it
+    cursor = start + data.draw(st.integers(0, 4), label="cursor") * tf.interval
+    world.tasks[("AAA", tf_name)] = Task(cursor=cursor, delay_seconds=delay, agg_start=start)
+    logged = data.draw(st.lists(st.integers(-1, 5), max_size=4), label="logged")
+    if logged:
+        world.pending[("AAA", tf_name)] = {start + k * tf.interval for k in logged}
+    # stored bars of the target in some of those windows (what a re-aggregation rewrites or withdraws)
+    stored = {}
+    for k in data.draw(st.lists(st.integers(-1, 5), max_size=3), label="stored"):
+        ws = start + k * tf.interval
+        stored[ws] = replace(random_bar(rnd, ws, 0.0), source_candles=1, expected_candles=tf.expected_source_bars,
+                             quality_score=-1, source_timeframe=tf.source, derivation_version=1)  # fmt: skip
+    world.derived[("AAA", tf_name)] = stored
+    # the tasks built from the target, with cursors, so that its writes are logged for them
+    for parent, ptf in LADDER.items():
+        if ptf.source == tf_name:
+            world.tasks[("AAA", parent)] = Task(cursor=ptf.bucket_start(start + span))
+    if sparse:
+        world.sparse.add("AAA")
+    load(conn, world, ["AAA"])
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO agg_invalidations (canonical_symbol, timeframe, window_start, reason) VALUES (%s, %s, %s, 'test')",
+            sorted(model_pending(world)),
+        )
+    minutes = (span + 2 * tf.interval) // timedelta(minutes=1)
+    now = start + data.draw(st.integers(0, minutes), label="now") * timedelta(minutes=1)
+
+    (got,) = conn.execute(
+        "SELECT catchup_aggregation_range(p_symbol => 'AAA', p_to_tf => %s, p_start_cursor_utc => %s,"
+        " p_max_windows => %s, p_now_utc => %s)",
+        (tf_name, cursor, max_windows, now),
+    ).fetchone()
+    late = reaggregate(world, "AAA", tf_name, now)
+    model = catch_up(world, "AAA", tf_name, cursor, max_windows, now)
+    expected_late = {k: getattr(late, k) for k in (
+        "windows", "bars_created", "bars_rewritten", "bars_unchanged", "bars_withdrawn", "bars_quality_poor",
+        "bars_reaggregated", "entries_dropped", "entries_waiting")}  # fmt: skip
+    assert {k: got["reaggregated"][k] for k in expected_late} == expected_late
+    assert parse_result(got) == as_dict(model)
+    assert_same_bars(conn, world)
+    assert db_pending(conn) == model_pending(world)
+    if late.entries_waiting:
+        event(f"{tf_name}: logged windows waiting")
+    if late.windows:
+        event(f"{tf_name}: logged windows re-aggregated")
+    if model.windows_processed == 0 and model.cursor_advanced_to + tf.interval <= now - timedelta(
+        seconds=delay
+    ):
+        event(f"{tf_name}: catch-up held back by the chain")

@@ -209,7 +209,7 @@ def test_unknown_symbol_option_is_named(registered: Database, tmp_path: Path) ->
 
 
 def test_missing_columns_and_missing_file_are_usage_errors(registered: Database, tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "x.csv", "timestamp_utc,open,high,low,close", "2024-01-02 10:00,1,2,0.5,1")
+    path = write_csv(tmp_path / "x.csv", "open,high,low,close", "1,2,0.5,1")
     done = baragg(registered, "ingest", path, "--symbol", "EURUSD")
     assert done.returncode == 2 and "missing column ts_utc" in done.stderr
     done = baragg(registered, "ingest", tmp_path / "nope.csv", "--symbol", "EURUSD")
@@ -366,7 +366,7 @@ def test_gzip_crlf_bom_and_blank_lines_keep_line_numbers(registered: Database, c
     assert "1 bad row; line 6: high: high 0.2 below low 0.5" in done.stderr
 
 
-def test_extra_columns_are_ignored_but_kept_in_the_reject_file(
+def test_extra_columns_are_refused_unless_ignored_and_kept_in_the_reject_file(
     registered: Database, conn, tmp_path: Path
 ) -> None:
     path = write_csv(
@@ -376,12 +376,26 @@ def test_extra_columns_are_ignored_but_kept_in_the_reject_file(
         "2024-01-02 10:01,oanda,1,2,0.5,-inf",
     )
     rejects = tmp_path / "r.csv"
-    done = baragg(registered, "ingest", path, "--symbol", "EURUSD", "--reject-file", rejects)
+    refused = baragg(registered, "ingest", path, "--symbol", "EURUSD", "--reject-file", rejects)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "unknown column 'provider'" in refused.stderr and "--ignore-column provider" in refused.stderr
+    assert bars(conn) == [] and not rejects.exists()
+    done = baragg(
+        registered,
+        "ingest",
+        path,
+        "--symbol",
+        "EURUSD",
+        "--reject-file",
+        rejects,
+        "--ignore-column",
+        "provider",
+    )
     assert done.returncode == 0, done.stderr
     assert "ignored columns: provider" in done.stdout and "rejected 1" in done.stdout
     assert rejects.read_text().splitlines() == [
         "line,ts_utc,provider,open,high,low,close,reason",
-        "3,2024-01-02 10:01,oanda,1,2,0.5,-inf,close: not finite (-inf)",
+        "3,2024-01-02 10:01,oanda,1,2,0.5,'-inf,close: not finite (-inf)",
     ]
 
 

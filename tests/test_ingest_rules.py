@@ -1,8 +1,15 @@
-"""The validation rules (DESIGN.md 8) against a plain statement of them: a row is accepted iff valid."""
+"""The validation rules (DESIGN.md 8): every rule, one broken at a time, must be the one that fires.
+
+Rows are generated valid, then at most one thing is made wrong (a mutation that knows which rule it
+breaks and the exact reason text the user will read). A batch mixes valid and broken rows, so a rule
+that misfires on its neighbours, a rule that is missing (the row then fails a later rule, or none) and
+a reason that names the wrong column all fail here.
+"""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
@@ -12,82 +19,238 @@ from hypothesis import strategies as st
 from baragg.validation import check_bars
 
 KNOWN = {"EURUSD", "XAUUSD"}
-
-prices = st.one_of(
-    st.floats(min_value=-5, max_value=5, allow_nan=False).map(lambda x: round(x, 3)),
-    st.sampled_from([math.nan, math.inf, -math.inf, None]),
-)
-counts = st.one_of(st.none(), st.integers(-3, 1000).map(float), st.sampled_from([1.5, math.nan]))
-times = st.builds(
-    lambda minutes, seconds: datetime(2024, 1, 1, tzinfo=UTC) + timedelta(minutes=minutes, seconds=seconds),
-    st.integers(0, 100_000),
-    st.sampled_from([0, 0, 0, 30]),
-)
+INT32_MAX = 2**31 - 1
+COLUMNS = ("canonical_symbol", "ts_utc", "open", "high", "low", "close", "vol", "vwap", "trade_count")
+PRICES = ("open", "high", "low", "close")
 
 
-def text(value: object) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
+def fmt(value: float) -> str:
+    """A number as the reasons print it: whole numbers without '.0'."""
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
     return str(value)
 
 
-def valid(row: dict) -> bool:
-    """DESIGN.md 8, spelled out one rule at a time."""
-    if row["canonical_symbol"] not in KNOWN:
-        return False
-    if row["ts_utc"].second != 0:
-        return False
-    p = [row[c] for c in ("open", "high", "low", "close")]
-    if any(v is None or not math.isfinite(v) for v in p):
-        return False
-    o, h, lo, c = p
-    if not (lo <= min(o, c) and max(o, c) <= h):
-        return False
-    for name in ("vol", "trade_count"):
-        v = row[name]
-        if v is not None and (not math.isfinite(v) or v < 0):
-            return False
-    return not (row["trade_count"] is not None and row["trade_count"] != int(row["trade_count"]))
+@dataclass
+class Case:
+    """One row as text (what a CSV holds), its valid values, and the rule it should break (if any)."""
+
+    text: dict[str, str | None]
+    values: dict[str, object] = field(default_factory=dict)
+    kind: str | None = None  # the mutation, for messages
+    column: str | None = None
+    reason: str | None = None
 
 
-rows = st.fixed_dictionaries(
-    {
-        "canonical_symbol": st.sampled_from(["EURUSD", "XAUUSD", "GBPJPY"]),
-        "ts_utc": times,
-        "open": prices,
-        "high": prices,
-        "low": prices,
-        "close": prices,
-        "vol": st.one_of(st.none(), st.floats(-2, 1e6, allow_nan=False), st.just(math.inf)),
-        "trade_count": counts,
+@st.composite
+def valid_rows(draw: st.DrawFn) -> Case:
+    """A row that obeys every rule. Prices in thousandths, so their order is exact in floats."""
+    low = draw(st.integers(-5_000, 5_000))
+    high = low + draw(st.integers(0, 3_000))
+    open_, close = (draw(st.integers(low, high)) for _ in range(2))
+    prices = dict(zip(PRICES, (open_ / 1000, high / 1000, low / 1000, close / 1000), strict=True))
+    ts = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(minutes=draw(st.integers(0, 1_000_000)))
+    vol = draw(st.one_of(st.none(), st.integers(0, 10**8).map(lambda n: n / 100)))
+    vwap = draw(st.one_of(st.none(), st.floats(-1e6, 1e6, allow_nan=False)))
+    count = draw(st.one_of(st.none(), st.integers(0, INT32_MAX).map(float)))
+    values = {
+        "canonical_symbol": draw(st.sampled_from(sorted(KNOWN))),
+        "ts_utc": ts,
+        **prices,
+        "vol": vol,
+        "vwap": vwap,
+        "trade_count": count,
     }
-)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(rows, min_size=1, max_size=30))
-def test_a_row_is_accepted_iff_it_obeys_every_rule(batch: list[dict]) -> None:
-    raw = pd.DataFrame(
-        {
-            "canonical_symbol": [r["canonical_symbol"] for r in batch],
-            "ts_utc": [r["ts_utc"].strftime("%Y-%m-%dT%H:%M:%S") for r in batch],
-            **{
-                c: [text(r[c]) for r in batch] for c in ("open", "high", "low", "close", "vol", "trade_count")
-            },
-        },
-        dtype="string",
+    text = {c: None if v is None else str(v) for c, v in values.items()}
+    text["ts_utc"] = ts.strftime(
+        draw(st.sampled_from(["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%MZ"]))
     )
+    return Case(text=text, values=values)
+
+
+# A mutation breaks exactly one rule of a valid row: it changes the row's text and returns the
+# column and reason check_bars must report.
+Mutation = Callable[[Case, st.DrawFn], tuple[str, str]]
+MUTATIONS: dict[str, Mutation] = {}
+
+
+def mutation(name: str) -> Callable[[Mutation], Mutation]:
+    def register(fn: Mutation) -> Mutation:
+        MUTATIONS[name] = fn
+        return fn
+
+    return register
+
+
+@mutation("unknown symbol")
+def _unknown_symbol(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+    symbol = draw(st.sampled_from(["GBPJPY", "eurusd", "XAU", "EURUSD."]))
+    case.text["canonical_symbol"] = symbol
+    return "canonical_symbol", f"unknown symbol '{symbol}'"
+
+
+@mutation("missing symbol")
+def _missing_symbol(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+    case.text["canonical_symbol"] = draw(st.sampled_from([None, "", "  "]))
+    return "canonical_symbol", "missing"
+
+
+@mutation("missing time")
+def _missing_time(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+    case.text["ts_utc"] = draw(st.sampled_from([None, "", " "]))
+    return "ts_utc", "missing"
+
+
+@mutation("unparsable time")
+def _unparsable_time(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+    raw = draw(st.sampled_from(["garbage", "2024-13-01 00:00", "2024-02-30 10:00", "10:00", "1e3"]))
+    case.text["ts_utc"] = raw
+    return "ts_utc", f"cannot parse '{raw}' as a time"
+
+
+@mutation("time with seconds")
+def _seconds(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+    ts = case.values["ts_utc"] + timedelta(seconds=draw(st.integers(1, 59)))
+    case.text["ts_utc"] = ts.strftime("%Y-%m-%dT%H:%M:%S")
+    return "ts_utc", f"not on a minute ({ts:%Y-%m-%d %H:%M:%S})"
+
+
+@mutation("time with a fraction of a second")
+def _fraction(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+    ts = case.values["ts_utc"] + timedelta(milliseconds=draw(st.integers(1, 999)))
+    case.text["ts_utc"] = ts.strftime("%Y-%m-%dT%H:%M:%S.%f")
+    shown = f"{ts:%Y-%m-%d %H:%M:%S.%f}".rstrip("0")
+    return "ts_utc", f"not on a minute ({shown})"
+
+
+def _number_mutations(column: str, required: bool) -> None:
+    if required:
+
+        @mutation(f"missing {column}")
+        def _missing(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+            case.text[column] = draw(st.sampled_from([None, "", "  "]))
+            return column, "missing"
+
+    @mutation(f"{column} not a number")
+    def _not_a_number(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+        raw = draw(st.sampled_from(["abc", "1,5", "0x10", "--1", "1.2.3"]))
+        case.text[column] = raw
+        return column, f"not a number: '{raw}'"
+
+    @mutation(f"{column} not finite")
+    def _not_finite(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+        raw = draw(st.sampled_from(["nan", "NaN", "inf", "-inf", "Infinity"]))
+        case.text[column] = raw
+        return column, f"not finite ({fmt(float(raw))})"
+
+
+for _column in (*PRICES, "vol", "vwap", "trade_count"):
+    _number_mutations(_column, required=_column in PRICES)
+
+
+def _set(case: Case, column: str, value: float) -> str:
+    case.text[column] = str(value)
+    return fmt(value)
+
+
+@mutation("high below low")
+def _high_below_low(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+    low = case.values["low"]
+    high = _set(case, "high", (round(low * 1000) - draw(st.integers(1, 3_000))) / 1000)
+    return "high", f"high {high} below low {fmt(low)}"
+
+
+def _outside_mutations(price: str) -> None:
+    @mutation(f"{price} below low")
+    def _below(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+        low = case.values["low"]
+        value = _set(case, price, (round(low * 1000) - draw(st.integers(1, 3_000))) / 1000)
+        return price, f"{price} {value} below low {fmt(low)}"
+
+    @mutation(f"{price} above high")
+    def _above(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+        high = case.values["high"]
+        value = _set(case, price, (round(high * 1000) + draw(st.integers(1, 3_000))) / 1000)
+        return price, f"{price} {value} above high {fmt(high)}"
+
+
+for _price in ("open", "close"):
+    _outside_mutations(_price)
+
+
+@mutation("negative vol")
+def _negative_vol(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+    return "vol", f"negative ({_set(case, 'vol', -draw(st.integers(1, 10**6)) / 100)})"
+
+
+@mutation("negative trade_count")
+def _negative_count(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+    return "trade_count", f"negative ({_set(case, 'trade_count', float(-draw(st.integers(1, 10**6))))})"
+
+
+@mutation("fractional trade_count")
+def _fractional_count(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+    value = draw(st.integers(0, 10**6)) + draw(st.sampled_from([0.5, 0.25, 0.001]))
+    return "trade_count", f"not a whole number ({_set(case, 'trade_count', value)})"
+
+
+@mutation("trade_count too large")
+def _large_count(case: Case, draw: st.DrawFn) -> tuple[str, str]:
+    value = float(draw(st.integers(INT32_MAX + 1, 10**12)))
+    return "trade_count", f"too large ({_set(case, 'trade_count', value)} > {INT32_MAX})"
+
+
+@st.composite
+def cases(draw: st.DrawFn, kind: str | None = None) -> Case:
+    """A valid row, broken by mutation ``kind`` (any or none when not given)."""
+    case = draw(valid_rows())
+    if kind is None:
+        kind = draw(st.one_of(st.none(), st.sampled_from(sorted(MUTATIONS))))
+    if kind is not None:
+        case.kind = kind
+        case.column, case.reason = MUTATIONS[kind](case, draw)
+    return case
+
+
+def check(batch: list[Case]) -> None:
+    raw = pd.DataFrame({c: [case.text[c] for case in batch] for c in COLUMNS}, dtype="string")
     checked = check_bars(raw, known_symbols=KNOWN)
-    assert list(checked.ok) == [valid(r) for r in batch]
-    # every bad row says which column and why
-    assert checked.column[~checked.ok].notna().all() and checked.reason[~checked.ok].str.len().gt(0).all()
+    got = [
+        (c, r) if isinstance(r, str) else (None, None)
+        for c, r in zip(checked.column, checked.reason, strict=True)
+    ]
+    wrong = [
+        (i, case.kind or "valid", (case.column, case.reason), found)
+        for i, (case, found) in enumerate(zip(batch, got, strict=True))
+        if found != (case.column, case.reason)
+    ]
+    assert wrong == [], "(row, mutation, expected (column, reason), reported)"
     # good rows keep their values exactly
-    for i, r in enumerate(batch):
-        if valid(r):
-            assert checked.bars["ts_utc"].iloc[i] == pd.Timestamp(r["ts_utc"])
-            assert checked.bars["high"].iloc[i] == r["high"]
+    for i, case in enumerate(batch):
+        if case.reason is None:
+            bar = checked.bars.iloc[i]
+            assert bar["ts_utc"] == pd.Timestamp(case.values["ts_utc"])
+            assert bar["canonical_symbol"] == case.values["canonical_symbol"]
+            for c in (*PRICES, "vol", "vwap", "trade_count"):
+                want = case.values[c]
+                assert pd.isna(bar[c]) if want is None else bar[c] == want, (c, bar[c], want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_every_rule_fires_with_its_reason_and_spares_the_other_rows(data: st.DataObject) -> None:
+    """Every rule in every example: one row per mutation, shuffled among valid rows, each names its
+    column and why; the valid rows pass untouched."""
+    broken = [data.draw(cases(kind=kind), label=kind) for kind in sorted(MUTATIONS)]
+    valid = data.draw(st.lists(valid_rows(), min_size=1, max_size=10), label="valid rows")
+    check(data.draw(st.permutations(broken + valid), label="batch"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(cases(), min_size=1, max_size=20))
+def test_a_mixed_batch_reports_exactly_the_broken_rule_of_each_row(batch: list[Case]) -> None:
+    """About half the rows valid, the others broken one way each."""
+    check(batch)
 
 
 def test_offsets_convert_to_utc_and_naive_means_utc() -> None:

@@ -354,7 +354,7 @@ def test_status_shows_pending_invalidations(db: Database, week) -> None:
     pending_by_task = {t["timeframe"]: t["pending_invalidations"] for t in json.loads(done.stdout)}
     assert pending_by_task == {"5m": 1, "15m": 0, "1h": 0, "4h": 0, "1d": 0, "1w": 0}
     human = baragg(db, "status")
-    assert human.returncode == 0 and "late" in human.stdout.splitlines()[0]
+    assert human.returncode == 0 and "late" in " ".join(human.stdout.splitlines()[:2])  # two-line header
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,3 +457,28 @@ def test_a_running_task_runs_again_after_its_finish(db: Database, week) -> None:
     assert pending(conn) == []
     assert bar(conn, "5m", MONDAY + timedelta(hours=2))[3] == minute_bar(last_minute)[4] + 1
     assert_matches_scratch(db, conn)
+
+
+def test_bars_built_through_the_late_data_path_show_in_text_output(db: Database, week) -> None:
+    """Issue 11: "0 bars created" while bars were rebuilt. The run's line, `status` and its JSON say
+    what happened: rewritten bars, late windows."""
+    conn = week
+    ts = MONDAY + timedelta(days=2, hours=7, minutes=31)
+    conn.execute(
+        "UPDATE data_bars SET low = low - 50 WHERE canonical_symbol = %s AND ts_utc = %s", (SYMBOL, ts)
+    )
+    done = baragg(db, "run", "--once", "--now", NOW.isoformat())
+    assert done.returncode == 0, done.stderr
+    assert (
+        "0 bars created, 6 rewritten, 0 withdrawn, 0 unchanged (6 late windows re-aggregated)" in done.stdout
+    )
+    table = baragg(db, "status")
+    assert table.returncode == 0, table.stderr
+    header = table.stdout.splitlines()[0].split()
+    assert header[header.index("created") : header.index("unchanged") + 1] == [
+        "created", "rewritten", "withdrawn", "unchanged",
+    ]  # fmt: skip
+    rows = json.loads(baragg(db, "status", "--json").stdout)
+    assert {(t["timeframe"], t["bars_rewritten"], t["bars_unchanged"]) for t in rows} == {
+        (tf, 1, 0) for tf in ALL_TFS
+    }

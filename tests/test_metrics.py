@@ -156,6 +156,19 @@ def test_reaggregated_and_withdrawn_bars_are_counted():
     assert metrics.registry.get_sample_value("baragg_bars_withdrawn_total", {"timeframe": "1h"}) == 1
 
 
+def test_created_rewritten_withdrawn_and_unchanged_bars_are_counted_apart():
+    """Issue 11: an upsert that rewrote a bar, or recomputed an equal one, is not a created bar."""
+    metrics = Metrics()
+    result = TaskResult("X", "5m", bars_created=2, bars_rewritten=3, bars_withdrawn=1, bars_unchanged=40)
+    record_task_result(result, metrics)
+    sample = metrics.registry.get_sample_value
+    assert [sample(f"baragg_bars_{k}_total", {"timeframe": "5m"}) for k in (
+        "created", "rewritten", "withdrawn", "unchanged")] == [2, 3, 1, 40]  # fmt: skip
+    text = metrics.exposition().decode()
+    assert "# HELP baragg_bars_created_total Derived bars inserted (new rows)." in text
+    assert "# HELP baragg_bars_unchanged_total Derived bars recomputed equal to the stored bar" in text
+
+
 @pytest.mark.parametrize("pages", [True, False])
 def test_metrics_when_the_database_is_unreachable(closed_port_db, pages):
     metrics = Metrics()

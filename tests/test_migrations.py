@@ -65,7 +65,8 @@ def test_concurrent_upgrades_apply_each_migration_once(empty_db: Database) -> No
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "an upgrade still runs after 120 s (waiting on a lock?)"
     assert not errors
     applied = sorted(len(r) for r in results)
     assert applied == [0, 0, len(migrate.discover())]
@@ -147,6 +148,7 @@ def test_migration_files_apply_as_is_with_psql(empty_db: Database, db: Database)
             ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", empty_db.url, "-f", str(path)],
             check=True,
             capture_output=True,
+            timeout=120,
         )
     with empty_db.connect() as by_psql, db.connect() as by_baragg:
         exclude = ("baragg_schema_migrations", "baragg_schema_repeatables")
@@ -227,7 +229,11 @@ def test_failed_repeatable_changes_nothing(empty_db: Database, tmp_path: Path) -
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "baragg.cli", *args], capture_output=True, text=True, env={**os.environ, **env}
+        [sys.executable, "-m", "baragg.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=240,
     )
 
 

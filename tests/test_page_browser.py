@@ -73,8 +73,10 @@ def page(browser):
     assert errors == [], f"the page logged errors: {errors}"
 
 
+# Predicates are passed as functions: a string expression would be eval'ed in the page, which its
+# Content-Security-Policy (no 'unsafe-eval') forbids.
 def wait_for_chart(page, timeout: float = 60_000) -> None:
-    page.wait_for_function("window.baraggChart && window.baraggChart.ready", timeout=timeout)
+    page.wait_for_function("() => window.baraggChart && window.baraggChart.ready", timeout=timeout)
 
 
 def test_status_page_lists_tasks_and_draws_candles(db, conn, page):
@@ -128,11 +130,11 @@ def test_status_page_lists_tasks_and_draws_candles(db, conn, page):
 
         # A new bar in the database appears on the chart at the next refresh (every second here).
         add_derived_bars(conn, "ESZ4", "5m", fixture["end_5m"], 1, step=FIVE_MIN, start_price=6080.0)
-        page.wait_for_function("window.baraggChart.candleCount === 601", timeout=30_000)
+        page.wait_for_function("() => window.baraggChart.candleCount === 601", timeout=30_000)
 
         # Clicking a task charts it; the 1h task has no bars yet, and the page says so.
         page.locator('#tasks tbody tr[data-symbol="ESZ4"][data-timeframe="1h"]').click()
-        page.wait_for_function("window.baraggChart.ready && window.baraggChart.timeframe === '1h'")
+        page.wait_for_function("() => window.baraggChart.ready && window.baraggChart.timeframe === '1h'")
         assert page.evaluate("window.baraggChart.candleCount") == 0
         assert "no 1h bars" in page.inner_text("#chart")
         # ... and charts its first bars as soon as the worker writes them.
@@ -140,7 +142,7 @@ def test_status_page_lists_tasks_and_draws_candles(db, conn, page):
             conn, "ESZ4", "1h", NOW.replace(hour=13, minute=0, second=0), 2, step=timedelta(hours=1)
         )
         page.wait_for_function(
-            "window.baraggChart.candleCount === 2 && window.baraggChart.ready", timeout=30_000
+            "() => window.baraggChart.candleCount === 2 && window.baraggChart.ready", timeout=30_000
         )
 
 
@@ -167,15 +169,15 @@ def test_a_year_of_5m_bars_loads_and_zooms(db, conn, page):
         page.mouse.move(box["x"] + box["width"] * 0.9, box["y"] + box["height"] / 3)
         for _ in range(10):
             page.mouse.wheel(0, 500)
-        page.wait_for_function(f"{span} > {initial * 2}")
+        page.wait_for_function(f"() => {span} > {initial * 2}")
         # "fit all" shows the whole year at once.
         page.click("#fit")
-        page.wait_for_function(f"{span} >= {n - 1}")
+        page.wait_for_function(f"() => {span} >= {n - 1}")
         # Load only the latest 20k: panning to the oldest of them brings 20k more.
         page.select_option("#limit", "20000")
-        page.wait_for_function("window.baraggChart.ready && window.baraggChart.candleCount === 20000")
+        page.wait_for_function("() => window.baraggChart.ready && window.baraggChart.candleCount === 20000")
         page.click("#fit")
-        page.wait_for_function("window.baraggChart.candleCount === 40000")
+        page.wait_for_function("() => window.baraggChart.candleCount === 40000")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "status-page-year.png"))
 
@@ -189,3 +191,25 @@ def test_page_says_when_the_database_is_down(page):
         assert page.inner_text("#ready") == "not ready"
         page.wait_for_selector("#chart .chart-msg")
         assert page.inner_text("#chart .chart-msg") == "waiting for the database"
+
+
+def test_page_behind_a_token_works_once_the_browser_has_it(browser, db, conn):
+    """With a token the browser is asked for it (HTTP Basic); given it, the page and its API calls work
+    (the 401 without it: tests/test_web_hardening.py)."""
+    standard_fixture(conn, bars=50)
+    token = "0123456789abcdef0123456789abcdef"
+    with running_server(db, now=NOW, token=token) as server:
+        context = browser.new_context(http_credentials={"username": "ops", "password": token})
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        try:
+            response = page.goto(server.url + "/")
+            assert response.status == 200
+            page.wait_for_selector("#tasks tbody tr")
+            assert page.locator("#tasks tbody tr").count() == 7
+            page.wait_for_function("() => document.querySelector('#ready').textContent === 'ready'")
+            assert errors == []
+        finally:
+            context.close()

@@ -70,6 +70,11 @@ def run_chain(conn: psycopg.Connection, symbol: str, now: datetime) -> None:
     """5m then 1h, as the worker does: bootstrap, call until done, store the cursor."""
     for tf in ("5m", "1h"):
         (cursor,) = conn.execute("SELECT agg_bootstrap_cursor(%s, %s, %s)", (symbol, tf, now)).fetchone()
+        # Each call but the last fills 500 windows, and a window holds at least one source row.
+        (rows,) = conn.execute(
+            "SELECT count(*) FROM data_bars WHERE canonical_symbol = %s", (symbol,)
+        ).fetchone()
+        calls = 0
         while True:
             (result,) = conn.execute(
                 "SELECT catchup_aggregation_range(%s, %s, %s, 500, %s)", (symbol, tf, cursor, now)
@@ -81,6 +86,10 @@ def run_chain(conn: psycopg.Connection, symbol: str, now: datetime) -> None:
             )
             if not result["continue"]:
                 break
+            calls += 1
+            assert calls <= rows // 500 + 1, (
+                f"{tf}: `continue` still true after {calls} calls (cursor {cursor})"
+            )
 
 
 def stored(conn: psycopg.Connection, symbol: str, tf: str) -> pd.DataFrame:

@@ -5,6 +5,7 @@ Every call passes a fixed clock (p_now_utc); nothing sleeps.
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import psycopg
@@ -136,6 +137,31 @@ def test_claims_are_exclusive(conn) -> None:
     assert owners == [("w1", 7), ("w2", 13)]
 
 
+def test_a_claim_skips_a_row_another_transaction_has_locked_instead_of_waiting(conn, db) -> None:
+    """Another transaction (a worker finishing, an operator's UPDATE) holds one task row: claims pass
+    it over at once and take the others; it is claimed once the lock is gone."""
+    add_assets(conn, ["AAA", "BBB", "CCC"])
+    sync(conn)
+    # Were the claim to wait for the lock, it would fail after 2 s instead of returning.
+    conn.execute("SET lock_timeout = '2s'")
+    with db.connect() as holder:
+        holder.execute(
+            "SELECT 1 FROM data_agg_state WHERE canonical_symbol = 'BBB' AND timeframe = '5m' FOR UPDATE"
+        )
+        t0 = time.monotonic()
+        claimed = claim(conn, "w1")
+        one = start(conn, "BBB", "5m", "w2")
+        elapsed = time.monotonic() - t0
+        holder.rollback()
+    assert sorted(r[:2] for r in claimed) == [
+        ("AAA", "1h"), ("AAA", "5m"), ("BBB", "1h"), ("CCC", "1h"), ("CCC", "5m"),
+    ]  # fmt: skip
+    assert (one["claimed"], one["reason"]) == (False, "being claimed by another worker")
+    assert elapsed < 2
+    assert task(conn, "BBB", "5m")["status"] == "idle"
+    assert claim(conn, "w2") == [("BBB", "5m", None)]
+
+
 def test_live_lease_is_never_taken_over_and_an_expired_one_is_rescued(one) -> None:
     conn = one
     won = start(conn, "EURUSD", "5m", "w1", lease=300)
@@ -184,6 +210,87 @@ def test_checkpoint_renews_the_lease_and_stores_progress(one) -> None:
     assert t["status"] == "running"
     # Past the first lease but inside the renewed one: still not claimable.
     assert claim(conn, "w2", now=NOW + timedelta(seconds=70), timeframes=["5m"]) == []
+
+
+def checkpoint(conn, worker: str | None, cursor=T0, windows: int = 12, now=NOW, lease: int = 300) -> dict:
+    return sql1(
+        conn,
+        "SELECT agg_checkpoint('EURUSD', '5m', %s, %s, %s, %s, %s)",
+        worker,
+        cursor,
+        Jsonb({"windows_processed": windows, "bars_created": windows}),
+        now,
+        lease,
+    )
+
+
+def unchanged_by(conn, call) -> dict:
+    """Run ``call``; assert the task row is exactly as before; return what the call returned."""
+    before = task(conn, "EURUSD", "5m")
+    out = call()
+    assert task(conn, "EURUSD", "5m") == before
+    return out
+
+
+def test_checkpoint_of_a_worker_whose_lease_was_taken_over_changes_nothing(one) -> None:
+    conn = one
+    start(conn, "EURUSD", "5m", "w1", lease=60)
+    assert checkpoint(conn, "w1", now=NOW + timedelta(seconds=30), lease=60)["changed"] is True
+    taken = NOW + timedelta(seconds=91)  # 60 s after the renewed lease began
+    assert claim(conn, "w2", now=taken, timeframes=["5m"]) == [("EURUSD", "5m", "w1")]
+    out = unchanged_by(conn, lambda: checkpoint(conn, "w1", cursor=T0 + timedelta(hours=2), now=taken))
+    assert out == {"changed": False, "reason": "task EURUSD 5m is not held by w1"}
+    t = task(conn, "EURUSD", "5m")
+    assert (t["lease_owner"], t["last_agg_bar_ts_utc"], t["total_bars_created"]) == ("w2", T0, 12)
+
+
+def test_checkpoint_of_another_worker_than_the_owner_changes_nothing(one) -> None:
+    conn = one
+    start(conn, "EURUSD", "5m", "w1")
+    for intruder in ("w2", "W1", "w1 ", "", None):
+        out = unchanged_by(conn, lambda w=intruder: checkpoint(conn, w, now=NOW + timedelta(seconds=10)))
+        assert out["changed"] is False, intruder
+    assert checkpoint(conn, "w1", now=NOW + timedelta(seconds=10))["changed"] is True
+
+
+def test_checkpoint_after_the_task_was_finished_or_released_changes_nothing(one) -> None:
+    conn = one
+    start(conn, "EURUSD", "5m", "w1")
+    assert finish(conn, "EURUSD", "5m", True, cursor=T0)["changed"] is True
+    out = unchanged_by(conn, lambda: checkpoint(conn, "w1", cursor=T0 + timedelta(hours=1)))
+    assert out["changed"] is False
+    start(conn, "EURUSD", "5m", "w1", now=NOW + timedelta(hours=1))
+    sql1(conn, "SELECT agg_release('EURUSD', '5m', 'w1', %s)", NOW + timedelta(hours=1))
+    assert task(conn, "EURUSD", "5m")["status"] == "idle"
+    out = unchanged_by(conn, lambda: checkpoint(conn, "w1", cursor=T0 + timedelta(hours=1)))
+    assert out["changed"] is False
+
+
+def test_checkpoint_many_stores_only_the_tasks_the_worker_still_holds(conn) -> None:
+    add_assets(conn, ["AAA", "BBB"])
+    sync(conn)
+    claim(conn, "w1", timeframes=["5m"])
+    later = NOW + timedelta(seconds=400)  # both leases expired; w2 takes BBB over, AAA stays with w1
+    assert claim(conn, "w2", now=later, symbols=["BBB"], timeframes=["5m"]) == [("BBB", "5m", "w1")]
+    items = [
+        {
+            "canonical_symbol": s,
+            "timeframe": "5m",
+            "new_cursor_utc": T0.isoformat(),
+            "stats": {"bars_created": 7},
+        }
+        for s in ("AAA", "BBB")
+    ]
+    out = sql1(conn, "SELECT agg_checkpoint_many('w1', %s, %s, 300)", Jsonb(items), later)
+    assert out == {
+        "checkpointed": 1,
+        "unchanged": [
+            {"canonical_symbol": "BBB", "timeframe": "5m", "reason": "task BBB 5m is not held by w1"}
+        ],
+    }
+    aaa, bbb = task(conn, "AAA", "5m"), task(conn, "BBB", "5m")
+    assert (aaa["last_agg_bar_ts_utc"], aaa["total_bars_created"], aaa["lease_owner"]) == (T0, 7, "w1")
+    assert (bbb["last_agg_bar_ts_utc"], bbb["total_bars_created"], bbb["lease_owner"]) == (None, 0, "w2")
 
 
 def test_seed_style_callers_without_worker_id_still_work(one) -> None:
@@ -390,7 +497,8 @@ def test_failure_of_a_task_not_held_changes_nothing(one) -> None:
 # ---------------------------------------------------------------------------------------------
 STATE_COLUMNS = (
     "canonical_symbol, timeframe, enabled, status, source_timeframe, is_mandatory, last_agg_bar_ts_utc,"
-    " agg_start_utc, task_priority, run_interval_minutes, aggregation_delay_seconds, next_run_at, hard_fail_streak"
+    " NULLIF(agg_start_utc, '-infinity'), task_priority, run_interval_minutes, aggregation_delay_seconds,"
+    " next_run_at, hard_fail_streak"
 )
 
 
@@ -440,7 +548,8 @@ def test_sync_never_touches_cursors_or_operator_settings(conn) -> None:
         (T0 + timedelta(hours=5), T0, NOW + timedelta(hours=2)),
     )
     settings = (
-        "last_agg_bar_ts_utc, agg_start_utc, task_priority, aggregation_delay_seconds, run_interval_minutes"
+        "last_agg_bar_ts_utc, NULLIF(agg_start_utc, '-infinity'), task_priority, aggregation_delay_seconds,"
+        " run_interval_minutes"
     )
 
     def operator_view() -> list[tuple]:

@@ -11,9 +11,7 @@ import pytest
 from baragg.db import Database
 from ops_helpers import baragg
 
-pytest.importorskip("baragg.worker", reason="the worker (issue 'worker') is not merged yet")
-
-START = datetime(2025, 9, 8, 0, 0, tzinfo=UTC)  # a Monday, after the default agg_start_utc
+START = datetime(2025, 9, 8, 0, 0, tzinfo=UTC)  # a Monday
 NOW = "2025-09-10T00:10:00Z"
 
 
@@ -84,7 +82,8 @@ def test_status_shows_lags_and_problems_first(two_symbols: Database, conn: psyco
     human = baragg(two_symbols, "status")
     assert human.returncode == 0
     lines = human.stdout.splitlines()
-    assert "HARD_FAILED" in lines[1] and "boom" in lines[1]
+    assert lines[2].split()[:3] == ["XAUUSD", "1h", "FAILED"]  # under the two-line header, first
+    assert "XAUUSD 1h last error (3 in a row): boom" in lines
     assert "1 task(s) need attention" in human.stdout
 
 
@@ -94,8 +93,9 @@ def test_status_of_an_empty_database(db: Database) -> None:
 
 
 def test_backfill_from_aggregates_history_before_agg_start(db: Database, conn: psycopg.Connection) -> None:
-    assert baragg(db, "registry", "add", "EURUSD").returncode == 0
-    load_minutes(conn, "EURUSD", 1, start=datetime(2024, 3, 4, tzinfo=UTC))  # before the default agg_start
+    # tasks that start at 2025-07-01, as the seed's production tasks do
+    assert baragg(db, "registry", "add", "EURUSD", "--agg-start", "2025-07-01").returncode == 0
+    load_minutes(conn, "EURUSD", 1, start=datetime(2024, 3, 4, tzinfo=UTC))  # before agg_start
     first = baragg(db, "backfill", "--now", NOW, "--json")
     assert first.returncode == 0 and json.loads(first.stdout)["bars_created"] == 0
     done = baragg(db, "backfill", "--now", NOW, "--from", "2024-03-04", "--json")
@@ -119,4 +119,61 @@ def test_reenable_a_failed_task(two_symbols: Database, conn: psycopg.Connection)
     ).fetchone()
     assert row == ("idle", 0)
     again = baragg(two_symbols, "reenable", "EURUSD", "4h")
-    assert again.returncode == 2 and "neither disabled nor failed" in again.stderr
+    assert again.returncode == 2 and "neither failing nor disabled" in again.stderr
+
+
+def status_lines(db: Database, columns: int) -> list[str]:
+    done = baragg(db, "status", "--now", NOW, env={"COLUMNS": str(columns)})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_status_is_readable_at_80_and_120_columns(
+    two_symbols: Database, conn: psycopg.Connection, columns: int
+) -> None:
+    assert (
+        baragg(two_symbols, "registry", "add", "GBPUSD", "--calc-15m", "--calc-4h", "--calc-1d").returncode
+        == 0
+    )
+    load_minutes(conn, "GBPUSD", 2)
+    assert baragg(two_symbols, "backfill", "--now", NOW).returncode == 0
+    conn.execute(
+        "UPDATE data_agg_state SET status = 'hard_failed', hard_fail_streak = 3, last_error = %s"
+        " WHERE canonical_symbol = 'GBPUSD' AND timeframe = '1h'",
+        ("connection to server lost while writing the 1h bars of a very long backfill; " * 3,),
+    )
+    lines = status_lines(two_symbols, columns)
+    assert all(len(line) <= columns for line in lines), [line for line in lines if len(line) > columns]
+    assert "…" not in "\n".join(lines[:13])  # the two header lines and 11 rows: nothing cut
+    tasks = [line.split() for line in lines if line.split()[:1] in (["EURUSD"], ["XAUUSD"], ["GBPUSD"])]
+    rows = [t for t in tasks if t[1] in ("5m", "15m", "1h", "4h", "1d") and t[2] != "last"]
+    assert len(rows) == 4 + 2 + 5  # one line per task, the full symbol first
+    assert rows[0][:3] == ["GBPUSD", "1h", "FAILED"]  # problems first
+    assert any(
+        line.startswith("GBPUSD 1h last error (3 in a row): connection to server lost") for line in lines
+    )
+
+
+def test_status_escapes_control_characters_in_names_and_errors(
+    db: Database, conn: psycopg.Connection
+) -> None:
+    # A name the registry would refuse, as an upgraded database may hold it (the CHECK is NOT VALID).
+    evil = "EVIL\x1b[2J\x1b]0;pwned\x07"
+    conn.execute(
+        "ALTER TABLE core_asset_registry_all DROP CONSTRAINT IF EXISTS core_asset_registry_all_symbol_check"
+    )
+    conn.execute("INSERT INTO core_asset_registry_all (canonical_symbol) VALUES (%s)", (evil,))
+    assert baragg(db, "registry", "sync").returncode == 0
+    conn.execute(
+        "UPDATE data_agg_state SET status = 'hard_failed', hard_fail_streak = 3, last_error = %s WHERE timeframe = '5m'",
+        ("bad\rrow \x1b[31mred\x1b[0m \u202etxt.exe",),
+    )
+    done = baragg(db, "status")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out and "\u202e" not in out
+    assert "EVIL\\x1b[2J\\x1b]0;pwned\\x07" in out
+    assert "bad row \\x1b[31mred\\x1b[0m \\u202etxt.exe" in out  # line breaks become spaces
+    listed = baragg(db, "registry", "list")
+    assert listed.returncode == 0 and "\x1b" not in listed.stdout and "EVIL\\x1b[2J" in listed.stdout

@@ -13,6 +13,7 @@ from baragg.db import Database
 from baragg.verify import aggregate, bucket_start, quality
 from conftest import REAL_DATA
 from ops_helpers import baragg
+from rss_helpers import baragg_peak_rss
 
 T0 = datetime(2024, 1, 2, 10, 0, tzinfo=UTC)  # a Tuesday
 
@@ -196,9 +197,44 @@ def test_a_changed_source_bar_shows_as_different(world: Database, conn: psycopg.
     assert diff["columns"] == {"low": {"stored": 109.0, "expected": 50.0}}
 
 
+def test_changed_quality_and_count_columns_show_as_different(
+    world: Database, conn: psycopg.Connection
+) -> None:
+    """Not only prices: a stored bar whose quality or counts disagree with its source is wrong too."""
+    tampered = {  # window minute: (column, stored value, the value the source gives)
+        0: ("quality_score", 0, 2),
+        5: ("source_candles", 5, 4),  # minute 7 is missing
+        10: ("expected_candles", 6, 5),
+        15: ("source_timeframe", "5m", "1m"),
+    }
+    for minute, (column, value, _) in tampered.items():
+        conn.execute(
+            f"UPDATE derived_data_bars SET {column} = %s WHERE ts_utc = %s",
+            (value, T0 + timedelta(minutes=minute)),
+        )
+    done = baragg(world, "verify", "EURUSD", "5m", "--json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert (report["equal"], report["missing"], report["extra"]) == (1, [], [])
+    got = {d["ts_utc"]: d["columns"] for d in report["different"]}
+    assert got == {
+        f"{T0 + timedelta(minutes=minute):%Y-%m-%d %H:%M:%S+00:00}": {
+            column: {"stored": stored, "expected": expected}
+        }
+        for minute, (column, stored, expected) in tampered.items()
+    }
+    human = baragg(world, "verify", "EURUSD", "5m")
+    assert human.returncode == 1
+    assert "different  2024-01-02 10:00: quality_score stored 0 expected 2" in human.stdout, human.stdout
+
+
 def test_bad_arguments_exit_2(world: Database) -> None:
-    assert baragg(world, "verify", "NOPE", "5m").returncode == 2
-    assert baragg(world, "verify", "EURUSD", "2m").returncode == 2
+    done = baragg(world, "verify", "NOPE", "5m")
+    assert done.returncode == 2
+    assert done.stderr == "baragg: error: unknown symbol 'NOPE' (not in core_asset_registry_all)\n"
+    done = baragg(world, "verify", "EURUSD", "2m")
+    assert done.returncode == 2
+    assert done.stderr.startswith("baragg: error: baragg verify: argument TIMEFRAME: invalid choice: '2m'")
     done = baragg(world, "verify", "EURUSD", "5m", "--from", "yesterday")
     assert done.returncode == 2 and "--from" in done.stderr
 
@@ -208,7 +244,6 @@ def test_bad_arguments_exit_2(world: Database) -> None:
 
 @pytest.mark.skipif(not REAL_DATA.exists(), reason=f"real data not found at {REAL_DATA}")
 def test_real_data_through_the_worker_verifies_equal(db: Database, tmp_path) -> None:
-    pytest.importorskip("baragg.worker", reason="the worker is not merged yet")
     es = pd.read_csv(REAL_DATA / "ES_ESZ13_cme_1m_trade_20131006-20131014_UTC.csv")
     es = es.rename(columns={"timestamp_utc": "ts_utc", "volume": "vol"}).assign(canonical_symbol="ES")
     xau = pd.read_csv(REAL_DATA / "XAUUSD_oanda_1m_bidask_20140501-20140515_UTC.csv")
@@ -224,7 +259,7 @@ def test_real_data_through_the_worker_verifies_equal(db: Database, tmp_path) -> 
     loaded = baragg(db, "ingest", path, "--json")
     assert loaded.returncode == 0, loaded.stderr
     assert json.loads(loaded.stdout)["inserted"] == 8198 + 15222
-    # the data is older than the default agg_start_utc: --from moves it
+    # --from also restarts the tasks from a given time
     done = baragg(db, "backfill", "--now", "2014-06-01T00:00:00Z", "--from", "2013-01-01", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["bars_created"] > 5_000
@@ -240,3 +275,76 @@ def test_real_data_through_the_worker_verifies_equal(db: Database, tmp_path) -> 
                 report["different"][:3],
             )
             assert report["equal"] > 0 or timeframe == "1w"
+
+
+def test_metadata_columns_are_compared_too(world: Database, conn: psycopg.Connection) -> None:
+    conn.execute(
+        "UPDATE derived_data_bars SET quality_score = 1, source_candles = 4 WHERE ts_utc = %s",
+        (T0 + timedelta(minutes=10),),
+    )
+    conn.execute(
+        "UPDATE derived_data_bars SET expected_candles = 6, source_timeframe = '5m' WHERE ts_utc = %s",
+        (T0 + timedelta(minutes=15),),
+    )
+    done = baragg(world, "verify", "EURUSD", "5m", "--json")
+    assert done.returncode == 1
+    different = {d["ts_utc"][11:16]: d["columns"] for d in json.loads(done.stdout)["different"]}
+    assert different == {
+        "10:10": {
+            "source_candles": {"stored": 4, "expected": 5},
+            "quality_score": {"stored": 1, "expected": 2},
+        },
+        "10:15": {
+            "expected_candles": {"stored": 6, "expected": 5},
+            "source_timeframe": {"stored": "5m", "expected": "1m"},
+        },
+    }
+
+
+def test_small_chunks_give_the_same_report(world: Database, conn: psycopg.Connection) -> None:
+    """Chunks are aligned to windows: one window per chunk finds exactly what one chunk finds."""
+    conn.execute(
+        "UPDATE derived_data_bars SET high = high + 1 WHERE ts_utc = %s", (T0 + timedelta(minutes=5),)
+    )
+    conn.execute("DELETE FROM derived_data_bars WHERE ts_utc = %s", (T0 + timedelta(minutes=10),))
+    conn.execute(
+        "INSERT INTO derived_data_bars (canonical_symbol, timeframe, ts_utc, open, high, low, close)"
+        " VALUES ('EURUSD', '5m', '2024-01-02 09:00+00', 1, 1, 1, 1), ('EURUSD', '5m', '2024-01-02 10:03+00', 1, 1, 1, 1)"
+    )
+    args = ("verify", "EURUSD", "5m", "--from", "2024-01-02T08:00:00Z", "--json")
+    whole = baragg(world, *args)
+    tiny = baragg(world, *args, env={"BARAGG_VERIFY_CHUNK_ROWS": "1"})
+    assert whole.returncode == tiny.returncode == 1
+    assert json.loads(tiny.stdout) == json.loads(whole.stdout)
+    assert json.loads(whole.stdout)["extra"] == ["2024-01-02 09:00:00+00:00", "2024-01-02 10:03:00+00:00"]
+
+
+def test_a_long_range_is_streamed_in_bounded_memory(db: Database, conn: psycopg.Connection) -> None:
+    """300,000 1m rows and their 60,000 5m bars: the recomputation reads them chunk by chunk (before,
+    all of them at once into pandas: ~860 MB for 200,000 5m bars)."""
+    conn.execute("INSERT INTO core_asset_registry_all (canonical_symbol) VALUES ('EURUSD')")
+    conn.execute(
+        "INSERT INTO data_bars (canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap,"
+        " trade_count, source)"
+        " SELECT 'EURUSD', '1m', %s::timestamptz + i * interval '1 minute', p, p + 0.002, p - 0.001, p + 0.001,"
+        "        1 + i %% 5, p + 0.0005, 1 + i %% 3, 'test'"
+        " FROM generate_series(0, 299999) i, LATERAL (SELECT 1 + (i %% 97) * 0.001 AS p) price",
+        (T0,),
+    )
+    conn.execute(
+        "INSERT INTO derived_data_bars (canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap,"
+        " trade_count, source_timeframe, source_candles, expected_candles, quality_score)"
+        " SELECT 'EURUSD', '5m', date_bin('5 minutes', ts_utc, 'epoch'), (array_agg(open ORDER BY ts_utc))[1],"
+        "        max(high), min(low), (array_agg(close ORDER BY ts_utc DESC))[1], sum(vol),"
+        "        sum(vwap * vol) / sum(vol), sum(trade_count), '1m', count(*), 5, 2"
+        " FROM data_bars GROUP BY 3"
+    )
+    conn.execute(
+        "INSERT INTO data_agg_state (canonical_symbol, timeframe, source_timeframe, agg_start_utc,"
+        " last_agg_bar_ts_utc) VALUES ('EURUSD', '5m', '1m', %s, %s)",
+        (T0, T0 + timedelta(minutes=300_000)),
+    )
+    done, peak = baragg_peak_rss(db, "verify", "EURUSD", "5m")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "60000 bars checked: 60000 equal, 0 missing, 0 extra, 0 different" in done.stdout
+    assert peak < 200, f"peak RSS {peak:.0f} MiB"

@@ -14,6 +14,7 @@ import pytest
 from baragg.metrics import Metrics
 from baragg.web import StatusServer, api
 from obs_data import NOW, add_symbols, standard_fixture
+from stream_lines import LineReader
 from web_client import get, running_server
 
 
@@ -253,20 +254,23 @@ def test_cli_serve(db, conn):
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert proc.stderr is not None
+    stderr = LineReader(proc, proc.stderr)
     try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
-        assert match, line
-        url = match.group(1)
+        url = stderr.wait_for(r"(http://127\.0\.0\.1:\d+)/", timeout=60).group(1)
         assert get(url + "/healthz").status == 200
         body = get(url + "/api/tasks").json()
         assert body["now"] == "2024-11-22T15:07:30Z"  # --now without an offset is UTC
         assert by_key(body["tasks"])["ESZ4", "1h"]["lag_now_seconds"] == 3600 + 7 * 60 + 30
     finally:
         proc.terminate()
-        returncode = proc.wait(timeout=10)
-    assert returncode == 0  # SIGTERM is a clean stop
+        try:
+            returncode = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            raise
+    assert returncode == 0, stderr.rest(timeout=10)  # SIGTERM is a clean stop
 
 
 def test_cli_serve_port_in_use_is_one_line_error(db):

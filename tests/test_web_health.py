@@ -111,7 +111,7 @@ def test_worker_probe_follows_the_claim_threads(db):
             assert (res.status, res.json()["reason"]) == (503, "worker is shutting down")
         finally:
             release.set()
-            thread.join()
+            thread.join(10)
 
 
 def test_recovers_after_the_database_drops_its_connections(db, conn, server_url):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import time
@@ -13,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from baragg import worker
 from baragg.metrics import Metrics, record_task_result
-from scheduling_helpers import T0, add_assets, add_minutes, popen_cli, run_cli
+from scheduling_helpers import T0, add_assets, add_minutes, hours_ago, popen_cli, run_cli, tasks_from
+from stream_lines import LineReader
 from web_client import get, running_server
 
 
@@ -56,24 +56,22 @@ def test_metrics_after_a_run_match_the_database(db, conn):
 
 
 def test_worker_daemon_serves_metrics_health_and_pages(db, conn):
+    # The daemon runs on the real clock: two hours of data that ended an hour ago are final.
+    start = hours_ago(3)
     add_assets(conn, ["AAA"])
-    add_minutes(conn, ["AAA"], T0, T0 + timedelta(hours=2))
+    add_minutes(conn, ["AAA"], start, start + timedelta(hours=2))
+    tasks_from(conn, start)
     proc = popen_cli("worker", "--metrics-port", "0", "--serve", "--interval", "0.5", url=db.url)
+    assert proc.stderr is not None
+    stderr = LineReader(proc, proc.stderr)
     try:
-        assert proc.stderr is not None
-        url = None
-        deadline = time.monotonic() + 60
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line, f"the worker exited ({proc.poll()}) before serving"
-            match = re.search(r"serving on (http://127\.0\.0\.1:\d+)", line)
-            url = match.group(1) if match else None
-        assert url, "the worker never said where it serves"
+        url = stderr.wait_for(r"serving on (http://127\.0\.0\.1:\d+)", timeout=60).group(1)
 
         # The worker aggregates the two hours; the metrics of this process count the bars.
         deadline = time.monotonic() + 60
-        while value(scrape(url), "baragg_bars_created_total", timeframe="5m") != 24:
-            assert time.monotonic() < deadline, "no 5m bars counted"
+        while (bars := value(scrape(url), "baragg_bars_created_total", timeframe="5m")) != 24:
+            assert time.monotonic() < deadline, f"{bars} 5m bars counted after 60 s, not 24"
+            assert proc.poll() is None, f"the worker exited ({proc.returncode})"
             time.sleep(0.1)
         m = scrape(url)
         assert value(m, "baragg_tasks", timeframe="5m", status="idle") == 1
@@ -86,11 +84,12 @@ def test_worker_daemon_serves_metrics_health_and_pages(db, conn):
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(10)
             raise
-    assert proc.returncode == 0
+    assert proc.returncode == 0, stderr.rest(timeout=10)
 
 
 def test_serve_needs_a_metrics_port(db):

@@ -16,7 +16,7 @@ import pytest
 from baragg import migrate, worker
 from baragg.db import Database
 from baragg.logs import JsonFormatter
-from scheduling_helpers import T0, add_assets, add_minutes, sql1, task
+from scheduling_helpers import T0, add_assets, add_minutes, days_ago, sql1, task, tasks_from
 
 ALL_FLAGS = {"calc_15m": True, "calc_4h": True, "calc_1d": True}
 
@@ -158,6 +158,34 @@ def test_symbol_and_timeframe_filters(db: Database, conn) -> None:
     summary = worker.run_once(db, now=T0 + timedelta(days=2), symbols=["BBB"], timeframes=["5m"])
     assert {(r.symbol, r.timeframe) for r in summary.tasks} == {("BBB", "5m")}
     assert task(conn, "AAA", "5m")["last_agg_bar_ts_utc"] is None
+
+
+def test_a_task_row_locked_elsewhere_is_passed_over_not_waited_for(db: Database, conn) -> None:
+    prepare(conn, ["AAA", "BBB"], days=1)
+    conn.execute("SELECT sync_agg_state_from_registry('prod')")
+    summaries: list[worker.RunSummary] = []
+    with db.connect() as holder:
+        holder.execute(
+            "SELECT 1 FROM data_agg_state WHERE canonical_symbol = 'BBB' AND timeframe = '5m' FOR UPDATE"
+        )
+        run = threading.Thread(
+            target=lambda: summaries.append(worker.run_once(db, now=T0 + timedelta(days=2)))
+        )
+        run.start()
+        run.join(30)  # about a second when nothing waits
+        waited = run.is_alive()
+        holder.rollback()  # lets a waiting run finish, so the thread ends either way
+        run.join(60)
+    assert not waited, "run_once waited for the row another transaction locked"
+    assert {(r.symbol, r.timeframe, r.outcome) for r in summaries[0].tasks} == {
+        ("AAA", "5m", "ok"), ("AAA", "1h", "ok"), ("BBB", "1h", "ok"),
+    }  # fmt: skip
+    assert task(conn, "AAA", "1h")["last_agg_bar_ts_utc"] == T0 + timedelta(days=1)
+    assert (task(conn, "BBB", "5m")["total_runs"], task(conn, "BBB", "1h")["total_bars_created"]) == (0, 0)
+    # Once the lock is gone, the next run takes the task.
+    worker.run_once(db, now=T0 + timedelta(days=2))
+    bbb = task(conn, "BBB", "5m")
+    assert (bbb["last_agg_bar_ts_utc"], bbb["total_bars_created"]) == (T0 + timedelta(days=1), 288)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,8 +333,17 @@ def test_run_once_in_a_test_environment_uses_test_active(db: Database, conn) -> 
 # ---------------------------------------------------------------------------------------------
 # the daemon class (signals are tested through the CLI)
 # ---------------------------------------------------------------------------------------------
+def prepare_for_the_daemon(conn: psycopg.Connection, symbols: list[str]) -> datetime:
+    """A day of data that ended a day ago, tasks starting there: final on the daemon's real clock."""
+    start = days_ago(2)
+    add_assets(conn, symbols)
+    add_minutes(conn, symbols, start, start + timedelta(days=1))
+    tasks_from(conn, start)
+    return start
+
+
 def test_worker_daemon_runs_due_tasks_and_stops_cleanly(db: Database, conn) -> None:
-    prepare(conn, ["AAA", "BBB", "CCC"], days=1)
+    start = prepare_for_the_daemon(conn, ["AAA", "BBB", "CCC"])
     seen: list[worker.TaskResult] = []
     daemon = worker.Worker(db, interval=0.2, concurrency=2, on_task=seen.append)
     thread = threading.Thread(target=daemon.run)
@@ -317,12 +354,12 @@ def test_worker_daemon_runs_due_tasks_and_stops_cleanly(db: Database, conn) -> N
             done = sql1(
                 conn,
                 "SELECT count(*) FROM data_agg_state WHERE status = 'idle' AND last_agg_bar_ts_utc = %s",
-                T0 + timedelta(days=1),
+                start + timedelta(days=1),
             )
             if done == 6:
                 break
             time.sleep(0.1)
-        assert done == 6
+        assert done == 6, f"{done} of 6 tasks at their frontier after 60 s"
     finally:
         daemon.stop()
         thread.join(30)
@@ -388,7 +425,7 @@ def test_worker_daemon_wakes_when_a_task_becomes_due_before_the_interval_ends(db
 
 
 def test_worker_daemon_cancels_a_statement_that_outlasts_the_shutdown_timeout(db: Database, conn) -> None:
-    prepare(conn, ["AAA"], days=1)
+    prepare_for_the_daemon(conn, ["AAA"])
     conn.execute(
         """
         CREATE FUNCTION test_hang() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -402,10 +439,11 @@ def test_worker_daemon_cancels_a_statement_that_outlasts_the_shutdown_timeout(db
     thread.start()
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not sql1(
+        while not sql1(
             conn,
             "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%%agg_catchup_tasks%%' AND pid <> pg_backend_pid()",
         ):
+            assert time.monotonic() < deadline, "the daemon never started a catch-up"
             time.sleep(0.05)
         daemon.stop()
         thread.join(30)

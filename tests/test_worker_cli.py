@@ -13,7 +13,18 @@ import pytest
 
 from baragg import migrate
 from baragg.db import Database
-from scheduling_helpers import T0, add_assets, add_minutes, iso, popen_cli, run_cli, sql1, task
+from scheduling_helpers import (
+    T0,
+    add_assets,
+    add_minutes,
+    days_ago,
+    iso,
+    popen_cli,
+    run_cli,
+    sql1,
+    task,
+    tasks_from,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +78,13 @@ def test_four_run_once_processes_aggregate_every_window_exactly_once(db: Databas
         popen_cli("run", "--once", "--now", now, "--batch-size", "7", "--max-windows", "100", url=db.url)
         for _ in range(4)
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=200) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1][-2000:] for o in outs]
 
     assert sql1(conn, "SELECT count(*) FROM data_agg_state") == 40 * 4
@@ -99,7 +116,7 @@ def fresh_database(empty_db: Database) -> Database:
     return empty_db
 
 
-def test_a_killed_worker_task_is_rescued_after_its_lease_and_the_result_equals_an_undisturbed_run(
+def test_a_killed_worker_task_is_taken_over_at_once_and_the_result_equals_an_undisturbed_run(
     db: Database, conn, empty_db: Database
 ) -> None:
     add_assets(conn, ["AAA"], calc_15m=True)
@@ -121,7 +138,7 @@ def test_a_killed_worker_task_is_rescued_after_its_lease_and_the_result_equals_a
         env=slow,
     )
     try:
-        # Killed once it has committed some progress on the 5m task (864 windows, 22 calls).
+        # Frozen once it has committed some progress on the 5m task (864 windows, 22 calls).
         wait_for(
             conn,
             "SELECT status = 'running' AND last_agg_bar_ts_utc > %s FROM data_agg_state"
@@ -129,25 +146,34 @@ def test_a_killed_worker_task_is_rescued_after_its_lease_and_the_result_equals_a
             T0 + timedelta(hours=4),
             proc=victim,
         )
-        victim.send_signal(signal.SIGKILL)
+        victim.send_signal(signal.SIGSTOP)
+        held = task(conn, "AAA", "5m")
+        assert held["status"] == "running" and held["last_agg_bar_ts_utc"] < T0 + timedelta(days=3)
+        assert held["lease_session"] is not None and held["lease_backend_pid"] is not None
+
+        # A stalled worker whose session is alive keeps its task for the whole lease.
+        before = run_cli("run", "--once", "--now", iso(now + timedelta(seconds=59)), url=db.url)
+        assert before.returncode == 0, before.stderr
+        assert task(conn, "AAA", "5m")["lease_owner"] == held["lease_owner"]
     finally:
+        victim.send_signal(signal.SIGKILL)
         victim.wait(30)
     assert victim.returncode == -signal.SIGKILL
-    held = task(conn, "AAA", "5m")
-    assert held["status"] == "running" and held["last_agg_bar_ts_utc"] < T0 + timedelta(days=3)
+    # Its session ends with the process (the server notices the closed socket).
+    wait_for(
+        conn, "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %s)", held["lease_backend_pid"]
+    )
 
-    # Within the lease nobody takes it over.
-    before = run_cli("run", "--once", "--now", iso(now + timedelta(seconds=59)), url=db.url)
-    assert before.returncode == 0, before.stderr
-    assert task(conn, "AAA", "5m")["lease_owner"] == held["lease_owner"]
-
-    # After it, the next run rescues it and finishes everything.
-    after = run_cli("run", "--once", "--now", iso(now + timedelta(seconds=61)), url=db.url)
+    # The next run takes the task over at once, well inside the lease, and says why.
+    after = run_cli("run", "--once", "--now", iso(now), url=db.url)
     assert after.returncode == 0, after.stderr
     rescued = task(conn, "AAA", "5m")
     assert rescued["status"] == "idle" and rescued["total_rescues"] == 1
-    assert f"lease of worker {held['lease_owner']} expired" in rescued["last_rescue"]
-    assert "rescued" in after.stderr
+    assert rescued["last_rescue"].startswith(
+        f"the database session of worker {held['lease_owner']} (backend pid {held['lease_backend_pid']}) ended"
+    )
+    assert "taken over: the database session of worker" in after.stderr
+    assert rescued["lease_session"] is None
 
     # An undisturbed run over the same data gives the same bars and the same task state.
     calm = fresh_database(empty_db)
@@ -166,8 +192,11 @@ def test_a_killed_worker_task_is_rescued_after_its_lease_and_the_result_equals_a
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_daemon_cleanly(db: Database, conn, sig: signal.Signals) -> None:
+    # The daemon runs on the real clock: a day of data that ended a day ago is final.
+    start = days_ago(2)
     add_assets(conn, ["AAA", "BBB"])
-    add_minutes(conn, ["AAA", "BBB"], T0, T0 + timedelta(days=1))
+    add_minutes(conn, ["AAA", "BBB"], start, start + timedelta(days=1))
+    tasks_from(conn, start)
     daemon = popen_cli(
         "worker",
         "--interval",
@@ -192,6 +221,7 @@ def test_a_signal_stops_the_daemon_cleanly(db: Database, conn, sig: signal.Signa
     finally:
         if daemon.poll() is None:
             daemon.kill()
+            daemon.wait(10)
     assert daemon.returncode == 0, stderr
     assert sql1(conn, "SELECT count(*) FROM data_agg_state WHERE status = 'running'") == 0
     assert sql1(conn, "SELECT count(*) FROM data_agg_state WHERE lease_owner IS NOT NULL") == 0

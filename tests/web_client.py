@@ -39,9 +39,10 @@ def get(url: str, headers: dict[str, str] | None = None, timeout: float = 30) ->
             status, hdrs, body = res.status, dict(res.headers), res.read()
     except urllib.error.HTTPError as err:
         status, hdrs, body = err.code, dict(err.headers), err.read()
-    if hdrs.get("Content-Encoding") == "gzip":
+    lowered = {k.lower(): v for k, v in hdrs.items()}  # header names are case-insensitive
+    if lowered.get("content-encoding") == "gzip":
         body = gzip.decompress(body)
-    return Response(status, {k.lower(): v for k, v in hdrs.items()}, body)
+    return Response(status, lowered, body)
 
 
 @contextmanager
@@ -53,6 +54,7 @@ def running_server(
     pages: bool = True,
     now: datetime | None = None,
     db_timeout: float = 5,
+    token: str | None = None,
 ) -> Iterator[StatusServer]:
     """A StatusServer on a free port with its own metrics registry, stopped afterwards."""
     server = StatusServer(
@@ -65,6 +67,7 @@ def running_server(
         refresh_seconds=1,
         db_timeout=db_timeout,  # a dead database answers 503 after this long (tests of it pass 1)
         now=now,
+        token=token,
     )
     with server:
         yield server

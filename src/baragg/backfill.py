@@ -13,12 +13,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from baragg import registry
 from baragg.db import Database
-from baragg.errors import BaraggError
+from baragg.errors import BaraggError, InvalidInput
 from baragg.sql import query
 
 ProgressCallback = Callable[[float, float, str], None]  # (done, total, rate text); seconds of market time
@@ -29,10 +29,23 @@ class BackfillReport:
     tasks: int = 0
     task_runs: int = 0
     windows: int = 0
+    # Every recomputed window is one of: created (inserted), rewritten (values changed), withdrawn
+    # (soft-deleted), unchanged (equal to the stored bar: nothing written). A `--from` over data that
+    # did not change rewrites nothing and reports its bars as unchanged.
     bars_created: int = 0
+    bars_rewritten: int = 0
+    bars_withdrawn: int = 0
+    bars_unchanged: int = 0
     bars_quality_poor: int = 0
-    bars_reaggregated: int = 0  # late or corrected source data (DESIGN.md 5)
+    windows_reaggregated: int = 0  # logged windows (late or corrected source data, DESIGN.md 5)
+    bars_reaggregated: int = 0  # of the bars above, created or rewritten through that path
     failures: list[dict[str, Any]] = field(default_factory=list)
+    # Selected tasks it could not run: backing off, hard_failed, disabled, held by another worker,
+    # or asked for but not active in the registry. Each {symbol, timeframe, reason}.
+    not_run: list[dict[str, Any]] = field(default_factory=list)
+    # Selected tasks with source rows before their agg_start_utc, which they never aggregate
+    # (DESIGN.md 4, rule 1). Each {symbol, timeframe, agg_start_utc, first_source_before_start}.
+    source_rows_before_start: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -59,7 +72,8 @@ def restart_from(
 ) -> int:
     """Set the tasks' agg_start_utc to ``start`` and reset their cursors, so that the worker
     bootstraps them again from there: history before the old agg_start_utc gets aggregated, and bars
-    already stored are recomputed (an upsert that changes nothing where the source did not change).
+    already stored are recomputed (nothing is written where the source did not change: those bars
+    count as unchanged).
     Refused while a worker is running one of the tasks."""
     params = {"start": start, "symbols": symbols, "timeframes": timeframes}
     with db.connect() as conn:
@@ -93,6 +107,7 @@ def backfill(
     except ImportError as exc:  # pragma: no cover - only before the worker is installed
         raise BaraggError("the worker module is not available in this installation") from exc
 
+    check_symbols(db, symbols)
     registry.sync(db, env)
     if start is not None:
         restart_from(db, start, symbols=symbols, timeframes=timeframes)
@@ -103,14 +118,21 @@ def backfill(
     lock = threading.Lock()
     started = time.monotonic()
 
+    ran_tasks: set[tuple[str, str]] = set()
+
     def on_task(result: Any) -> None:
         key = (result.symbol, result.timeframe)
         with lock:
+            ran_tasks.add(key)
             report.task_runs += 1
             report.windows += result.windows
             report.bars_created += result.bars_created
+            report.bars_rewritten += result.bars_rewritten
+            report.bars_withdrawn += result.bars_withdrawn
+            report.bars_unchanged += result.bars_unchanged
             report.bars_quality_poor += result.bars_quality_poor
-            report.bars_reaggregated += getattr(result, "bars_reaggregated", 0)
+            report.windows_reaggregated += result.windows_reaggregated
+            report.bars_reaggregated += result.bars_reaggregated
             if result.outcome in ("transient", "hard"):
                 report.failures.append(
                     {
@@ -152,6 +174,103 @@ def backfill(
         if errors:
             raise errors[0]
     report.seconds = time.monotonic() - started
+    ran = {(r["symbol"], r["timeframe"]) for r in report.failures} | set(ran_tasks)
+    report.not_run = not_run(db, env, symbols, timeframes, ran=ran, now=now)
+    report.source_rows_before_start = rows_before_start(db, symbols, timeframes)
     if on_progress:
-        on_progress(total if not report.failures else sum(done.values()), total, "")
+        complete = not report.failures and not report.not_run
+        on_progress(total if complete else sum(done.values()), total, "")
     return report
+
+
+def check_symbols(db: Database, symbols: list[str] | None) -> None:
+    """An unknown symbol is a usage error, before anything is written."""
+    if not symbols:
+        return
+    with db.connect() as conn:
+        known = {name for (name,) in conn.execute(query("backfill_known_symbols"), {"symbols": symbols})}
+    unknown = [name for name in dict.fromkeys(symbols) if name not in known]
+    if unknown:
+        from baragg.terminal import printable
+
+        names = ", ".join(f"'{printable(name)}'" for name in unknown)
+        raise InvalidInput(
+            f"backfill: unknown symbol {names} (registered symbols: baragg registry list; "
+            f"add one with: baragg registry add SYMBOL)"
+        )
+
+
+def not_run(
+    db: Database,
+    env: str,
+    symbols: list[str] | None,
+    timeframes: list[str] | None,
+    *,
+    ran: set[tuple[str, str]],
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """The selected tasks this backfill could not run, each with the reason and what to do.
+
+    A task that did not run because it is at its frontier is fine and not listed. Tasks the registry
+    does not want (``enabled = false``) are listed only when asked for by name (--symbol)."""
+    clock = now or datetime.now(UTC)
+    with db.connect() as conn:
+        rows = conn.execute(
+            query("backfill_task_states"), {"symbols": symbols, "timeframes": timeframes}
+        ).fetchall()
+    out: list[dict[str, Any]] = []
+    active: set[str] = set()
+    for symbol, timeframe, enabled, status, streak, error, next_run_at, owner, lease_end in rows:
+        if enabled:
+            active.add(symbol)
+        if (symbol, timeframe) in ran or not enabled:
+            continue
+        error_text = f": {' '.join(error.split())[:300]}" if error else ""
+        retry = f"retry now with: baragg reenable {symbol} {timeframe}"
+        if status == "disabled":
+            reason = f"disabled after {streak} failures in a row{error_text}; {retry}"
+        elif status == "hard_failed":
+            reason = f"hard_failed, next retry {_when(next_run_at)}{error_text}; {retry}"
+        elif status == "running" and lease_end is not None and lease_end > clock:
+            reason = f"held by worker {owner} until {_when(lease_end)}"
+        elif streak or error:
+            reason = f"backing off after a failure until {_when(next_run_at)}{error_text}; {retry}"
+        else:
+            continue
+        out.append({"symbol": symbol, "timeframe": timeframe, "status": status, "reason": reason})
+    for symbol in dict.fromkeys(symbols or []):
+        if symbol not in active:
+            what = f" {'/'.join(timeframes)}" if timeframes else ""
+            out.append(
+                {
+                    "symbol": symbol,
+                    "timeframe": "/".join(timeframes) if timeframes else None,
+                    "status": None,
+                    "reason": f"no active{what} task in env {env} (the registry has the symbol inactive "
+                    "or the timeframe's flag off: baragg registry list)",
+                }
+            )
+    return out
+
+
+def rows_before_start(
+    db: Database, symbols: list[str] | None, timeframes: list[str] | None
+) -> list[dict[str, Any]]:
+    """Selected tasks whose source has rows before their agg_start_utc (never aggregated)."""
+    with db.connect() as conn:
+        rows = conn.execute(
+            query("backfill_before_start"), {"symbols": symbols, "timeframes": timeframes}
+        ).fetchall()
+    return [
+        {
+            "symbol": symbol,
+            "timeframe": timeframe,
+            "agg_start_utc": start.astimezone(UTC),
+            "first_source_before_start": first.astimezone(UTC),
+        }
+        for symbol, timeframe, start, first in rows
+    ]
+
+
+def _when(moment: datetime | None) -> str:
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M} UTC" if moment is not None else "now"

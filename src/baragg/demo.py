@@ -26,6 +26,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from baragg import ingest, migrate, registry, status, verify
 from baragg.db import Database, open_database, start_embedded
+from baragg.errors import redact
 
 # Three weeks of trading: from the Sunday open to the Friday close, three weeks later.
 START = datetime(2025, 9, 7, 22, 0, tzinfo=UTC)
@@ -120,7 +121,7 @@ def run(
     if database_url:
         db = open_database(database_url)
         where = "the database given with --database-url"
-        dir_flag = f"--database-url '{database_url}'"
+        dir_flag = f"--database-url '{redact(database_url)}'"  # the password is never printed
     else:
         data_dir = (data_dir or default_data_dir()).expanduser().resolve()
         step(f"starting the embedded PostgreSQL in {data_dir}")

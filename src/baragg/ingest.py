@@ -7,19 +7,26 @@ table; duplicate times across the whole file are looked for in SQL when a chunk 
 one ``INSERT … SELECT … ON CONFLICT … DO UPDATE … WHERE the values differ`` moves the good rows into
 data_bars. All of it is one transaction: by default a single bad row stores nothing; with a reject
 file the good rows load and every bad one is written there. Re-ingesting a file rewrites no row.
+
+Hostile files stay cheap: a line longer than ``MAX_LINE_BYTES`` is refused with its number, bad rows
+are counted and streamed to the reject file (only the first few are kept for the message), reading
+stops after ``max_rejects`` bad rows, and values quoted in messages are escaped and cut short.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import os
-from collections.abc import Callable, Iterator
+import stat
+import tempfile
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -29,9 +36,9 @@ import pyarrow.parquet as pq
 
 from baragg import sessions
 from baragg.db import Database
-from baragg.errors import InvalidInput
+from baragg.errors import BaraggError, InvalidInput, shown
 from baragg.sql import query
-from baragg.validation import COLUMNS, REQUIRED, check_bars
+from baragg.validation import REQUIRED, check_bars, column_names
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +46,17 @@ log = logging.getLogger(__name__)
 # BARAGG_INGEST_BLOCK_BYTES overrides the CSV block size (tests use tiny blocks to cross chunk borders).
 CSV_BLOCK_BYTES = 8 << 20
 PARQUET_BATCH_ROWS = 250_000
-# How many bad rows the error message names.
+# A line of 1m bars is well under 200 bytes; a longer line than this is not a CSV of bars (and would
+# have to be held in memory whole).
+MAX_LINE_BYTES = 1 << 20
+# How many bad rows the error message names, and how many bad rows stop the reading by default.
 SHOWN_BAD_ROWS = 5
+MAX_REJECTS = 1000
+# How many unknown symbols the error message names.
+SHOWN_SYMBOLS = 10
 
 ProgressCallback = Callable[[int, int | None], None]  # (done, total or None) in bytes (CSV) or rows
+T = TypeVar("T")
 
 
 @dataclass
@@ -75,31 +89,39 @@ class IngestReport:
 
 @dataclass
 class _Chunk:
-    """One block of the file: its rows as read, and the line (CSV) or row (Parquet) of each."""
+    """One block of the file: its rows as read (named as in ``COLUMNS``), the line (CSV) or row
+    (Parquet) of each, every field of each row when asked (for the reject file), and the rows the
+    reader could not split into fields."""
 
     lines: np.ndarray
     raw: pd.DataFrame
     done: int  # progress position after this chunk
+    fields: list[pd.Series] | None = None  # one per file column, in file order (all_columns only)
+    malformed: list[tuple[int, str, str]] = field(default_factory=list)  # (line, text, reason)
 
 
 class _Source:
     """A file being read in chunks."""
 
     unit = "line"  # how a row's position is named in messages
-    columns: list[str]
+    header: list[str]
+    positions: dict[int, str]  # file column position -> name in COLUMNS
     total: int
 
+    @property
+    def columns(self) -> list[str]:
+        """The columns of ``COLUMNS`` the file has."""
+        return list(self.positions.values())
+
     def chunks(self, *, all_columns: bool = False) -> Iterator[_Chunk]:  # pragma: no cover - interface
-        """The file's rows, chunk by chunk: the columns baragg reads, or every column (for the
-        reject file, which keeps a bad row's original fields)."""
+        """The file's rows, chunk by chunk: the columns baragg reads, and with ``all_columns`` every
+        field too (for the reject file, which keeps a bad row's original fields)."""
         raise NotImplementedError
 
-    def malformed(self) -> list[tuple[int, list[str], str]]:
-        """Rows the reader could not split into the header's fields: (line, fields, reason)."""
-        return []
-
-    def original_fields(self, lines: set[int]) -> dict[int, list[str]]:  # pragma: no cover - interface
-        raise NotImplementedError
+    def with_fields(self, items: Iterable[T], line_of: Callable[[T], int]) -> Iterator[tuple[T, list[str]]]:
+        """Each item with the original fields of its line; ``items`` come in ascending line order,
+        and the file is read once (pragma: interface)."""
+        raise NotImplementedError  # pragma: no cover
 
 
 def is_parquet(path: Path) -> bool:
@@ -109,13 +131,16 @@ def is_parquet(path: Path) -> bool:
         return fh.read(4) == b"PAR1"
 
 
-def _header(path: Path) -> list[str]:
-    """The header's column names (the file may be compressed)."""
-    with pa.input_stream(str(path), compression="detect") as stream:
-        sample = stream.read(1 << 16)
-    head = sample.decode("utf-8-sig", errors="replace")
-    first = head.splitlines()[0] if head else ""
-    return [name.strip() for name in next(csv.reader([first]), [])]
+def _unreadable(path: Path, exc: BaseException) -> InvalidInput:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InvalidInput(f"{path.name}: cannot read the file: {shown(text, 120)} (truncated or damaged?)")
+
+
+def _too_long(path: Path, line: int) -> InvalidInput:
+    return InvalidInput(
+        f"{path.name}: line {line} is longer than {MAX_LINE_BYTES:,} bytes: not a CSV file of 1m bars? "
+        "nothing was stored"
+    )
 
 
 class _CsvSource(_Source):
@@ -126,24 +151,43 @@ class _CsvSource(_Source):
     its first line number, so rows keep the line numbers a person sees in an editor.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, ignore: Collection[str] = ()) -> None:
         self.path = path
-        self.header = _header(path)
+        self.header = self._header()
         if not self.header or self.header == [""]:
             raise InvalidInput(f"{path.name}: empty file (expected a header line with {', '.join(REQUIRED)})")
-        self.columns = [c for c in self.header if c in COLUMNS]
+        self.positions = _positions(path, self.header, ignore)
         # Progress in bytes read; a compressed file's size does not compare with its text: no total.
         compressed = path.suffix.lower() in {".gz", ".bz2", ".zst", ".lz4", ".br"}
         self.total = 0 if compressed else path.stat().st_size
-        self._malformed: list[tuple[int, list[str], str]] = []
 
-    def malformed(self) -> list[tuple[int, list[str], str]]:
-        return self._malformed
+    @contextlib.contextmanager
+    def _stream(self) -> Iterator[Any]:
+        """The file's bytes (decompressed); a read error names the file (exit 2)."""
+        try:
+            with pa.input_stream(str(self.path), compression="detect") as stream:
+                yield stream
+        except (OSError, pa.ArrowException) as exc:
+            raise _unreadable(self.path, exc) from exc
+
+    def _header(self) -> list[str]:
+        """The header's column names (the file may be compressed)."""
+        with self._stream() as stream:
+            sample = b""
+            while b"\n" not in sample:
+                data = stream.read(1 << 16)
+                if not data:
+                    break
+                sample += data
+                if len(sample) > MAX_LINE_BYTES and b"\n" not in sample[: MAX_LINE_BYTES + 1]:
+                    raise _too_long(self.path, 1)
+        first = sample.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8-sig", errors="replace")
+        return [name.strip() for name in next(csv.reader([first]), [])]
 
     def _blocks(self) -> Iterator[tuple[int, bytes, int]]:
         """(number of the block's first line, the block: whole lines, bytes read so far)."""
         block_bytes = int(os.environ.get("BARAGG_INGEST_BLOCK_BYTES") or CSV_BLOCK_BYTES)
-        with pa.input_stream(str(self.path), compression="detect") as stream:
+        with self._stream() as stream:
             carry = b""
             header_done = False
             line = 1
@@ -162,144 +206,343 @@ class _CsvSource(_Source):
                     header_done = True
                     line = 2
                 if at_end:
+                    self._check_lengths(data, line)
                     if data.strip(b"\r\n"):
                         yield line, data, read
                     return
                 cut = data.rfind(b"\n")
                 if cut < 0:
+                    if len(data) > MAX_LINE_BYTES:
+                        raise _too_long(self.path, line)
                     carry = data
                     continue
                 block, carry = data[: cut + 1], data[cut + 1 :]
+                self._check_lengths(block, line)
+                if len(carry) > MAX_LINE_BYTES:
+                    raise _too_long(self.path, line + block.count(b"\n"))
                 yield line, block, read
                 line += block.count(b"\n")
 
+    def _check_lengths(self, block: bytes, first_line: int) -> None:
+        """Refuse the first line of ``block`` longer than MAX_LINE_BYTES."""
+        if len(block) <= MAX_LINE_BYTES:
+            return
+        ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+        if not len(ends) or ends[-1] != len(block) - 1:
+            ends = np.append(ends, len(block))
+        lengths = np.diff(ends, prepend=-1) - 1
+        over = np.flatnonzero(lengths > MAX_LINE_BYTES)
+        if len(over):
+            raise _too_long(self.path, first_line + int(over[0]))
+
+    def _not_utf8(self, block: bytes, first_line: int) -> tuple[bytes, list[tuple[int, str, str]]]:
+        """The block with its lines that are not UTF-8 blanked (line numbers kept), and those lines
+        as malformed rows."""
+        lines = block.split(b"\n")
+        bad: list[tuple[int, str, str]] = []
+        for offset, raw in enumerate(lines):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                text = raw.decode("utf-8", errors="replace").rstrip("\r")
+                byte = raw[exc.start : exc.start + 1].hex()
+                bad.append((first_line + offset, text, f"not UTF-8 text (byte 0x{byte})"))
+                lines[offset] = b""
+        return b"\n".join(lines), bad
+
     def chunks(self, *, all_columns: bool = False) -> Iterator[_Chunk]:
-        names = self.header
+        width = len(self.header)
+        names = [f"c{i}" for i in range(width)]  # by position: header names may repeat or be empty
+        wanted = names if all_columns else [names[p] for p in self.positions]
         for first_line, block, read in self._blocks():
-            malformed: list[tuple[int, list[str], str]] = []
-
-            def on_invalid_row(
-                row: pa_csv.InvalidRow, first_line: int = first_line, bad: list = malformed
-            ) -> str:
-                fields = next(csv.reader([row.text]), [])
-                reason = f"expected {row.expected_columns} fields, found {row.actual_columns}"
-                bad.append((first_line + (row.number or 1) - 1, fields, reason))
-                return "skip"
-
-            table = pa_csv.read_csv(
-                pa.BufferReader(block),
-                read_options=pa_csv.ReadOptions(
-                    column_names=names, use_threads=False, block_size=len(block) + 1
-                ),
-                parse_options=pa_csv.ParseOptions(
-                    ignore_empty_lines=False, invalid_row_handler=on_invalid_row
-                ),
-                convert_options=pa_csv.ConvertOptions(
-                    column_types={name: pa.string() for name in names},
-                    include_columns=names if all_columns else self.columns,
-                    strings_can_be_null=True,
-                    null_values=[""],
-                ),
-            )
-            self._malformed.extend(malformed)
             line_count = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+            not_utf8: list[tuple[int, str, str]] = []  # blanked lines: read as empty lines, dropped below
+            try:
+                try:
+                    table, malformed = self._parse(block, first_line, names, wanted)
+                except pa.ArrowInvalid as exc:
+                    if "UTF8" not in str(exc):
+                        raise
+                    block, not_utf8 = self._not_utf8(block, first_line)
+                    table, malformed = self._parse(block, first_line, names, wanted)
+            except pa.ArrowInvalid as exc:
+                last = first_line + line_count - 1
+                raise InvalidInput(
+                    f"{self.path.name}: cannot parse lines {first_line}-{last} as CSV: {shown(exc, 120)}"
+                ) from exc
             lines = np.arange(first_line, first_line + line_count, dtype=np.int64)
             if malformed:  # rows the reader skipped keep their line numbers: step over them
                 lines = lines[~np.isin(lines, [n for n, _, _ in malformed])]
-            raw = table.to_pandas(types_mapper=pd.ArrowDtype)
+            frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+            raw = pd.DataFrame({column: frame[names[p]] for p, column in self.positions.items()})
             blank = raw.isna().all(axis=1).to_numpy()
             if blank.any():  # empty lines are not rows
-                raw, lines = raw[~blank].reset_index(drop=True), lines[~blank]
-            yield _Chunk(lines=lines, raw=raw, done=min(read, self.total) if self.total else read)
+                keep = ~blank
+                frame, raw, lines = (
+                    frame[keep].reset_index(drop=True),
+                    raw[keep].reset_index(drop=True),
+                    lines[keep],
+                )
+            fields = [frame[name] for name in names] if all_columns else None
+            done = min(read, self.total) if self.total else read
+            yield _Chunk(
+                lines=lines, raw=raw, done=done, fields=fields, malformed=sorted(malformed + not_utf8)
+            )
 
-    def original_fields(self, lines: set[int]) -> dict[int, list[str]]:
-        found: dict[int, list[str]] = {}
-        with pa.input_stream(str(self.path), compression="detect") as stream:
-            text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
-            for number, fields in enumerate(csv.reader(text), start=1):
-                if number in lines:
-                    found[number] = fields
-                    if len(found) == len(lines):
-                        break
-        return found
+    def _parse(
+        self, block: bytes, first_line: int, names: list[str], wanted: list[str]
+    ) -> tuple[pa.Table, list[tuple[int, str, str]]]:
+        malformed: list[tuple[int, str, str]] = []
+
+        def on_invalid_row(row: pa_csv.InvalidRow) -> str:
+            reason = f"expected {row.expected_columns} fields, found {row.actual_columns}"
+            malformed.append((first_line + (row.number or 1) - 1, row.text, reason))
+            return "skip"
+
+        table = pa_csv.read_csv(
+            pa.BufferReader(block),
+            read_options=pa_csv.ReadOptions(column_names=names, use_threads=False, block_size=len(block) + 1),
+            parse_options=pa_csv.ParseOptions(ignore_empty_lines=False, invalid_row_handler=on_invalid_row),
+            convert_options=pa_csv.ConvertOptions(
+                column_types={name: pa.string() for name in names},
+                include_columns=wanted,
+                strings_can_be_null=True,
+                null_values=[""],
+            ),
+        )
+        return table, malformed
+
+    def with_fields(self, items: Iterable[T], line_of: Callable[[T], int]) -> Iterator[tuple[T, list[str]]]:
+        with self._stream() as stream:
+            text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
+            records = enumerate(csv.reader(text), start=1)
+            number, fields = 0, []
+            for item in items:
+                wanted = line_of(item)
+                while number < wanted:
+                    number, fields = next(records, (wanted, []))
+                yield item, fields if number == wanted else []
 
 
 class _ParquetSource(_Source):
     unit = "row"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, ignore: Collection[str] = ()) -> None:
         self.path = path
         try:
             self.file = pq.ParquetFile(str(path))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InvalidInput(f"{path.name}: not a readable Parquet file: {exc}") from exc
+        except (pa.ArrowException, OSError) as exc:
+            raise InvalidInput(f"{path.name}: not a readable Parquet file: {shown(exc, 120)}") from exc
         self.header = list(self.file.schema_arrow.names)
-        self.columns = [c for c in self.header if c in COLUMNS]
+        self.positions = _positions(path, self.header, ignore)
         self.total = self.file.metadata.num_rows
+
+    def _batches(self, columns: list[int] | None) -> Iterator[pa.RecordBatch]:
+        names = None if columns is None else [self.header[p] for p in columns]
+        try:
+            yield from self.file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=names)
+        except (pa.ArrowException, OSError) as exc:
+            raise _unreadable(self.path, exc) from exc
 
     def chunks(self, *, all_columns: bool = False) -> Iterator[_Chunk]:
         first = 1
-        columns = self.header if all_columns else self.columns
-        for batch in self.file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
-            raw = batch.to_pandas(types_mapper=pd.ArrowDtype)
+        wanted = None if all_columns else list(self.positions)
+        for batch in self._batches(wanted):
+            # the batch's columns: every one of the file's, or the ones read, in file order
+            index = dict(self.positions) if all_columns else dict(enumerate(self.positions.values()))
+            raw = pd.DataFrame(
+                {c: batch.column(i).to_pandas(types_mapper=pd.ArrowDtype) for i, c in index.items()}
+            )
+            fields = (
+                [column.to_pandas(types_mapper=pd.ArrowDtype) for column in batch.columns]
+                if all_columns
+                else None
+            )
             lines = np.arange(first, first + batch.num_rows, dtype=np.int64)
             first += batch.num_rows
-            yield _Chunk(lines=lines, raw=raw, done=first - 1)
+            yield _Chunk(lines=lines, raw=raw, done=first - 1, fields=fields)
 
-    def original_fields(self, lines: set[int]) -> dict[int, list[str]]:
-        found: dict[int, list[str]] = {}
-        first = 1
-        for batch in self.file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=self.header):
-            wanted = [n - first for n in lines if first <= n < first + batch.num_rows]
-            if wanted:
-                rows = batch.take(pa.array(sorted(wanted))).to_pylist()
-                for offset, row in zip(sorted(wanted), rows, strict=True):
-                    found[first + offset] = ["" if v is None else str(v) for v in row.values()]
-            first += batch.num_rows
-        return found
+    def with_fields(self, items: Iterable[T], line_of: Callable[[T], int]) -> Iterator[tuple[T, list[str]]]:
+        batches = self._batches(None)
+        first, rows = 1, []  # rows of the current batch, from row number `first`
+        for item in items:
+            wanted = line_of(item)
+            while wanted >= first + len(rows):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                first += len(rows)
+                rows = list(zip(*(column.to_pylist() for column in batch.columns), strict=True))
+            if first <= wanted < first + len(rows):
+                yield item, ["" if v is None else str(v) for v in rows[wanted - first]]
+            else:
+                yield item, []
 
 
-def open_source(path: Path) -> _Source:
+def _positions(path: Path, header: list[str], ignore: Collection[str]) -> dict[int, str]:
+    try:
+        return column_names(header, ignore=ignore)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{path.name}: {exc}") from None
+
+
+def open_source(path: Path, ignore: Collection[str] = ()) -> _Source:
     if not path.exists():
         raise InvalidInput(f"{path}: no such file")
     if path.is_dir():
         raise InvalidInput(f"{path}: is a directory, not a file")
-    source: _Source = _ParquetSource(path) if is_parquet(path) else _CsvSource(path)
-    missing = [c for c in REQUIRED if c not in source.header]
+    try:
+        parquet = is_parquet(path)
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    source: _Source = _ParquetSource(path, ignore) if parquet else _CsvSource(path, ignore)
+    missing = [c for c in REQUIRED if c not in source.columns]
     if missing:
+        found = ", ".join(shown(name) for name in source.header[:20])
         raise InvalidInput(
             f"{path.name}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-            f"(found: {', '.join(source.header)}; expected ts_utc, open, high, low, close, "
+            f"(found: {found}; expected ts_utc, open, high, low, close, "
             "optional vol, vwap, trade_count, canonical_symbol)"
         )
     return source
 
 
-class _BadRows:
-    """Every bad row: counted, the first few kept for the error message, all written to the reject
-    file (CSV: line or row number, the original fields, the reason) when there is one."""
+# ---------------------------------------------------------------------------------------------
+# The reject file
+# ---------------------------------------------------------------------------------------------
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"
 
-    def __init__(self, reject_file: Path | None, unit: str, header: list[str]) -> None:
+
+def spreadsheet_safe(cells: pd.Series) -> pd.Series:
+    """Cells a spreadsheet would run as a formula (starting with = + - @, a tab or a carriage return)
+    get a leading ``'``, so opening a reject file never runs a formula from the data (CSV injection).
+    A plain number such as -5 is left as it is: it is not a formula."""
+    text = cells.astype("string").fillna("")
+    risky = text.str.startswith(_FORMULA_START) & ~text.str.fullmatch(_NUMBER)
+    return text.where(~risky, "'" + text).astype("object")
+
+
+def check_reject_path(reject_file: Path, input_file: Path) -> None:
+    """Refuse a reject file that would destroy or redirect something: the input itself, a symbolic
+    link (whatever it points to), anything but a regular file, or a directory that is not there."""
+    name = f"--reject-file {shown(reject_file, 200)}"
+    if reject_file.is_symlink():
+        raise InvalidInput(f"{name} is a symbolic link: give the path of a regular file")
+    if reject_file.exists():
+        if reject_file.samefile(input_file):
+            raise InvalidInput(f"{name} is the input file itself: give another path")
+        if not stat.S_ISREG(reject_file.stat().st_mode):
+            raise InvalidInput(f"{name} exists and is not a regular file")
+    parent = reject_file.parent
+    if not parent.is_dir():
+        raise InvalidInput(f"{name}: directory {shown(parent, 200)} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidInput(f"{name}: directory {shown(parent, 200)} is not writable")
+
+
+class _RejectFile:
+    """The reject file, written only when there is a bad row: into a new temporary file beside it,
+    renamed over the target when the load has committed (so the target is never half-written, never
+    truncated for nothing, and a link at its path is replaced, never followed)."""
+
+    def __init__(self, target: Path, unit: str, header: list[str]) -> None:
+        self.target = target
+        self.header = [unit, *spreadsheet_safe(pd.Series(header, dtype="object")), "reason"]
+        self.temp: Path | None = None
+        self.file: Any = None
+        self.writer: Any = None
+
+    def _open(self) -> None:
+        fd, name = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
+        self.temp = Path(name)
+        self.file = open(fd, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed in finish/discard
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(self.header)
+
+    def write(self, rows: Iterable[Iterable[Any]]) -> None:
+        if self.writer is None:
+            self._open()
+        self.writer.writerows(rows)
+
+    def finish(self) -> bool:
+        """Move the rows written into place; False when there were none (the target is untouched)."""
+        if self.file is None or self.temp is None:
+            return False
+        self.file.close()
+        mode = self.target.stat().st_mode & 0o777 if self.target.exists() else _default_mode()
+        os.chmod(self.temp, mode)
+        os.replace(self.temp, self.target)
+        self.file = self.temp = None
+        return True
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.temp is not None:
+            self.temp.unlink(missing_ok=True)
+        self.file = self.temp = None
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+class _TooManyBadRows(Exception):
+    """Reading stops: more bad rows than ``max_rejects``."""
+
+
+class _BadRows:
+    """Every bad row: counted, the first few kept for the error message, all streamed to the reject
+    file (CSV: line or row number, the original fields, the reason) when there is one. Memory stays
+    bounded whatever the file: nothing else is kept per bad row."""
+
+    def __init__(self, reject: _RejectFile | None, max_rejects: int | None) -> None:
         self.count = 0
         self.first: list[BadRow] = []
         self.unknown_symbols: set[str] = set()
-        self.header = header
-        self.file = reject_file.open("w", newline="", encoding="utf-8") if reject_file else None
-        self.writer = csv.writer(self.file) if self.file else None
-        if self.writer:
-            self.writer.writerow([unit, *header, "reason"])
+        self.more_unknown = False
+        self.reject = reject
+        self.max_rejects = max_rejects
+        self.stopped_at: int | None = None  # the line where reading stopped (too many bad rows)
 
     def _keep_first(self, rows: list[BadRow]) -> None:
         self.first = sorted(self.first + rows, key=lambda r: r.line)[:SHOWN_BAD_ROWS]
 
+    def _room(self, n: int) -> int:
+        """How many of ``n`` more bad rows to take: up to one past the limit (which stops reading)."""
+        if self.max_rejects is None:
+            return n
+        return max(0, min(n, self.max_rejects + 1 - self.count))
+
+    def _check(self, last_line: int) -> None:
+        if self.max_rejects is not None and self.count > self.max_rejects:
+            self.stopped_at = last_line
+            raise _TooManyBadRows
+
     def add(self, row: BadRow, fields: list[str]) -> None:
+        if not self._room(1):
+            return
         self.count += 1
         self._keep_first([row])
-        if self.writer:
-            self.writer.writerow([row.line, *fields, f"{row.column}: {row.reason}"])
+        if self.reject:
+            cells = spreadsheet_safe(pd.Series(fields, dtype="object")).tolist()
+            self.reject.write([[row.line, *cells, f"{row.column}: {row.reason}"]])
+        self._check(row.line)
+
+    def add_malformed(self, malformed: list[tuple[int, str, str]]) -> None:
+        """Rows the reader could not split into the header's fields: (line, text, reason)."""
+        for line, text, reason in malformed:
+            fields = next(csv.reader([text]), []) if self.reject else []
+            self.add(BadRow(line, "(row)", reason), fields)
 
     def add_chunk(self, chunk: _Chunk, checked: Any, positions: np.ndarray) -> None:
         """The bad rows of one chunk (``positions`` into it), in one go."""
+        positions = positions[: self._room(len(positions))]
+        if not len(positions):
+            return
         self.count += len(positions)
         column = checked.column.iloc[positions]
         reason = checked.reason.iloc[positions]
@@ -308,24 +551,17 @@ class _BadRows:
             [BadRow(int(n), c, r) for n, c, r in zip(lines[:SHOWN_BAD_ROWS], column, reason, strict=False)]
         )
         unknown = reason.str.startswith("unknown symbol").to_numpy()
-        if unknown.any():
-            symbols = checked.bars["canonical_symbol"].iloc[positions][unknown]
-            self.unknown_symbols.update(symbols.astype(str))
-        if self.writer:
-            original = chunk.raw.iloc[positions]
-            fields = [
-                original[name].astype("string").fillna("").tolist()
-                if name in original
-                else [""] * len(positions)
-                for name in self.header
-            ]
-            self.writer.writerows(
-                zip(lines.tolist(), *fields, (column + ": " + reason).tolist(), strict=True)
-            )
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
+        if unknown.any() and len(self.unknown_symbols) < SHOWN_SYMBOLS:
+            symbols = checked.bars["canonical_symbol"].iloc[positions][unknown].drop_duplicates()
+            for symbol in symbols.head(SHOWN_SYMBOLS + 1).astype(str):
+                if len(self.unknown_symbols) < SHOWN_SYMBOLS:
+                    self.unknown_symbols.add(shown(symbol))
+                else:
+                    self.more_unknown = True
+        if self.reject and chunk.fields is not None:
+            cells = [spreadsheet_safe(f.iloc[positions]).tolist() for f in chunk.fields]
+            self.reject.write(zip(lines.tolist(), *cells, (column + ": " + reason).tolist(), strict=True))
+        self._check(int(lines[-1]))
 
 
 def _stage_csv(lines: np.ndarray, bars: pd.DataFrame, ok: np.ndarray) -> bytes:
@@ -355,13 +591,14 @@ def _stage_csv(lines: np.ndarray, bars: pd.DataFrame, ok: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _may_repeat_times(bars: pd.DataFrame, newest_seen: dict[str, pd.Timestamp]) -> bool:
+def _may_repeat_times(bars: pd.DataFrame, newest_seen: dict[str, pd.Timestamp], known: set[str]) -> bool:
     """True when this chunk may repeat a (symbol, time): within itself, or of an earlier chunk.
 
     Cheap for the usual file sorted by time; ``newest_seen`` (symbol → newest time so far) is
-    updated.
+    updated. Only registered symbols count (a row of any other is bad anyway), so it stays small.
     """
     keyed = bars[["canonical_symbol", "ts_utc"]].dropna()
+    keyed = keyed[keyed["canonical_symbol"].isin(known)]
     if keyed.empty:
         return False
     if keyed.duplicated().any():
@@ -384,19 +621,26 @@ def ingest_file(
     reject_file: str | Path | None = None,
     source: str = "file",
     on_progress: ProgressCallback | None = None,
+    ignore_columns: Collection[str] = (),
+    max_rejects: int | None = MAX_REJECTS,
 ) -> IngestReport:
     """Load a CSV or Parquet file of 1m bars into data_bars; see the module docstring.
 
-    Raises InvalidInput naming the first bad rows when any row is bad and no reject file is given;
-    nothing is stored then.
+    Raises InvalidInput naming the first bad rows when any row is bad and no reject file is given,
+    or when there are more than ``max_rejects`` bad rows (None: no limit); nothing is stored then.
     """
     path = Path(path)
-    reader = open_source(path)
-    report = IngestReport(file=str(path), ignored_columns=[c for c in reader.header if c not in COLUMNS])
-    if symbol is None and "canonical_symbol" not in reader.header:
+    reader = open_source(path, ignore_columns)
+    ignored = [name for position, name in enumerate(reader.header) if position not in reader.positions]
+    report = IngestReport(file=str(path), ignored_columns=ignored)
+    if symbol is None and "canonical_symbol" not in reader.columns:
         raise InvalidInput(f"{path.name}: no canonical_symbol column; name the symbol with --symbol")
-    bad = _BadRows(Path(reject_file) if reject_file else None, reader.unit, reader.header)
-    report.reject_file = str(reject_file) if reject_file else None
+    reject = None
+    if reject_file is not None:
+        check_reject_path(Path(reject_file), path)
+        reject = _RejectFile(Path(reject_file), reader.unit, reader.header)
+    bad = _BadRows(reject, max_rejects)
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))
     # Duplicate times are looked for in SQL over the whole file only when a chunk could hold one: a
     # repeat inside the chunk, or a time not after everything seen before for its symbol (unsorted).
     may_have_duplicates = False
@@ -407,50 +651,42 @@ def ingest_file(
             known = {name for (name,) in conn.execute(query("ingest_known_symbols"))}
             if symbol is not None and symbol not in known:
                 raise InvalidInput(
-                    f"unknown symbol '{symbol}': not in core_asset_registry_all "
-                    f"(add it with: baragg registry add {symbol})"
+                    f"unknown symbol '{shown(symbol)}': not in core_asset_registry_all "
+                    f"(add it with: baragg registry add {shown(symbol)})"
                 )
             # The staging table lives in temp buffers, and the duplicate search hashes it: give both
             # room (this session only; memory is taken as used).
             conn.execute(query("ingest_session_settings"))
             conn.execute(query("ingest_create_stage"))
-            with conn.cursor() as cur:
-                for chunk in reader.chunks(all_columns=reject_file is not None):
-                    report.read += len(chunk.lines)
-                    checked = check_bars(chunk.raw, known_symbols=known, symbol=symbol)
-                    ok = checked.ok.to_numpy()
-                    bad_positions = np.flatnonzero(~ok)
-                    if len(bad_positions):
-                        bad.add_chunk(chunk, checked, bad_positions)
-                    if not may_have_duplicates:
-                        may_have_duplicates = _may_repeat_times(checked.bars, newest_seen)
-                    payload = _stage_csv(chunk.lines, checked.bars, ok)
-                    if payload:
-                        with cur.copy(query("ingest_copy_stage")) as copy:
-                            copy.write(payload)
-                    if on_progress:
-                        on_progress(chunk.done, reader.total or None)
-                for line, fields, reason in reader.malformed():
-                    report.read += 1
-                    bad.add(BadRow(line, "(row)", reason), fields)
-                duplicates = cur.execute(query("ingest_duplicates")).fetchall() if may_have_duplicates else []
-            if duplicates:
-                originals = reader.original_fields({line for line, _, _ in duplicates}) if reject_file else {}
-                for line, ts, others in duplicates:
-                    also = ", ".join(str(n) for n in others)
-                    bad.add(
-                        BadRow(
-                            line,
-                            "ts_utc",
-                            f"duplicate time {ts.astimezone(UTC):%Y-%m-%d %H:%M} (also on {reader.unit} {also})",
-                        ),
-                        originals.get(line, []),
-                    )
-                conn.execute(query("ingest_drop_duplicates"))
-            if bad.count and not reject_file:
+            try:
+                with conn.cursor() as cur:
+                    for chunk in reader.chunks(all_columns=reject is not None):
+                        report.read += len(chunk.lines) + len(chunk.malformed)
+                        checked = check_bars(chunk.raw, known_symbols=known, symbol=symbol)
+                        ok = checked.ok.to_numpy()
+                        bad.add_malformed(chunk.malformed)
+                        bad_positions = np.flatnonzero(~ok)
+                        if len(bad_positions):
+                            bad.add_chunk(chunk, checked, bad_positions)
+                        if not may_have_duplicates:
+                            may_have_duplicates = _may_repeat_times(checked.bars, newest_seen, known)
+                        payload = _stage_csv(chunk.lines, checked.bars, ok)
+                        if payload:
+                            with cur.copy(query("ingest_copy_stage")) as copy:
+                                copy.write(payload)
+                        if on_progress:
+                            on_progress(chunk.done, reader.total or None)
+                if may_have_duplicates:
+                    _add_duplicates(conn, reader, bad, with_fields=reject is not None)
+            except _TooManyBadRows:
                 conn.rollback()
                 raise InvalidInput(
-                    _bad_rows_message(path.name, reader.unit, bad.count, bad.first, bad.unknown_symbols)
+                    _too_many_message(path.name, reader.unit, bad, reject is not None)
+                ) from None
+            if bad.count and reject is None:
+                conn.rollback()
+                raise InvalidInput(
+                    _bad_rows_message(path.name, reader.unit, bad.count, bad.first, _unknown_text(bad))
                 )
             report.rejected = bad.count
             counts = conn.execute(query("ingest_upsert"), {"source": source}).fetchone()
@@ -463,17 +699,66 @@ def ingest_file(
             for sym, first, last in spans:
                 sessions.ensure_for_range(conn, [sym], first, last)
             conn.commit()
+        if reject is not None:
+            try:
+                written = reject.finish()
+            except OSError as exc:
+                raise BaraggError(
+                    f"the good rows of {path.name} were stored, but the reject file could not be written: {exc}"
+                ) from exc
+            report.reject_file = str(reject_file) if written else None
     finally:
-        bad.close()
+        if reject is not None:
+            reject.discard()
     log.info("ingested %s", path, extra={"ingest": report.as_dict()})
     return report
 
 
-def _bad_rows_message(name: str, unit: str, count: int, first: list[BadRow], unknown: set[str]) -> str:
-    shown = "; ".join(row.describe(unit) for row in first)
+def _add_duplicates(conn: Any, reader: _Source, bad: _BadRows, *, with_fields: bool) -> None:
+    """Rows whose (symbol, time) repeats in the file, streamed from the staging table (a server-side
+    cursor, in line order) into ``bad``; then they are marked not ok."""
+    with conn.cursor(name="ingest_duplicates") as dup:
+        dup.itersize = 10_000
+        dup.execute(query("ingest_duplicates"))
+        rows: Iterator[Any] = iter(dup)
+        with_original = reader.with_fields(rows, lambda r: r[0]) if with_fields else ((r, []) for r in rows)
+        for (line, ts, others, n_others), fields in with_original:
+            also = ", ".join(str(n) for n in others)
+            if n_others > len(others):
+                also += f" and {n_others - len(others):,} more"
+            moment = ts.astimezone(UTC)
+            bad.add(
+                BadRow(
+                    line, "ts_utc", f"duplicate time {moment:%Y-%m-%d %H:%M} (also on {reader.unit} {also})"
+                ),
+                fields,
+            )
+    conn.execute(query("ingest_drop_duplicates"))
+
+
+def _unknown_text(bad: _BadRows) -> str:
+    if not bad.unknown_symbols:
+        return ""
+    names = ", ".join(sorted(bad.unknown_symbols)) + (", ..." if bad.more_unknown else "")
+    return f" (unknown symbols: {names}; add them with: baragg registry add SYMBOL)"
+
+
+def _bad_rows_message(name: str, unit: str, count: int, first: list[BadRow], unknown: str) -> str:
+    shown_rows = "; ".join(row.describe(unit) for row in first)
     more = "; ..." if count > len(first) else ""
-    text = f"{name}: {count} bad row{'s' if count != 1 else ''}; {shown}{more}"
-    if unknown:
-        names = ", ".join(sorted(unknown))
-        text += f" (unknown symbols: {names}; add them with: baragg registry add SYMBOL)"
+    text = f"{name}: {count} bad row{'s' if count != 1 else ''}; {shown_rows}{more}{unknown}"
     return text + "; nothing was stored (use --reject-file PATH to load the good rows)"
+
+
+def _too_many_message(name: str, unit: str, bad: _BadRows, with_reject_file: bool) -> str:
+    shown_rows = "; ".join(row.describe(unit) for row in bad.first)
+    hint = (
+        "--max-rejects N (or all) allows more"
+        if with_reject_file
+        else ("--reject-file PATH with --max-rejects N (or all) loads the good rows")
+    )
+    return (
+        f"{name}: more than {bad.max_rejects:,} bad rows, stopped reading at {unit} {bad.stopped_at}; "
+        f"{shown_rows}; ...{_unknown_text(bad)}; nothing was stored (is it the right file and format? "
+        f"{hint})"
+    )

@@ -13,6 +13,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from baragg.errors import RedactingFilter
+
 # Attributes every LogRecord has; anything else on a record came in through ``extra``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
@@ -41,6 +43,8 @@ class JsonFormatter(logging.Formatter):
         out.update({k: _plain(v) for k, v in record_fields(record).items()})
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # already formatted (and its passwords masked) by RedactingFilter
+            out["exception"] = record.exc_text
         return json.dumps(out, default=str)
 
 
@@ -57,6 +61,7 @@ def setup_logging(
     """Route baragg's logs to ``stream`` (stderr) in the chosen format; replaces earlier handlers."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else HumanFormatter())
+    handler.addFilter(RedactingFilter())  # no password in any log line
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -63,6 +63,8 @@ class TaskResultLike(Protocol):
     error: str | None
     bars_reaggregated: int
     bars_withdrawn: int
+    bars_rewritten: int
+    bars_unchanged: int
 
 
 ConnectionSource = Callable[[], AbstractContextManager[psycopg.Connection]]
@@ -81,14 +83,25 @@ class Metrics:
 
         self.task_runs = counter("task_runs", "Task runs by timeframe and outcome.", ("timeframe", "outcome"))
         self.windows = counter("windows_processed", "Non-empty windows handled by task runs.")
-        self.bars_created = counter("bars_created", "Derived bars written.")
-        self.bars_poor = counter("bars_quality_poor", "Derived bars written with quality_score <= 0.")
+        # Every recomputed window counts once: created, rewritten, withdrawn or unchanged.
+        self.bars_created = counter("bars_created", "Derived bars inserted (new rows).")
+        self.bars_rewritten = counter(
+            "bars_rewritten", "Stored derived bars whose values changed and were rewritten."
+        )
+        self.bars_unchanged = counter(
+            "bars_unchanged", "Derived bars recomputed equal to the stored bar (nothing written)."
+        )
+        self.bars_poor = counter(
+            "bars_quality_poor", "Derived bars inserted or rewritten with quality_score <= 0."
+        )
         self.bars_skipped = counter("bars_skipped", "Final windows not stored: too few source bars.")
         self.gaps_skipped = counter(
             "gaps_skipped", "Empty windows passed over because later source data exists."
         )
         self.bars_reaggregated = counter(
-            "bars_reaggregated", "Derived bars rebuilt after late or corrected source data."
+            "bars_reaggregated",
+            "Derived bars inserted or rewritten after late or corrected source data (also counted in "
+            "bars_created / bars_rewritten).",
         )
         self.bars_withdrawn = counter(
             "bars_withdrawn", "Derived bars soft-deleted because their source bars disappeared."
@@ -127,6 +140,8 @@ class Metrics:
         self.task_runs.labels(tf, outcome).inc()
         self.windows.labels(tf).inc(_count(result.windows))
         self.bars_created.labels(tf).inc(_count(result.bars_created))
+        self.bars_rewritten.labels(tf).inc(_count(result.bars_rewritten))
+        self.bars_unchanged.labels(tf).inc(_count(result.bars_unchanged))
         self.bars_poor.labels(tf).inc(_count(result.bars_quality_poor))
         self.bars_skipped.labels(tf).inc(_count(result.bars_skipped))
         self.gaps_skipped.labels(tf).inc(_count(result.gaps_skipped))

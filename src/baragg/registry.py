@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from psycopg.rows import dict_row
@@ -32,23 +33,32 @@ FIELDS = (
     "calc_1mo",
     "session",
     "notes",
+    "agg_start_utc",  # where new tasks of the symbol start (None: from its first source row)
 )
 
-_SYMBOL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\-]{0,63}$")
+# The naming rule; migration 0007 puts the same rule on the table as a CHECK (keep them equal).
+SYMBOL_RULE = r"[A-Za-z0-9][A-Za-z0-9._:/\-]{0,63}"
+_SYMBOL = re.compile(SYMBOL_RULE)
 
 
 @dataclass(frozen=True)
 class Change:
     symbol: str
     created: bool
+    # The symbol's existing tasks that keep their own start although --agg-start was given:
+    # (timeframe, agg_start_utc or None for "from the first source row").
+    kept_starts: tuple[tuple[str, datetime | None], ...] = ()
     # What changing the session or --sparse rebuilt (agg_rebuild_symbol's result), when it did.
     rebuilt: dict[str, Any] | None = None
 
 
 def check_symbol(symbol: str) -> str:
-    if not _SYMBOL.match(symbol):
+    if not _SYMBOL.fullmatch(symbol):
+        from baragg.terminal import printable
+
         raise InvalidInput(
-            f"symbol {symbol!r} is not a valid symbol (letters, digits and . _ : / -, at most 64 characters)"
+            f"symbol '{printable(symbol)}' is not a valid symbol (a letter or digit first, then letters, digits "
+            "and . _ : / -, at most 64 characters)"
         )
     return symbol
 
@@ -70,9 +80,10 @@ def add(db: Database, symbol: str, **settings: Any) -> Change:
         created = conn.execute(query("registry_insert_new"), params).fetchone() is not None
         if not created:
             conn.execute(query("registry_update"), params)
+        kept = _kept_starts(conn, symbol, settings)
         rebuilt = _after_change(conn, symbol, before)
         conn.commit()
-    return Change(symbol, created, rebuilt)
+    return Change(symbol, created, kept, rebuilt)
 
 
 def set_fields(db: Database, symbol: str, **settings: Any) -> Change:
@@ -85,10 +96,31 @@ def set_fields(db: Database, symbol: str, **settings: Any) -> Change:
         before = _rebuild_key(conn, symbol)
         row = conn.execute(query("registry_update"), params).fetchone()
         if row is None:
-            raise InvalidInput(f"unknown symbol '{symbol}' (add it with: baragg registry add {symbol})")
+            from baragg.terminal import printable
+
+            name = printable(symbol)
+            raise InvalidInput(f"unknown symbol '{name}' (add it with: baragg registry add {name})")
+        kept = _kept_starts(conn, symbol, settings)
         rebuilt = _after_change(conn, symbol, before)
         conn.commit()
-    return Change(symbol, False, rebuilt)
+    return Change(symbol, False, kept, rebuilt)
+
+
+def _kept_starts(conn: Any, symbol: str, settings: dict[str, Any]) -> tuple[tuple[str, datetime | None], ...]:
+    """With --agg-start, the symbol's existing tasks whose start differs: the registry sync creates
+    new tasks with the registry's start but never moves an existing task's (DESIGN.md 7)."""
+    start = settings.get("agg_start_utc")
+    if start is None:
+        return ()
+    rows = conn.execute(query("registry_existing_task_starts"), {"symbol": symbol}).fetchall()
+    return tuple((timeframe, begin) for timeframe, begin in rows if begin != start)
+
+
+def names_breaking_the_rule(db: Database) -> list[str]:
+    """Registry names that do not follow the naming rule: kept from before migration 0007's CHECK,
+    which is then NOT VALID (it checks new and changed rows only)."""
+    with db.connect() as conn:
+        return [name for (name,) in conn.execute(query("registry_bad_symbols"))]
 
 
 def _resolve_session(conn: Any, params: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from psycopg.rows import dict_row
 
 from baragg.db import Database
-from baragg.errors import BaraggError
+from baragg.errors import BaraggError, InvalidInput
 from baragg.sql import query
 
 # Problems first: failed tasks, then tasks disabled by failures, running ones, the rest.
@@ -37,18 +37,34 @@ class TaskStatus:
     hard_fail_streak: int
     last_error: str | None
     last_successful_at: datetime | None
-    bars_created: int
+    bars_created: int  # inserted
     bars_quality_poor: int
     lease_owner: str | None
     pending_invalidations: int = 0  # windows to re-aggregate: their source changed after aggregation
+    bars_rewritten: int = 0  # stored bars whose values changed
+    bars_withdrawn: int = 0  # stored bars soft-deleted (their source vanished)
+    bars_unchanged: int = 0  # recomputed equal to the stored bar: nothing written
+    source_timeframe: str = "1m"
+    agg_start: datetime | None = None  # None: no explicit start, from the first source data
+    first_source_before_start: datetime | None = None  # source rows it will never aggregate (rule 1)
     session: str = "24x7"  # the symbol's trading session, which cuts its windows (DESIGN.md 3b)
 
     @property
     def alert(self) -> bool:
         return self.status in ("hard_failed", "disabled")
 
+    @property
+    def backing_off(self) -> bool:
+        """Failed lately and waiting for its retry (`baragg reenable` retries now)."""
+        return self.status == "idle" and self.enabled and (self.hard_fail_streak > 0 or bool(self.last_error))
+
     def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "alert": self.alert}
+        return {
+            **self.__dict__,
+            "alert": self.alert,
+            "backing_off": self.backing_off,
+            "source_rows_before_start": self.first_source_before_start is not None,
+        }
 
 
 def task_status(
@@ -76,9 +92,15 @@ def task_status(
             last_error=r["last_error"],
             last_successful_at=_utc(r["last_successful_at_utc"]),
             bars_created=r["total_bars_created"],
+            bars_rewritten=r["total_bars_rewritten"],
+            bars_withdrawn=r["total_bars_withdrawn"],
+            bars_unchanged=r["total_bars_unchanged"],
             bars_quality_poor=r["total_bars_quality_poor"],
             lease_owner=r["lease_owner"],
             pending_invalidations=r["pending_invalidations"],
+            source_timeframe=r["ladder_source"],
+            agg_start=_utc(r["agg_start_utc"]),
+            first_source_before_start=_utc(r["first_before_start"]),
             session=r["session"] or "24x7",
         )
         for r in rows
@@ -112,63 +134,87 @@ def human_duration(seconds: float | None) -> str:
 
 
 def render(tasks: list[TaskStatus], *, console: Any = None, now: datetime | None = None) -> None:
-    """The status table (rich): problems in colour and first."""
+    """The status table (rich), readable at 80 columns: problems in colour and first; the details
+    that do not fit a column (last errors, rows before a task's start) as lines below it.
+
+    Names and error texts come from the database and are shown with control characters escaped, so
+    a name cannot move the cursor or recolour the terminal.
+    """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from baragg.terminal import printable
 
     console = console or Console()
-    table = Table(header_style="bold", box=None, pad_edge=False)
+    clock = now or datetime.now(UTC)
+    # One space between columns (two-line headers keep the numeric columns narrow): with symbols of
+    # up to ~12 characters a row fits 80 columns; longer names widen the table, never get cut.
+    table = Table(header_style="bold", box=None, pad_edge=False, padding=(0, 1, 0, 0))
     sessions = any(t.session != "24x7" for t in tasks)  # the column only when a symbol has one
-    for name, justify in (
+    columns = [
         ("symbol", "left"),
         *((("session", "left"),) if sessions else ()),
         ("tf", "left"),
         ("status", "left"),
-        ("enabled", "left"),
-        ("cursor", "left"),
-        ("behind data", "right"),
-        ("behind now", "right"),
-        ("next run", "left"),
-        ("streak", "right"),
+        ("cursor (UTC)", "left"),
+        ("behind\ndata", "right"),
+        ("behind\nnow", "right"),
+        ("next\nrun", "right"),
         ("bars", "right"),
-        ("poor", "right"),
-        ("late", "right"),
-        ("last error", "left"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-
-    def when(moment: datetime | None) -> str:
-        return moment.strftime("%Y-%m-%d %H:%M") if moment else "-"
+    ]
+    # Counts that are usually zero get a column only when some task has one, so the table stays narrow.
+    optional = [
+        ("rewritten", lambda t: t.bars_rewritten),
+        ("withdrawn", lambda t: t.bars_withdrawn),
+        ("unchanged", lambda t: t.bars_unchanged),
+        ("poor", lambda t: t.bars_quality_poor),
+        ("late", lambda t: t.pending_invalidations),
+    ]
+    optional = [(name, value) for name, value in optional if any(value(t) for t in tasks)]
+    columns += [(name, "right") for name, _ in optional]
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
 
     for t in tasks:
         style = {"hard_failed": "bold red", "disabled": "yellow", "running": "cyan"}.get(t.status, "")
+        if t.backing_off:
+            style = "yellow"
         if not t.enabled and not style:
             style = "dim"
-        error = (t.last_error or "")[:60]
-        table.add_row(
-            t.symbol,
-            *((t.session,) if sessions else ()),
-            t.timeframe,
-            t.status.upper() if t.alert else t.status,
-            "yes" if t.enabled else "no",
-            when(t.cursor),
-            human_duration(t.lag_frontier_seconds),
-            human_duration(t.lag_now_seconds),
-            when(t.next_run_at),
-            str(t.hard_fail_streak or ""),
-            f"{t.bars_created:,}",
-            f"{t.bars_quality_poor:,}" if t.bars_quality_poor else "",
-            f"{t.pending_invalidations:,}" if t.pending_invalidations else "",
-            error,
-            style=style,
-        )
-    console.print(table)
+        cells = [
+            Text(printable(t.symbol)),
+            *([Text(printable(t.session))] if sessions else []),
+            Text(printable(t.timeframe)),
+            Text(_state(t)),
+            Text(t.cursor.strftime("%Y-%m-%d %H:%M") if t.cursor else "-"),
+            Text(human_duration(t.lag_frontier_seconds)),
+            Text(human_duration(t.lag_now_seconds)),
+            Text(_relative(t.next_run_at, clock) if t.enabled and t.status != "disabled" else "-"),
+            Text(f"{t.bars_created:,}"),
+        ]
+        cells += [Text(f"{value(t):,}" if value(t) else "") for _, value in optional]
+        table.add_row(*cells, style=style)
+    if tasks:
+        # Never cut a column: when the names are too long for the terminal, the table is as wide as it
+        # needs (the terminal wraps the line) instead of rich truncating "GBPUSD" to "GBPU…".
+        from rich.measure import Measurement
+
+        needed = Measurement.get(console, console.options.update(width=100_000), table).maximum
+        width = console.width
+        console.width = max(width, needed)
+        try:
+            console.print(table)
+        finally:
+            console.width = width
+    for line in notes(tasks, clock):
+        console.print(Text(line), soft_wrap=False)
     alerts = [t for t in tasks if t.alert]
     if alerts:
         console.print(
             f"[bold red]{len(alerts)} task(s) need attention[/] "
-            "(hard_failed: failing repeatedly, still retried; disabled: an optional task stopped after "
-            "failures; after fixing the cause: `baragg reenable SYMBOL TIMEFRAME`)"
+            "(FAILED: hard_failed, failing repeatedly, still retried; DISABLED: an optional task stopped "
+            "after failures; after fixing the cause: `baragg reenable SYMBOL TIMEFRAME`)"
         )
     if not tasks:
         console.print(
@@ -176,11 +222,94 @@ def render(tasks: list[TaskStatus], *, console: Any = None, now: datetime | None
         )
 
 
-def reenable(db: Database, symbol: str, timeframe: str, *, now: datetime | None = None) -> bool:
-    """Give a hard_failed or disabled task a fresh start (streak 0, due now); False if it needed none."""
-    with db.connect() as conn:
-        row = conn.execute(
-            query("status_reenable"), {"symbol": symbol, "timeframe": timeframe, "now": now}
+def _state(t: TaskStatus) -> str:
+    """The status column: idle, running, off (the registry does not want it), FAILED (hard_failed),
+    DISABLED (three strikes), or backoff for a task waiting to retry after a failure."""
+    if not t.enabled:
+        return "off"
+    if t.status == "hard_failed":
+        return "FAILED"
+    if t.status == "disabled":
+        return "DISABLED"
+    if t.backing_off:
+        return "backoff"
+    return t.status
+
+
+def _relative(moment: datetime | None, clock: datetime) -> str:
+    """When the next run is, relative to the clock: "due", "in 4m", "in 2h 5m"."""
+    if moment is None or moment <= clock:
+        return "due"
+    return f"in {human_duration((moment - clock).total_seconds())}"
+
+
+def notes(tasks: list[TaskStatus], clock: datetime) -> list[str]:
+    """What the table cannot show: last errors, and source rows before a task's start (never
+    aggregated, with the command that includes them). Names and errors are escaped."""
+    from baragg.terminal import printable
+
+    out = []
+    for t in tasks:
+        if t.last_error:
+            error = printable(" ".join(t.last_error.split()))
+            if len(error) > 200:
+                error = error[:199] + "…"
+            streak = f" ({t.hard_fail_streak} in a row)" if t.hard_fail_streak else ""
+            out.append(f"{printable(t.symbol)} {printable(t.timeframe)} last error{streak}: {error}")
+    before: dict[str, list[TaskStatus]] = {}
+    for t in tasks:
+        if t.first_source_before_start is not None:
+            before.setdefault(t.symbol, []).append(t)
+    for symbol, group in before.items():
+        first = min(t.first_source_before_start for t in group if t.first_source_before_start)
+        start = max(t.agg_start for t in group if t.agg_start)
+        out.append(before_start_note(symbol, [t.timeframe for t in group], first, start))
+    return out
+
+
+def before_start_note(symbol: str, timeframes: list[str], first: datetime, start: datetime) -> str:
+    """One line: a symbol's source rows before its tasks' start are never aggregated, and the fix."""
+    from baragg.terminal import printable
+
+    return (
+        f"note: {printable(symbol)} has source rows from {first:%Y-%m-%d %H:%M} before the start of its "
+        f"{printable(', '.join(timeframes))} task(s) ({start:%Y-%m-%d %H:%M}): never aggregated; "
+        f"to include them: baragg backfill --symbol {printable(symbol)} --from {first:%Y-%m-%d}"
+    )
+
+
+def reenable(
+    db: Database, symbol: str, timeframe: str, *, env: str = "prod", now: datetime | None = None
+) -> None:
+    """Retry a failing task now: hard_failed, disabled after three strikes, or backing off after one
+    or two (idle, streak 0, due now). Refused, with the reason, for a task that is not failing, is
+    running, or that the registry has inactive in ``env`` (the next sync would disable it again)."""
+    from baragg.terminal import printable
+
+    name = f"{printable(symbol)} {printable(timeframe)}"
+    with db.connect() as conn, conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            query("status_reenable_check"), {"symbol": symbol, "timeframe": timeframe, "env": env}
         ).fetchone()
+        if row is None:
+            raise InvalidInput(f"no task {name} (the tasks are listed by: baragg status)")
+        if not row["wanted"]:
+            raise InvalidInput(
+                f"{name}: the registry has it inactive in env {env} (the symbol inactive, or its timeframe "
+                f"flag off); activate it first, e.g. baragg registry set {printable(symbol)} --active"
+            )
+        if row["status"] == "running":
+            raise InvalidInput(f"{name} is running now (held by {row['lease_owner']}); nothing to retry")
+        failing = (
+            row["status"] in ("hard_failed", "disabled")
+            or not row["enabled"]
+            or row["hard_fail_streak"] > 0
+            or row["last_error"] is not None
+        )
+        if not failing:
+            raise InvalidInput(f"{name} is neither failing nor disabled: nothing to retry")
+        cur.execute(query("status_reenable"), {"symbol": symbol, "timeframe": timeframe, "now": now})
+        changed = cur.fetchone()
         conn.commit()
-    return bool(row and row[0] and row[0].get("changed"))
+    if not changed or not next(iter(changed.values())).get("changed"):
+        raise BaraggError(f"{name}: the database did not re-enable it (it changed meanwhile); try again")

@@ -3,6 +3,7 @@ that tables are printed to."""
 
 from __future__ import annotations
 
+import os
 import sys
 from types import TracebackType
 
@@ -58,6 +59,28 @@ def progress_bar(label: str, unit: str) -> ProgressBar:
 
 
 def stdout_console() -> Console:
-    """A console for tables on stdout; when stdout is not a terminal (a pipe, a file, a test), wide
-    enough that rows are not wrapped (rich would assume 80 columns)."""
-    return Console() if sys.stdout.isatty() else Console(width=180)
+    """A console for tables on stdout. On a terminal, or when $COLUMNS says how wide, rich uses
+    that width; otherwise (a pipe, a file) wide enough that rows are not wrapped (rich would assume
+    80 columns)."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS", "").strip().isdigit():
+        return Console()
+    return Console(width=180)
+
+
+def printable(text: str) -> str:
+    """``text`` with control and format characters (ESC, CR, BEL, bidi overrides, ...) written as
+    escapes (``\\x1b``, ``\\u202e``), so that a name or an error message from the database cannot
+    move the cursor, recolour or rewrite the terminal. Other characters (accents, CJK) stay."""
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if char.isprintable() or char == " ":
+            out.append(char)
+        elif ord(char) < 0x100:
+            out.append(f"\\x{ord(char):02x}")
+        elif ord(char) < 0x10000:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(f"\\U{ord(char):08x}")
+    return "".join(out)

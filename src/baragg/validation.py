@@ -10,12 +10,15 @@ its staging table.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+
+from baragg.errors import InvalidInput, shown
 
 PRICES = ("open", "high", "low", "close")
 OPTIONAL = ("vol", "vwap", "trade_count")
@@ -24,6 +27,62 @@ COLUMNS = ("canonical_symbol", *REQUIRED, *OPTIONAL)
 
 # trade_count is stored as integer; larger counts would not fit.
 _INT32_MAX = 2**31 - 1
+
+# Header names accepted for each column, besides the column's own name (any case, spaces around
+# ignored). Chosen from what data vendors and pandas exports write; a name that is none of these is
+# refused rather than dropped (``--ignore-column`` to drop it on purpose).
+ALIASES: dict[str, tuple[str, ...]] = {
+    "canonical_symbol": ("symbol", "ticker"),
+    "ts_utc": ("timestamp", "timestamp_utc", "time", "time_utc", "datetime", "datetime_utc", "date", "ts"),
+    "open": ("o",),
+    "high": ("h",),
+    "low": ("l",),
+    "close": ("c",),
+    "vol": ("volume", "v"),
+    "vwap": ("vw",),
+    "trade_count": ("trades", "num_trades", "n_trades", "trade_counts"),
+}
+_NAME_OF = {alias: column for column, aliases in ALIASES.items() for alias in (column, *aliases)}
+
+
+def column_names(header: list[str], *, ignore: Collection[str] = ()) -> dict[int, str]:
+    """Which column of the file (by position) is which of ``COLUMNS``; raises InvalidInput for a
+    header name that is neither a column, an alias nor in ``ignore``, and for two names of one column.
+
+    A dropped column could be data the user meant to load (``volume`` for ``vol``): only the ones the
+    user names in ``ignore`` are left out.
+    """
+    ignored = {name.strip().lower() for name in ignore}
+    found: dict[int, str] = {}
+    unknown: list[str] = []
+    nameless: list[int] = []
+    for position, name in enumerate(header):
+        key = name.strip().lower()
+        if key in ignored:
+            continue
+        column = _NAME_OF.get(key)
+        if column is None:
+            unknown.append(name)
+            if not key:
+                nameless.append(position + 1)
+            continue
+        twice = [header[p] for p, c in found.items() if c == column]
+        if twice:
+            raise InvalidInput(
+                f"columns {shown(twice[0])!r} and {shown(name)!r} both mean {column}: keep one "
+                f"(or drop one with --ignore-column {shown(name)!r})"
+            )
+        found[position] = column
+    if unknown:
+        named = [n for n in unknown if n.strip()]
+        described = [repr(shown(n)) for n in named[:5]] + [f"'' (column {p}, no name)" for p in nameless[:1]]
+        fix = shlex.quote(",".join([shown(n.strip()) for n in named[:5]] + ([""] if nameless else [])))
+        raise InvalidInput(
+            f"unknown column{'s' if len(unknown) > 1 else ''} {', '.join(described)}"
+            f"{' ...' if len(named) > 5 else ''}: rename to one of {', '.join(COLUMNS)} (aliases such as "
+            f"volume, timestamp, symbol are accepted), or drop with --ignore-column {fix}"
+        )
+    return found
 
 
 @dataclass
@@ -42,8 +101,8 @@ class Checked:
 
 
 def _text(series: pd.Series) -> pd.Series:
-    """Values as the user wrote them, for messages."""
-    return series.astype("string").fillna("")
+    """Values as the user wrote them, for messages: control characters escaped, long ones cut."""
+    return series.astype("string").fillna("").map(shown).astype("object")
 
 
 def _fmt(value: object) -> str:

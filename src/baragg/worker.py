@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -32,6 +33,15 @@ from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    stop_never,
+    stop_when_event_set,
+    wait_exponential_jitter,
+)
 
 from baragg import sessions
 from baragg.db import Database
@@ -40,15 +50,45 @@ from baragg.sql import query
 
 log = logging.getLogger(__name__)
 
-STAT_KEYS = ("windows_processed", "bars_created", "bars_quality_poor", "bars_skipped", "gaps_skipped")
-# Late data (migration 0004): bars rewritten / soft-deleted because their source rows changed.
-REAGGREGATE_KEYS = ("bars_reaggregated", "bars_withdrawn")
+# The counts of one catch-up call (agg_catchup_tasks). Every recomputed window is exactly one of
+# created (inserted), rewritten (values changed), unchanged (equal: nothing written) or, where a
+# stored bar lost its source, withdrawn (soft-deleted); a window with too few source bars is skipped.
+STAT_KEYS = (
+    "windows_processed",
+    "bars_created",
+    "bars_rewritten",
+    "bars_unchanged",
+    "bars_withdrawn",
+    "bars_quality_poor",
+    "bars_skipped",
+    "gaps_skipped",
+)
+# The counts of the re-aggregation of logged windows (late or corrected data, agg_reaggregate_tasks).
+# It records them in data_agg_state itself, so they are never passed on to a checkpoint or finish.
+REAGGREGATE_KEYS = (
+    "windows",
+    "bars_created",
+    "bars_rewritten",
+    "bars_unchanged",
+    "bars_withdrawn",
+    "bars_quality_poor",
+    "bars_reaggregated",
+)
+_BOTH_PATHS = ("bars_created", "bars_rewritten", "bars_unchanged", "bars_withdrawn", "bars_quality_poor")
 DEFAULT_LEASE_SECONDS = 300
 DEFAULT_TIME_BUDGET = 60.0
 DEFAULT_MAX_WINDOWS = 2000
 DEFAULT_BATCH_SIZE = 500
 # Test hook: seconds to sleep after each committed catch-up call (to kill a worker mid catch-up).
 PAUSE_ENV = "BARAGG_TEST_PAUSE_BETWEEN_CALLS"
+# While the database is unreachable: wait 0.5 s, 1 s, 2 s, then RETRY_MAX_DELAY between attempts
+# (plus up to 0.25 s of jitter), so a worker resumes within a few seconds of the database's return.
+RETRY_FIRST_DELAY = 0.5
+RETRY_MAX_DELAY = 3.0
+# Every worker connection holds pg_advisory_lock(SESSION_LOCK_CLASS, random key) while it lives
+# (migration 0006): a claim records the key, and a running task whose key is no longer held (its
+# session ended: process killed, connection cut, server restarted) is taken over at once.
+SESSION_LOCK_CLASS = 1650553447
 
 
 def resolve_env(name: str | None = None) -> str:
@@ -68,7 +108,13 @@ def new_worker_id(suffix: str = "") -> str:
 @dataclass(frozen=True)
 class TaskResult:
     """One claim of one task. outcome: ok (at its frontier), continue (backlog left: time budget or
-    shutdown), transient / hard (failed, recorded by agg_finish), lease_lost (another worker holds it)."""
+    shutdown), transient / hard (failed, recorded by agg_finish), lease_lost (another worker holds it).
+
+    The bar counts cover both paths of the claim, the re-aggregation of logged windows (late or
+    corrected data) and the catch-up: created (inserted), rewritten (values changed), withdrawn
+    (soft-deleted), unchanged (recomputed equal, nothing written). ``windows_reaggregated`` and
+    ``bars_reaggregated`` (created + rewritten) are the late-data path's share.
+    """
 
     symbol: str
     timeframe: str
@@ -84,6 +130,9 @@ class TaskResult:
     error: str | None = None
     bars_reaggregated: int = 0
     bars_withdrawn: int = 0
+    bars_rewritten: int = 0
+    bars_unchanged: int = 0
+    windows_reaggregated: int = 0
 
     def log_fields(self) -> dict[str, Any]:
         return {
@@ -92,11 +141,14 @@ class TaskResult:
             "timeframe": self.timeframe,
             "windows": self.windows,
             "bars_created": self.bars_created,
+            "bars_rewritten": self.bars_rewritten,
+            "bars_withdrawn": self.bars_withdrawn,
+            "bars_unchanged": self.bars_unchanged,
             "bars_quality_poor": self.bars_quality_poor,
             "bars_skipped": self.bars_skipped,
             "gaps_skipped": self.gaps_skipped,
+            "windows_reaggregated": self.windows_reaggregated,
             "bars_reaggregated": self.bars_reaggregated,
-            "bars_withdrawn": self.bars_withdrawn,
             "cursor_before": self.cursor_before,
             "cursor_after": self.cursor_after,
             "seconds": round(self.seconds, 4),
@@ -119,11 +171,14 @@ class RunSummary:
             "task_runs": len(self.tasks),
             "windows": sum(t.windows for t in self.tasks),
             "bars_created": sum(t.bars_created for t in self.tasks),
+            "bars_rewritten": sum(t.bars_rewritten for t in self.tasks),
+            "bars_withdrawn": sum(t.bars_withdrawn for t in self.tasks),
+            "bars_unchanged": sum(t.bars_unchanged for t in self.tasks),
             "bars_quality_poor": sum(t.bars_quality_poor for t in self.tasks),
             "bars_skipped": sum(t.bars_skipped for t in self.tasks),
             "gaps_skipped": sum(t.gaps_skipped for t in self.tasks),
+            "windows_reaggregated": sum(t.windows_reaggregated for t in self.tasks),
             "bars_reaggregated": sum(t.bars_reaggregated for t in self.tasks),
-            "bars_withdrawn": sum(t.bars_withdrawn for t in self.tasks),
         }
         for outcome in ("ok", "continue", "transient", "hard", "lease_lost"):
             out[outcome] = sum(1 for t in self.tasks if t.outcome == outcome)
@@ -159,6 +214,8 @@ def classify(exc: BaseException) -> str:
     """
     if isinstance(exc, psycopg.errors.ProgramLimitExceeded):
         return "hard"
+    if database_unavailable(exc):  # also a reconnect that failed (Database.connect's BaraggError)
+        return "transient"
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, ConnectionError)):
         return "transient"
     with contextlib.suppress(ImportError):
@@ -167,6 +224,25 @@ def classify(exc: BaseException) -> str:
         if isinstance(exc, PoolTimeout):
             return "transient"
     return "hard"
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database cannot be reached: a connection that could not be made
+    (Database.connect's BaraggError wraps it) or was lost, the server shutting down or starting up.
+    Worth retrying soon; anything else is a fault of the work itself."""
+    if isinstance(exc, BaraggError) and isinstance(exc.__cause__, psycopg.OperationalError):
+        return True
+    if isinstance(exc, psycopg.InterfaceError):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        state = exc.sqlstate or ""
+        # No SQLSTATE: libpq lost the socket. 08: connection exception. 57P0x: shut down / starting.
+        return not state or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+    return False
+
+
+def _retry_wait() -> Any:
+    return wait_exponential_jitter(multiplier=RETRY_FIRST_DELAY, max=RETRY_MAX_DELAY, jitter=0.25)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -275,18 +351,19 @@ class _Claimer:
                 ),
             ).fetchall()
         tasks = [Task(r[0], r[1], r[2], r[3], r[4], r[6]) for r in rows]
-        for task in tasks:
+        for task, row in zip(tasks, rows, strict=True):
             if task.rescued_from:
                 log.warning(
-                    "%s %s: the lease of %s had expired; task rescued",
+                    "%s %s: taken over: %s",
                     task.symbol,
                     task.timeframe,
-                    task.rescued_from,
+                    row[7],
                     extra={
                         "event": "task_rescued",
                         "symbol": task.symbol,
                         "timeframe": task.timeframe,
                         "rescued_from": task.rescued_from,
+                        "reason": row[7],
                     },
                 )
         results: list[TaskResult] = []
@@ -310,7 +387,7 @@ class _Claimer:
             level = logging.WARNING
         else:
             worked = (
-                result.windows or result.gaps_skipped or result.bars_reaggregated or result.bars_withdrawn
+                result.windows or result.gaps_skipped or result.windows_reaggregated or result.bars_withdrawn
             )
             level = logging.INFO if worked else logging.DEBUG
         if log.isEnabledFor(level):
@@ -354,8 +431,9 @@ class _Claimer:
                         conn.execute(query("worker_lock_tasks"), batch)
                         conn.execute(query("worker_clear_rerun"), batch)
                         if first:
-                            # Late data first: rewrite the windows invalidated behind the cursors,
-                            # committed with the first catch-up call (migration 0004).
+                            # Late data first: re-aggregate the logged windows behind the cursors
+                            # that are final (DESIGN.md 5; the others stay logged and agg_finish
+                            # schedules the task for them), committed with the first catch-up call.
                             fixed = conn.execute(
                                 query("worker_reaggregate_many"),
                                 self.params(timeframe=timeframe, symbols=symbols),
@@ -415,13 +493,35 @@ class _Claimer:
                     if pending and self.pause:
                         time.sleep(self.pause)
         except Exception as exc:
-            if len(tasks) == 1:
-                only = progress[tasks[0].symbol]
-                if isinstance(exc, LeaseLost):
-                    only.outcome, only.error = "lease_lost", str(exc)
-                else:
-                    only.outcome, only.error = classify(exc), _error_text(exc)
-                    self.record_failure(tasks[0], only.outcome, only.error)
+            lost = database_unavailable(exc)
+            if len(tasks) == 1 or lost:
+                # One task, or the connection is gone (running the rest one by one would only fail
+                # again): record the failure against each task still in hand.
+                if lost:
+                    log.warning(
+                        "lost the database connection while catching up %d %s task(s): %s",
+                        len(pending),
+                        timeframe,
+                        _error_text(exc),
+                        extra={"event": "connection_lost", "timeframe": timeframe, "error": _error_text(exc)},
+                    )
+                kind = "lease_lost" if isinstance(exc, LeaseLost) else classify(exc)
+                error = str(exc) if isinstance(exc, LeaseLost) else _error_text(exc)
+                unrecorded = []
+                for t in pending:
+                    p = progress[t.symbol]
+                    p.outcome, p.error = kind, error
+                    if kind != "lease_lost" and (unrecorded or not self.record_failure(t, kind, error)):
+                        unrecorded.append(t)
+                if unrecorded:
+                    log.warning(
+                        "could not record the failure of %d %s task(s) (%s): the next claim of any worker "
+                        "takes them over once the database is back (their session ended)",
+                        len(unrecorded),
+                        timeframe,
+                        ", ".join(t.symbol for t in unrecorded[:5]) + ("..." if len(unrecorded) > 5 else ""),
+                        extra={"event": "finish_failed", "timeframe": timeframe, "tasks": len(unrecorded)},
+                    )
                 pending = []
             else:
                 log.debug(
@@ -443,8 +543,10 @@ class _Claimer:
                 results.append(p.result(seconds / len(tasks)))
         return results
 
-    def record_failure(self, task: Task, kind: str, error: str) -> None:
-        """agg_finish(false) on a fresh connection; if even that fails, the lease expires instead."""
+    def record_failure(self, task: Task, kind: str, error: str) -> bool:
+        """agg_finish(false) (on a new connection if the last one broke); False when even that fails:
+        then the task stays running until a claim sees that this worker's session ended (or the lease
+        expires) and takes it over, recording why."""
         try:
             with self.connect() as conn:
                 conn.execute(
@@ -452,14 +554,15 @@ class _Claimer:
                     self.params(symbol=task.symbol, timeframe=task.timeframe, fail_kind=kind, error=error),
                 )
         except Exception as exc:
-            log.error(
-                "%s %s: could not record the %s failure (%s); the lease will expire",
+            log.debug(
+                "%s %s: could not record the %s failure: %s",
                 task.symbol,
                 task.timeframe,
                 kind,
                 _error_text(exc),
-                extra={"event": "finish_failed", "symbol": task.symbol, "timeframe": task.timeframe},
             )
+            return False
+        return True
 
     def seconds_to_next_due(self) -> float | None:
         with self.connect() as conn:
@@ -498,12 +601,13 @@ class _Progress:
             self.reaggregated[k] += int(result.get(k) or 0)
 
     def result(self, seconds: float) -> TaskResult:
+        both = {k: self.totals[k] + self.reaggregated[k] for k in _BOTH_PATHS}
         return TaskResult(
             symbol=self.task.symbol,
             timeframe=self.task.timeframe,
             windows=self.totals["windows_processed"],
-            bars_created=self.totals["bars_created"],
-            bars_quality_poor=self.totals["bars_quality_poor"],
+            bars_created=both["bars_created"],
+            bars_quality_poor=both["bars_quality_poor"],
             bars_skipped=self.totals["bars_skipped"],
             gaps_skipped=self.totals["gaps_skipped"],
             cursor_before=self.cursor_before,
@@ -512,7 +616,10 @@ class _Progress:
             outcome=self.outcome,
             error=self.error,
             bars_reaggregated=self.reaggregated["bars_reaggregated"],
-            bars_withdrawn=self.reaggregated["bars_withdrawn"],
+            bars_withdrawn=both["bars_withdrawn"],
+            bars_rewritten=both["bars_rewritten"],
+            bars_unchanged=both["bars_unchanged"],
+            windows_reaggregated=self.reaggregated["windows"],
         )
 
     def merged(self, later: TaskResult, seconds: float) -> TaskResult:
@@ -522,11 +629,14 @@ class _Progress:
             later,
             windows=mine.windows + later.windows,
             bars_created=mine.bars_created + later.bars_created,
+            bars_rewritten=mine.bars_rewritten + later.bars_rewritten,
+            bars_withdrawn=mine.bars_withdrawn + later.bars_withdrawn,
+            bars_unchanged=mine.bars_unchanged + later.bars_unchanged,
             bars_quality_poor=mine.bars_quality_poor + later.bars_quality_poor,
             bars_skipped=mine.bars_skipped + later.bars_skipped,
             gaps_skipped=mine.gaps_skipped + later.gaps_skipped,
+            windows_reaggregated=mine.windows_reaggregated + later.windows_reaggregated,
             bars_reaggregated=mine.bars_reaggregated + later.bars_reaggregated,
-            bars_withdrawn=mine.bars_withdrawn + later.bars_withdrawn,
             cursor_before=self.cursor_before,
             seconds=seconds + later.seconds,
         )
@@ -542,10 +652,24 @@ def _short(ts: datetime | None) -> str:
     return ts.isoformat().replace("+00:00", "Z") if ts else "-"
 
 
+def describe_bars(counts: dict[str, int] | Any) -> str:
+    """'3 bars created, 1 rewritten, 0 withdrawn, 5 unchanged' from a mapping or an object with the
+    four counts: the same words in every text output (log lines, run --once, backfill)."""
+
+    def get(key: str) -> int:
+        return int(counts.get(key, 0) if isinstance(counts, dict) else getattr(counts, key, 0))
+
+    return (
+        f"{get('bars_created'):,} bars created, {get('bars_rewritten'):,} rewritten, "
+        f"{get('bars_withdrawn'):,} withdrawn, {get('bars_unchanged'):,} unchanged"
+    )
+
+
 def _describe(r: TaskResult) -> str:
+    late = f"; {r.windows_reaggregated} late windows re-aggregated" if r.windows_reaggregated else ""
     text = (
-        f"{r.symbol} {r.timeframe} {r.outcome}: {r.windows} windows, {r.bars_created} bars "
-        f"({r.bars_quality_poor} poor, {r.bars_skipped} skipped, {r.gaps_skipped} gaps), "
+        f"{r.symbol} {r.timeframe} {r.outcome}: {r.windows} windows, {describe_bars(r)} "
+        f"({r.bars_quality_poor} poor, {r.bars_skipped} skipped, {r.gaps_skipped} gaps{late}), "
         f"cursor {_short(r.cursor_before)} -> {_short(r.cursor_after)} in {r.seconds:.3f}s"
     )
     return f"{text}: {r.error}" if r.error else text
@@ -622,10 +746,11 @@ def run_once(
     summary.seconds = time.monotonic() - started
     totals = summary.totals
     log.info(
-        "run finished: %d task runs, %d windows, %d bars created, %d failed in %.2fs",
+        "run finished: %d task runs, %d windows, %s (%d late windows re-aggregated), %d failed in %.2fs",
         totals["task_runs"],
         totals["windows"],
-        totals["bars_created"],
+        describe_bars(totals),
+        totals["windows_reaggregated"],
         totals["transient"] + totals["hard"],
         summary.seconds,
         extra={"event": "run_finished", **totals, "seconds": round(summary.seconds, 3)},
@@ -634,51 +759,116 @@ def run_once(
 
 
 class _ReconnectingConnection:
-    """One autocommit connection for a run, replaced when it breaks (a lost connection is transient)."""
+    """One autocommit connection for one claimer, replaced when it breaks; each new connection takes
+    its session's worker lock (SESSION_LOCK_CLASS, a fresh random key) before any claim.
+
+    Not behind a transaction pooler (``Database.prepare`` False: PgBouncer/Supavisor in transaction
+    mode), where a session-level lock would stay with a server connection the pooler shares: there
+    claims record no session and only the lease protects a task, as before.
+    """
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self.conn: psycopg.Connection | None = None
+        self.session: int | None = None
 
     def __enter__(self) -> Callable[[], contextlib.AbstractContextManager[psycopg.Connection]]:
         return self.borrow
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+            self.conn = None
 
     @contextlib.contextmanager
     def borrow(self) -> Iterator[psycopg.Connection]:
         if self.conn is None or self.conn.closed or self.conn.broken:
-            self.conn = self.db.connect(autocommit=True)
+            self.close()
+            conn = self.db.connect(autocommit=True)
+            try:
+                self.session = self._lock_session(conn) if self.db.prepare else None
+            except BaseException:
+                conn.close()
+                raise
+            self.conn = conn
         yield self.conn
+
+    @staticmethod
+    def _lock_session(conn: psycopg.Connection) -> int:
+        rng = random.SystemRandom()
+        for _ in range(8):
+            key = rng.randint(1, 2**31 - 1)
+            if conn.execute(query("worker_session_lock"), {"key": key}).fetchone()[0]:
+                return key
+        raise BaraggError("could not take a worker session lock (8 random keys were taken)")
+
+
+def wait_for_database(
+    db: Database, stop: threading.Event, timeout: float | None = None, what: str = "worker"
+) -> bool:
+    """Try to connect until it works (True) or ``stop`` is set (False); a WARNING per failed attempt,
+    with backoff. After ``timeout`` seconds (None: never) the last error is raised."""
+
+    def warn(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "%s: the database is not reachable (attempt %d, %.0fs): %s; retrying in %.1fs",
+            what,
+            state.attempt_number,
+            state.seconds_since_start or 0.0,
+            _error_text(exc.__cause__ or exc) if exc else "?",
+            delay,
+            extra={"event": "database_unavailable", "attempt": state.attempt_number},
+        )
+
+    retrying = Retrying(
+        retry=retry_if_exception(database_unavailable),
+        wait=_retry_wait(),
+        stop=stop_when_event_set(stop) | (stop_after_delay(timeout) if timeout is not None else stop_never),
+        sleep=stop.wait,
+        before_sleep=warn,
+        reraise=True,
+    )
+    try:
+        for attempt in retrying:
+            with attempt:
+                if stop.is_set():
+                    return False
+                db.connect(autocommit=True).close()
+            if attempt.retry_state.attempt_number > 1:
+                log.info("%s: the database is reachable", what, extra={"event": "database_available"})
+    except Exception as exc:
+        if stop.is_set() and database_unavailable(exc):
+            return False
+        if timeout is not None and database_unavailable(exc):
+            raise BaraggError(
+                f"the database was not reachable within --startup-timeout {timeout:g}s: "
+                f"{_error_text(exc.__cause__ or exc)}"
+            ) from exc
+        raise
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
 # The daemon
 # ---------------------------------------------------------------------------------------------
-def _autocommit(pool: Any) -> Callable[[], contextlib.AbstractContextManager[psycopg.Connection]]:
-    """Pool connections in autocommit mode: every transaction of the worker is explicit."""
-
-    @contextlib.contextmanager
-    def borrow() -> Iterator[psycopg.Connection]:
-        with pool.connection() as conn:
-            if not conn.autocommit:
-                conn.autocommit = True
-            yield conn
-
-    return borrow
-
-
 class Worker:
-    """``baragg worker``: ``concurrency`` threads, each claiming on its own from a shared pool.
+    """``baragg worker``: ``concurrency`` threads, each claiming on its own connection.
 
-    Every ``interval`` seconds (or earlier, when a task's next_run_at arrives) a thread syncs the
-    registry (the first thread) and drains due tasks. ``stop()`` (SIGINT/SIGTERM in ``run``) stops
-    claiming; the task in hand is finished (its current call completes, then the cursor is stored
-    and the task released as due), waiting at most ``shutdown_timeout`` seconds before cancelling
-    the statement in flight (a cancelled statement is a transient failure, recorded). Nothing is
-    left running. A second signal exits at once. ``on_task`` is called from the worker threads.
+    It first waits for the database (a WARNING per attempt, with backoff; ``startup_timeout`` bounds
+    the wait, None: forever) and checks the schema. Every ``interval`` seconds (or earlier, when a
+    task's next_run_at arrives) a thread syncs the registry (the first thread) and drains due tasks.
+    When the database goes away, each thread retries with the same backoff (at most
+    RETRY_MAX_DELAY between attempts) and resumes as soon as it can connect. ``stop()``
+    (SIGINT/SIGTERM in ``run``) stops claiming, or waiting; the task in hand is finished (its current
+    call completes, then the cursor is stored and the task released as due), waiting at most
+    ``shutdown_timeout`` seconds before cancelling the statement in flight (a cancelled statement is a
+    transient failure, recorded). Nothing is left running. A second signal exits at once.
+    ``on_task`` is called from the worker threads.
     """
 
     def __init__(
@@ -693,12 +883,14 @@ class Worker:
         max_windows: int = DEFAULT_MAX_WINDOWS,
         batch_size: int = DEFAULT_BATCH_SIZE,
         shutdown_timeout: float = 30.0,
+        startup_timeout: float | None = None,
         on_task: Callable[[TaskResult], None] | None = None,
     ) -> None:
         self.db = db
         self.interval = interval
         self.concurrency = max(1, concurrency)
         self.shutdown_timeout = shutdown_timeout
+        self.startup_timeout = startup_timeout
         self.on_task = on_task
         self.settings = _Settings(
             env=env,
@@ -710,6 +902,7 @@ class Worker:
         self._stop = threading.Event()
         self._signals = 0
         self._claimers: list[_Claimer] = []
+        self.waiting_for_database = False  # /healthz: alive while it waits at start-up
 
     def stop(self) -> None:
         """Stop claiming; threads finish or release what they hold, then exit."""
@@ -737,13 +930,20 @@ class Worker:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 installed[sig] = signal.signal(sig, self._on_signal)
-        pool = self.db.pool(min_size=1, max_size=self.concurrency + 1, name="baragg-worker")
+        connections = [_ReconnectingConnection(self.db) for _ in range(self.concurrency)]
         try:
-            pool.open(wait=True, timeout=30)
+            self.waiting_for_database = True
+            try:
+                if not wait_for_database(self.db, self._stop, self.startup_timeout):
+                    log.info("stopped while waiting for the database", extra={"event": "worker_stopped"})
+                    return
+            finally:
+                self.waiting_for_database = False
+            check_schema(self.db)
             base = new_worker_id()
             self._claimers = [
-                _Claimer(_autocommit(pool), self.settings, f"{base}:{i}", self._stop, self.on_task)
-                for i in range(self.concurrency)
+                _Claimer(c.borrow, self.settings, f"{base}:{i}", self._stop, self.on_task)
+                for i, c in enumerate(connections)
             ]
             log.info(
                 "worker started: env %s, %d thread(s), interval %.1fs",
@@ -753,14 +953,16 @@ class Worker:
                 extra={"event": "worker_started", "env": self.settings.env, "concurrency": self.concurrency},
             )
             threads = [
-                threading.Thread(target=self._loop, args=(c, i == 0), name=f"baragg-worker-{i}", daemon=True)
+                threading.Thread(target=self._loop, args=(c, i), name=f"baragg-worker-{i}", daemon=True)
                 for i, c in enumerate(self._claimers)
             ]
             for t in threads:
                 t.start()
             self._wait(threads)
         finally:
-            pool.close()
+            for c in connections:
+                with contextlib.suppress(Exception):
+                    c.close()
             for sig, previous in installed.items():
                 signal.signal(sig, previous)
         log.info("worker stopped", extra={"event": "worker_stopped"})
@@ -783,27 +985,47 @@ class Worker:
             for t in threads:
                 t.join(0.2)
 
-    def _loop(self, claimer: _Claimer, syncs: bool) -> None:
-        next_sync = 0.0
+    def _loop(self, claimer: _Claimer, index: int) -> None:
+        """One claim thread: ticks until stopped. A tick that finds the database unreachable is
+        retried with backoff (thread 0 logs a WARNING per attempt, the others at DEBUG); any other
+        error is logged and the tick runs again after ``interval``."""
+        state = {"next_sync": 0.0}
+
+        def warn(retry: RetryCallState) -> None:
+            exc = retry.outcome.exception() if retry.outcome else None
+            delay = retry.next_action.sleep if retry.next_action else 0.0
+            log.log(
+                logging.WARNING if index == 0 else logging.DEBUG,
+                "the database is unavailable (attempt %d, %.0fs): %s; retrying in %.1fs",
+                retry.attempt_number,
+                retry.seconds_since_start or 0.0,
+                _error_text(exc.__cause__ or exc) if exc else "?",
+                delay,
+                extra={"event": "database_unavailable", "attempt": retry.attempt_number},
+            )
+
         while not self._stop.is_set():
             try:
-                if syncs and time.monotonic() >= next_sync:
-                    if next_sync:
-                        # Due work first: a window that just became final is not held back by
-                        # the registry sync (~0.1 s at 1,000 symbols). The first tick syncs first.
-                        while not self._stop.is_set() and claimer.run_round():
-                            pass
-                    claimer.sync()
-                    next_sync = time.monotonic() + self.interval
-                while not self._stop.is_set() and claimer.run_round():
-                    pass
+                retrying = Retrying(
+                    retry=retry_if_exception(database_unavailable),
+                    wait=_retry_wait(),
+                    stop=stop_when_event_set(self._stop),
+                    sleep=self._stop.wait,
+                    before_sleep=warn,
+                    reraise=True,
+                )
+                for attempt in retrying:
+                    with attempt:
+                        wait = self._tick(claimer, index == 0, state)
+                    if attempt.retry_state.attempt_number > 1 and index == 0:
+                        log.info(
+                            "the database is back after %.1fs",
+                            attempt.retry_state.seconds_since_start or 0.0,
+                            extra={"event": "database_available"},
+                        )
+            except Exception as exc:
                 if self._stop.is_set():
                     break
-                wait = self.interval
-                until_due = claimer.seconds_to_next_due()
-                if until_due is not None:
-                    wait = min(wait, max(until_due, 0.05))
-            except Exception as exc:  # the database went away: log, wait, try again
                 log.error(
                     "worker tick failed: %s",
                     _error_text(exc),
@@ -811,3 +1033,23 @@ class Worker:
                 )
                 wait = self.interval
             self._stop.wait(wait)
+
+    def _tick(self, claimer: _Claimer, syncs: bool, state: dict[str, float]) -> float:
+        """Sync when due (first thread), drain due tasks; returns how long to sleep."""
+        if syncs and time.monotonic() >= state["next_sync"]:
+            if state["next_sync"]:
+                # Due work first: a window that just became final is not held back by
+                # the registry sync (~0.1 s at 1,000 symbols). The first tick syncs first.
+                while not self._stop.is_set() and claimer.run_round():
+                    pass
+            claimer.sync()
+            state["next_sync"] = time.monotonic() + self.interval
+        while not self._stop.is_set() and claimer.run_round():
+            pass
+        if self._stop.is_set():
+            return 0.0
+        wait = self.interval
+        until_due = claimer.seconds_to_next_due()
+        if until_due is not None:
+            wait = min(wait, max(until_due, 0.05))
+        return wait

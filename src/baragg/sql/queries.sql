@@ -38,6 +38,10 @@ SELECT name, checksum, applied_at FROM baragg_schema_repeatables ORDER BY name;
 INSERT INTO baragg_schema_repeatables AS r (name, checksum) VALUES (%(name)s, %(checksum)s)
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 
+-- name: schema_present
+-- Whether baragg's tables exist (migrations may have been applied with psql, which records nothing).
+SELECT to_regclass('data_agg_state') IS NOT NULL AND to_regclass('agg_timeframes') IS NOT NULL;
+
 -- ==== worker ====
 
 -- name: worker_sync
@@ -45,7 +49,7 @@ SELECT sync_agg_state_from_registry(%(env)s, %(now)s::timestamptz);
 
 -- name: worker_claim
 SELECT canonical_symbol, timeframe, source_timeframe, last_agg_bar_ts_utc, is_mandatory, lease_expires_at,
-       rescued_from
+       rescued_from, rescue_reason
 FROM agg_claim_tasks(%(worker_id)s, %(limit)s, %(lease_seconds)s, %(now)s::timestamptz,
                      %(symbols)s::text[], %(timeframes)s::text[]);
 
@@ -85,6 +89,11 @@ FROM data_agg_state s
 JOIN agg_timeframes t ON t.timeframe = s.timeframe
 WHERE s.enabled AND s.status IN ('idle', 'hard_failed', 'running');
 
+-- name: worker_session_lock
+-- The worker lock of this connection's session (migration 0006): held until the session ends, so a
+-- claim can tell that a running task's owner is gone. false: the key is taken, pick another.
+SELECT pg_try_advisory_lock(1650553447, %(key)s);
+
 -- name: worker_has_function
 SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = %(name)s AND pronamespace = 'public'::regnamespace);
 
@@ -119,9 +128,11 @@ SELECT agg_checkpoint_many(%(worker_id)s, %(items)s::jsonb, %(now)s::timestamptz
 -- ==== late data (migration 0004) ====
 
 -- name: worker_reaggregate_many
--- Re-aggregate the invalidated windows of claimed tasks of one timeframe (all of them, one
--- statement); result keys: windows, bars_reaggregated, bars_withdrawn, entries_dropped.
-SELECT canonical_symbol, result FROM agg_reaggregate_tasks(%(timeframe)s, %(symbols)s::text[]);
+-- Re-aggregate the final logged windows of claimed tasks of one timeframe (all of them, one
+-- statement; windows not final yet stay logged); result keys: windows, bars_created, bars_rewritten,
+-- bars_unchanged, bars_withdrawn, bars_quality_poor, bars_reaggregated, entries_dropped, entries_waiting.
+SELECT canonical_symbol, result
+FROM agg_reaggregate_tasks(%(timeframe)s, %(symbols)s::text[], 1, %(now)s::timestamptz);
 
 -- name: pending_invalidations
 -- Per task: windows waiting to be re-aggregated because their source changed after aggregation.
@@ -163,20 +174,22 @@ COPY ingest_stage (line, canonical_symbol, ts_us, open, high, low, close, vol, v
 FROM STDIN WITH (FORMAT csv);
 
 -- name: ingest_duplicates
--- Good rows whose (symbol, time) appears more than once in the file, with the other lines.
-WITH keyed AS (
-    SELECT line, canonical_symbol, ts_utc, ok,
-           array_agg(line) OVER (PARTITION BY canonical_symbol, ts_utc) AS lines
+-- Good rows whose (symbol, time) appears more than once in the file, in line order, with up to five
+-- of the other lines and how many other lines there are (a time repeated a million times must not
+-- give every one of its rows a list of a million lines).
+WITH repeated AS (
+    SELECT canonical_symbol, ts_utc, count(*) AS n, (array_agg(line ORDER BY line))[1:6] AS first_lines
     FROM ingest_stage
-    WHERE (canonical_symbol, ts_utc) IN (
-        SELECT canonical_symbol, ts_utc FROM ingest_stage
-        GROUP BY canonical_symbol, ts_utc HAVING count(*) > 1
-    )
+    GROUP BY canonical_symbol, ts_utc
+    HAVING count(*) > 1
 )
-SELECT line, ts_utc, ARRAY(SELECT l FROM unnest(lines) AS l WHERE l <> keyed.line ORDER BY l) AS others
-FROM keyed
-WHERE ok
-ORDER BY line;
+SELECT s.line, s.ts_utc,
+       ARRAY(SELECT l FROM unnest(r.first_lines) AS l WHERE l <> s.line ORDER BY l LIMIT 5) AS others,
+       r.n - 1 AS n_others
+FROM ingest_stage s
+JOIN repeated r USING (canonical_symbol, ts_utc)
+WHERE s.ok
+ORDER BY s.line;
 
 -- name: ingest_drop_duplicates
 UPDATE ingest_stage s SET ok = false
@@ -222,12 +235,13 @@ SELECT canonical_symbol, min(ts_utc), max(ts_utc) FROM ingest_stage WHERE ok GRO
 -- to registry_update (in the same transaction), which keeps the values not given.
 INSERT INTO core_asset_registry_all (
     canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
-    calc_15m, calc_4h, calc_1d, calc_1w, calc_1mo, session, notes)
+    calc_15m, calc_4h, calc_1d, calc_1w, calc_1mo, session, notes, agg_start_utc)
 VALUES (
     %(symbol)s, %(provider_ticker)s, %(asset_class)s, %(source)s,
     COALESCE(%(active)s, true), COALESCE(%(test_active)s, true), COALESCE(%(is_sparse)s, false),
     COALESCE(%(calc_15m)s, false), COALESCE(%(calc_4h)s, false), COALESCE(%(calc_1d)s, false),
-    COALESCE(%(calc_1w)s, false), COALESCE(%(calc_1mo)s, false), COALESCE(%(session)s, '24x7'), %(notes)s)
+    COALESCE(%(calc_1w)s, false), COALESCE(%(calc_1mo)s, false), COALESCE(%(session)s, '24x7'), %(notes)s,
+    %(agg_start_utc)s)
 ON CONFLICT (canonical_symbol) DO NOTHING
 RETURNING canonical_symbol;
 
@@ -246,26 +260,40 @@ UPDATE core_asset_registry_all AS r SET
     calc_1mo = COALESCE(%(calc_1mo)s, r.calc_1mo),
     session = COALESCE(%(session)s, r.session),
     notes = COALESCE(%(notes)s, r.notes),
+    agg_start_utc = COALESCE(%(agg_start_utc)s, r.agg_start_utc),
     updated_at = now()
 WHERE canonical_symbol = %(symbol)s
 RETURNING canonical_symbol;
 
 -- name: registry_list
 SELECT canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
-       calc_15m, calc_4h, calc_1d, calc_1w, calc_1mo, session, notes, created_at, updated_at
+       calc_15m, calc_4h, calc_1d, calc_1w, calc_1mo, session, notes, agg_start_utc, created_at, updated_at
 FROM core_asset_registry_all
+ORDER BY canonical_symbol;
+
+-- name: registry_existing_task_starts
+-- The symbol's tasks and their start, to say that an existing task keeps it (the sync never moves it).
+SELECT timeframe, NULLIF(agg_start_utc, '-infinity') FROM data_agg_state WHERE canonical_symbol = %(symbol)s
+ORDER BY timeframe;
+
+-- name: registry_bad_symbols
+-- Registry names that break the naming rule (kept from before the CHECK of migration 0007).
+-- (after `db upgrade`, so the table exists)
+SELECT canonical_symbol FROM core_asset_registry_all
+WHERE canonical_symbol !~ '^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$'
 ORDER BY canonical_symbol;
 
 -- name: registry_rebuild_key
 SELECT session, COALESCE(is_sparse, false) FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s;
 
 -- name: registry_symbol_span
--- The times a symbol's session days must cover: its data, its tasks' agg_start_utc and cursors.
+-- The times a symbol's session days must cover: its data, its tasks' agg_start_utc and cursors
+-- (a start of '-infinity', "from the first row", adds nothing).
 SELECT LEAST(b.first_bar, t.first_start), GREATEST(b.last_bar, t.last_cursor, t.first_start)
 FROM (SELECT min(ts_utc) AS first_bar, max(ts_utc) AS last_bar FROM data_bars
       WHERE canonical_symbol = %(symbol)s AND timeframe = '1m') b,
-     (SELECT min(agg_start_utc) AS first_start, max(last_agg_bar_ts_utc) AS last_cursor FROM data_agg_state
-      WHERE canonical_symbol = %(symbol)s) t;
+     (SELECT min(NULLIF(agg_start_utc, '-infinity')) AS first_start, max(last_agg_bar_ts_utc) AS last_cursor
+      FROM data_agg_state WHERE canonical_symbol = %(symbol)s) t;
 
 -- name: registry_rebuild
 SELECT agg_rebuild_symbol(%(symbol)s);
@@ -305,35 +333,85 @@ SELECT days_from, days_to FROM agg_sessions WHERE name = %(session)s;
 SELECT trading_date, open_utc, close_utc FROM agg_session_days WHERE session = %(session)s ORDER BY open_utc;
 
 -- name: verify_task
-SELECT agg_start_utc, last_agg_bar_ts_utc
+-- '-infinity' (no explicit start: from the first source row) reads as NULL.
+SELECT NULLIF(agg_start_utc, '-infinity'), last_agg_bar_ts_utc
 FROM data_agg_state
 WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s;
 
+-- name: verify_session_settings
+-- One chunk is one aggregate over an index range: parallel workers only add a sort and a merge.
+SELECT set_config('max_parallel_workers_per_gather', '0', true);
+
+-- name: verify_next_base
+-- `baragg verify` reads rows one chunk of time at a time and aggregates them itself, independently
+-- of the engine. Where the next chunk starts: the first source or stored row at or after the given
+-- instants (an empty stretch of the range costs one index probe each side).
+SELECT least(
+    (SELECT min(ts_utc) FROM data_bars
+     WHERE canonical_symbol = %(symbol)s AND timeframe = %(source_timeframe)s
+       AND ts_utc >= %(source_from)s AND ts_utc < %(hi)s AND NOT coalesce(is_partial, false)),
+    (SELECT min(ts_utc) FROM derived_data_bars
+     WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s
+       AND ts_utc >= %(stored_from)s AND ts_utc < %(hi)s AND deleted_at IS NULL));
+
+-- name: verify_next_derived
+SELECT least(
+    (SELECT min(ts_utc) FROM derived_data_bars
+     WHERE canonical_symbol = %(symbol)s AND timeframe = %(source_timeframe)s
+       AND ts_utc >= %(source_from)s AND ts_utc < %(hi)s
+       AND deleted_at IS NULL AND NOT coalesce(is_partial, false)),
+    (SELECT min(ts_utc) FROM derived_data_bars
+     WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s
+       AND ts_utc >= %(stored_from)s AND ts_utc < %(hi)s AND deleted_at IS NULL));
+
 -- name: verify_source_base
--- Raw 1m bars that count as source: not still forming.
-SELECT ts_utc, open, high, low, close, vol, vwap, trade_count
+-- Raw 1m bars that count as source (not still forming), in time order, one column per value: each a
+-- float8[] in PostgreSQL's binary array format (array_send), which Python reads straight into numpy;
+-- NULL is sent as NaN (a missing value either way). Rows never travel one by one.
+SELECT array_send(array_agg(ts_utc ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(open, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(high, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(low, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(close, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(vol, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(vwap, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(trade_count::float8, 'NaN') ORDER BY ts_utc))
 FROM data_bars
 WHERE canonical_symbol = %(symbol)s AND timeframe = %(source_timeframe)s
   AND ts_utc >= %(lo)s AND ts_utc < %(hi)s
-  AND NOT coalesce(is_partial, false)
-ORDER BY ts_utc;
+  AND NOT coalesce(is_partial, false);
 
 -- name: verify_source_derived
-SELECT ts_utc, open, high, low, close, vol, vwap, trade_count
+SELECT array_send(array_agg(ts_utc ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(open, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(high, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(low, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(close, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(vol, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(vwap, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(trade_count::float8, 'NaN') ORDER BY ts_utc))
 FROM derived_data_bars
 WHERE canonical_symbol = %(symbol)s AND timeframe = %(source_timeframe)s
   AND ts_utc >= %(lo)s AND ts_utc < %(hi)s
-  AND deleted_at IS NULL AND NOT coalesce(is_partial, false)
-ORDER BY ts_utc;
+  AND deleted_at IS NULL AND NOT coalesce(is_partial, false);
 
 -- name: verify_stored
-SELECT ts_utc, open, high, low, close, vol, vwap, trade_count,
-       source_candles, expected_candles, quality_score, source_timeframe
+SELECT array_send(array_agg(ts_utc ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(open, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(high, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(low, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(close, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(vol, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(vwap, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(trade_count::float8, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(source_candles::float8, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(expected_candles::float8, 'NaN') ORDER BY ts_utc)),
+       array_send(array_agg(coalesce(quality_score::float8, 'NaN') ORDER BY ts_utc)),
+       array_agg(source_timeframe ORDER BY ts_utc)
 FROM derived_data_bars
 WHERE canonical_symbol = %(symbol)s AND timeframe = %(timeframe)s
   AND ts_utc >= %(lo)s AND ts_utc < %(hi)s
-  AND deleted_at IS NULL
-ORDER BY ts_utc;
+  AND deleted_at IS NULL;
 
 -- ==== operator tools: status ====
 
@@ -348,7 +426,11 @@ SELECT to_regclass('agg_timeframes') IS NOT NULL
 SELECT s.canonical_symbol, s.timeframe, s.status, s.enabled, s.is_mandatory, s.last_agg_bar_ts_utc,
        (SELECT r.session FROM core_asset_registry_all r WHERE r.canonical_symbol = s.canonical_symbol) AS session,
        s.next_run_at, s.hard_fail_streak, s.last_error, s.last_successful_at_utc,
-       s.total_bars_created, s.total_bars_quality_poor, s.lease_owner,
+       s.total_bars_created, s.total_bars_rewritten, s.total_bars_withdrawn, s.total_bars_unchanged,
+       s.total_bars_quality_poor, s.lease_owner,
+       -- '-infinity' (no explicit start: from the first source data) reads as NULL
+       NULLIF(s.agg_start_utc, '-infinity') AS agg_start_utc,
+       e.first_before_start, tf.source_timeframe AS ladder_source,
        f.frontier,
        CASE WHEN s.last_agg_bar_ts_utc IS NOT NULL AND f.frontier IS NOT NULL
             THEN greatest(0, extract(epoch FROM f.frontier - s.last_agg_bar_ts_utc)) END AS lag_frontier_seconds,
@@ -382,11 +464,35 @@ LEFT JOIN LATERAL (
                                    n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
                                    tf.bucket_interval, tf.bucket_origin) END AS frontier
 ) f ON true
+LEFT JOIN LATERAL (
+    -- The first source row before the task's start: rows the task will never aggregate (rule 1).
+    -- One index probe; none when the task has no explicit start.
+    SELECT CASE WHEN s.agg_start_utc = '-infinity' THEN NULL
+                WHEN tf.source_table = 'data_bars' THEN
+                    (SELECT min(b.ts_utc) FROM data_bars b
+                     WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = tf.source_timeframe
+                       AND b.ts_utc < s.agg_start_utc)
+                ELSE
+                    (SELECT min(d.ts_utc) FROM derived_data_bars d
+                     WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = tf.source_timeframe
+                       AND d.ts_utc < s.agg_start_utc AND d.deleted_at IS NULL)
+           END AS first_before_start
+) e ON true
 WHERE %(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[])
 ORDER BY s.canonical_symbol, tf.duration_rank;
 
+-- name: status_reenable_check
+-- What `baragg reenable` needs to know first: the task's state, and whether the registry wants it in
+-- the environment (a task the registry has inactive would be disabled again by the next sync).
+SELECT s.status, s.enabled, s.hard_fail_streak, s.last_error, s.next_run_at, s.lease_owner,
+       EXISTS (SELECT 1 FROM _agg_wanted_tasks(%(env)s) w
+               WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe) AS wanted
+FROM data_agg_state s
+WHERE s.canonical_symbol = %(symbol)s AND s.timeframe = %(timeframe)s
+FOR UPDATE;
+
 -- name: status_reenable
-SELECT agg_reenable_task(%(symbol)s, %(timeframe)s, COALESCE(%(now)s::timestamptz, now()));
+SELECT agg_reenable_task(%(symbol)s, %(timeframe)s, %(now)s::timestamptz);
 
 -- ==== operator tools: backfill ====
 
@@ -395,7 +501,8 @@ SELECT agg_reenable_task(%(symbol)s, %(timeframe)s, COALESCE(%(now)s::timestampt
 -- put it) to the frontier of the raw 1m data, which every timeframe reaches after a full catch-up.
 SELECT s.canonical_symbol, s.timeframe, tf.bucket_interval,
        COALESCE(s.last_agg_bar_ts_utc,
-                date_bin(tf.bucket_interval, greatest(s.agg_start_utc, b.first_bar), tf.bucket_origin)) AS start_at,
+                date_bin(tf.bucket_interval, greatest(NULLIF(s.agg_start_utc, '-infinity'), b.first_bar),
+                         tf.bucket_origin)) AS start_at,
        date_bin(tf.bucket_interval, b.last_bar + interval '1 minute', tf.bucket_origin) AS end_at
 FROM data_agg_state s
 JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
@@ -419,6 +526,41 @@ WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::tex
   AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
   AND s.status <> 'running'
 RETURNING s.canonical_symbol, s.timeframe;
+
+-- name: backfill_known_symbols
+SELECT canonical_symbol FROM core_asset_registry_all WHERE canonical_symbol = ANY (%(symbols)s::text[]);
+
+-- name: backfill_task_states
+-- The selected tasks after a backfill, to report those it could not run (failing, held, off).
+SELECT s.canonical_symbol, s.timeframe, s.enabled, s.status, s.hard_fail_streak, s.last_error, s.next_run_at,
+       s.lease_owner,
+       NULLIF(_agg_lease_end(s.lease_expires_at, s.running_started_at_utc), '-infinity') AS lease_end
+FROM data_agg_state s
+JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+ORDER BY s.canonical_symbol, tf.duration_rank;
+
+-- name: backfill_before_start
+-- Selected tasks that have source rows before their agg_start_utc: rows they never aggregate (rule 1).
+SELECT s.canonical_symbol, s.timeframe, s.agg_start_utc, e.first_before_start
+FROM data_agg_state s
+JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN tf.source_table = 'data_bars' THEN
+                    (SELECT min(b.ts_utc) FROM data_bars b
+                     WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = tf.source_timeframe
+                       AND b.ts_utc < s.agg_start_utc)
+                ELSE
+                    (SELECT min(d.ts_utc) FROM derived_data_bars d
+                     WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = tf.source_timeframe
+                       AND d.ts_utc < s.agg_start_utc AND d.deleted_at IS NULL)
+           END AS first_before_start
+) e
+WHERE s.agg_start_utc <> '-infinity' AND s.enabled AND e.first_before_start IS NOT NULL
+  AND (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+ORDER BY s.canonical_symbol, tf.duration_rank;
 
 -- name: backfill_running
 SELECT s.canonical_symbol || ' ' || s.timeframe
@@ -487,7 +629,7 @@ SELECT f.canonical_symbol AS symbol,
        f.is_mandatory AS mandatory,
        f.task_priority AS priority,
        f.last_agg_bar_ts_utc AS cursor_utc,
-       f.agg_start_utc,
+       NULLIF(f.agg_start_utc, '-infinity') AS agg_start_utc,  -- null: from the first source row
        f.frontier_utc,
        f.source_last_ts AS source_last_bar_utc,
        f.last_bar_ts AS last_bar_utc,
@@ -513,6 +655,9 @@ SELECT f.canonical_symbol AS symbol,
        f.total_transient_failures AS transient_failures,
        f.total_hard_failures AS hard_failures,
        f.total_bars_created AS bars_created,
+       f.total_bars_rewritten AS bars_rewritten,
+       f.total_bars_withdrawn AS bars_withdrawn,
+       f.total_bars_unchanged AS bars_unchanged,
        f.total_bars_quality_poor AS bars_quality_poor,
        f.invalidations AS invalidations_pending,
        c.now_utc
@@ -666,10 +811,19 @@ WHERE d.session = %(name)s AND d.trading_date = f.trading_date
 -- name: session_needed
 -- Every session in use, its materialised range, and the earliest agg_start_utc of its symbols' tasks
 -- (no bar is ever older), for the worker's sync to extend what is missing.
-SELECT s.name, s.days_from, s.days_to, min(st.agg_start_utc) AS first_needed
+-- A task starting at '-infinity' ("from the first source row", the default) needs its symbol's first
+-- 1m bar (one index probe per such symbol).
+SELECT s.name, s.days_from, s.days_to,
+       min(CASE WHEN t.first_start = '-infinity'
+                THEN (SELECT min(b.ts_utc) FROM data_bars b
+                      WHERE b.canonical_symbol = t.canonical_symbol AND b.timeframe = '1m')
+                ELSE t.first_start END) AS first_needed
 FROM agg_sessions s
 JOIN core_asset_registry_all r ON r.session = s.name
-LEFT JOIN data_agg_state st ON st.canonical_symbol = r.canonical_symbol AND st.enabled
+LEFT JOIN LATERAL (
+    SELECT r.canonical_symbol, min(st.agg_start_utc) AS first_start
+    FROM data_agg_state st WHERE st.canonical_symbol = r.canonical_symbol AND st.enabled
+) t ON true
 GROUP BY s.name, s.days_from, s.days_to
 ORDER BY s.name;
 

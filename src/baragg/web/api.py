@@ -98,7 +98,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if effective_status(r) in ALERT_STATUSES
         ],
         "worst_lag": dict(sorted(worst.items(), key=lambda kv: TIMEFRAME_ORDER.get(kv[0], 99))),
+        # Every recomputed window counts once: created (inserted), rewritten (values changed),
+        # withdrawn (soft-deleted) or unchanged (equal: nothing written). Bars stored = created -
+        # withdrawn (over a task's life, when no bar was removed by hand).
         "bars_created": sum(int(r["bars_created"] or 0) for r in rows),
+        "bars_rewritten": sum(int(r["bars_rewritten"] or 0) for r in rows),
+        "bars_withdrawn": sum(int(r["bars_withdrawn"] or 0) for r in rows),
+        "bars_unchanged": sum(int(r["bars_unchanged"] or 0) for r in rows),
         "bars_quality_poor": sum(int(r["bars_quality_poor"] or 0) for r in rows),
         "invalidations_pending": sum(int(r["invalidations_pending"] or 0) for r in rows),
     }
@@ -150,7 +156,11 @@ def parse_time(name: str, text: str | None) -> datetime | None:
         value = datetime.fromisoformat(text.replace(" ", "+") if "T" in text else text)
     except ValueError as exc:
         raise InvalidInput(f"{name}: not ISO 8601 or epoch seconds: {text!r}") from exc
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        # In UTC from here on; 0001-01-01T00:00+14:00 is before the first representable UTC instant.
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidInput(f"{name}: out of range: {text!r}") from exc
 
 
 def parse_limit(text: str | None) -> int:

@@ -1,7 +1,12 @@
 """The HTTP server behind `baragg serve` and `baragg worker --metrics-port`.
 
-Standard library only (ThreadingHTTPServer): a handful of routes, no templates, static files shipped
-in the package. Every page asset is served from here, so the page works with no internet.
+Starlette routes on uvicorn (asyncio, HTTP/1.1): an idle or half-open connection costs a socket, not
+a thread. Database work runs on a bounded pool of threads (``DB_THREADS``, as many as the connection
+pool holds); /healthz never waits for it. A connection must send a whole request head within
+``read_timeout`` seconds, idle keep-alive connections close after ``KEEP_ALIVE_SECONDS``, and beyond
+``max_connections`` open connections requests get 503 at once. Every page asset is served from here,
+so the page works with no internet. The Host check, the token and the security headers are in
+``baragg.web.guard``.
 
 Routes: ``/`` and ``/static/*`` (the status page, unless pages are off), ``/api/*`` (JSON, see
 docs/api.md), ``/metrics`` (Prometheus), ``/healthz`` (the process and its loop are alive),
@@ -10,8 +15,8 @@ docs/api.md), ``/metrics`` (Prometheus), ``/healthz`` (the process and its loop 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import gzip
 import json
 import logging
 import mimetypes
@@ -19,31 +24,45 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
+import anyio
 import psycopg
+import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from baragg import __version__, migrate
 from baragg.db import Database
 from baragg.errors import BaraggError, InvalidInput
 from baragg.metrics import Metrics, default_metrics
 from baragg.web import api
+from baragg.web.guard import Guard, allowed_host_names
 
 log = logging.getLogger(__name__)
 
 # How long a request waits for the database before it answers 503: a status page must say
 # "database down" quickly rather than hang.
 DB_TIMEOUT_SECONDS = 5
+READ_TIMEOUT_SECONDS = 10.0  # to send a whole request head, from connecting or from the last response
+KEEP_ALIVE_SECONDS = 5  # an idle keep-alive connection is closed after this
+MAX_CONNECTIONS = 512  # open connections; beyond them a request is answered 503 at once
+DB_THREADS = 8  # threads doing database work for requests, = the connection pool's size
+GZIP_MIN_BYTES = 4096
 
 
 Probe = Callable[[], tuple[bool, str]]
@@ -106,6 +125,8 @@ def worker_probe(
     def probe() -> tuple[bool, str]:
         if getattr(worker, "stopping", False):
             return False, "worker is shutting down"
+        if getattr(worker, "waiting_for_database", False):
+            return True, "worker waiting for the database"
         threads = [t for t in threading.enumerate() if pattern.fullmatch(t.name) and t.is_alive()]
         if threads:
             return True, f"{len(threads)} claim thread(s) running"
@@ -117,12 +138,17 @@ def worker_probe(
 
 
 def readiness(db: Database, timeout: float = DB_TIMEOUT_SECONDS) -> tuple[bool, str]:
-    """Whether the database answers and its schema is exactly what this baragg ships."""
+    """Whether the database answers and its schema is exactly what this baragg ships.
+
+    The reason never names the server (host, port, URL): /readyz may be reachable by more people than
+    the database; the error itself goes to this process's log.
+    """
     quick = dataclasses.replace(db, url=make_conninfo(db.url, connect_timeout=str(max(1, int(timeout)))))
     try:
         states = migrate.status(quick)
     except (BaraggError, psycopg.Error) as exc:
-        return False, f"database unreachable: {str(exc).strip().splitlines()[0]}"
+        _log_once(f"readiness check: database unreachable: {_first_line(exc)}")
+        return False, "database unreachable (the server's log has the error)"
     pending = [s.name for s in states if s.state == "pending"]
     if pending:
         return False, f"schema not current: {len(pending)} pending migration(s), first {pending[0]}"
@@ -132,10 +158,95 @@ def readiness(db: Database, timeout: float = DB_TIMEOUT_SECONDS) -> tuple[bool, 
     return True, f"database reachable, schema current ({len(states)} migrations)"
 
 
+_last_logged: list[str] = [""]
+
+
+def _log_once(message: str) -> None:
+    """A WARNING when the problem is new, DEBUG while it repeats (probes poll every few seconds)."""
+    level = logging.DEBUG if _last_logged[0] == message else logging.WARNING
+    _last_logged[0] = message
+    log.log(level, "%s", message)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def deadline_protocol(read_timeout: float) -> type[H11Protocol]:
+    """uvicorn's HTTP/1.1 protocol plus a deadline for each request head.
+
+    uvicorn closes idle keep-alive connections, but any byte resets that timer and a connection that
+    never sends a request is never timed out: a client trickling its headers (slowloris) or opening
+    connections and sending nothing would hold them forever. Here a connection that has not sent a
+    complete request line and headers ``read_timeout`` seconds after it opened (or after its previous
+    response) is closed.
+    """
+
+    class DeadlineH11Protocol(H11Protocol):
+        head_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle:  # a request head arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self.head_deadline = self.loop.call_later(read_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+                self.head_deadline = None
+
+        def _expire(self) -> None:
+            self.head_deadline = None
+            idle = self.cycle is None or self.cycle.response_complete
+            if idle and not self.transport.is_closing():
+                self.transport.close()
+
+    return DeadlineH11Protocol
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0 picks a free one), or a one-line error."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, OverflowError, UnicodeError) as exc:
+        raise BaraggError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        raise BaraggError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from exc
+    return sock
+
+
 class StatusServer:
     """Serves the status page, the JSON API, /metrics and the health endpoints for one database.
 
     Nothing happens at construction; start() (background thread) or serve_forever() binds the port.
+    ``allowed_hosts`` adds names to the Host check; ``token`` (when set) is required everywhere but
+    /healthz (see baragg.web.guard).
     """
 
     def __init__(
@@ -150,6 +261,10 @@ class StatusServer:
         refresh_seconds: float = 5.0,
         db_timeout: float = DB_TIMEOUT_SECONDS,
         now: datetime | None = None,
+        allowed_hosts: Sequence[str] = (),
+        token: str | None = None,
+        read_timeout: float = READ_TIMEOUT_SECONDS,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.db = db
         self.db_timeout = db_timeout
@@ -160,19 +275,28 @@ class StatusServer:
         self.liveness = liveness if liveness is not None else Liveness()
         self.pages = pages
         self.refresh_seconds = refresh_seconds
-        self._httpd: ThreadingHTTPServer | None = None
+        self.allowed_hosts = allowed_host_names(host, allowed_hosts)
+        self.token = token
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self._socket: socket.socket | None = None
+        self._server: uvicorn.Server | None = None
         self._pool: ConnectionPool | None = None
         self._thread: threading.Thread | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._static: dict[str, tuple[bytes, str]] = {}
 
     # -- life cycle -------------------------------------------------------------------------
     def bind(self) -> None:
         """Open the port and the connection pool (the pool connects in the background)."""
-        if self._httpd is not None:
+        if self._server is not None:
             return
+        self._socket = listen(self.host, self.port)
+        self.port = self._socket.getsockname()[1]
         self._pool = ConnectionPool(
             self.db.url,
             min_size=1,
-            max_size=8,
+            max_size=DB_THREADS,
             kwargs={
                 **self.db.connect_kwargs(),
                 "autocommit": True,
@@ -188,19 +312,25 @@ class StatusServer:
         )
         self._pool.open(wait=False)
         self.metrics.watch_database(self.connection)
-        handler = type("BoundHandler", (Handler,), {"app": self})
-        server_class = ThreadingHTTPServer
-        if ":" in self.host:  # an IPv6 address such as :: or ::1
-            server_class = type(
-                "ThreadingHTTPServerV6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6}
-            )
-        try:
-            self._httpd = server_class((self.host, self.port), handler)
-        except OSError as exc:
-            self._pool.close()
-            raise BaraggError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from exc
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
+        for name in ("uvicorn", "uvicorn.error"):  # its start/stop chatter is not the operator's news
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        config = uvicorn.Config(
+            self.app(),
+            lifespan="off",
+            loop="asyncio",
+            http=deadline_protocol(self.read_timeout),
+            ws="none",
+            interface="asgi3",
+            limit_concurrency=self.max_connections,
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            timeout_graceful_shutdown=5,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+        )
+        self._server = uvicorn.Server(config)
 
     @property
     def url(self) -> str:
@@ -210,34 +340,44 @@ class StatusServer:
         return f"http://{host}:{self.port}"
 
     def serve_forever(self) -> None:
+        """Serve in this thread until SIGINT/SIGTERM (uvicorn's handlers; it re-raises the signal after a
+        graceful stop, so the caller's handlers still decide the exit)."""
         self.bind()
-        assert self._httpd is not None
+        assert self._server is not None and self._socket is not None
         log.info("serving on %s", self.url)
         try:
-            self._httpd.serve_forever(poll_interval=0.5)
+            self._server.run(sockets=[self._socket])
         finally:
             self.close()
 
     def start(self) -> StatusServer:
-        """Serve from a daemon thread (the worker's way); returns self once the port is open."""
+        """Serve from a daemon thread (the worker's way); returns self once the port answers."""
         self.bind()
-        assert self._httpd is not None
-        httpd = self._httpd
+        assert self._server is not None and self._socket is not None
+        server, sock = self._server, self._socket
         self._thread = threading.Thread(
-            target=lambda: httpd.serve_forever(poll_interval=0.1), name="baragg-web", daemon=True
+            target=lambda: server.run(sockets=[sock]), name="baragg-web", daemon=True
         )
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not server.started:
+            self.close()
+            raise BaraggError(f"the status server on {self.url} did not start")
         log.info("serving on %s", self.url)
         return self
 
     def close(self) -> None:
-        if self._httpd is not None:
+        if self._server is not None:
+            self._server.should_exit = True
             if self._thread is not None:
-                self._httpd.shutdown()
-                self._thread.join(timeout=5)
+                self._thread.join(timeout=15)
                 self._thread = None
-            self._httpd.server_close()
-            self._httpd = None
+            self._server = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -255,167 +395,203 @@ class StatusServer:
         with self._pool.connection(timeout=self.db_timeout) as conn:
             yield conn
 
+    # -- the application --------------------------------------------------------------------
+    def app(self) -> Starlette:
+        routes = [
+            Route("/metrics", self.get_metrics),
+            Route("/healthz", self.get_healthz),
+            Route("/readyz", self.get_readyz),
+        ]
+        if self.pages:
+            routes += [
+                Route("/", self.get_index),
+                Route("/index.html", self.get_index),
+                Route("/static/{name:path}", self.get_static),
+                Route("/api/tasks", self.get_tasks),
+                Route("/api/summary", self.get_summary),
+                Route("/api/symbols", self.get_symbols),
+                Route("/api/bars", self.get_bars),
+                Route("/api/config", self.get_config),
+            ]
+        return Starlette(
+            routes=routes,
+            middleware=[
+                Middleware(Guard, allowed_hosts=self.allowed_hosts, token=self.token),
+                Middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=5),
+            ],
+            exception_handlers={HTTPException: self.http_error},
+        )
 
-class Handler(BaseHTTPRequestHandler):
-    """Routes one request. ``app`` is set on a per-server subclass."""
+    async def http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return json_response({"error": f"not found: {request.url.path}"}, 404)
+        if exc.status_code == 405:
+            return json_response({"error": f"method not allowed: {request.method} (GET and HEAD only)"}, 405)
+        return json_response({"error": exc.detail}, exc.status_code)
 
-    app: StatusServer
-    server_version = f"baragg/{__version__}"
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def do_HEAD(self) -> None:
-        self.do_GET()
-
-    def do_GET(self) -> None:
-        parts = urlsplit(self.path)
-        path = parts.path
+    async def in_thread(self, request: Request, work: Callable[[dict[str, str]], Response]) -> Response:
+        """Run ``work(params)`` (database work) on the bounded thread pool; map errors to statuses."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(DB_THREADS)
         try:
-            params = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False))
-        except ValueError:
-            self.send_json({"error": "malformed query string"}, HTTPStatus.BAD_REQUEST)
-            return
-        try:
-            route = self.routes().get(path)
-            if route is not None:
-                route(params)
-            elif path.startswith("/static/") and self.app.pages:
-                self.send_static(path.removeprefix("/static/"))
-            else:
-                self.send_json({"error": f"not found: {path}"}, HTTPStatus.NOT_FOUND)
+            params = query_params(request.scope.get("query_string", b""))
+            return await anyio.to_thread.run_sync(work, params, limiter=self._limiter)
         except api.UnknownSymbol as exc:
-            self.send_json({"error": str(exc)}, HTTPStatus.NOT_FOUND)
+            return json_response({"error": str(exc)}, 404)
         except InvalidInput as exc:
-            self.send_json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
-        except (PoolTimeout, psycopg.OperationalError, BaraggError) as exc:
-            self.send_json(
-                {"error": f"database unavailable: {str(exc).strip().splitlines()[0]}"},
-                HTTPStatus.SERVICE_UNAVAILABLE,
-            )
+            return json_response({"error": str(exc)}, 400)
         except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
-            self.send_json(
-                {
-                    "error": f"schema not current (run `baragg db upgrade`): {str(exc).strip().splitlines()[0]}"
-                },
-                HTTPStatus.SERVICE_UNAVAILABLE,
+            return json_response(
+                {"error": f"schema not current (run `baragg db upgrade`): {_first_line(exc)}"}, 503
             )
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except (PoolTimeout, psycopg.OperationalError, BaraggError) as exc:
+            # Never the server's address in a response; the log has the error.
+            _log_once(f"request {request.url.path}: database unavailable: {_first_line(exc)}")
+            return json_response({"error": "database unavailable (the server's log has the error)"}, 503)
+        except psycopg.DataError as exc:  # a value PostgreSQL refused (range, encoding)
+            return json_response({"error": f"bad parameter: {_first_line(exc)}"}, 400)
         except Exception as exc:  # the server keeps serving; the log has the traceback
-            log.exception("error serving %s", self.path)
-            self.send_json(
-                {"error": f"internal error: {type(exc).__name__}"}, HTTPStatus.INTERNAL_SERVER_ERROR
-            )
-
-    def routes(self) -> dict[str, Callable[[dict[str, str]], None]]:
-        routes: dict[str, Callable[[dict[str, str]], None]] = {
-            "/metrics": self.get_metrics,
-            "/healthz": self.get_healthz,
-            "/readyz": self.get_readyz,
-        }
-        if self.app.pages:
-            routes.update(
-                {
-                    "/": lambda _: self.send_static("index.html"),
-                    "/index.html": lambda _: self.send_static("index.html"),
-                    "/api/tasks": self.get_tasks,
-                    "/api/summary": self.get_summary,
-                    "/api/symbols": self.get_symbols,
-                    "/api/bars": self.get_bars,
-                    "/api/config": self.get_config,
-                }
-            )
-        return routes
+            log.exception("error serving %s", request.url.path)
+            return json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
 
     # -- endpoints --------------------------------------------------------------------------
-    def get_metrics(self, _: dict[str, str]) -> None:
-        self.send_body(self.app.metrics.exposition(), CONTENT_TYPE_LATEST)
-
-    def get_healthz(self, _: dict[str, str]) -> None:
-        alive, reason = self.app.liveness.check()
-        self.send_json(
-            {"status": "ok" if alive else "dead", "reason": reason},
-            HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE,
+    async def get_metrics(self, request: Request) -> Response:
+        return await self.in_thread(
+            request,
+            lambda _: Response(
+                self.metrics.exposition(),
+                media_type=CONTENT_TYPE_LATEST,
+                headers={"cache-control": "no-store"},
+            ),
         )
 
-    def get_readyz(self, _: dict[str, str]) -> None:
-        ready, reason = readiness(self.app.db, self.app.db_timeout)
-        self.send_json(
-            {"status": "ready" if ready else "not ready", "reason": reason},
-            HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
-        )
+    async def get_healthz(self, request: Request) -> Response:
+        # Answered on the event loop: never waits behind database work.
+        alive, reason = self.liveness.check()
+        return json_response({"status": "ok" if alive else "dead", "reason": reason}, 200 if alive else 503)
 
-    def get_tasks(self, params: dict[str, str]) -> None:
-        self.no_params(params)
-        with self.app.connection() as conn:
-            self.send_json(api.tasks(conn, self.app.now))
+    async def get_readyz(self, request: Request) -> Response:
+        def work(_: dict[str, str]) -> Response:
+            ready, reason = readiness(self.db, self.db_timeout)
+            return json_response(
+                {"status": "ready" if ready else "not ready", "reason": reason}, 200 if ready else 503
+            )
 
-    def get_summary(self, params: dict[str, str]) -> None:
-        self.no_params(params)
-        with self.app.connection() as conn:
-            self.send_json(api.summary(conn, self.app.now))
+        return await self.in_thread(request, work)
 
-    def get_symbols(self, params: dict[str, str]) -> None:
-        self.no_params(params)
-        with self.app.connection() as conn:
-            self.send_json(api.symbols(conn))
+    async def get_tasks(self, request: Request) -> Response:
+        def work(params: dict[str, str]) -> Response:
+            no_params(params)
+            with self.connection() as conn:
+                return json_response(api.tasks(conn, self.now))
 
-    def get_bars(self, params: dict[str, str]) -> None:
-        parsed = api.bars_params(params)
-        with self.app.connection() as conn:
-            text = api.bars_json(conn, parsed)
-        self.send_body(text.encode(), "application/json")
+        return await self.in_thread(request, work)
 
-    def get_config(self, params: dict[str, str]) -> None:
-        self.no_params(params)
-        self.send_json({"version": __version__, "refresh_seconds": self.app.refresh_seconds})
+    async def get_summary(self, request: Request) -> Response:
+        def work(params: dict[str, str]) -> Response:
+            no_params(params)
+            with self.connection() as conn:
+                return json_response(api.summary(conn, self.now))
 
-    @staticmethod
-    def no_params(params: dict[str, str]) -> None:
-        if params:
-            raise InvalidInput(f"unknown parameter: {sorted(params)[0]}")
+        return await self.in_thread(request, work)
 
-    # -- responses --------------------------------------------------------------------------
-    def send_static(self, name: str) -> None:
-        static = resources.files("baragg.web").joinpath("static")
-        if not name or "/" in name or name.startswith("."):
-            self.send_json({"error": f"not found: /static/{name}"}, HTTPStatus.NOT_FOUND)
-            return
-        entry = static.joinpath(name)
-        if not entry.is_file():
-            self.send_json({"error": f"not found: /static/{name}"}, HTTPStatus.NOT_FOUND)
-            return
-        ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        if ctype.startswith("text/") or ctype in ("application/javascript", "text/javascript"):
-            ctype += "; charset=utf-8"
-        self.send_body(entry.read_bytes(), ctype, cache="no-cache")
+    async def get_symbols(self, request: Request) -> Response:
+        def work(params: dict[str, str]) -> Response:
+            no_params(params)
+            with self.connection() as conn:
+                return json_response(api.symbols(conn))
 
-    def send_json(self, value: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
-        self.send_body((json.dumps(value, default=str) + "\n").encode(), "application/json", status)
+        return await self.in_thread(request, work)
 
-    def send_body(
-        self, body: bytes, ctype: str, status: HTTPStatus = HTTPStatus.OK, cache: str = "no-store"
-    ) -> None:
-        gzipped = len(body) > 4096 and "gzip" in self.headers.get("Accept-Encoding", "")
-        if gzipped:
-            body = gzip.compress(body, compresslevel=5)
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", cache)
-        self.send_header("X-Content-Type-Options", "nosniff")
-        if gzipped:
-            self.send_header("Content-Encoding", "gzip")
-            self.send_header("Vary", "Accept-Encoding")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+    async def get_bars(self, request: Request) -> Response:
+        def work(params: dict[str, str]) -> Response:
+            parsed = api.bars_params(params)
+            with self.connection() as conn:
+                text = api.bars_json(conn, parsed)
+            return Response(
+                text.encode(), media_type="application/json", headers={"cache-control": "no-store"}
+            )
+
+        return await self.in_thread(request, work)
+
+    async def get_config(self, request: Request) -> Response:
+        try:
+            no_params(query_params(request.scope.get("query_string", b"")))
+        except InvalidInput as exc:
+            return json_response({"error": str(exc)}, 400)
+        return json_response({"version": __version__, "refresh_seconds": self.refresh_seconds})
+
+    async def get_index(self, request: Request) -> Response:
+        return self.static_file("index.html")
+
+    async def get_static(self, request: Request) -> Response:
+        return self.static_file(request.path_params["name"])
+
+    def static_file(self, name: str) -> Response:
+        """A file of the package's static/ folder (read once), or 404."""
+        if name not in self._static:
+            if not name or "/" in name or "\\" in name or name.startswith("."):
+                return json_response({"error": f"not found: /static/{name}"}, 404)
+            entry = resources.files("baragg.web").joinpath("static").joinpath(name)
+            if not entry.is_file():
+                return json_response({"error": f"not found: /static/{name}"}, 404)
+            ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+            if ctype.startswith("text/") or ctype in ("application/javascript", "text/javascript"):
+                ctype += "; charset=utf-8"
+            self._static[name] = (entry.read_bytes(), ctype)
+        body, ctype = self._static[name]
+        return Response(body, headers={"content-type": ctype, "cache-control": "no-cache"})
 
 
-def start_for_worker(db: Database, worker: Any, host: str, port: int, *, pages: bool = False) -> StatusServer:
+def json_response(value: Any, status: int = 200) -> Response:
+    return Response(
+        (json.dumps(value, default=str) + "\n").encode(),
+        status_code=status,
+        media_type="application/json",
+        headers={"cache-control": "no-store"},
+    )
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def query_params(raw: bytes) -> dict[str, str]:
+    """The query string as a dict; NUL and other control characters are bad input, not a 500."""
+    try:
+        pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True, max_num_fields=50)
+    except ValueError as exc:
+        raise InvalidInput("malformed query string (at most 50 parameters)") from exc
+    for key, value in pairs:
+        if _CONTROL.search(key) or _CONTROL.search(value):
+            raise InvalidInput(f"{_CONTROL.sub('?', key)[:40]}: contains a control character")
+    return dict(pairs)
+
+
+def no_params(params: dict[str, str]) -> None:
+    if params:
+        raise InvalidInput(f"unknown parameter: {sorted(params)[0]}")
+
+
+def start_for_worker(
+    db: Database,
+    worker: Any,
+    host: str,
+    port: int,
+    *,
+    pages: bool = False,
+    allowed_hosts: Sequence[str] = (),
+    token: str | None = None,
+) -> StatusServer:
     """Serve /metrics, /healthz and /readyz (and, with pages, the status page and API) from a
     background thread beside a running worker daemon; /healthz follows its claim threads."""
-    server = StatusServer(db, host, port, pages=pages, liveness=Liveness(probe=worker_probe(worker)))
+    server = StatusServer(
+        db,
+        host,
+        port,
+        pages=pages,
+        liveness=Liveness(probe=worker_probe(worker)),
+        allowed_hosts=allowed_hosts,
+        token=token,
+    )
     return server.start()

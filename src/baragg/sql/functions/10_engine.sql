@@ -183,14 +183,23 @@ BEGIN
         source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
         expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
         derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = now()
+    WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial, d.source,
+           d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score, d.derivation_version)
+          IS DISTINCT FROM
+          (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
+           excluded.trade_count, false, excluded.source, excluded.source_timeframe, excluded.source_candles,
+           excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
     RETURNING (xmax = 0) INTO v_inserted;
-    RETURN jsonb_build_object('success', true, 'inserted', COALESCE(v_inserted, false));
+    -- inserted: a new bar; changed: a new bar or new values (an equal bar is not rewritten).
+    RETURN jsonb_build_object('success', true, 'inserted', COALESCE(v_inserted, false),
+                              'changed', v_inserted IS NOT NULL);
 END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- A task's settings: its data_agg_state row, or the defaults when there is none (delay 0,
--- agg_start the column's default), so the functions also work for ad-hoc calls from psql.
+-- agg_start the column's default, '-infinity': from the first source row), so the functions also
+-- work for ad-hoc calls from psql.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION _agg_task_settings(p_symbol text, p_to_tf text,
     OUT delay_seconds integer, OUT agg_start_utc timestamptz, OUT is_sparse boolean)
@@ -199,7 +208,7 @@ LANGUAGE sql STABLE AS $$
                      WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf), 0),
            COALESCE((SELECT s.agg_start_utc FROM data_agg_state s
                      WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf),
-                    timestamptz '2025-07-01 00:00:00+00'),
+                    timestamptz '-infinity'),
            COALESCE((SELECT r.is_sparse FROM core_asset_registry_all r
                      WHERE r.canonical_symbol = p_symbol), false)
 $$;
@@ -222,8 +231,11 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- agg_bootstrap_cursor (seed C.2): the first window to process for a task without a cursor: the
 -- bucket containing max(agg_start_utc, earliest source bar at or after agg_start_utc); with no
--- source data there, the next bucket boundary after now. Reads only the source timeframe's table
--- (the seed's UNION ALL of both tables is gone).
+-- source data there, the bucket containing now (DESIGN.md 4). That window is not final yet, so
+-- nothing is built early, and the rows that arrive for it are ordinary future work. (The next
+-- boundary after now, as before, put the current window behind the cursor: its rows became "late
+-- data" and the open window was built at once, then rewritten as each row arrived.) Reads only
+-- the source timeframe's table (the seed's UNION ALL of both tables is gone).
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION agg_bootstrap_cursor(p_symbol text, p_to_tf text,
                                                 p_now_utc timestamptz DEFAULT now())
@@ -241,8 +253,7 @@ BEGIN
     END IF;
     v_first := _agg_source_ts(v_tf.source_table, p_symbol, v_tf.source_timeframe, v_agg_start, 'infinity');
     IF v_first IS NULL THEN
-        RETURN date_bin(v_tf.bucket_interval, COALESCE(p_now_utc, now()), v_tf.bucket_origin)
-               + v_tf.bucket_interval;
+        RETURN date_bin(v_tf.bucket_interval, COALESCE(p_now_utc, now()), v_tf.bucket_origin);
     END IF;
     RETURN date_bin(v_tf.bucket_interval, v_first, v_tf.bucket_origin);
 END
@@ -302,6 +313,72 @@ RETURNS jsonb LANGUAGE sql AS $$
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- _agg_chain_bounds: rule 3 (DESIGN.md 4) for many tasks of one timeframe, one bound per task.
+--
+--   _agg_chain_bounds(p_to_tf text, p_symbols text[]) RETURNS TABLE (canonical_symbol text, bound timestamptz)
+--
+-- A window [ws, we) of p_to_tf waits while ANY task below it in the chain (its source task, that
+-- task's source task, ... down to the 5m task built from the 1m rows) has unprocessed input before
+-- we: for such a task L with cursor c_L, a row of L's own source in [c_L, we), or a logged window
+-- of L (agg_invalidations) starting before we. Per level that is one moment r_L = min(first row of
+-- L's source at or after c_L, L's earliest logged window): the window waits iff r_L < we (a row
+-- r_L >= c_L before we implies c_L < we). So a window is allowed iff we <= bound = min over the
+-- chain of r_L (+infinity when nothing waits). A level without a task row makes nothing wait
+-- (e.g. a 1h task whose 5m task is not configured yet); a NULL cursor has processed nothing (r_L =
+-- its first source row); a disabled task still holds the tasks above it back (the rule as written).
+-- The ladder is at most four levels deep below 1w (1d, 1h, 5m), so this is at most two index
+-- probes per level and task (the first source row, the first logged window). Called once per
+-- statement by the catch-up and the re-aggregation, so it needs no inlining.
+CREATE OR REPLACE FUNCTION _agg_chain_bounds(p_to_tf text, p_symbols text[])
+RETURNS TABLE (canonical_symbol text, bound timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+    v_tfs text[];
+    v_tables text[];
+    v_sources text[];
+BEGIN
+    -- The chain below p_to_tf: every timeframe on the ladder that p_to_tf is built from.
+    WITH RECURSIVE chain AS (
+        SELECT t.timeframe, t.source_table, t.source_timeframe, 1 AS depth
+        FROM agg_timeframes t
+        WHERE t.timeframe = (SELECT x.source_timeframe FROM agg_timeframes x WHERE x.timeframe = p_to_tf)
+        UNION ALL
+        SELECT t.timeframe, t.source_table, t.source_timeframe, c.depth + 1
+        FROM chain c
+        JOIN agg_timeframes t ON t.timeframe = c.source_timeframe
+        WHERE c.depth < 16
+    )
+    SELECT array_agg(c.timeframe ORDER BY c.depth), array_agg(c.source_table ORDER BY c.depth),
+           array_agg(c.source_timeframe ORDER BY c.depth)
+    INTO v_tfs, v_tables, v_sources
+    FROM chain c;
+
+    IF v_tfs IS NULL THEN  -- built from the raw 1m bars (5m): no task below
+        RETURN QUERY SELECT u.sym, timestamptz 'infinity' FROM unnest(p_symbols) AS u(sym);
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT u.sym, COALESCE(min(lv.r), timestamptz 'infinity')
+    FROM unnest(p_symbols) AS u(sym)
+    LEFT JOIN LATERAL (
+        SELECT LEAST(COALESCE(e.ts_utc, timestamptz 'infinity'),
+                     COALESCE(lg.ws, timestamptz 'infinity')) AS r
+        FROM unnest(v_tfs, v_tables, v_sources) AS c(tf, stab, stf)
+        JOIN data_agg_state s ON s.canonical_symbol = u.sym AND s.timeframe = c.tf
+        LEFT JOIN LATERAL _agg_source_edge(c.stab, u.sym, c.stf,
+                                           COALESCE(s.last_agg_bar_ts_utc, timestamptz '-infinity'),
+                                           timestamptz 'infinity') e ON true
+        LEFT JOIN LATERAL (
+            SELECT min(i.window_start) AS ws FROM agg_invalidations i
+            WHERE i.canonical_symbol = u.sym AND i.timeframe = c.tf
+        ) lg ON true
+    ) lv ON true
+    GROUP BY u.sym;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- agg_catchup_tasks: catch up many tasks of one timeframe in ONE statement (DESIGN.md 4).
 --
 --   agg_catchup_tasks(p_to_tf text, p_symbols text[], p_cursors timestamptz[],
@@ -317,15 +394,20 @@ $$;
 -- How one task is planned (equivalent to the window-by-window rules, tests/reference_model.py):
 --   s0    = max(cursor, first bucket start >= agg_start_utc)          -- rule 1
 --   limit = min(now - delay, W): windows [ws, we) with we <= limit are allowed   -- rules 2, 3
---           W (derived sources only) = first row of the source task's own source at or after its
---           cursor c_s (+infinity if none): a window waits iff c_s < we and such a row lies before we.
+--           W (derived sources only) = _agg_chain_bounds: the first unprocessed input of any task
+--           below this one in the chain (a source row at or after its cursor, or a logged window).
 --   next  = first window start >= s0 that is not allowed = max(s0, date_bin(limit))
 --   The non-empty allowed windows from s0 are aggregated and written (the first p_max_windows);
 --   the empty ones between them are gaps (later data exists), passed over for free (rules 4-6).
 --   cursor = end of the p_max_windows-th non-empty window if the bound was reached (continue),
 --            else min(next, bucket after the last source row): the first window that is not final,
 --            or the frontier (an empty window with no later data).
--- ---------------------------------------------------------------------------------------------
+--
+-- Counts (result keys): bars_created = bars inserted; bars_rewritten = stored bars whose values
+-- changed; bars_unchanged = windows recomputed equal to the stored bar (nothing is written, not even
+-- updated_at); bars_withdrawn = active bars soft-deleted because their window, passed over by this
+-- call, now has no storable bar (only where a cursor was moved back over stored bars, e.g.
+-- `backfill --from`). bars_quality_poor counts created and rewritten bars with quality <= 0.
 CREATE OR REPLACE FUNCTION agg_catchup_tasks(p_to_tf text, p_symbols text[], p_cursors timestamptz[],
                                              p_max_windows integer DEFAULT 100,
                                              p_now_utc timestamptz DEFAULT NULL,
@@ -340,8 +422,6 @@ DECLARE
     v_origin timestamptz := v_tf.bucket_origin;
     v_now timestamptz := COALESCE(p_now_utc, now());
     v_derived boolean := v_tf.source_table = 'derived_data_bars';
-    -- The source task's own source (rule 3), e.g. 1m bars for a 1h task (whose source task is 5m).
-    v_sos agg_timeframes;
     v_scan_rows integer := p_max_windows * v_tf.max_source_bars;
 BEGIN
     IF p_max_windows IS NOT NULL AND p_max_windows < 1 THEN
@@ -361,9 +441,6 @@ BEGIN
                                                       p_derivation_version, p_ignore_confirmation);
         RETURN;
     END IF;
-    IF v_derived THEN
-        v_sos := _agg_ladder(v_tf.source_timeframe);
-    END IF;
 
     RETURN QUERY
     WITH input AS (
@@ -371,7 +448,7 @@ BEGIN
         -- join: one index probe per task instead of a function call.
         SELECT u.sym, u.ord, u.cur,
                COALESCE(st.aggregation_delay_seconds, 0) AS delay_seconds,
-               COALESCE(st.agg_start_utc, timestamptz '2025-07-01 00:00:00+00') AS agg_start_utc,
+               COALESCE(st.agg_start_utc, timestamptz '-infinity') AS agg_start_utc,
                COALESCE(r.is_sparse, false) AS is_sparse
         FROM unnest(p_symbols, p_cursors) WITH ORDINALITY AS u(sym, cur, ord)
         LEFT JOIN data_agg_state st ON st.canonical_symbol = u.sym AND st.timeframe = p_to_tf
@@ -386,28 +463,30 @@ BEGIN
                         ELSE date_bin(v_iv, i.agg_start_utc, v_origin) + v_iv END) AS s0
         FROM input i
     ),
+    chain AS (
+        -- Rule 3, recursive down the chain (DESIGN.md 4): one bound per task. Not called for 5m.
+        SELECT b.canonical_symbol AS sym, b.bound
+        FROM _agg_chain_bounds(p_to_tf, p_symbols) b
+        WHERE v_derived
+    ),
     limited AS (
         SELECT s.*,
                LEAST(CASE WHEN p_ignore_confirmation THEN timestamptz 'infinity'
                           ELSE v_now - make_interval(secs => s.delay_seconds) END,
                      COALESCE(w.bound, timestamptz 'infinity')) AS lim
         FROM started s
-        LEFT JOIN LATERAL (
-            -- Rule 3: windows ending after the source task's first unprocessed input wait. That
-            -- input is the first row of its own source at or after its cursor (NULL cursor: none
-            -- processed yet); with none, nothing waits. (max(c_s, r) = r since r >= c_s.)
-            SELECT COALESCE(e.ts_utc, timestamptz 'infinity') AS bound
-            FROM data_agg_state src
-            LEFT JOIN LATERAL _agg_source_edge(v_sos.source_table, s.sym, v_sos.source_timeframe,
-                                               COALESCE(src.last_agg_bar_ts_utc, timestamptz '-infinity'),
-                                               timestamptz 'infinity') e ON true
-            WHERE v_derived AND src.canonical_symbol = s.sym AND src.timeframe = v_tf.source_timeframe
-        ) w ON true
+        LEFT JOIN chain w ON w.sym = s.sym
     ),
     planned AS (
         SELECT l.*,
                CASE WHEN l.lim = timestamptz 'infinity' THEN timestamptz 'infinity'
-                    ELSE GREATEST(l.s0, date_bin(v_iv, l.lim, v_origin)) END AS nxt
+                    ELSE GREATEST(l.s0, date_bin(v_iv, l.lim, v_origin)) END AS nxt,
+               -- Stored bars at or after s0 (a cursor moved back over them: backfill --from): only
+               -- then can a window passed over need a withdrawal. One index probe, taken before this
+               -- task's bars are written, so a fresh catch-up never scans the rows it inserts.
+               EXISTS (SELECT 1 FROM derived_data_bars d
+                       WHERE d.canonical_symbol = l.sym AND d.timeframe = p_to_tf AND d.ts_utc >= l.s0
+                         AND d.deleted_at IS NULL) AS recheck
         FROM limited l
     ),
     bounded AS (
@@ -439,6 +518,8 @@ BEGIN
         SELECT w.* FROM windows w WHERE p_max_windows IS NULL OR w.rn <= p_max_windows
     ),
     written AS (
+        -- A recomputed window equal to its stored bar writes nothing (no new row version, updated_at
+        -- kept): it is counted as unchanged, and fires no invalidation of the levels above.
         INSERT INTO derived_data_bars AS d (
             canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
             is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
@@ -456,7 +537,14 @@ BEGIN
             source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
             expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
             derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = now()
-        RETURNING d.canonical_symbol, d.quality_score
+        WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
+               d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
+               d.derivation_version)
+              IS DISTINCT FROM
+              (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
+               excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
+               excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
+        RETURNING d.canonical_symbol, d.quality_score, (d.xmax = 0) AS inserted
     ),
     handled_counts AS (
         SELECT h.sym, count(*) AS n_handled, max(h.ts_utc) AS last_ws,
@@ -464,14 +552,16 @@ BEGIN
         FROM handled h GROUP BY h.sym
     ),
     written_counts AS (
-        SELECT w.canonical_symbol AS sym, count(*) AS n_created,
+        SELECT w.canonical_symbol AS sym, count(*) FILTER (WHERE w.inserted) AS n_created,
+               count(*) FILTER (WHERE NOT w.inserted) AS n_rewritten,
                count(*) FILTER (WHERE w.quality_score <= 0) AS n_poor
         FROM written w GROUP BY w.canonical_symbol
     ),
     outcome AS (
-        SELECT b.sym, b.ord, b.s0, b.agg_start_utc,
+        SELECT b.sym, b.ord, b.s0, b.agg_start_utc, b.recheck,
                COALESCE(hc.n_handled, 0) AS n_handled, COALESCE(hc.n_skipped, 0) AS n_skipped,
-               COALESCE(wc.n_created, 0) AS n_created, COALESCE(wc.n_poor, 0) AS n_poor,
+               COALESCE(wc.n_created, 0) AS n_created, COALESCE(wc.n_rewritten, 0) AS n_rewritten,
+               COALESCE(wc.n_poor, 0) AS n_poor,
                CASE WHEN hc.n_handled >= p_max_windows THEN hc.last_ws + v_iv
                     WHEN b.scan_end < b.nxt THEN b.scan_end
                     ELSE LEAST(b.nxt, CASE WHEN b.last_source_ts IS NULL THEN b.s0
@@ -482,12 +572,32 @@ BEGIN
         FROM bounded b
         LEFT JOIN handled_counts hc ON hc.sym = b.sym
         LEFT JOIN written_counts wc ON wc.sym = b.sym
+    ),
+    withdrawn AS (
+        -- Stored bars in the windows this call passed over that no longer have a storable bar (a
+        -- gap now, or too few source rows): soft-deleted, as the re-aggregation does. Only a cursor
+        -- moved back over stored bars finds any (recheck). (This statement's snapshot does not see
+        -- the rows `written` inserts.)
+        UPDATE derived_data_bars d
+        SET deleted_at = now(), updated_at = now()
+        FROM outcome o
+        WHERE o.recheck AND d.canonical_symbol = o.sym AND d.timeframe = p_to_tf
+          AND d.ts_utc >= o.s0 AND d.ts_utc < o.new_cursor AND d.deleted_at IS NULL
+          AND NOT EXISTS (SELECT 1 FROM handled h
+                          WHERE h.sym = o.sym AND h.ts_utc = d.ts_utc AND h.quality_score IS NOT NULL)
+        RETURNING d.canonical_symbol
+    ),
+    withdrawn_counts AS (
+        SELECT w.canonical_symbol AS sym, count(*) AS n_withdrawn FROM withdrawn w GROUP BY 1
     )
     SELECT o.sym, jsonb_build_object(
                'success', true,
                'windows_processed', o.n_handled,
                'cursor_advanced_to', o.new_cursor,
                'bars_created', o.n_created,
+               'bars_rewritten', o.n_rewritten,
+               'bars_unchanged', o.n_handled - o.n_skipped - o.n_created - o.n_rewritten,
+               'bars_withdrawn', COALESCE(wd.n_withdrawn, 0),
                'bars_quality_poor', o.n_poor,
                'bars_skipped', o.n_skipped,
                'gaps_skipped', round(extract(epoch FROM o.new_cursor - o.s0)
@@ -495,13 +605,26 @@ BEGIN
                'continue', o.more,
                'agg_start_enforced', o.agg_start_utc)
     FROM outcome o
+    LEFT JOIN withdrawn_counts wd ON wd.sym = o.sym
     ORDER BY o.ord;
 END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- catchup_aggregation_range (seed C.5): one task, through agg_catchup_tasks (one implementation).
--- Writes bars; does NOT update data_agg_state: the caller stores cursor_advanced_to.
+-- catchup_aggregation_range (seed C.5): one task, through agg_catchup_tasks (one implementation),
+-- for callers that drive the RPC loop themselves (the seed's worker: agg_start -> this -> agg_finish,
+-- each its own transaction).
+--   * Late data first (DESIGN.md 5): the task's logged windows that are final are re-aggregated in
+--     this transaction (agg_reaggregate_tasks), so this caller never leaves a stale bar behind;
+--     their counts are in the result's "reaggregated" object and already added to data_agg_state
+--     (do not add them to agg_finish's p_stats).
+--   * The task row is locked first (FOR NO KEY UPDATE, as the worker does), so a source row written
+--     meanwhile is either seen by this call or logged against the cursor it stores (below).
+--   * When the task is claimed (status running, i.e. after agg_start), the new cursor is stored with
+--     the bars, in this transaction, if it moved forward: a row arriving between this call and
+--     agg_finish then lies behind the stored cursor and is logged, instead of being passed over by
+--     a cursor that agg_finish stores later. agg_finish stores the same cursor again. An idle task
+--     (an ad-hoc call from psql) is not touched: the caller stores cursor_advanced_to.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION catchup_aggregation_range(p_symbol text, p_to_tf text,
                                                      p_start_cursor_utc timestamptz,
@@ -512,15 +635,33 @@ CREATE OR REPLACE FUNCTION catchup_aggregation_range(p_symbol text, p_to_tf text
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_result jsonb;
+    v_late jsonb;
+    v_running boolean;
+    v_stored timestamptz;
+    v_cursor timestamptz;
 BEGIN
     IF p_start_cursor_utc IS NULL THEN
         RAISE EXCEPTION 'catchup_aggregation_range: start cursor is NULL for % %; call agg_bootstrap_cursor first',
             p_symbol, p_to_tf USING ERRCODE = 'null_value_not_allowed';
     END IF;
+    SELECT s.status = 'running', s.last_agg_bar_ts_utc INTO v_running, v_stored
+    FROM data_agg_state s
+    WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
+    FOR NO KEY UPDATE;
+    SELECT t.result INTO v_late
+    FROM agg_reaggregate_tasks(p_to_tf, ARRAY[p_symbol], p_derivation_version, p_now_utc) t;
     SELECT t.result INTO v_result
     FROM agg_catchup_tasks(p_to_tf, ARRAY[p_symbol], ARRAY[p_start_cursor_utc], p_max_windows, p_now_utc,
                            p_derivation_version, p_ignore_confirmation) t;
-    RETURN v_result;
+    v_cursor := (v_result->>'cursor_advanced_to')::timestamptz;
+    IF v_running AND v_cursor > COALESCE(v_stored, timestamptz '-infinity') THEN
+        UPDATE data_agg_state s
+        SET last_agg_bar_ts_utc = v_cursor,
+            last_run_stats = COALESCE(s.last_run_stats, '{}'::jsonb) || jsonb_build_object('cursor_moved', true),
+            updated_at = now()
+        WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf;
+    END IF;
+    RETURN v_result || jsonb_build_object('reaggregated', v_late);
 END
 $$;
 
@@ -530,7 +671,10 @@ $$;
 -- its active bar (if any) is soft-deleted (deleted_at = now()), never hard-deleted. Same
 -- aggregation core (_agg_window_bars) and the same ON CONFLICT as the catch-up. Does not look at
 -- cursors, finality or agg_start: the caller decides which windows are due.
--- Result: success, windows, bars_written, bars_deleted, bars_quality_poor.
+-- A recomputation equal to the stored bar writes nothing (as in the catch-up).
+-- Result: success, windows, bars_written (inserted or changed), bars_created (inserted),
+-- bars_rewritten (changed), bars_unchanged, bars_deleted (soft-deleted), bars_quality_poor (of the
+-- written ones).
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION agg_recompute_windows(p_symbol text, p_to_tf text, p_window_starts timestamptz[],
                                                  p_derivation_version integer DEFAULT 1)
@@ -572,7 +716,14 @@ BEGIN
             source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
             expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
             derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = now()
-        RETURNING d.quality_score
+        WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
+               d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
+               d.derivation_version)
+              IS DISTINCT FROM
+              (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
+               excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
+               excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
+        RETURNING d.quality_score, (d.xmax = 0) AS inserted
     ),
     removed AS (
         UPDATE derived_data_bars d
@@ -587,6 +738,9 @@ BEGIN
                'success', true,
                'windows', (SELECT count(*) FROM wanted),
                'bars_written', (SELECT count(*) FROM written),
+               'bars_created', (SELECT count(*) FROM written w WHERE w.inserted),
+               'bars_rewritten', (SELECT count(*) FROM written w WHERE NOT w.inserted),
+               'bars_unchanged', (SELECT count(*) FROM fresh) - (SELECT count(*) FROM written),
                'bars_deleted', (SELECT count(*) FROM removed),
                'bars_quality_poor', (SELECT count(*) FROM written w WHERE w.quality_score <= 0))
     INTO v_result;

@@ -206,7 +206,6 @@ DECLARE
     v_tf agg_timeframes := _agg_ladder(p_to_tf);
     v_now timestamptz := COALESCE(p_now_utc, now());
     v_derived boolean := v_tf.source_table = 'derived_data_bars';
-    v_sos agg_timeframes;
     v_scan_rows integer := p_max_windows * v_tf.max_source_bars;
     r record;
     v_cur timestamptz;
@@ -229,6 +228,7 @@ DECLARE
     a_s0 timestamptz[] := '{}';
     a_scan timestamptz[] := '{}';
     a_bound timestamptz[] := '{}';
+    a_recheck boolean[] := '{}';
 BEGIN
     IF p_max_windows IS NOT NULL AND p_max_windows < 1 THEN
         RAISE EXCEPTION 'p_max_windows must be at least 1 (or NULL for no bound), got %', p_max_windows
@@ -241,23 +241,18 @@ BEGIN
     IF (SELECT count(DISTINCT x) FROM unnest(p_symbols) x) <> cardinality(p_symbols) THEN
         RAISE EXCEPTION 'p_symbols must be distinct and not NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF v_derived THEN
-        v_sos := _agg_ladder(v_tf.source_timeframe);
-    END IF;
-
     FOR r IN
         SELECT u.sym, u.ord, u.cur,
                COALESCE(st.aggregation_delay_seconds, 0) AS delay_seconds,
-               COALESCE(st.agg_start_utc, timestamptz '2025-07-01 00:00:00+00') AS agg_start_utc,
+               COALESCE(st.agg_start_utc, timestamptz '-infinity') AS agg_start_utc,
                COALESCE(reg.is_sparse, false) AS is_sparse,
                COALESCE(reg.session, '24x7') AS sess,
-               src.canonical_symbol IS NOT NULL AS has_source_task,
-               src.last_agg_bar_ts_utc AS source_cursor
+               COALESCE(cb.bound, timestamptz 'infinity') AS chain_bound
         FROM unnest(p_symbols, p_cursors) WITH ORDINALITY AS u(sym, cur, ord)
         LEFT JOIN data_agg_state st ON st.canonical_symbol = u.sym AND st.timeframe = p_to_tf
         LEFT JOIN core_asset_registry_all reg ON reg.canonical_symbol = u.sym
-        LEFT JOIN data_agg_state src ON v_derived AND src.canonical_symbol = u.sym
-                                     AND src.timeframe = v_tf.source_timeframe
+        -- Rule 3, recursive down the chain (10_engine.sql): one bound per task, cursors and rows only.
+        LEFT JOIN _agg_chain_bounds(p_to_tf, p_symbols) cb ON v_derived AND cb.canonical_symbol = u.sym
         ORDER BY u.ord
     LOOP
         v_cur := COALESCE(r.cur, _agg_session_bootstrap(r.sym, p_to_tf, r.sess, r.agg_start_utc, v_now));
@@ -276,13 +271,7 @@ BEGIN
             -- Rules 2 and 3.
             v_lim := CASE WHEN p_ignore_confirmation THEN timestamptz 'infinity'
                           ELSE v_now - make_interval(secs => r.delay_seconds) END;
-            IF v_derived AND r.has_source_task THEN
-                v_lim := LEAST(v_lim, COALESCE(
-                    (SELECT e.ts_utc FROM _agg_source_edge(v_sos.source_table, r.sym, v_sos.source_timeframe,
-                                                           COALESCE(r.source_cursor, timestamptz '-infinity'),
-                                                           timestamptz 'infinity') e),
-                    timestamptz 'infinity'));
-            END IF;
+            v_lim := LEAST(v_lim, r.chain_bound);
             v_known := _agg_session_known_end(r.sess, p_to_tf);
             IF v_lim >= v_known THEN
                 v_next := v_known;
@@ -314,12 +303,18 @@ BEGIN
         a_s0 := a_s0 || v_s0;
         a_scan := a_scan || v_scan_end;
         a_bound := a_bound || v_bound;
+        -- Stored bars at or after s0 (a cursor moved back over them): only then can a window passed
+        -- over need a withdrawal (as the date_bin engine does). Taken before this call writes.
+        a_recheck := a_recheck || COALESCE(v_s0 IS NOT NULL AND EXISTS (
+            SELECT 1 FROM derived_data_bars d
+            WHERE d.canonical_symbol = r.sym AND d.timeframe = p_to_tf AND d.ts_utc >= v_s0
+              AND d.deleted_at IS NULL), false);
     END LOOP;
 
     RETURN QUERY
     WITH plan AS (
-        SELECT * FROM unnest(a_sym, a_ord, a_sess, a_sparse, a_start, a_cur, a_s0, a_scan, a_bound)
-            AS p(sym, ord, sess, is_sparse, agg_start_utc, cur, s0, scan_end, bound)
+        SELECT * FROM unnest(a_sym, a_ord, a_sess, a_sparse, a_start, a_cur, a_s0, a_scan, a_bound, a_recheck)
+            AS p(sym, ord, sess, is_sparse, agg_start_utc, cur, s0, scan_end, bound, recheck)
     ),
     windows AS (
         SELECT p.sym, w.*
@@ -351,7 +346,15 @@ BEGIN
             source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
             expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
             derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = now()
-        RETURNING d.canonical_symbol, d.quality_score
+        -- (a recomputed window equal to its stored bar writes nothing: counted as unchanged)
+        WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
+               d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
+               d.derivation_version)
+              IS DISTINCT FROM
+              (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
+               excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
+               excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
+        RETURNING d.canonical_symbol, d.quality_score, (d.xmax = 0) AS inserted
     ),
     handled_counts AS (
         SELECT h.sym, count(*) AS n_handled, max(h.window_end) AS last_we,
@@ -359,14 +362,16 @@ BEGIN
         FROM handled h GROUP BY h.sym
     ),
     written_counts AS (
-        SELECT w.canonical_symbol AS sym, count(*) AS n_created,
+        SELECT w.canonical_symbol AS sym, count(*) FILTER (WHERE w.inserted) AS n_created,
+               count(*) FILTER (WHERE NOT w.inserted) AS n_rewritten,
                count(*) FILTER (WHERE w.quality_score <= 0) AS n_poor
         FROM written w GROUP BY w.canonical_symbol
     ),
     outcome AS (
-        SELECT p.sym, p.ord, p.sess, p.s0, p.agg_start_utc,
+        SELECT p.sym, p.ord, p.sess, p.s0, p.agg_start_utc, p.recheck,
                COALESCE(hc.n_handled, 0) AS n_handled, COALESCE(hc.n_skipped, 0) AS n_skipped,
-               COALESCE(wc.n_created, 0) AS n_created, COALESCE(wc.n_poor, 0) AS n_poor,
+               COALESCE(wc.n_created, 0) AS n_created, COALESCE(wc.n_rewritten, 0) AS n_rewritten,
+               COALESCE(wc.n_poor, 0) AS n_poor,
                CASE WHEN p.s0 IS NULL THEN p.cur
                     WHEN hc.n_handled >= p_max_windows
                         THEN COALESCE((SELECT n.ws FROM _agg_session_next_window(p.sess, p_to_tf, hc.last_we) n),
@@ -378,12 +383,31 @@ BEGIN
         FROM plan p
         LEFT JOIN handled_counts hc ON hc.sym = p.sym
         LEFT JOIN written_counts wc ON wc.sym = p.sym
+    ),
+    withdrawn AS (
+        -- Stored bars in the windows this call passed over that no longer have a storable bar (a gap
+        -- now, too few source rows, or no window there any more): soft-deleted. Only a cursor moved
+        -- back over stored bars finds any (recheck).
+        UPDATE derived_data_bars d
+        SET deleted_at = now(), updated_at = now()
+        FROM outcome o
+        WHERE o.recheck AND d.canonical_symbol = o.sym AND d.timeframe = p_to_tf
+          AND d.ts_utc >= o.s0 AND d.ts_utc < o.new_cursor AND d.deleted_at IS NULL
+          AND NOT EXISTS (SELECT 1 FROM handled h
+                          WHERE h.sym = o.sym AND h.ts_utc = d.ts_utc AND h.quality_score IS NOT NULL)
+        RETURNING d.canonical_symbol
+    ),
+    withdrawn_counts AS (
+        SELECT w.canonical_symbol AS sym, count(*) AS n_withdrawn FROM withdrawn w GROUP BY 1
     )
     SELECT o.sym, jsonb_build_object(
                'success', true,
                'windows_processed', o.n_handled,
                'cursor_advanced_to', o.new_cursor,
                'bars_created', o.n_created,
+               'bars_rewritten', o.n_rewritten,
+               'bars_unchanged', o.n_handled - o.n_skipped - o.n_created - o.n_rewritten,
+               'bars_withdrawn', COALESCE(wd.n_withdrawn, 0),
                'bars_quality_poor', o.n_poor,
                'bars_skipped', o.n_skipped,
                'gaps_skipped', CASE WHEN o.s0 IS NULL THEN 0
@@ -392,6 +416,7 @@ BEGIN
                'continue', o.more,
                'agg_start_enforced', o.agg_start_utc)
     FROM outcome o
+    LEFT JOIN withdrawn_counts wd ON wd.sym = o.sym
     ORDER BY o.ord;
 END
 $$;
@@ -510,9 +535,13 @@ BEGIN
             v_to := LEAST(t.cur, COALESCE((SELECT w.ws FROM _agg_session_next_window(v_session, t.timeframe, t.cur) w),
                                           t.cur));
         ELSE
-            v_from := date_bin(t.bucket_interval, t.agg_start_utc, t.bucket_origin);
-            IF v_from < t.agg_start_utc THEN
-                v_from := v_from + t.bucket_interval;
+            IF t.agg_start_utc = '-infinity' THEN
+                v_from := t.agg_start_utc;  -- no explicit start: from the first source row
+            ELSE
+                v_from := date_bin(t.bucket_interval, t.agg_start_utc, t.bucket_origin);
+                IF v_from < t.agg_start_utc THEN
+                    v_from := v_from + t.bucket_interval;
+                END IF;
             END IF;
             v_to := date_bin(t.bucket_interval, t.cur, t.bucket_origin);
         END IF;
@@ -625,17 +654,21 @@ $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- Re-aggregation of logged windows (DESIGN.md 5) for symbols on a session: agg_reaggregate_tasks
--- (30_invalidation.sql, same parameters and result) hands them here. A logged window is a session
--- window start; it is recomputed when the task has passed it (its end <= the cursor) and it does not
--- start before agg_start_utc; other entries are dropped.
+-- (30_invalidation.sql, same parameters, result and finality) hands them here. A logged window is a
+-- session window start; it is recomputed when the task has passed it (its end <= the cursor), it does
+-- not start before agg_start_utc, and it is final (its end + delay has passed and nothing below it in
+-- the chain is unprocessed before its end); entries outside the range are dropped, others wait.
 -- ---------------------------------------------------------------------------------------------
+DROP FUNCTION IF EXISTS agg_reaggregate_session_tasks(text, text[], integer);
 CREATE OR REPLACE FUNCTION agg_reaggregate_session_tasks(p_to_tf text, p_symbols text[],
-                                                         p_derivation_version integer DEFAULT 1)
+                                                         p_derivation_version integer DEFAULT 1,
+                                                         p_now_utc timestamptz DEFAULT NULL)
 RETURNS TABLE (canonical_symbol text, result jsonb)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_now timestamptz := COALESCE(p_now_utc, now());
 BEGIN
     RETURN QUERY
     WITH input AS (
@@ -643,25 +676,43 @@ BEGIN
         FROM unnest(p_symbols) WITH ORDINALITY AS u(sym, ord)
         LEFT JOIN core_asset_registry_all r ON r.canonical_symbol = u.sym
     ),
+    settings AS (
+        SELECT i.sym, i.sess, s.last_agg_bar_ts_utc AS cur, s.agg_start_utc,
+               COALESCE(s.aggregation_delay_seconds, 0) AS delay_seconds,
+               COALESCE(b.bound, timestamptz 'infinity') AS bound
+        FROM input i
+        LEFT JOIN data_agg_state s ON s.canonical_symbol = i.sym AND s.timeframe = p_to_tf
+        LEFT JOIN _agg_chain_bounds(p_to_tf, p_symbols) b ON b.canonical_symbol = i.sym
+    ),
+    entries AS (
+        -- A logged window is a session window start; it ends where the session says (w.we).
+        SELECT st.sym, st.sess, e.window_start AS ws, w.we,
+               COALESCE(w.ws = e.window_start AND w.we <= st.cur AND e.window_start >= st.agg_start_utc,
+                        false) AS in_range,
+               COALESCE(v_now >= w.we + make_interval(secs => st.delay_seconds) AND w.we <= st.bound,
+                        false) AS is_final
+        FROM settings st
+        JOIN agg_invalidations e ON e.canonical_symbol = st.sym AND e.timeframe = p_to_tf
+        LEFT JOIN LATERAL _agg_session_next_window(st.sess, p_to_tf, e.window_start) w ON true
+    ),
     taken AS (
         DELETE FROM agg_invalidations i
-        USING input
-        WHERE i.canonical_symbol = input.sym AND i.timeframe = p_to_tf
+        USING entries e
+        WHERE i.canonical_symbol = e.sym AND i.timeframe = p_to_tf AND i.window_start = e.ws
+          AND (e.is_final OR NOT e.in_range)
         RETURNING i.canonical_symbol AS sym, i.window_start AS ws
     ),
     pending AS (
-        SELECT k.sym, k.ws, w.we, i.sess
+        SELECT k.sym, k.ws, e.we, e.sess
         FROM taken k
-        JOIN input i ON i.sym = k.sym
-        JOIN data_agg_state s ON s.canonical_symbol = k.sym AND s.timeframe = p_to_tf
-        CROSS JOIN LATERAL _agg_session_next_window(i.sess, p_to_tf, k.ws) w
-        WHERE w.ws = k.ws AND w.we <= s.last_agg_bar_ts_utc AND k.ws >= s.agg_start_utc
+        JOIN entries e ON e.sym = k.sym AND e.ws = k.ws
+        WHERE e.in_range AND e.is_final
     ),
     fresh AS (
-        SELECT p.sym, p.ws, b.open, b.high, b.low, b.close, b.vol, b.vwap, b.trade_count,
-               b.source_candles, b.expected_candles, b.quality_score
+        SELECT p.sym, p.ws, w.open, w.high, w.low, w.close, w.vol, w.vwap, w.trade_count,
+               w.source_candles, w.expected_candles, w.quality_score
         FROM pending p
-        LEFT JOIN LATERAL _agg_session_window_bars(p_to_tf, p.sym, p.sess, p.ws, p.we) b ON true
+        LEFT JOIN LATERAL _agg_session_window_bars(p_to_tf, p.sym, p.sess, p.ws, p.we) w ON true
     ),
     written AS (
         INSERT INTO derived_data_bars AS d (
@@ -689,7 +740,7 @@ BEGIN
               (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
                excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
                excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
-        RETURNING d.canonical_symbol
+        RETURNING d.canonical_symbol, d.quality_score, (d.xmax = 0) AS inserted
     ),
     withdrawn AS (
         UPDATE derived_data_bars d
@@ -702,21 +753,34 @@ BEGIN
     ),
     counts AS (
         SELECT i.sym, i.ord,
+               (SELECT count(*) FROM entries e WHERE e.sym = i.sym) AS n_entries,
                (SELECT count(*) FROM pending p WHERE p.sym = i.sym) AS n_windows,
                (SELECT count(*) FROM taken k WHERE k.sym = i.sym) AS n_taken,
-               (SELECT count(*) FROM written w WHERE w.canonical_symbol = i.sym) AS n_written,
+               (SELECT count(*) FROM fresh f WHERE f.sym = i.sym AND f.quality_score IS NOT NULL) AS n_storable,
+               (SELECT count(*) FROM written w WHERE w.canonical_symbol = i.sym AND w.inserted) AS n_created,
+               (SELECT count(*) FROM written w WHERE w.canonical_symbol = i.sym AND NOT w.inserted) AS n_rewritten,
+               (SELECT count(*) FROM written w WHERE w.canonical_symbol = i.sym AND w.quality_score <= 0) AS n_poor,
                (SELECT count(*) FROM withdrawn w WHERE w.canonical_symbol = i.sym) AS n_withdrawn
         FROM input i
     ),
     recorded AS (
         UPDATE data_agg_state s
-        SET total_bars_reaggregated = s.total_bars_reaggregated + c.n_written,
+        SET total_bars_created = s.total_bars_created + c.n_created,
+            total_bars_rewritten = s.total_bars_rewritten + c.n_rewritten,
+            total_bars_unchanged = s.total_bars_unchanged + (c.n_storable - c.n_created - c.n_rewritten),
+            total_bars_quality_poor = s.total_bars_quality_poor + c.n_poor,
+            total_bars_reaggregated = s.total_bars_reaggregated + c.n_created + c.n_rewritten,
             total_bars_withdrawn = s.total_bars_withdrawn + c.n_withdrawn,
             last_run_stats = COALESCE(s.last_run_stats, '{}'::jsonb) || jsonb_build_object(
                 'windows_reaggregated', COALESCE((s.last_run_stats->>'windows_reaggregated')::bigint, 0)
                                         + c.n_windows,
                 'bars_reaggregated', COALESCE((s.last_run_stats->>'bars_reaggregated')::bigint, 0)
-                                     + c.n_written,
+                                     + c.n_created + c.n_rewritten,
+                'bars_created', COALESCE((s.last_run_stats->>'bars_created')::bigint, 0) + c.n_created,
+                'bars_rewritten', COALESCE((s.last_run_stats->>'bars_rewritten')::bigint, 0) + c.n_rewritten,
+                'bars_unchanged', COALESCE((s.last_run_stats->>'bars_unchanged')::bigint, 0)
+                                  + (c.n_storable - c.n_created - c.n_rewritten),
+                'bars_quality_poor', COALESCE((s.last_run_stats->>'bars_quality_poor')::bigint, 0) + c.n_poor,
                 'bars_withdrawn', COALESCE((s.last_run_stats->>'bars_withdrawn')::bigint, 0)
                                   + c.n_withdrawn),
             updated_at = now()
@@ -727,16 +791,23 @@ BEGIN
     SELECT c.sym, jsonb_build_object(
                'success', true,
                'windows', c.n_windows,
-               'bars_reaggregated', c.n_written,
+               'bars_created', c.n_created,
+               'bars_rewritten', c.n_rewritten,
+               'bars_unchanged', c.n_storable - c.n_created - c.n_rewritten,
                'bars_withdrawn', c.n_withdrawn,
-               'entries_dropped', c.n_taken - c.n_windows)
+               'bars_quality_poor', c.n_poor,
+               'bars_reaggregated', c.n_created + c.n_rewritten,
+               'entries_dropped', c.n_taken - c.n_windows,
+               'entries_waiting', c.n_entries - c.n_taken)
     FROM counts c
     ORDER BY c.ord;
 END
 $$;
 
 -- The split for agg_reaggregate_tasks: session symbols (and 1mo) here, the others on its date_bin path.
-CREATE OR REPLACE FUNCTION _agg_reaggregate_split(p_to_tf text, p_symbols text[], p_derivation_version integer)
+DROP FUNCTION IF EXISTS _agg_reaggregate_split(text, text[], integer);
+CREATE OR REPLACE FUNCTION _agg_reaggregate_split(p_to_tf text, p_symbols text[], p_derivation_version integer,
+                                                  p_now_utc timestamptz)
 RETURNS TABLE (canonical_symbol text, result jsonb)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -754,13 +825,13 @@ BEGIN
     FROM unnest(p_symbols) WITH ORDINALITY AS x(sym, ord);
     IF cardinality(v_plain) > 0 THEN
         SELECT array_agg(c.canonical_symbol), array_agg(c.result) INTO v_syms, v_res
-        FROM agg_reaggregate_tasks(p_to_tf, v_plain, p_derivation_version) c;
+        FROM agg_reaggregate_tasks(p_to_tf, v_plain, p_derivation_version, p_now_utc) c;
         v_out_syms := v_out_syms || v_syms;
         v_out := v_out || v_res;
     END IF;
     IF cardinality(v_sess) > 0 THEN
         SELECT array_agg(c.canonical_symbol), array_agg(c.result) INTO v_syms, v_res
-        FROM agg_reaggregate_session_tasks(p_to_tf, v_sess, p_derivation_version) c;
+        FROM agg_reaggregate_session_tasks(p_to_tf, v_sess, p_derivation_version, p_now_utc) c;
         v_out_syms := v_out_syms || v_syms;
         v_out := v_out || v_res;
     END IF;

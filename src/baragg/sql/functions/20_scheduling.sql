@@ -16,23 +16,67 @@ RETURNS timestamptz LANGUAGE sql STABLE AS $$
     SELECT COALESCE(p_lease_expires_at, p_running_started_at_utc + interval '5 minutes', '-infinity')
 $$;
 
+-- The clock of scheduling (when a task is due, its next run, retries, leases): the caller's fixed clock
+-- (p_now_utc, for replays and tests), but never one ahead of the database's real clock. A run with a
+-- clock in the future (`baragg run --once --now ... --force`) must not leave next runs or leases in
+-- that future, where a later real-time worker would wait for them: it schedules, and finds tasks due,
+-- as the real clock would. The caller's clock still decides finality (which windows are built).
+CREATE OR REPLACE FUNCTION _agg_schedule_clock(p_now timestamptz)
+RETURNS timestamptz LANGUAGE sql STABLE AS $$
+    SELECT LEAST(COALESCE(p_now, now()), now())
+$$;
+
 -- Due (DESIGN.md 6): enabled, idle (or hard_failed: still retried) or running with an expired lease,
--- and next_run_at reached (NULL: never scheduled, so due).
+-- and next_run_at reached (NULL: never scheduled, so due). Next runs and leases are judged by the clock
+-- they are written with (_agg_schedule_clock).
 CREATE OR REPLACE FUNCTION _agg_is_due(p_enabled boolean, p_status text, p_next_run_at timestamptz,
     p_lease_expires_at timestamptz, p_running_started_at_utc timestamptz, p_now timestamptz)
 RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT p_enabled
-       AND (p_next_run_at IS NULL OR p_next_run_at <= p_now)
+       AND (p_next_run_at IS NULL OR p_next_run_at <= _agg_schedule_clock(p_now))
        AND (p_status IN ('idle', 'hard_failed')
-            OR (p_status = 'running' AND _agg_lease_end(p_lease_expires_at, p_running_started_at_utc) <= p_now))
+            OR (p_status = 'running'
+                AND _agg_lease_end(p_lease_expires_at, p_running_started_at_utc) <= _agg_schedule_clock(p_now)))
 $$;
 
--- Adds the counters of one catch-up call to a running sum (keys of catchup_aggregation_range).
+-- Worker sessions (migration 0006): every baragg worker connection holds the session-level advisory
+-- lock pg_advisory_lock(1650553447, key) for its lifetime; a claim records the key in lease_session.
+-- The lock dies with the session (process killed, connection cut, server restarted), so a running
+-- task whose lease_session holds no lock any more has no one working on it and is claimable at once.
+-- Keys of the worker locks held in this database now (one scan of pg_locks per statement).
+CREATE OR REPLACE FUNCTION _agg_live_sessions()
+RETURNS integer[] LANGUAGE sql STABLE AS $$
+    SELECT COALESCE(array_agg(l.objid::text::bigint::integer), '{}')
+    FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.classid = 1650553447::oid AND l.objsubid = 2 AND l.granted
+      AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+$$;
+
+-- The key of the worker lock this session holds, or NULL (a caller without one: lease only).
+CREATE OR REPLACE FUNCTION _agg_my_session()
+RETURNS integer LANGUAGE sql STABLE AS $$
+    SELECT min(l.objid::text::bigint)::integer
+    FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.classid = 1650553447::oid AND l.objsubid = 2 AND l.granted
+      AND l.pid = pg_backend_pid()
+$$;
+
+-- A running task whose owner's database session has ended (its worker lock is gone).
+CREATE OR REPLACE FUNCTION _agg_owner_gone(p_status text, p_lease_session integer, p_live integer[])
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT p_status = 'running' AND p_lease_session IS NOT NULL AND NOT (p_lease_session = ANY (p_live))
+$$;
+
+-- Adds the counters of one catch-up call to a running sum (keys of catchup_aggregation_range; the
+-- re-aggregation of logged windows adds its own to last_run_stats and the totals itself).
 CREATE OR REPLACE FUNCTION _agg_stats_add(p_sum jsonb, p_stats jsonb)
 RETURNS jsonb LANGUAGE sql STABLE AS $$
     SELECT COALESCE(p_sum, '{}'::jsonb) || jsonb_build_object(
         'windows_processed', COALESCE((p_sum->>'windows_processed')::bigint, 0) + COALESCE((p_stats->>'windows_processed')::bigint, 0),
         'bars_created', COALESCE((p_sum->>'bars_created')::bigint, 0) + COALESCE((p_stats->>'bars_created')::bigint, 0),
+        'bars_rewritten', COALESCE((p_sum->>'bars_rewritten')::bigint, 0) + COALESCE((p_stats->>'bars_rewritten')::bigint, 0),
+        'bars_unchanged', COALESCE((p_sum->>'bars_unchanged')::bigint, 0) + COALESCE((p_stats->>'bars_unchanged')::bigint, 0),
+        'bars_withdrawn', COALESCE((p_sum->>'bars_withdrawn')::bigint, 0) + COALESCE((p_stats->>'bars_withdrawn')::bigint, 0),
         'bars_quality_poor', COALESCE((p_sum->>'bars_quality_poor')::bigint, 0) + COALESCE((p_stats->>'bars_quality_poor')::bigint, 0),
         'bars_skipped', COALESCE((p_sum->>'bars_skipped')::bigint, 0) + COALESCE((p_stats->>'bars_skipped')::bigint, 0),
         'gaps_skipped', COALESCE((p_sum->>'gaps_skipped')::bigint, 0) + COALESCE((p_stats->>'gaps_skipped')::bigint, 0),
@@ -52,12 +96,15 @@ RETURNS TABLE (canonical_symbol text, timeframe text, source_timeframe text, las
                run_interval_minutes integer, aggregation_delay_seconds integer, is_mandatory boolean,
                task_priority integer)
 LANGUAGE sql STABLE AS $$
+    WITH live AS MATERIALIZED (SELECT _agg_live_sessions() AS keys)
     SELECT s.canonical_symbol, s.timeframe, s.source_timeframe, s.last_agg_bar_ts_utc, s.run_interval_minutes,
            s.aggregation_delay_seconds, s.is_mandatory, s.task_priority
     FROM data_agg_state s
     JOIN agg_timeframes t ON t.timeframe = s.timeframe
-    WHERE _agg_is_due(s.enabled, s.status, s.next_run_at, s.lease_expires_at, s.running_started_at_utc,
-                      COALESCE(p_now_utc, now()))
+    CROSS JOIN live
+    WHERE (_agg_is_due(s.enabled, s.status, s.next_run_at, s.lease_expires_at, s.running_started_at_utc,
+                       COALESCE(p_now_utc, now()))
+           OR (s.enabled AND _agg_owner_gone(s.status, s.lease_session, live.keys)))
     ORDER BY s.is_mandatory DESC, t.bucket_interval, s.task_priority, s.last_successful_at_utc NULLS FIRST,
              s.canonical_symbol
     LIMIT p_limit
@@ -68,23 +115,43 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- FOR UPDATE SKIP LOCKED: concurrent claimers never wait for each other and never take the same
 -- row (a row claimed meanwhile is re-checked against the WHERE and dropped). A claim of a running
--- task whose lease expired is a rescue: counted, and the reason kept in last_rescue and last_error.
+-- task whose lease expired, or whose owner's database session ended (_agg_owner_gone), is a rescue:
+-- counted, and the reason kept in last_rescue and last_error (and returned as rescue_reason). The
+-- claim records this session's worker lock (lease_session) and backend pid with the lease.
 -- Rows come back in due order.
+DROP FUNCTION IF EXISTS agg_claim_tasks(text, integer, integer, timestamptz, text[], text[]);
 CREATE OR REPLACE FUNCTION agg_claim_tasks(p_worker_id text, p_limit integer DEFAULT 10,
     p_lease_seconds integer DEFAULT 300, p_now_utc timestamptz DEFAULT now(),
     p_symbols text[] DEFAULT NULL, p_timeframes text[] DEFAULT NULL)
 RETURNS TABLE (canonical_symbol text, timeframe text, source_timeframe text, last_agg_bar_ts_utc timestamptz,
                run_interval_minutes integer, aggregation_delay_seconds integer, is_mandatory boolean,
                task_priority integer, agg_start_utc timestamptz, lease_expires_at timestamptz,
-               rescued_from text)
+               rescued_from text, rescue_reason text)
 LANGUAGE sql AS $$
-    WITH due AS (
-        SELECT s.canonical_symbol, s.timeframe, s.status AS old_status, s.lease_owner AS old_owner,
-               _agg_lease_end(s.lease_expires_at, s.running_started_at_utc) AS old_lease_end
+    WITH live AS MATERIALIZED (
+        SELECT _agg_live_sessions() AS keys, _agg_my_session() AS mine, pg_backend_pid() AS backend
+    ), due AS (
+        SELECT s.canonical_symbol, s.timeframe, s.status AS old_status,
+               CASE WHEN s.status <> 'running' THEN NULL
+                    WHEN _agg_lease_end(s.lease_expires_at, s.running_started_at_utc) > COALESCE(p_now_utc, now())
+                         AND _agg_owner_gone(s.status, s.lease_session, live.keys)
+                    THEN format('the database session of worker %s (backend pid %s) ended before its lease ran out'
+                                || ' at %s; reclaimed by %s at %s',
+                                COALESCE(s.lease_owner, '(unknown)'), COALESCE(s.lease_backend_pid::text, '?'),
+                                _agg_lease_end(s.lease_expires_at, s.running_started_at_utc), p_worker_id,
+                                COALESCE(p_now_utc, now()))
+                    ELSE format('lease of worker %s expired at %s; reclaimed by %s at %s',
+                                COALESCE(s.lease_owner, '(unknown)'),
+                                _agg_lease_end(s.lease_expires_at, s.running_started_at_utc), p_worker_id,
+                                COALESCE(p_now_utc, now()))
+               END AS reason,
+               s.lease_owner AS old_owner
         FROM data_agg_state s
         JOIN agg_timeframes t ON t.timeframe = s.timeframe
-        WHERE _agg_is_due(s.enabled, s.status, s.next_run_at, s.lease_expires_at, s.running_started_at_utc,
-                          COALESCE(p_now_utc, now()))
+        CROSS JOIN live
+        WHERE (_agg_is_due(s.enabled, s.status, s.next_run_at, s.lease_expires_at, s.running_started_at_utc,
+                           COALESCE(p_now_utc, now()))
+               OR (s.enabled AND _agg_owner_gone(s.status, s.lease_session, live.keys)))
           AND (p_symbols IS NULL OR s.canonical_symbol = ANY (p_symbols))
           AND (p_timeframes IS NULL OR s.timeframe = ANY (p_timeframes))
         ORDER BY s.is_mandatory DESC, t.bucket_interval, s.task_priority, s.last_successful_at_utc NULLS FIRST,
@@ -95,35 +162,30 @@ LANGUAGE sql AS $$
         UPDATE data_agg_state s
         SET status = 'running',
             lease_owner = p_worker_id,
-            lease_expires_at = COALESCE(p_now_utc, now()) + make_interval(secs => p_lease_seconds),
+            lease_expires_at = _agg_schedule_clock(p_now_utc) + make_interval(secs => p_lease_seconds),
+            lease_session = live.mine,
+            lease_backend_pid = live.backend,
             running_started_at_utc = COALESCE(p_now_utc, now()),
             last_attempted_at_utc = COALESCE(p_now_utc, now()),
             rerun_requested = false,
             last_run_stats = jsonb_build_object('worker', p_worker_id, 'claimed_at', COALESCE(p_now_utc, now()),
                                                 'cursor_before', s.last_agg_bar_ts_utc),
             total_rescues = s.total_rescues + CASE WHEN due.old_status = 'running' THEN 1 ELSE 0 END,
-            last_rescue = CASE WHEN due.old_status = 'running'
-                THEN format('lease of worker %s expired at %s; reclaimed by %s at %s',
-                            COALESCE(due.old_owner, '(unknown)'), due.old_lease_end, p_worker_id,
-                            COALESCE(p_now_utc, now()))
-                ELSE s.last_rescue END,
-            last_error = CASE WHEN due.old_status = 'running'
-                THEN format('lease of worker %s expired at %s; reclaimed by %s at %s',
-                            COALESCE(due.old_owner, '(unknown)'), due.old_lease_end, p_worker_id,
-                            COALESCE(p_now_utc, now()))
-                ELSE s.last_error END,
+            last_rescue = COALESCE(due.reason, s.last_rescue),
+            last_error = COALESCE(due.reason, s.last_error),
             updated_at = now()
-        FROM due
+        FROM due, live
         WHERE s.canonical_symbol = due.canonical_symbol AND s.timeframe = due.timeframe
         RETURNING s.canonical_symbol, s.timeframe, s.source_timeframe, s.last_agg_bar_ts_utc,
                   s.run_interval_minutes, s.aggregation_delay_seconds, s.is_mandatory, s.task_priority,
                   s.agg_start_utc, s.lease_expires_at,
                   CASE WHEN due.old_status = 'running' THEN COALESCE(due.old_owner, '(unknown)') END AS rescued_from,
+                  due.reason AS rescue_reason,
                   s.last_successful_at_utc
     )
     SELECT c.canonical_symbol, c.timeframe, c.source_timeframe, c.last_agg_bar_ts_utc, c.run_interval_minutes,
            c.aggregation_delay_seconds, c.is_mandatory, c.task_priority, c.agg_start_utc, c.lease_expires_at,
-           c.rescued_from
+           c.rescued_from, c.rescue_reason
     FROM claimed c
     JOIN agg_timeframes t ON t.timeframe = c.timeframe
     ORDER BY c.is_mandatory DESC, t.bucket_interval, c.task_priority, c.last_successful_at_utc NULLS FIRST,
@@ -162,10 +224,11 @@ BEGIN
         v_reason := 'task is not enabled';
     ELSIF v_row.status = 'disabled' THEN
         v_reason := 'task was disabled after repeated hard failures';
-    ELSIF v_row.status = 'running' AND _agg_lease_end(v_row.lease_expires_at, v_row.running_started_at_utc) > v_now THEN
+    ELSIF v_row.status = 'running'
+          AND _agg_lease_end(v_row.lease_expires_at, v_row.running_started_at_utc) > _agg_schedule_clock(v_now) THEN
         v_reason := format('held by %s until %s', COALESCE(v_row.lease_owner, '(unknown)'),
                            _agg_lease_end(v_row.lease_expires_at, v_row.running_started_at_utc));
-    ELSIF v_row.next_run_at > v_now THEN
+    ELSIF v_row.next_run_at > _agg_schedule_clock(v_now) THEN
         v_reason := format('not due until %s', v_row.next_run_at);
     ELSE
         v_reason := 'being claimed by another worker';
@@ -191,11 +254,15 @@ BEGIN
     SET last_agg_bar_ts_utc = COALESCE(p_new_cursor_utc, s.last_agg_bar_ts_utc),
         total_windows_processed = s.total_windows_processed + COALESCE((p_stats->>'windows_processed')::bigint, 0),
         total_bars_created = s.total_bars_created + COALESCE((p_stats->>'bars_created')::bigint, 0),
+        total_bars_rewritten = s.total_bars_rewritten + COALESCE((p_stats->>'bars_rewritten')::bigint, 0),
+        total_bars_unchanged = s.total_bars_unchanged + COALESCE((p_stats->>'bars_unchanged')::bigint, 0),
+        total_bars_withdrawn = s.total_bars_withdrawn + COALESCE((p_stats->>'bars_withdrawn')::bigint, 0),
         total_bars_quality_poor = s.total_bars_quality_poor + COALESCE((p_stats->>'bars_quality_poor')::bigint, 0),
         total_bars_skipped = s.total_bars_skipped + COALESCE((p_stats->>'bars_skipped')::bigint, 0),
         total_gaps_skipped = s.total_gaps_skipped + COALESCE((p_stats->>'gaps_skipped')::bigint, 0),
         last_run_stats = _agg_stats_add(s.last_run_stats, p_stats),
-        lease_expires_at = GREATEST(s.lease_expires_at, v_now + make_interval(secs => p_lease_seconds)),
+        lease_expires_at = GREATEST(s.lease_expires_at,
+                                    _agg_schedule_clock(v_now) + make_interval(secs => p_lease_seconds)),
         updated_at = now()
     WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
       AND s.status = 'running' AND s.lease_owner = p_worker_id
@@ -235,6 +302,7 @@ RETURNS TABLE (out_symbol text, out_timeframe text, out_cursor timestamptz, out_
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz := COALESCE(p_now_utc, now());
+    v_sched timestamptz := _agg_schedule_clock(p_now_utc);  -- next runs: never after the real clock
     v_items jsonb;
     v_symbols text[];
     v_timeframes text[];
@@ -268,6 +336,8 @@ BEGIN
         SET status = 'idle',
             lease_owner = NULL,
             lease_expires_at = NULL,
+            lease_session = NULL,
+            lease_backend_pid = NULL,
             rerun_requested = false,
             last_agg_bar_ts_utc = COALESCE(i.cur, s.last_agg_bar_ts_utc),
             last_successful_at_utc = v_now,
@@ -276,32 +346,44 @@ BEGIN
             total_runs = s.total_runs + 1,
             total_windows_processed = s.total_windows_processed + COALESCE((i.st->>'windows_processed')::bigint, 0),
             total_bars_created = s.total_bars_created + COALESCE((i.st->>'bars_created')::bigint, 0),
+            total_bars_rewritten = s.total_bars_rewritten + COALESCE((i.st->>'bars_rewritten')::bigint, 0),
+            total_bars_unchanged = s.total_bars_unchanged + COALESCE((i.st->>'bars_unchanged')::bigint, 0),
+            total_bars_withdrawn = s.total_bars_withdrawn + COALESCE((i.st->>'bars_withdrawn')::bigint, 0),
             total_bars_quality_poor = s.total_bars_quality_poor + COALESCE((i.st->>'bars_quality_poor')::bigint, 0),
             total_bars_skipped = s.total_bars_skipped + COALESCE((i.st->>'bars_skipped')::bigint, 0),
             total_gaps_skipped = s.total_gaps_skipped + COALESCE((i.st->>'gaps_skipped')::bigint, 0),
-            -- 'moved' (from the old row: the cursor moved or windows were handled during this
-            -- claim) decides below whether the tasks built from this one are woken.
+            -- 'moved' (from the old row: the cursor moved, windows were handled or logged windows
+            -- re-aggregated during this claim; catchup_aggregation_range notes a cursor it stored
+            -- itself) decides below whether the tasks built from this one are woken.
             last_run_stats = _agg_stats_add(s.last_run_stats, i.st)
                 || jsonb_build_object('outcome', 'ok', 'finished_at', v_now,
                                       'cursor_after', COALESCE(i.cur, s.last_agg_bar_ts_utc),
                                       'continue', COALESCE((i.st->>'continue')::boolean, false),
                                       'moved', COALESCE(i.cur, s.last_agg_bar_ts_utc) IS DISTINCT FROM s.last_agg_bar_ts_utc
                                                OR COALESCE((s.last_run_stats->>'windows_processed')::bigint, 0)
-                                                  + COALESCE((i.st->>'windows_processed')::bigint, 0) > 0),
-            -- (the window at the cursor ends at cursor + its length: a session's may be clipped or shorter)
-            -- (24x7 symbols are told apart inline: a SQL function call per task would cost ~0.1 ms)
-            next_run_at = _agg_next_run(COALESCE(i.cur, s.last_agg_bar_ts_utc),
+                                                  + COALESCE((i.st->>'windows_processed')::bigint, 0) > 0
+                                               OR COALESCE((s.last_run_stats->>'windows_reaggregated')::bigint, 0) > 0
+                                               OR COALESCE((s.last_run_stats->>'cursor_moved')::boolean, false)),
+            -- The next window to become final: the one at the cursor, or an earlier logged window
+            -- still waiting (DESIGN.md 5), whichever comes first. It ends at that moment plus its
+            -- length: a session's window may be clipped or shorter (24x7 symbols are told apart
+            -- inline: a SQL function call per task would cost ~0.1 ms).
+            next_run_at = _agg_next_run(LEAST(COALESCE(i.cur, s.last_agg_bar_ts_utc), lg.first_logged),
                                         CASE WHEN i.tf = '1mo' OR EXISTS (
                                                  SELECT 1 FROM core_asset_registry_all r
                                                  WHERE r.session <> '24x7' AND r.canonical_symbol = i.sym)
-                                             THEN _agg_window_length(i.sym, i.tf, COALESCE(i.cur, s.last_agg_bar_ts_utc),
+                                             THEN _agg_window_length(i.sym, i.tf,
+                                                                     LEAST(COALESCE(i.cur, s.last_agg_bar_ts_utc),
+                                                                           lg.first_logged),
                                                                      t.bucket_interval)
                                              ELSE t.bucket_interval END,
                                         s.aggregation_delay_seconds, s.run_interval_minutes,
-                                        COALESCE((i.st->>'continue')::boolean, false) OR s.rerun_requested, v_now),
+                                        COALESCE((i.st->>'continue')::boolean, false) OR s.rerun_requested, v_sched),
             updated_at = now()
         FROM input i
         LEFT JOIN agg_timeframes t ON t.timeframe = i.tf
+        LEFT JOIN LATERAL (SELECT min(v.window_start) AS first_logged FROM agg_invalidations v
+                           WHERE v.canonical_symbol = i.sym AND v.timeframe = i.tf) lg ON true
         WHERE s.canonical_symbol = i.sym AND s.timeframe = i.tf
         RETURNING s.canonical_symbol, s.timeframe, s.last_agg_bar_ts_utc, s.next_run_at,
                   (s.last_run_stats->>'moved')::boolean AS moved
@@ -312,8 +394,9 @@ BEGIN
     INTO v_done FROM upd u;
 
     -- Wake the tasks built from the ones that moved (new source rows may exist), if their next
-    -- window is final already (else they are scheduled for that moment anyway): idle ones become
-    -- due now, running ones run again right after their finish (no lost wake-up).
+    -- window (at the cursor, or an earlier logged one that may have waited for this task: rule 3)
+    -- is final already (else they are scheduled for that moment anyway): idle ones become due now,
+    -- running ones run again right after their finish (no lost wake-up).
     -- Looked up by key (= ANY on the primary key's first column, then a hashed key test), not
     -- joined: a join was planned as a nested loop over both sets (a million comparisons).
     SELECT array_agg(m.canonical_symbol), array_agg(m.canonical_symbol || ' ' || m.timeframe)
@@ -321,21 +404,28 @@ BEGIN
     FROM jsonb_to_recordset(v_done) AS m(canonical_symbol text, timeframe text, moved boolean)
     WHERE m.moved;
     UPDATE data_agg_state d
-    SET next_run_at = CASE WHEN d.status = 'running' THEN d.next_run_at ELSE v_now END,
+    SET next_run_at = CASE WHEN d.status = 'running' THEN d.next_run_at ELSE v_sched END,
         rerun_requested = d.rerun_requested OR d.status = 'running',
         updated_at = now()
     FROM agg_timeframes t
     WHERE d.canonical_symbol = ANY (v_symbols) AND (d.canonical_symbol || ' ' || d.source_timeframe) = ANY (v_moved)
       AND d.enabled AND t.timeframe = d.timeframe
       AND (d.last_agg_bar_ts_utc IS NULL
-           OR d.last_agg_bar_ts_utc
+           OR LEAST(d.last_agg_bar_ts_utc,
+                    (SELECT min(v.window_start) FROM agg_invalidations v
+                     WHERE v.canonical_symbol = d.canonical_symbol AND v.timeframe = d.timeframe))
               + CASE WHEN d.timeframe = '1mo' OR EXISTS (
                          SELECT 1 FROM core_asset_registry_all r
                          WHERE r.session <> '24x7' AND r.canonical_symbol = d.canonical_symbol)
-                     THEN _agg_window_length(d.canonical_symbol, d.timeframe, d.last_agg_bar_ts_utc, t.bucket_interval)
+                     THEN _agg_window_length(d.canonical_symbol, d.timeframe,
+                                             LEAST(d.last_agg_bar_ts_utc,
+                                                   (SELECT min(v.window_start) FROM agg_invalidations v
+                                                    WHERE v.canonical_symbol = d.canonical_symbol
+                                                      AND v.timeframe = d.timeframe)),
+                                             t.bucket_interval)
                      ELSE t.bucket_interval END
               + make_interval(secs => COALESCE(d.aggregation_delay_seconds, 0)) <= v_now)
-      AND ((d.status = 'idle' AND (d.next_run_at IS NULL OR d.next_run_at > v_now))
+      AND ((d.status = 'idle' AND (d.next_run_at IS NULL OR d.next_run_at > v_sched))
            OR (d.status = 'running' AND NOT d.rerun_requested));
 
     RETURN QUERY
@@ -349,10 +439,13 @@ END $$;
 -- ---------------------------------------------------------------------------------------------
 -- Success: idle, cursor, counters (p_stats: the keys of catchup_aggregation_range, for the call not
 -- yet checkpointed), streak 0, and next_run_at = now when a backlog remains (p_stats->'continue') or
--- the source advanced meanwhile, else the moment the next window becomes final (cursor + interval +
--- delay), or one minute from now when that moment has passed already (the next window is final but
--- could not be built: no source data yet, or the source task is behind; its finish wakes us).
--- A success that moved the cursor wakes the tasks built from this one (same symbol).
+-- the source advanced meanwhile, else the moment the next window becomes final: the window at the
+-- cursor or the task's earliest logged window still waiting (agg_invalidations), whichever is
+-- earlier (window start + interval + delay); one minute from now when that moment has passed
+-- already (the window is final by the clock but could not be built: no source data yet, or a task
+-- below it is behind; that task's finish wakes us). A task with logged windows is never scheduled
+-- past them. A success that moved the cursor (or re-aggregated logged windows) wakes the tasks
+-- built from this one (same symbol).
 --
 -- Failure (p_fail_kind 'transient' or anything else = hard; the cursor stays where the last
 -- checkpoint put it): transient → retry in 1 minute, streak unchanged; hard → streak + 1, retry in
@@ -367,6 +460,7 @@ CREATE OR REPLACE FUNCTION agg_finish(p_symbol text, p_to_tf text, p_success boo
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz := COALESCE(p_now_utc, now());
+    v_sched timestamptz := _agg_schedule_clock(p_now_utc);  -- retries: never after the real clock
     v_row data_agg_state%ROWTYPE;
     v_cursor timestamptz;
     v_next timestamptz;
@@ -404,14 +498,16 @@ BEGIN
         ELSE 'idle' END;
     v_next := CASE
         WHEN v_status = 'disabled' THEN NULL
-        WHEN v_transient THEN v_now + interval '1 minute'
-        WHEN v_status = 'hard_failed' THEN v_now + interval '1 hour'
-        WHEN v_streak = 1 THEN v_now + interval '5 minutes'
-        ELSE v_now + interval '15 minutes' END;
+        WHEN v_transient THEN v_sched + interval '1 minute'
+        WHEN v_status = 'hard_failed' THEN v_sched + interval '1 hour'
+        WHEN v_streak = 1 THEN v_sched + interval '5 minutes'
+        ELSE v_sched + interval '15 minutes' END;
     UPDATE data_agg_state s
     SET status = v_status,
         lease_owner = NULL,
         lease_expires_at = NULL,
+        lease_session = NULL,
+        lease_backend_pid = NULL,
         rerun_requested = false,
         hard_fail_streak = v_streak,
         last_error = left(COALESCE(p_error, 'unknown error'), 2000),
@@ -489,8 +585,9 @@ RETURNS jsonb LANGUAGE sql AS $$
     WITH changed AS (
         UPDATE data_agg_state s
         SET status = CASE WHEN s.hard_fail_streak >= 3 AND s.is_mandatory THEN 'hard_failed' ELSE 'idle' END,
-            lease_owner = NULL, lease_expires_at = NULL, rerun_requested = false,
-            next_run_at = LEAST(s.next_run_at, COALESCE(p_now_utc, now())), updated_at = now()
+            lease_owner = NULL, lease_expires_at = NULL, lease_session = NULL, lease_backend_pid = NULL,
+            rerun_requested = false,
+            next_run_at = LEAST(s.next_run_at, _agg_schedule_clock(p_now_utc)), updated_at = now()
         WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
           AND s.status = 'running' AND s.lease_owner = p_worker_id
         RETURNING 1
@@ -499,16 +596,23 @@ RETURNS jsonb LANGUAGE sql AS $$
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- agg_reenable_task: the operator's way back for a task disabled after three hard failures
+-- agg_reenable_task: the operator's "try again now" for a failing task
 -- ---------------------------------------------------------------------------------------------
+-- Any task that is not running and is failing: hard_failed, disabled after three hard failures, not
+-- enabled, or backing off after one or two (a streak, or the last run's error). It becomes idle with
+-- streak 0 and due at once under any clock (next_run_at NULL, as the invalidation triggers do, so a
+-- replay with `--now` in the past runs it too); last_error stays until the next success clears it.
+-- p_now_utc is kept for the seed-style signature.
 CREATE OR REPLACE FUNCTION agg_reenable_task(p_symbol text, p_to_tf text, p_now_utc timestamptz DEFAULT now())
 RETURNS jsonb LANGUAGE sql AS $$
     WITH changed AS (
         UPDATE data_agg_state s
-        SET status = 'idle', enabled = true, hard_fail_streak = 0, next_run_at = COALESCE(p_now_utc, now()),
+        SET status = 'idle', enabled = true, hard_fail_streak = 0, next_run_at = NULL,
             updated_at = now()
         WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
-          AND (s.status IN ('disabled', 'hard_failed') OR NOT s.enabled)
+          AND s.status <> 'running'
+          AND (s.status IN ('disabled', 'hard_failed') OR NOT s.enabled
+               OR s.hard_fail_streak > 0 OR s.last_error IS NOT NULL)
         RETURNING 1
     )
     SELECT jsonb_build_object('changed', EXISTS (SELECT 1 FROM changed))
@@ -540,7 +644,8 @@ $$;
 -- For every asset active in the environment (`active` for 'prod', `test_active` otherwise):
 -- mandatory 5m<-1m and 1h<-5m; optional 15m<-5m, 4h<-1h, 1d<-1h (calc_15m, calc_4h, calc_1d),
 -- 1w<-1d (calc_1w) and 1mo<-1d (calc_1mo), which also need the 1d task, so they imply 1d.
--- * creates missing tasks (interval = the timeframe's, delay 30 s for 5m and 60 s above, due now);
+-- * creates missing tasks (interval = the timeframe's, delay 30 s for 5m and 60 s above, due now,
+--   agg_start_utc = the registry's agg_start_utc, else from the first source row);
 -- * disables (enabled = false) tasks of inactive or unknown assets and of cleared flags;
 -- * re-enables them when the asset/flag is set again; a task that was 'disabled' after three hard
 --   failures starts over then (idle, streak 0): clearing and setting the flag is the operator's
@@ -573,13 +678,18 @@ BEGIN
 
     WITH ins AS (
         INSERT INTO data_agg_state (canonical_symbol, timeframe, source_timeframe, is_mandatory,
-                                    run_interval_minutes, aggregation_delay_seconds, enabled, status, next_run_at)
+                                    run_interval_minutes, aggregation_delay_seconds, enabled, status, next_run_at,
+                                    agg_start_utc)
         SELECT w.canonical_symbol, w.timeframe, w.source_timeframe, w.is_mandatory,
                (extract(epoch FROM t.bucket_interval) / 60)::integer,
                CASE WHEN w.timeframe = '5m' THEN 30 ELSE 60 END,
-               true, 'idle', NULL
+               true, 'idle', NULL,
+               -- the symbol's explicit start (registry add --agg-start), else the column's default:
+               -- '-infinity', i.e. from its first source row (migration 0007)
+               COALESCE(r.agg_start_utc, timestamptz '-infinity')
         FROM _agg_wanted_tasks(p_env_name) w
         JOIN agg_timeframes t ON t.timeframe = w.timeframe
+        JOIN core_asset_registry_all r ON r.canonical_symbol = w.canonical_symbol
         -- Only the missing ones (an anti-join is far cheaper than a conflict per existing task);
         -- ON CONFLICT still covers a task inserted meanwhile by a caller not taking the lock.
         WHERE NOT EXISTS (SELECT 1 FROM data_agg_state s
@@ -595,7 +705,7 @@ BEGIN
         SET enabled = true,
             status = CASE WHEN s.status = 'disabled' THEN 'idle' ELSE s.status END,
             hard_fail_streak = CASE WHEN s.status = 'disabled' THEN 0 ELSE s.hard_fail_streak END,
-            next_run_at = CASE WHEN s.status = 'disabled' THEN v_now ELSE s.next_run_at END,
+            next_run_at = CASE WHEN s.status = 'disabled' THEN _agg_schedule_clock(v_now) ELSE s.next_run_at END,
             updated_at = now()
         FROM _agg_wanted_tasks(p_env_name) w
         WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe AND NOT s.enabled

@@ -262,62 +262,94 @@ CREATE TRIGGER agg_invalidate_delete AFTER DELETE ON derived_data_bars
     FOR EACH STATEMENT EXECUTE FUNCTION _agg_invalidate_derived_bars();
 
 -- ---------------------------------------------------------------------------------------------
--- agg_reaggregate_tasks: re-aggregate every pending window of many tasks of one timeframe
+-- agg_reaggregate_tasks: re-aggregate the final logged windows of many tasks of one timeframe
 -- ---------------------------------------------------------------------------------------------
---   agg_reaggregate_tasks(p_to_tf text, p_symbols text[], p_derivation_version integer DEFAULT 1)
+--   agg_reaggregate_tasks(p_to_tf text, p_symbols text[], p_derivation_version integer DEFAULT 1,
+--                         p_now_utc timestamptz DEFAULT NULL)
 --   RETURNS TABLE (canonical_symbol text, result jsonb)      -- one row per symbol, in input order
 --
--- result: {"success": true, "windows": n (entries re-aggregated), "bars_reaggregated": n (bars
--- inserted or changed), "bars_withdrawn": n (bars soft-deleted), "entries_dropped": n (entries at or
--- after the cursor, or before agg_start_utc: nothing to fix there)}.
+-- result: {"success": true, "windows": n (logged windows re-aggregated), "bars_created": n (inserted),
+-- "bars_rewritten": n (values changed), "bars_unchanged": n (recomputed equal: nothing written),
+-- "bars_withdrawn": n (soft-deleted), "bars_quality_poor": n (created or rewritten with quality <= 0),
+-- "bars_reaggregated": created + rewritten, "entries_dropped": n (at or after the cursor, or before
+-- agg_start_utc: nothing to fix there), "entries_waiting": n (not final yet: left in the log)}.
 --
--- One statement: take (delete) the tasks' log entries, recompute their windows from the current
--- source rows with the engine's core (_agg_window_bars, one index range per window), upsert the
--- bars that changed (identical ones are not rewritten, so they cascade nothing), soft-delete the
--- active bars of windows that lost all source rows or fell below the storing threshold, and add the
--- counts to data_agg_state (total_bars_reaggregated, total_bars_withdrawn, last_run_stats). Call it
--- in the worker's transaction before the catch-up; the cursor is not moved. An entry written by a
--- concurrent transaction after the entries were taken stays in the log for the next run.
+-- Finality (DESIGN.md 5): a logged window [ws, we) is re-aggregated only when it is final as the
+-- catch-up defines it: now >= we + aggregation_delay_seconds (rule 2) and no task below this one in
+-- the chain has unprocessed input before we (rule 3, _agg_chain_bounds: a source row at or after its
+-- cursor, or a logged window of its own). A window that is not final stays logged; agg_finish
+-- schedules the task for the moment it becomes final.
+--
+-- One statement: take (delete) the tasks' final log entries and those outside [agg_start_utc,
+-- cursor), recompute the final windows from the current source rows with the engine's core
+-- (_agg_window_bars, one index range per window), upsert the bars that changed (equal ones are not
+-- rewritten, so they cascade nothing), soft-delete the active bars of windows that lost all source
+-- rows or fell below the storing threshold, and add the counts to data_agg_state (total_bars_*,
+-- last_run_stats). Call it in the transaction of the task's first catch-up call; the cursor is not
+-- moved. An entry written by a concurrent transaction after the entries were read stays in the log
+-- for the next run.
+DROP FUNCTION IF EXISTS agg_reaggregate_invalidated(text, text, integer);
+DROP FUNCTION IF EXISTS agg_reaggregate_tasks(text, text[], integer);
 CREATE OR REPLACE FUNCTION agg_reaggregate_tasks(p_to_tf text, p_symbols text[],
-                                                 p_derivation_version integer DEFAULT 1)
+                                                 p_derivation_version integer DEFAULT 1,
+                                                 p_now_utc timestamptz DEFAULT NULL)
 RETURNS TABLE (canonical_symbol text, result jsonb)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_now timestamptz := COALESCE(p_now_utc, now());
 BEGIN
     -- The common case, every catch-up of a task with nothing pending: one index probe, and the
     -- statement below is not even planned.
     IF NOT EXISTS (SELECT 1 FROM agg_invalidations i
                    WHERE i.timeframe = p_to_tf AND i.canonical_symbol = ANY (p_symbols)) THEN
         RETURN QUERY
-        SELECT u.sym, jsonb_build_object('success', true, 'windows', 0, 'bars_reaggregated', 0,
-                                         'bars_withdrawn', 0, 'entries_dropped', 0)
+        SELECT u.sym, jsonb_build_object('success', true, 'windows', 0, 'bars_created', 0, 'bars_rewritten', 0,
+                                         'bars_unchanged', 0, 'bars_withdrawn', 0, 'bars_quality_poor', 0,
+                                         'bars_reaggregated', 0, 'entries_dropped', 0, 'entries_waiting', 0)
         FROM unnest(p_symbols) WITH ORDINALITY AS u(sym, ord)
         ORDER BY u.ord;
         RETURN;
     END IF;
     -- Symbols on a trading session, and 1mo, have session windows (15_sessions.sql).
     IF _agg_needs_sessions(p_to_tf, p_symbols) THEN
-        RETURN QUERY SELECT * FROM _agg_reaggregate_split(p_to_tf, p_symbols, p_derivation_version);
+        RETURN QUERY SELECT * FROM _agg_reaggregate_split(p_to_tf, p_symbols, p_derivation_version, p_now_utc);
         RETURN;
     END IF;
     RETURN QUERY
     WITH input AS (
         SELECT u.sym, u.ord FROM unnest(p_symbols) WITH ORDINALITY AS u(sym, ord)
     ),
+    settings AS (
+        SELECT i.sym, s.last_agg_bar_ts_utc AS cur, s.agg_start_utc,
+               COALESCE(s.aggregation_delay_seconds, 0) AS delay_seconds,
+               COALESCE(b.bound, timestamptz 'infinity') AS bound
+        FROM input i
+        LEFT JOIN data_agg_state s ON s.canonical_symbol = i.sym AND s.timeframe = p_to_tf
+        LEFT JOIN _agg_chain_bounds(p_to_tf, p_symbols) b ON b.canonical_symbol = i.sym
+    ),
+    entries AS (
+        SELECT st.sym, e.window_start AS ws,
+               COALESCE(e.window_start < date_bin(v_tf.bucket_interval, st.cur, v_tf.bucket_origin)
+                        AND e.window_start >= st.agg_start_utc, false) AS in_range,
+               v_now >= e.window_start + v_tf.bucket_interval + make_interval(secs => st.delay_seconds)
+                   AND e.window_start + v_tf.bucket_interval <= st.bound AS is_final
+        FROM settings st
+        JOIN agg_invalidations e ON e.canonical_symbol = st.sym AND e.timeframe = p_to_tf
+    ),
     taken AS (
         DELETE FROM agg_invalidations i
-        USING input
-        WHERE i.canonical_symbol = input.sym AND i.timeframe = p_to_tf
+        USING entries e
+        WHERE i.canonical_symbol = e.sym AND i.timeframe = p_to_tf AND i.window_start = e.ws
+          AND (e.is_final OR NOT e.in_range)
         RETURNING i.canonical_symbol AS sym, i.window_start AS ws
     ),
     pending AS (
         SELECT k.sym, k.ws
         FROM taken k
-        JOIN data_agg_state s ON s.canonical_symbol = k.sym AND s.timeframe = p_to_tf
-        WHERE k.ws < date_bin(v_tf.bucket_interval, s.last_agg_bar_ts_utc, v_tf.bucket_origin)
-          AND k.ws >= s.agg_start_utc
+        JOIN entries e ON e.sym = k.sym AND e.ws = k.ws
+        WHERE e.in_range AND e.is_final
     ),
     fresh AS (
         SELECT p.sym, p.ws, w.open, w.high, w.low, w.close, w.vol, w.vwap, w.trade_count,
@@ -351,7 +383,7 @@ BEGIN
               (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
                excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
                excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
-        RETURNING d.canonical_symbol
+        RETURNING d.canonical_symbol, d.quality_score, (d.xmax = 0) AS inserted
     ),
     withdrawn AS (
         UPDATE derived_data_bars d
@@ -364,21 +396,34 @@ BEGIN
     ),
     counts AS (
         SELECT i.sym, i.ord,
+               (SELECT count(*) FROM entries e WHERE e.sym = i.sym) AS n_entries,
                (SELECT count(*) FROM pending p WHERE p.sym = i.sym) AS n_windows,
                (SELECT count(*) FROM taken k WHERE k.sym = i.sym) AS n_taken,
-               (SELECT count(*) FROM written w WHERE w.canonical_symbol = i.sym) AS n_written,
+               (SELECT count(*) FROM fresh f WHERE f.sym = i.sym AND f.quality_score IS NOT NULL) AS n_storable,
+               (SELECT count(*) FROM written w WHERE w.canonical_symbol = i.sym AND w.inserted) AS n_created,
+               (SELECT count(*) FROM written w WHERE w.canonical_symbol = i.sym AND NOT w.inserted) AS n_rewritten,
+               (SELECT count(*) FROM written w WHERE w.canonical_symbol = i.sym AND w.quality_score <= 0) AS n_poor,
                (SELECT count(*) FROM withdrawn w WHERE w.canonical_symbol = i.sym) AS n_withdrawn
         FROM input i
     ),
     recorded AS (
         UPDATE data_agg_state s
-        SET total_bars_reaggregated = s.total_bars_reaggregated + c.n_written,
+        SET total_bars_created = s.total_bars_created + c.n_created,
+            total_bars_rewritten = s.total_bars_rewritten + c.n_rewritten,
+            total_bars_unchanged = s.total_bars_unchanged + (c.n_storable - c.n_created - c.n_rewritten),
+            total_bars_quality_poor = s.total_bars_quality_poor + c.n_poor,
+            total_bars_reaggregated = s.total_bars_reaggregated + c.n_created + c.n_rewritten,
             total_bars_withdrawn = s.total_bars_withdrawn + c.n_withdrawn,
             last_run_stats = COALESCE(s.last_run_stats, '{}'::jsonb) || jsonb_build_object(
                 'windows_reaggregated', COALESCE((s.last_run_stats->>'windows_reaggregated')::bigint, 0)
                                         + c.n_windows,
                 'bars_reaggregated', COALESCE((s.last_run_stats->>'bars_reaggregated')::bigint, 0)
-                                     + c.n_written,
+                                     + c.n_created + c.n_rewritten,
+                'bars_created', COALESCE((s.last_run_stats->>'bars_created')::bigint, 0) + c.n_created,
+                'bars_rewritten', COALESCE((s.last_run_stats->>'bars_rewritten')::bigint, 0) + c.n_rewritten,
+                'bars_unchanged', COALESCE((s.last_run_stats->>'bars_unchanged')::bigint, 0)
+                                  + (c.n_storable - c.n_created - c.n_rewritten),
+                'bars_quality_poor', COALESCE((s.last_run_stats->>'bars_quality_poor')::bigint, 0) + c.n_poor,
                 'bars_withdrawn', COALESCE((s.last_run_stats->>'bars_withdrawn')::bigint, 0)
                                   + c.n_withdrawn),
             updated_at = now()
@@ -389,9 +434,14 @@ BEGIN
     SELECT c.sym, jsonb_build_object(
                'success', true,
                'windows', c.n_windows,
-               'bars_reaggregated', c.n_written,
+               'bars_created', c.n_created,
+               'bars_rewritten', c.n_rewritten,
+               'bars_unchanged', c.n_storable - c.n_created - c.n_rewritten,
                'bars_withdrawn', c.n_withdrawn,
-               'entries_dropped', c.n_taken - c.n_windows)
+               'bars_quality_poor', c.n_poor,
+               'bars_reaggregated', c.n_created + c.n_rewritten,
+               'entries_dropped', c.n_taken - c.n_windows,
+               'entries_waiting', c.n_entries - c.n_taken)
     FROM counts c
     ORDER BY c.ord;
 END
@@ -399,7 +449,8 @@ $$;
 
 -- One task, the shape of catchup_aggregation_range's result (for psql and RPC callers).
 CREATE OR REPLACE FUNCTION agg_reaggregate_invalidated(p_symbol text, p_to_tf text,
-                                                       p_derivation_version integer DEFAULT 1)
+                                                       p_derivation_version integer DEFAULT 1,
+                                                       p_now_utc timestamptz DEFAULT NULL)
 RETURNS jsonb LANGUAGE sql AS $$
-    SELECT t.result FROM agg_reaggregate_tasks(p_to_tf, ARRAY[p_symbol], p_derivation_version) t
+    SELECT t.result FROM agg_reaggregate_tasks(p_to_tf, ARRAY[p_symbol], p_derivation_version, p_now_utc) t
 $$;

@@ -131,8 +131,11 @@
     if (summary.invalidations_pending) {
       chip("warn", num(summary.invalidations_pending), "to redo", "windows waiting for re-aggregation after late or corrected source bars");
     }
-    chip("", num(summary.bars_created), "bars");
-    chip("", num(summary.bars_quality_poor), "poor", "bars stored with quality ≤ 0");
+    chip("", num(summary.bars_created), "created", "bars inserted");
+    chip("", num(summary.bars_rewritten), "rewritten", "stored bars whose values changed (late or corrected source bars)");
+    chip("", num(summary.bars_withdrawn), "withdrawn", "bars soft-deleted because their source bars vanished");
+    chip("", num(summary.bars_unchanged), "unchanged", "bars recomputed equal to the stored bar: nothing written");
+    chip("", num(summary.bars_quality_poor), "poor", "bars written with quality ≤ 0");
     $("#chips").innerHTML = chips.join("");
   }
 
@@ -195,6 +198,9 @@
         `<td title="${esc(t.next_run_utc || "")}">${esc(relative(t.next_run_utc, nowMs))}</td>` +
         `<td class="num ${t.streak > 0 ? "lag-bad" : "dim"}">${t.streak}</td>` +
         `<td class="num">${num(t.bars_created)}</td>` +
+        `<td class="num ${t.bars_rewritten > 0 ? "" : "dim"}">${num(t.bars_rewritten)}</td>` +
+        `<td class="num ${t.bars_withdrawn > 0 ? "" : "dim"}">${num(t.bars_withdrawn)}</td>` +
+        `<td class="num dim">${num(t.bars_unchanged)}</td>` +
         `<td class="num ${t.bars_quality_poor > 0 ? "" : "dim"}">${num(t.bars_quality_poor)}</td>` +
         `<td class="err" title="${esc(t.last_error || "")}">${esc(t.last_error || "")}</td></tr>`;
     });
