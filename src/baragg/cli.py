@@ -26,6 +26,7 @@ from baragg.errors import BaraggError, InvalidInput, RedactingFilter, printable,
 from baragg.sql import query
 
 Handler = Callable[[argparse.Namespace], int]
+TIMEFRAME_CHOICES = ["5m", "15m", "1h", "4h", "1d", "1w", "1mo"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -475,7 +476,22 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
 
     change = registry.add(database(args), args.symbol, **_registry_settings(args))
     _report_registry_change(change, "added" if change.created else "updated")
+    _print_rebuild(change.rebuilt)
     return 0
+
+
+def _print_rebuild(rebuilt: dict[str, Any] | None) -> None:
+    """After a change of session or --sparse: what was rebuilt from the stored sources."""
+    levels = (rebuilt or {}).get("levels") or {}
+    if not levels:
+        return  # no tasks yet: nothing was built, nothing to rebuild
+    from baragg.timeframes import LADDER
+
+    order = sorted(levels, key=lambda tf: LADDER[tf].duration_rank if tf in LADDER else 99)
+    detail = ", ".join(
+        f"{tf} {levels[tf]['written']} written, {levels[tf]['withdrawn']} withdrawn" for tf in order
+    )
+    print(f"rebuilt {rebuilt['symbol']} from its stored sources (session {rebuilt['session']}): {detail}")
 
 
 @_needs_schema
@@ -484,6 +500,7 @@ def cmd_registry_set(args: argparse.Namespace) -> int:
 
     change = registry.set_fields(database(args), args.symbol, **_registry_settings(args))
     _report_registry_change(change, "updated")
+    _print_rebuild(change.rebuilt)
     return 0
 
 
@@ -503,6 +520,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
     table = Table(box=None, header_style="bold")
     for name in (
         "symbol",
+        "session",
         "active",
         "test",
         "sparse",
@@ -510,6 +528,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
         "4h",
         "1d",
         "1w",
+        "1mo",
         "start",
         "ticker",
         "class",
@@ -526,6 +545,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
     for r in rows:
         table.add_row(
             text(r["canonical_symbol"]),
+            text(r["session"]),
             flag(r["active"]),
             flag(r["test_active"]),
             flag(r["is_sparse"]),
@@ -533,6 +553,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
             flag(r["calc_4h"]),
             flag(r["calc_1d"]),
             flag(r["calc_1w"]),
+            flag(r["calc_1mo"]),
             # where new tasks start: a time, or "first" (the symbol's first source row)
             r["agg_start_utc"].astimezone(UTC).strftime("%Y-%m-%d %H:%M").removesuffix(" 00:00")
             if r["agg_start_utc"]
@@ -565,6 +586,59 @@ def cmd_registry_sync(args: argparse.Namespace) -> int:
     else:
         for row in result if isinstance(result, list) else [result]:
             print("  ".join(f"{k}={v}" for k, v in row.items()) if isinstance(row, dict) else str(row))
+    return 0
+
+
+@_needs_schema
+def cmd_session_add(args: argparse.Namespace) -> int:
+    from baragg import sessions
+
+    session = sessions.add_session(
+        database(args),
+        args.name,
+        tz=args.tz,
+        open_=args.open,
+        close=args.close,
+        days=args.days,
+        calendar=args.calendar,
+    )
+    print(
+        f"added session {session.name}: {session.tz} {session.open:%H:%M}-{session.close:%H:%M} "
+        f"{session.weekdays_text}" + (f", calendar {session.calendar}" if session.calendar else "")
+    )
+    return 0
+
+
+@_needs_schema
+def cmd_session_list(args: argparse.Namespace) -> int:
+    from baragg import sessions
+
+    rows = sessions.list_sessions(database(args))
+    if args.json:
+        print_json([s.as_dict() for s in rows])
+        return 0
+    from rich.table import Table
+
+    from baragg.terminal import stdout_console
+
+    table = Table(box=None, header_style="bold")
+    for name in ("session", "time zone", "open", "close", "days", "calendar", "days known"):
+        table.add_column(name)
+    for s in rows:
+        known = f"{s.days_from} .. {s.days_to}" if s.days_from else "-"
+        table.add_row(
+            s.name + (" (built-in)" if s.builtin else ""),
+            s.tz,
+            f"{s.open:%H:%M}",
+            f"{s.close:%H:%M}",
+            s.weekdays_text,
+            s.calendar or "",
+            known,
+        )
+    stdout_console().print(table)
+    print(
+        "exchange calendars (e.g. XNYS, XLON, CMES) become sessions on first use: registry add SYMBOL --session XNYS"
+    )
     return 0
 
 
@@ -1083,7 +1157,14 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
             default=None,
             help="store any window with at least one source bar (illiquid assets)",
         )
-        for tf in ("15m", "4h", "1d", "1w"):
+        p.add_argument(
+            "--session",
+            metavar="NAME",
+            help="trading session: 24x7 (default, UTC days), fx (17:00 New York), an exchange calendar "
+            "code (XNYS, XLON, CMES, ...) or one added with `baragg session add`; changing it rebuilds the "
+            "symbol's bars from the stored sources",
+        )
+        for tf in ("15m", "4h", "1d", "1w", "1mo"):
             p.add_argument(
                 f"--calc-{tf}",
                 dest=f"calc_{tf}",
@@ -1113,6 +1194,33 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_registry_sync)
 
+    session = commands.add_parser("session", help="trading sessions (when a symbol's market trades)")
+    ses = session.add_subparsers(dest="session_command", metavar="ACTION", parser_class=_Parser)
+    ses.required = True
+    p = ses.add_parser(
+        "add",
+        help="add a session: time zone, daily open and close, trading weekdays (or an exchange calendar)",
+        description="A session cuts a symbol's windows: intraday windows from the open (the last clipped at the "
+        "close), a day = one session, weeks and months of trading dates. A close at or before the open means "
+        "the session opens the day before (FX: 17:00-17:00); a trading day is labelled by the date it ends on.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--tz", help="IANA time zone, e.g. America/New_York, Europe/London, Etc/GMT+5 (= UTC-5)")
+    p.add_argument("--open", metavar="HH:MM", help="daily open in the time zone")
+    p.add_argument("--close", metavar="HH:MM", help="daily close (default: the open, i.e. around the clock)")
+    p.add_argument(
+        "--days", help="weekdays of the trading dates: mon-fri (default), sun-thu, mon,wed,fri, all"
+    )
+    p.add_argument(
+        "--calendar",
+        metavar="CODE",
+        help="an exchange_calendars code (XNYS, XLON, CMES, ...): its hours, holidays and early closes",
+    )
+    p.set_defaults(handler=cmd_session_add)
+    p = ses.add_parser("list", help="list sessions")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_session_list)
+
     p = commands.add_parser(
         "verify",
         help="recompute bars independently (pandas) and report missing, extra and different ones",
@@ -1121,7 +1229,7 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
         "with the stored bars. Exit 1 when anything differs.",
     )
     p.add_argument("symbol", metavar="SYMBOL")
-    p.add_argument("timeframe", metavar="TIMEFRAME", choices=["5m", "15m", "1h", "4h", "1d", "1w"])
+    p.add_argument("timeframe", metavar="TIMEFRAME", choices=TIMEFRAME_CHOICES)
     p.add_argument(
         "--from", dest="from_", metavar="TIME", help="first window (ISO 8601; UTC unless an offset)"
     )
@@ -1142,7 +1250,7 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
         "(idle, streak 0, due now)",
     )
     p.add_argument("symbol", metavar="SYMBOL")
-    p.add_argument("timeframe", metavar="TIMEFRAME", choices=["5m", "15m", "1h", "4h", "1d", "1w"])
+    p.add_argument("timeframe", metavar="TIMEFRAME", choices=TIMEFRAME_CHOICES)
     p.add_argument(
         "--env",
         default=os.environ.get("BARAGG_ENV", "prod"),
@@ -1160,7 +1268,7 @@ def add_operator_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--timeframe",
         action="append",
-        choices=["5m", "15m", "1h", "4h", "1d", "1w"],
+        choices=TIMEFRAME_CHOICES,
         help="only this timeframe (repeatable)",
     )
     p.add_argument(

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from baragg import sessions
 from baragg.db import Database
 from baragg.errors import BaraggError, InvalidInput, shown
 from baragg.sql import query
@@ -692,7 +693,11 @@ def ingest_file(
             assert counts is not None
             report.inserted, report.updated, staged = (int(v) for v in counts)
             report.unchanged = staged - report.inserted - report.updated
-            report.symbols = [s for (s,) in conn.execute(query("ingest_stage_symbols"))]
+            spans = conn.execute(query("ingest_stage_symbols")).fetchall()
+            report.symbols = [s for s, _, _ in spans]
+            # The symbols' sessions must know the trading days of the new rows (DESIGN.md 3b).
+            for sym, first, last in spans:
+                sessions.ensure_for_range(conn, [sym], first, last)
             conn.commit()
         if reject is not None:
             try:

@@ -13,6 +13,7 @@ from typing import Any
 
 from psycopg.rows import dict_row
 
+from baragg import sessions
 from baragg.db import Database
 from baragg.errors import BaraggError, InvalidInput
 from baragg.sql import query
@@ -29,6 +30,8 @@ FIELDS = (
     "calc_4h",
     "calc_1d",
     "calc_1w",
+    "calc_1mo",
+    "session",
     "notes",
     "agg_start_utc",  # where new tasks of the symbol start (None: from its first source row)
 )
@@ -45,6 +48,8 @@ class Change:
     # The symbol's existing tasks that keep their own start although --agg-start was given:
     # (timeframe, agg_start_utc or None for "from the first source row").
     kept_starts: tuple[tuple[str, datetime | None], ...] = ()
+    # What changing the session or --sparse rebuilt (agg_rebuild_symbol's result), when it did.
+    rebuilt: dict[str, Any] | None = None
 
 
 def check_symbol(symbol: str) -> str:
@@ -70,28 +75,35 @@ def add(db: Database, symbol: str, **settings: Any) -> Change:
     check_symbol(symbol)
     params = _params(symbol, settings)
     with db.connect() as conn:
+        _resolve_session(conn, params)
+        before = _rebuild_key(conn, symbol)
         created = conn.execute(query("registry_insert_new"), params).fetchone() is not None
         if not created:
             conn.execute(query("registry_update"), params)
         kept = _kept_starts(conn, symbol, settings)
+        rebuilt = _after_change(conn, symbol, before)
         conn.commit()
-    return Change(symbol, created, kept)
+    return Change(symbol, created, kept, rebuilt)
 
 
 def set_fields(db: Database, symbol: str, **settings: Any) -> Change:
     """Change columns of an existing symbol; an unknown symbol is an error."""
     if not any(v is not None for v in settings.values()):
         raise InvalidInput("registry set: nothing to change (give at least one flag, e.g. --calc-4h)")
+    params = _params(symbol, settings)
     with db.connect() as conn:
-        row = conn.execute(query("registry_update"), _params(symbol, settings)).fetchone()
-        kept = _kept_starts(conn, symbol, settings)
-        conn.commit()
-    if row is None:
-        from baragg.terminal import printable
+        _resolve_session(conn, params)
+        before = _rebuild_key(conn, symbol)
+        row = conn.execute(query("registry_update"), params).fetchone()
+        if row is None:
+            from baragg.terminal import printable
 
-        name = printable(symbol)
-        raise InvalidInput(f"unknown symbol '{name}' (add it with: baragg registry add {name})")
-    return Change(symbol, False, kept)
+            name = printable(symbol)
+            raise InvalidInput(f"unknown symbol '{name}' (add it with: baragg registry add {name})")
+        kept = _kept_starts(conn, symbol, settings)
+        rebuilt = _after_change(conn, symbol, before)
+        conn.commit()
+    return Change(symbol, False, kept, rebuilt)
 
 
 def _kept_starts(conn: Any, symbol: str, settings: dict[str, Any]) -> tuple[tuple[str, datetime | None], ...]:
@@ -109,6 +121,33 @@ def names_breaking_the_rule(db: Database) -> list[str]:
     which is then NOT VALID (it checks new and changed rows only)."""
     with db.connect() as conn:
         return [name for (name,) in conn.execute(query("registry_bad_symbols"))]
+
+
+def _resolve_session(conn: Any, params: dict[str, Any]) -> None:
+    """An exchange calendar code becomes a session on first use; an unknown name is an error."""
+    if params.get("session") is not None:
+        params["session"] = sessions.resolve(conn, params["session"]).name
+
+
+def _rebuild_key(conn: Any, symbol: str) -> tuple[str, bool] | None:
+    """What decides a symbol's windows and stored bars beyond the data: its session and is_sparse."""
+    row = conn.execute(query("registry_rebuild_key"), {"symbol": symbol}).fetchone()
+    return (row[0], bool(row[1])) if row else None
+
+
+def _after_change(conn: Any, symbol: str, before: tuple[str, bool] | None) -> dict[str, Any] | None:
+    """Materialise the session's days over the symbol's data, and rebuild its bars when the session or
+    is_sparse changed (DESIGN.md 3b: from the stored sources, in this transaction)."""
+    after = _rebuild_key(conn, symbol)
+    assert after is not None
+    span = conn.execute(query("registry_symbol_span"), {"symbol": symbol}).fetchone()
+    if span and span[0] is not None:
+        sessions.ensure_days(
+            conn, after[0], span[0].date() - sessions.LOOKBACK, span[1].date() + sessions.LOOKBACK
+        )
+    if before is None or before == after:
+        return None
+    return conn.execute(query("registry_rebuild"), {"symbol": symbol}).fetchone()[0]
 
 
 def list_assets(db: Database) -> list[dict[str, Any]]:

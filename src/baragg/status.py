@@ -47,6 +47,7 @@ class TaskStatus:
     source_timeframe: str = "1m"
     agg_start: datetime | None = None  # None: no explicit start, from the first source data
     first_source_before_start: datetime | None = None  # source rows it will never aggregate (rule 1)
+    session: str = "24x7"  # the symbol's trading session, which cuts its windows (DESIGN.md 3b)
 
     @property
     def alert(self) -> bool:
@@ -100,6 +101,7 @@ def task_status(
             source_timeframe=r["ladder_source"],
             agg_start=_utc(r["agg_start_utc"]),
             first_source_before_start=_utc(r["first_before_start"]),
+            session=r["session"] or "24x7",
         )
         for r in rows
     ]
@@ -195,8 +197,10 @@ def _table(tasks: list[TaskStatus], clock: datetime, optional: list[tuple[str, A
     # One space between columns (two-line headers keep the numeric columns narrow): with symbols of
     # up to ~12 characters the base columns fit 80; longer names widen the table, never get cut.
     table = Table(header_style="bold", box=None, pad_edge=False, padding=(0, 1, 0, 0))
+    sessions = any(t.session != "24x7" for t in tasks)  # the column only when a symbol has one
     columns = [
         ("symbol", "left"),
+        *((("session", "left"),) if sessions else ()),
         ("tf", "left"),
         ("status", "left"),
         ("cursor (UTC)", "left"),
@@ -216,6 +220,7 @@ def _table(tasks: list[TaskStatus], clock: datetime, optional: list[tuple[str, A
             style = "dim"
         cells = [
             Text(printable(t.symbol)),
+            *([Text(printable(t.session))] if sessions else []),
             Text(printable(t.timeframe)),
             Text(_state(t)),
             Text(t.cursor.strftime("%Y-%m-%d %H:%M") if t.cursor else "-"),

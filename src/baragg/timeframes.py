@@ -26,6 +26,9 @@ class Timeframe:
     max_source_bars: int  # how many source bars fit in one window (7 for 1w, of which 5 expected)
     origin: datetime  # buckets are aligned to this instant
     duration_rank: int
+    # How a session cuts the windows: 'interval' (open + k * interval, clipped at the close), 'session'
+    # (one trading session), 'week' (a trading week), 'month' (a calendar month of trading dates).
+    window_kind: str = "interval"
 
     def bucket_start(self, ts: datetime) -> datetime:
         """Start of the window containing ``ts`` (PostgreSQL's date_bin with the ladder's origin)."""
@@ -35,6 +38,9 @@ class Timeframe:
     def derived_source(self) -> bool:
         """Whether the source bars are themselves built by a task (rule 3 of DESIGN.md 4 applies)."""
         return self.source_table == "derived_data_bars"
+
+
+_KINDS = {"1d": "session", "1w": "week", "1mo": "month"}
 
 
 def _tf(name: str, minutes: int, source: str, expected: int, max_bars: int, rank: int) -> Timeframe:
@@ -47,6 +53,7 @@ def _tf(name: str, minutes: int, source: str, expected: int, max_bars: int, rank
         max_source_bars=max_bars,
         origin=MONDAY_EPOCH if name == "1w" else EPOCH,
         duration_rank=rank,
+        window_kind=_KINDS.get(name, "interval"),
     )
 
 
@@ -59,6 +66,9 @@ LADDER: dict[str, Timeframe] = {
         _tf("4h", 240, "1h", 4, 4, 4),
         _tf("1d", 1440, "1h", 24, 24, 5),
         _tf("1w", 10080, "1d", 5, 7, 6),
+        # Months are never date_bin buckets: the interval (31 days) only bounds a window's span, and the
+        # expected 21 is nominal (a month expects the trading days its session has).
+        _tf("1mo", 744 * 60, "1d", 21, 31, 7),
     )
 }
 
@@ -75,7 +85,10 @@ def timeframe(name: str) -> Timeframe:
 
 
 def bucket_start(tf: Timeframe, ts: datetime) -> datetime:
-    """Start of the ``tf`` window containing ``ts`` (an aware datetime)."""
+    """Start of the ``tf`` window containing ``ts`` (an aware datetime) on the 24x7 session's date_bin
+    grid; months have no such grid (baragg.sessions cuts them)."""
+    if tf.window_kind == "month":
+        raise ValueError("1mo windows are calendar months of trading dates, not fixed buckets")
     return ts - (ts - tf.origin) % tf.interval
 
 

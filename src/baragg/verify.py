@@ -9,6 +9,11 @@ Which windows are checked: those of the task's range that the worker has already
 start ≥ the task's ``agg_start_utc`` and < its cursor (``last_agg_bar_ts_utc``), narrowed by
 ``--from``/``--to``. Without a task every window in the range is checked.
 
+A symbol on a trading session (DESIGN.md 3b), and every 1mo level, is checked against windows cut here
+from the session's stored trading days (``agg_session_days``: the calendar is the input, not the engine):
+intraday windows from each session's open, the last clipped at its close, a day per session, weeks and
+months of trading dates; rows outside every window belong to none. (Those ranges are read in one piece.)
+
 Streaming: the range is walked in time chunks aligned to the timeframe's windows (a window never
 straddles two chunks), each holding at most ``CHUNK_ROWS`` source rows; empty stretches are skipped
 by asking for the next row (keyset paging), and each chunk's rows come as one array per column in
@@ -22,7 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,6 +66,8 @@ _LADDER = {
         Rung("4h", "1h", timedelta(hours=4), 4, timedelta(hours=1)),
         Rung("1d", "1h", timedelta(days=1), 24, timedelta(hours=1)),
         Rung("1w", "1d", timedelta(weeks=1), 5, timedelta(days=1)),
+        # Months are only ever cut from a session's trading days (24x7: every UTC day).
+        Rung("1mo", "1d", timedelta(days=31), 21, timedelta(days=1)),
     )
 }
 # Weeks start on Monday 00:00 UTC; 1970-01-05 was a Monday (the epoch itself was a Thursday).
@@ -121,7 +128,7 @@ def quality(source_candles: int, expected: int, sparse: bool) -> int | None:
     return None if np.isnan(scores[0]) else int(scores[0])
 
 
-def _quality(counts: np.ndarray, expected: int, sparse: bool) -> np.ndarray:
+def _quality(counts: np.ndarray, expected: int | np.ndarray, sparse: bool) -> np.ndarray:
     """DESIGN.md 3 for many windows: r = 1 → 2, ≥ 0.8 → 1, ≥ 0.6 → 0, ≥ 0.55 → −1, below: not stored
     (NaN), except that a sparse asset keeps any window with a source bar at −1. The ratios are
     compared as integers (5n ≥ 4e is r ≥ 0.8), so a ratio on a boundary is never misjudged."""
@@ -140,7 +147,12 @@ def _quality(counts: np.ndarray, expected: int, sparse: bool) -> np.ndarray:
 
 
 def _aggregate(
-    ts_us: np.ndarray, values: dict[str, np.ndarray], timeframe: str, sparse: bool
+    ts_us: np.ndarray,
+    values: dict[str, np.ndarray],
+    timeframe: str,
+    sparse: bool,
+    window: np.ndarray | None = None,
+    expected: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """DESIGN.md 3's bar values for the windows of the source rows (``ts_us`` ascending, float64
     columns with NaN for NULL): open of the earliest bar, close of the latest, high max, low min, vol
@@ -149,7 +161,8 @@ def _aggregate(
     empty = {"ts": np.empty(0, np.int64), **{c: np.empty(0) for c in (*VALUE_COLUMNS, *_INTEGERS[1:])}}
     if not len(ts_us):
         return empty
-    window = _window_us(ts_us, timeframe)
+    # (a session's windows come with the rows: each row's window start and the window's expected bars)
+    window = _window_us(ts_us, timeframe) if window is None else window
     starts = np.flatnonzero(np.r_[True, window[1:] != window[:-1]])
     counts = np.diff(np.r_[starts, len(window)])
     position = np.arange(len(window))
@@ -175,7 +188,10 @@ def _aggregate(
     any_both = np.add.reduceat(both, starts) > 0
     with np.errstate(divide="ignore", invalid="ignore"):
         bar_vwap = np.where(any_both & (volume_with_price != 0), price_volume / volume_with_price, np.nan)
-    scores = _quality(counts, spec.expected, sparse)
+    per_window = (
+        np.full(len(starts), spec.expected) if expected is None else expected[starts].astype(np.int64)
+    )
+    scores = _quality(counts, per_window, sparse)
     keep = ~np.isnan(scores)
     bars = {
         "ts": window[starts],
@@ -187,7 +203,7 @@ def _aggregate(
         "vwap": bar_vwap,
         "trade_count": total(values["trade_count"]),
         "source_candles": counts.astype(np.float64),
-        "expected_candles": np.full(len(starts), float(spec.expected)),
+        "expected_candles": per_window.astype(np.float64),
         "quality_score": scores,
     }
     return {name: column[keep] for name, column in bars.items()}
@@ -368,8 +384,12 @@ def verify(
         if asset is None:
             raise InvalidInput(f"unknown symbol '{symbol}' (not in core_asset_registry_all)")
         sparse = bool(asset[0])
+        session = asset[1] or "24x7"
+        windows = None
+        if session != "24x7" or timeframe == "1mo":
+            windows = _session_windows_us(conn, session, timeframe)
         task = conn.execute(query("verify_task"), {"symbol": symbol, "timeframe": timeframe}).fetchone()
-        notes = []
+        notes = [f"session {session}: windows cut from its trading days"] if windows is not None else []
         lo = start
         hi = end
         if task is None:
@@ -377,7 +397,7 @@ def verify(
         else:
             agg_start, cursor = (t.astimezone(UTC) if t is not None else None for t in task)
             if agg_start is not None:  # None: no explicit start, from the first source row
-                first = _ceil_to_bucket(agg_start, timeframe)
+                first = _first_window(agg_start, timeframe, windows)
                 lo = max(lo, first) if lo else first
             if cursor is None:
                 notes.append("the task has no cursor yet: nothing has been aggregated")
@@ -385,18 +405,135 @@ def verify(
             else:
                 hi = min(hi, cursor) if hi else cursor
         if lo is not None:
-            lo = _ceil_to_bucket(lo, timeframe)
+            lo = _first_window(lo, timeframe, windows)
         if hi is not None and lo is not None and hi < lo:
             hi = lo
         report = VerifyReport(symbol, timeframe, lo, hi, notes=notes)
         # Stored bars are read from the user's --from, not from agg_start_utc: a bar before
         # agg_start_utc must not exist, and shows up as extra.
-        stored_from = _ceil_to_bucket(start, timeframe) if start else _BEGINNING
-        for expected, stored in _chunks(
-            conn, symbol, spec, lo or _BEGINNING, hi or _END, stored_from, sparse
-        ):
+        stored_from = _first_window(start, timeframe, windows) if start else _BEGINNING
+        if windows is None:
+            chunks = _chunks(conn, symbol, spec, lo or _BEGINNING, hi or _END, stored_from, sparse)
+        else:
+            chunks = _session_chunks(
+                conn, symbol, spec, windows, lo or _BEGINNING, hi or _END, stored_from, sparse
+            )
+        for expected, stored in chunks:
             _compare(report, expected, stored, spec, keep)
     return report
+
+
+def _first_window(moment: datetime, timeframe: str, windows: SessionWindows | None) -> datetime:
+    """The first window that starts at or after ``moment``."""
+    if windows is None:
+        return _ceil_to_bucket(moment, timeframe)
+    at = int(np.searchsorted(windows.starts, _us(moment), side="left"))
+    return _moment(int(windows.starts[at])) if at < len(windows.starts) else moment
+
+
+@dataclass(frozen=True)
+class SessionWindows:
+    """A level's windows on a session, in µs since the epoch: start, end, expected source bars."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    expected: np.ndarray
+
+
+def session_windows(
+    days: list[tuple[date, datetime, datetime]],
+    timeframe: str,
+    covered: tuple[date | None, date | None],
+    *,
+    weekdays_only: bool,
+) -> SessionWindows:
+    """The windows of ``timeframe`` that trading ``days`` (trading date, open, close in UTC; in time
+    order) make, as DESIGN.md 3b states them: intraday windows from each open, the last clipped at the
+    close, expecting the source windows inside; a day per session, expecting its source windows; weeks
+    (ISO weeks of trading dates) and months of sessions, expecting a daily bar per session (24x7:
+    Monday-Friday only), only when wholly inside ``covered`` (the dates the days are known for)."""
+    spec = rung(timeframe)
+    step = spec.source_interval
+    starts: list[datetime] = []
+    ends: list[datetime] = []
+    expected: list[int] = []
+    if timeframe in ("1w", "1mo"):
+        groups: dict[date, list[tuple[date, datetime, datetime]]] = {}
+        for day in days:
+            trading = day[0]
+            key = trading - timedelta(days=trading.weekday()) if timeframe == "1w" else trading.replace(day=1)
+            groups.setdefault(key, []).append(day)
+        for key, members in sorted(groups.items()):
+            if timeframe == "1w":
+                last_date = key + timedelta(days=6)
+            else:
+                last_date = (key.replace(day=28) + timedelta(days=4)).replace(day=1) - timedelta(days=1)
+            if covered[0] is None or covered[1] is None or key < covered[0] or last_date > covered[1]:
+                continue
+            starts.append(min(m[1] for m in members))
+            ends.append(max(m[2] for m in members))
+            expected.append(sum(1 for m in members if not weekdays_only or m[0].isoweekday() <= 5))
+    else:
+        for _, opening, closing in days:
+            begin = opening
+            while begin < closing:
+                end = closing if timeframe == "1d" else min(begin + spec.interval, closing)
+                starts.append(begin)
+                ends.append(end)
+                expected.append(-(-(end - begin) // step))  # ceil: a clipped window expects fewer
+                begin = end
+    return SessionWindows(
+        np.array([_us(t) for t in starts], dtype=np.int64),
+        np.array([_us(t) for t in ends], dtype=np.int64),
+        np.array(expected, dtype=np.int64),
+    )
+
+
+def _session_windows_us(conn: Any, session: str, timeframe: str) -> SessionWindows:
+    covered = conn.execute(query("verify_session_range"), {"session": session}).fetchone()
+    days = [
+        (d, o.astimezone(UTC), c.astimezone(UTC))
+        for d, o, c in conn.execute(query("verify_session_days"), {"session": session})
+    ]
+    return session_windows(
+        days,
+        timeframe,
+        (covered[0], covered[1]) if covered else (None, None),
+        weekdays_only=session == "24x7",
+    )
+
+
+def _session_chunks(
+    conn: Any,
+    symbol: str,
+    spec: Rung,
+    windows: SessionWindows,
+    lo: datetime,
+    hi: datetime,
+    stored_from: datetime,
+    sparse: bool,
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """(expected bars, stored bars) of the windows in [lo, hi), in one piece: each source row is put in
+    the session window that contains it (rows outside every window are left out)."""
+    conn.execute(query("verify_session_settings"))
+    params: dict[str, Any] = {"symbol": symbol, "timeframe": spec.timeframe, "source_timeframe": spec.source}
+    source_query = "verify_source_base" if spec.source == "1m" else "verify_source_derived"
+    lo_us, hi_us = _us(max(lo, _BEGINNING)), _us(min(hi, _END))
+    inside = (windows.starts >= lo_us) & (windows.ends <= hi_us)
+    starts, ends, expected = windows.starts[inside], windows.ends[inside], windows.expected[inside]
+    source = _rows(conn, source_query, {**params, "lo": lo, "hi": hi}, stored=False)
+    ts = source["ts"]
+    at = np.searchsorted(starts, ts, side="right") - 1
+    found = (at >= 0) & (ts < ends[np.clip(at, 0, None)] if len(ends) else np.zeros(len(ts), bool))
+    rows = {c: v[found] for c, v in source.items()}
+    bars = _aggregate(
+        rows["ts"], rows, spec.timeframe, sparse, window=starts[at[found]], expected=expected[at[found]]
+    )
+    stored = _rows(conn, "verify_stored", {**params, "lo": stored_from, "hi": hi}, stored=True)
+    # A stored bar at a window start is checked only when its window ends by hi.
+    end_of = dict(zip(windows.starts.tolist(), windows.ends.tolist(), strict=True))
+    keep = np.array([end_of.get(int(t), int(t)) <= hi_us for t in stored["ts"]], dtype=bool)
+    yield bars, {c: v[keep] for c, v in stored.items()}
 
 
 def _chunks(

@@ -43,6 +43,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from baragg import sessions
 from baragg.db import Database
 from baragg.errors import BaraggError
 from baragg.sql import query
@@ -303,6 +304,7 @@ class _Claimer:
                 log.warning("registry sync failed (%s); retrying", _error_text(exc))
                 time.sleep(0.1 * attempt)
         changes: dict[str, Any] = row[0] if row else {}
+        self.extend_sessions()
         changed = {k: len(v) for k, v in changes.items() if isinstance(v, list) and v}
         if changed:
             log.info(
@@ -312,6 +314,22 @@ class _Claimer:
                 extra={"event": "registry_sync", "changes": changes},
             )
         return changes
+
+    def extend_sessions(self) -> None:
+        """Materialise the trading days the sessions in use need up to now (DESIGN.md 3b); a failure
+        is logged and leaves those symbols' tasks waiting at the end of the known days."""
+        try:
+            with self.connect() as conn:
+                added = sessions.ensure_for_sync(conn, self.settings.now)
+        except Exception as exc:
+            log.warning("could not extend the sessions' trading days (%s)", _error_text(exc))
+            return
+        if added:
+            log.info(
+                "session days added: %s",
+                ", ".join(f"{name} {n}" for name, n in added.items()),
+                extra={"event": "session_days", "added": added},
+            )
 
     # -- one round: claim a batch, run it ------------------------------------------------------
     def run_round(self) -> list[TaskResult]:

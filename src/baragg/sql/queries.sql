@@ -226,7 +226,7 @@ SELECT count(*) FILTER (WHERE inserted),
 FROM written;
 
 -- name: ingest_stage_symbols
-SELECT DISTINCT canonical_symbol FROM ingest_stage WHERE ok ORDER BY 1;
+SELECT canonical_symbol, min(ts_utc), max(ts_utc) FROM ingest_stage WHERE ok GROUP BY 1 ORDER BY 1;
 
 -- ==== operator tools: registry ====
 
@@ -235,12 +235,13 @@ SELECT DISTINCT canonical_symbol FROM ingest_stage WHERE ok ORDER BY 1;
 -- to registry_update (in the same transaction), which keeps the values not given.
 INSERT INTO core_asset_registry_all (
     canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
-    calc_15m, calc_4h, calc_1d, calc_1w, notes, agg_start_utc)
+    calc_15m, calc_4h, calc_1d, calc_1w, calc_1mo, session, notes, agg_start_utc)
 VALUES (
     %(symbol)s, %(provider_ticker)s, %(asset_class)s, %(source)s,
     COALESCE(%(active)s, true), COALESCE(%(test_active)s, true), COALESCE(%(is_sparse)s, false),
     COALESCE(%(calc_15m)s, false), COALESCE(%(calc_4h)s, false), COALESCE(%(calc_1d)s, false),
-    COALESCE(%(calc_1w)s, false), %(notes)s, %(agg_start_utc)s)
+    COALESCE(%(calc_1w)s, false), COALESCE(%(calc_1mo)s, false), COALESCE(%(session)s, '24x7'), %(notes)s,
+    %(agg_start_utc)s)
 ON CONFLICT (canonical_symbol) DO NOTHING
 RETURNING canonical_symbol;
 
@@ -256,6 +257,8 @@ UPDATE core_asset_registry_all AS r SET
     calc_4h = COALESCE(%(calc_4h)s, r.calc_4h),
     calc_1d = COALESCE(%(calc_1d)s, r.calc_1d),
     calc_1w = COALESCE(%(calc_1w)s, r.calc_1w),
+    calc_1mo = COALESCE(%(calc_1mo)s, r.calc_1mo),
+    session = COALESCE(%(session)s, r.session),
     notes = COALESCE(%(notes)s, r.notes),
     agg_start_utc = COALESCE(%(agg_start_utc)s, r.agg_start_utc),
     updated_at = now()
@@ -264,7 +267,7 @@ RETURNING canonical_symbol;
 
 -- name: registry_list
 SELECT canonical_symbol, provider_ticker, asset_class, source, active, test_active, is_sparse,
-       calc_15m, calc_4h, calc_1d, calc_1w, notes, agg_start_utc, created_at, updated_at
+       calc_15m, calc_4h, calc_1d, calc_1w, calc_1mo, session, notes, agg_start_utc, created_at, updated_at
 FROM core_asset_registry_all
 ORDER BY canonical_symbol;
 
@@ -279,6 +282,21 @@ ORDER BY timeframe;
 SELECT canonical_symbol FROM core_asset_registry_all
 WHERE canonical_symbol !~ '^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$'
 ORDER BY canonical_symbol;
+
+-- name: registry_rebuild_key
+SELECT session, COALESCE(is_sparse, false) FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s;
+
+-- name: registry_symbol_span
+-- The times a symbol's session days must cover: its data, its tasks' agg_start_utc and cursors
+-- (a start of '-infinity', "from the first row", adds nothing).
+SELECT LEAST(b.first_bar, t.first_start), GREATEST(b.last_bar, t.last_cursor, t.first_start)
+FROM (SELECT min(ts_utc) AS first_bar, max(ts_utc) AS last_bar FROM data_bars
+      WHERE canonical_symbol = %(symbol)s AND timeframe = '1m') b,
+     (SELECT min(NULLIF(agg_start_utc, '-infinity')) AS first_start, max(last_agg_bar_ts_utc) AS last_cursor
+      FROM data_agg_state WHERE canonical_symbol = %(symbol)s) t;
+
+-- name: registry_rebuild
+SELECT agg_rebuild_symbol(%(symbol)s);
 
 -- name: registry_sync_exists
 SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'sync_agg_state_from_registry');
@@ -306,7 +324,13 @@ SELECT canonical_symbol, count(*) FROM deleted GROUP BY canonical_symbol ORDER B
 -- ==== operator tools: verify ====
 
 -- name: verify_asset
-SELECT coalesce(is_sparse, false) FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s;
+SELECT coalesce(is_sparse, false), session FROM core_asset_registry_all WHERE canonical_symbol = %(symbol)s;
+
+-- name: verify_session_range
+SELECT days_from, days_to FROM agg_sessions WHERE name = %(session)s;
+
+-- name: verify_session_days
+SELECT trading_date, open_utc, close_utc FROM agg_session_days WHERE session = %(session)s ORDER BY open_utc;
 
 -- name: verify_task
 -- '-infinity' (no explicit start: from the first source row) reads as NULL.
@@ -400,6 +424,7 @@ SELECT to_regclass('agg_timeframes') IS NOT NULL
 -- The frontier of a task is the end of the last window its source data covers completely:
 -- the bucket that starts right after the newest source bar ends.
 SELECT s.canonical_symbol, s.timeframe, s.status, s.enabled, s.is_mandatory, s.last_agg_bar_ts_utc,
+       (SELECT r.session FROM core_asset_registry_all r WHERE r.canonical_symbol = s.canonical_symbol) AS session,
        s.next_run_at, s.hard_fail_streak, s.last_error, s.last_successful_at_utc,
        s.total_bars_created, s.total_bars_rewritten, s.total_bars_withdrawn, s.total_bars_unchanged,
        s.total_bars_quality_poor, s.lease_owner,
@@ -429,8 +454,15 @@ LEFT JOIN LATERAL (
            END AS newest
 ) n ON true
 LEFT JOIN LATERAL (
-    SELECT date_bin(tf.bucket_interval, n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
-                    tf.bucket_origin) AS frontier
+    -- (a symbol on a trading session, or 1mo: its session's windows, 15_sessions.sql; 24x7 inline)
+    SELECT CASE WHEN s.timeframe <> '1mo' AND COALESCE(
+                    (SELECT r.session FROM core_asset_registry_all r WHERE r.canonical_symbol = s.canonical_symbol),
+                    '24x7') = '24x7'
+                THEN date_bin(tf.bucket_interval, n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
+                              tf.bucket_origin)
+                ELSE _agg_frontier(s.canonical_symbol, s.timeframe,
+                                   n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
+                                   tf.bucket_interval, tf.bucket_origin) END AS frontier
 ) f ON true
 LEFT JOIN LATERAL (
     -- The first source row before the task's start: rows the task will never aggregate (rule 1).
@@ -552,6 +584,7 @@ WITH clock AS (
 tasks AS (
     -- The ladder comes from agg_timeframes (migration 0002); raw 1m bars are the base, one minute each.
     SELECT s.*,
+           (SELECT r.session FROM core_asset_registry_all r WHERE r.canonical_symbol = s.canonical_symbol) AS session,
            coalesce(s.source_timeframe, tf.source_timeframe) AS src_tf,
            tf.bucket_interval AS tf_interval,
            tf.bucket_origin AS tf_origin,
@@ -580,11 +613,16 @@ probed AS MATERIALIZED (  -- evaluate each probe once per task, not once per use
 ),
 framed AS (
     SELECT p.*,
-           date_bin(p.tf_interval, p.source_last_ts + p.src_interval, p.tf_origin) AS frontier_utc
+           CASE WHEN p.tf_interval IS NULL THEN NULL
+                WHEN p.timeframe <> '1mo' AND COALESCE(p.session, '24x7') = '24x7'
+                    THEN date_bin(p.tf_interval, p.source_last_ts + p.src_interval, p.tf_origin)
+                ELSE _agg_frontier(p.canonical_symbol, p.timeframe, p.source_last_ts + p.src_interval,
+                                   p.tf_interval, p.tf_origin) END AS frontier_utc
     FROM probed p
 )
 SELECT f.canonical_symbol AS symbol,
        f.timeframe,
+       f.session,
        f.src_tf AS source_timeframe,
        f.status,
        f.enabled,
@@ -599,7 +637,10 @@ SELECT f.canonical_symbol AS symbol,
             THEN greatest(0, extract(epoch FROM f.frontier_utc - f.last_agg_bar_ts_utc))::float8
        END AS lag_frontier_seconds,
        CASE WHEN f.last_agg_bar_ts_utc IS NOT NULL AND f.tf_interval IS NOT NULL
-            THEN greatest(0, extract(epoch FROM c.now_utc - (f.last_agg_bar_ts_utc + f.tf_interval)))::float8
+            THEN greatest(0, extract(epoch FROM c.now_utc - (f.last_agg_bar_ts_utc
+                 + CASE WHEN f.timeframe <> '1mo' AND COALESCE(f.session, '24x7') = '24x7' THEN f.tf_interval
+                        ELSE _agg_window_length(f.canonical_symbol, f.timeframe, f.last_agg_bar_ts_utc,
+                                                f.tf_interval) END)))::float8
        END AS lag_now_seconds,
        f.next_run_at AS next_run_utc,
        f.hard_fail_streak AS streak,
@@ -626,6 +667,7 @@ ORDER BY f.canonical_symbol, f.tf_order, f.timeframe;
 -- name: obs_symbols
 SELECT r.canonical_symbol AS symbol,
        r.asset_class,
+       r.session,
        coalesce(r.active, false) AS active,
        EXISTS (SELECT 1 FROM data_bars b WHERE b.canonical_symbol = r.canonical_symbol AND b.timeframe = '1m')
            AS has_1m,
@@ -781,3 +823,108 @@ JOIN cron.job j ON j.jobid = d.jobid
 WHERE j.jobname = %(job)s
 ORDER BY d.start_time DESC NULLS LAST, d.runid DESC
 LIMIT %(limit)s;
+
+-- ==== trading sessions (migration 0009, baragg/sessions.py) ====
+
+-- name: session_list
+SELECT name, tz, open_time, close_time, weekdays, calendar, builtin, days_from, days_to
+FROM agg_sessions
+ORDER BY builtin DESC, name;
+
+-- name: session_get
+SELECT name, tz, open_time, close_time, weekdays, calendar, builtin, days_from, days_to
+FROM agg_sessions
+WHERE name = %(name)s;
+
+-- name: session_insert
+INSERT INTO agg_sessions (name, tz, open_time, close_time, weekdays, calendar)
+VALUES (%(name)s, %(tz)s, %(open)s, %(close)s, %(weekdays)s::smallint[], %(calendar)s)
+ON CONFLICT (name) DO NOTHING;
+
+-- name: session_lock
+-- Serialises the extension of one session's days (held to the end of the transaction).
+SELECT pg_advisory_xact_lock(hashtext('baragg.session_days'), hashtext(%(name)s));
+
+-- name: session_day_insert
+WITH added AS (
+    INSERT INTO agg_session_days (session, trading_date, open_utc, close_utc)
+    SELECT %(name)s, d.trading_date, d.open_utc, d.close_utc
+    FROM unnest(%(dates)s::date[], %(opens)s::timestamptz[], %(closes)s::timestamptz[]) AS d(trading_date, open_utc, close_utc)
+    ON CONFLICT (session, trading_date) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM added;
+
+-- name: session_set_range
+UPDATE agg_sessions SET days_from = %(from)s, days_to = %(to)s, updated_at = now() WHERE name = %(name)s;
+
+-- name: session_regroup
+-- The trading week (ISO week of the trading dates) and calendar month of every day: first open, last
+-- close and the number of days a weekly or monthly bar expects (the 24x7 session counts Monday-Friday
+-- only, the seed's 5 per week). NULL for a week or month not wholly inside [days_from, days_to].
+WITH s AS (
+    SELECT name, days_from, days_to, name = '24x7' AS weekdays_only FROM agg_sessions WHERE name = %(name)s
+),
+keyed AS (
+    SELECT d.trading_date, d.open_utc, d.close_utc, s.days_from, s.days_to,
+           (NOT s.weekdays_only OR extract(isodow FROM d.trading_date) <= 5) AS counted,
+           d.trading_date - (extract(isodow FROM d.trading_date)::integer - 1) AS wk,
+           date_trunc('month', d.trading_date)::date AS mo
+    FROM agg_session_days d JOIN s ON s.name = d.session
+),
+grouped AS (
+    SELECT k.trading_date,
+           (k.wk >= k.days_from AND k.wk + 6 <= k.days_to) AS week_known,
+           (k.mo >= k.days_from AND (k.mo + interval '1 month')::date - 1 <= k.days_to) AS month_known,
+           min(k.open_utc) OVER w AS wo, max(k.close_utc) OVER w AS wc,
+           count(*) FILTER (WHERE k.counted) OVER w AS wn,
+           min(k.open_utc) OVER m AS mo_open, max(k.close_utc) OVER m AS mo_close,
+           count(*) FILTER (WHERE k.counted) OVER m AS mn
+    FROM keyed k
+    WINDOW w AS (PARTITION BY k.wk), m AS (PARTITION BY k.mo)
+),
+final AS (
+    SELECT g.trading_date,
+           CASE WHEN g.week_known THEN g.wo END AS week_open,
+           CASE WHEN g.week_known THEN g.wc END AS week_close,
+           CASE WHEN g.week_known THEN g.wn END AS week_days,
+           CASE WHEN g.month_known THEN g.mo_open END AS month_open,
+           CASE WHEN g.month_known THEN g.mo_close END AS month_close,
+           CASE WHEN g.month_known THEN g.mn END AS month_days
+    FROM grouped g
+)
+UPDATE agg_session_days d
+SET week_open = f.week_open, week_close = f.week_close, week_days = f.week_days,
+    month_open = f.month_open, month_close = f.month_close, month_days = f.month_days
+FROM final f
+WHERE d.session = %(name)s AND d.trading_date = f.trading_date
+  AND (d.week_open, d.week_close, d.week_days, d.month_open, d.month_close, d.month_days)
+      IS DISTINCT FROM (f.week_open, f.week_close, f.week_days, f.month_open, f.month_close, f.month_days);
+
+-- name: session_needed
+-- Every session in use, its materialised range, and the earliest agg_start_utc of its symbols' tasks
+-- (no bar is ever older), for the worker's sync to extend what is missing.
+-- A task starting at '-infinity' ("from the first source row", the default) needs its symbol's first
+-- 1m bar (one index probe per such symbol).
+SELECT s.name, s.days_from, s.days_to,
+       min(CASE WHEN t.first_start = '-infinity'
+                THEN (SELECT min(b.ts_utc) FROM data_bars b
+                      WHERE b.canonical_symbol = t.canonical_symbol AND b.timeframe = '1m')
+                ELSE t.first_start END) AS first_needed
+FROM agg_sessions s
+JOIN core_asset_registry_all r ON r.session = s.name
+LEFT JOIN LATERAL (
+    SELECT r.canonical_symbol, min(st.agg_start_utc) AS first_start
+    FROM data_agg_state st WHERE st.canonical_symbol = r.canonical_symbol AND st.enabled
+) t ON true
+GROUP BY s.name, s.days_from, s.days_to
+ORDER BY s.name;
+
+-- name: session_of_symbols
+SELECT DISTINCT session FROM core_asset_registry_all WHERE canonical_symbol = ANY (%(symbols)s::text[]) ORDER BY 1;
+
+-- name: session_days_between
+SELECT trading_date, open_utc, close_utc
+FROM agg_session_days
+WHERE session = %(name)s AND open_utc < %(end)s AND close_utc > %(start)s
+ORDER BY open_utc;

@@ -128,6 +128,7 @@ def symbols(conn: psycopg.Connection) -> dict[str, Any]:
             {
                 "symbol": r["symbol"],
                 "asset_class": r["asset_class"],
+                "session": r["session"],
                 "active": r["active"],
                 "timeframes": sorted(tfs, key=lambda tf: TIMEFRAME_ORDER.get(tf, 99)),
             }

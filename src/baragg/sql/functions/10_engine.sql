@@ -244,7 +244,13 @@ DECLARE
     v_tf agg_timeframes := _agg_ladder(p_to_tf);
     v_agg_start timestamptz := (_agg_task_settings(p_symbol, p_to_tf)).agg_start_utc;
     v_first timestamptz;
+    v_session text := COALESCE((SELECT r.session FROM core_asset_registry_all r WHERE r.canonical_symbol = p_symbol),
+                               '24x7');
 BEGIN
+    -- Symbols on a trading session, and 1mo, start at a window of their session (15_sessions.sql).
+    IF v_session <> '24x7' OR v_tf.window_kind = 'month' THEN
+        RETURN _agg_session_bootstrap(p_symbol, p_to_tf, v_session, v_agg_start, COALESCE(p_now_utc, now()));
+    END IF;
     v_first := _agg_source_ts(v_tf.source_table, p_symbol, v_tf.source_timeframe, v_agg_start, 'infinity');
     IF v_first IS NULL THEN
         RETURN date_bin(v_tf.bucket_interval, COALESCE(p_now_utc, now()), v_tf.bucket_origin);
@@ -264,7 +270,13 @@ RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_tf agg_timeframes := _agg_ladder(p_to_tf);
     v_bar record;
+    v_session text := _agg_session_of(p_symbol, p_to_tf);
 BEGIN
+    -- A symbol on a trading session, or 1mo: one of its session's windows (15_sessions.sql).
+    IF v_session IS NOT NULL THEN
+        RETURN _agg_session_aggregate_window(p_symbol, p_to_tf, v_session, p_from_utc, p_to_utc,
+                                             p_derivation_version);
+    END IF;
     IF p_from_utc IS NULL OR p_to_utc IS NULL
        OR date_bin(v_tf.bucket_interval, p_from_utc, v_tf.bucket_origin) <> p_from_utc
        OR p_to_utc <> p_from_utc + v_tf.bucket_interval THEN
@@ -422,6 +434,12 @@ BEGIN
     END IF;
     IF (SELECT count(DISTINCT x) FROM unnest(p_symbols) x) <> cardinality(p_symbols) THEN
         RAISE EXCEPTION 'p_symbols must be distinct and not NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Symbols on a trading session, and 1mo, are cut by their session's days (15_sessions.sql).
+    IF cardinality(p_symbols) > 0 AND _agg_needs_sessions(p_to_tf, p_symbols) THEN
+        RETURN QUERY SELECT * FROM _agg_catchup_split(p_to_tf, p_symbols, p_cursors, p_max_windows, p_now_utc,
+                                                      p_derivation_version, p_ignore_confirmation);
+        RETURN;
     END IF;
 
     RETURN QUERY
@@ -664,7 +682,12 @@ RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_tf agg_timeframes := _agg_ladder(p_to_tf);
     v_result jsonb;
+    v_session text := _agg_session_of(p_symbol, p_to_tf);
 BEGIN
+    -- A symbol on a trading session, or 1mo: its session's windows (15_sessions.sql).
+    IF v_session IS NOT NULL THEN
+        RETURN _agg_session_recompute_windows(p_symbol, p_to_tf, v_session, p_window_starts, p_derivation_version);
+    END IF;
     WITH wanted AS (
         SELECT DISTINCT date_bin(v_tf.bucket_interval, w.ws, v_tf.bucket_origin) AS ws
         FROM unnest(p_window_starts) AS w(ws)

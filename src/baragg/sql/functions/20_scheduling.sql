@@ -365,8 +365,18 @@ BEGIN
                                                OR COALESCE((s.last_run_stats->>'windows_reaggregated')::bigint, 0) > 0
                                                OR COALESCE((s.last_run_stats->>'cursor_moved')::boolean, false)),
             -- The next window to become final: the one at the cursor, or an earlier logged window
-            -- still waiting (DESIGN.md 5), whichever comes first.
-            next_run_at = _agg_next_run(LEAST(COALESCE(i.cur, s.last_agg_bar_ts_utc), lg.first_logged), t.bucket_interval,
+            -- still waiting (DESIGN.md 5), whichever comes first. It ends at that moment plus its
+            -- length: a session's window may be clipped or shorter (24x7 symbols are told apart
+            -- inline: a SQL function call per task would cost ~0.1 ms).
+            next_run_at = _agg_next_run(LEAST(COALESCE(i.cur, s.last_agg_bar_ts_utc), lg.first_logged),
+                                        CASE WHEN i.tf = '1mo' OR EXISTS (
+                                                 SELECT 1 FROM core_asset_registry_all r
+                                                 WHERE r.session <> '24x7' AND r.canonical_symbol = i.sym)
+                                             THEN _agg_window_length(i.sym, i.tf,
+                                                                     LEAST(COALESCE(i.cur, s.last_agg_bar_ts_utc),
+                                                                           lg.first_logged),
+                                                                     t.bucket_interval)
+                                             ELSE t.bucket_interval END,
                                         s.aggregation_delay_seconds, s.run_interval_minutes,
                                         COALESCE((i.st->>'continue')::boolean, false) OR s.rerun_requested, v_sched),
             updated_at = now()
@@ -404,7 +414,17 @@ BEGIN
            OR LEAST(d.last_agg_bar_ts_utc,
                     (SELECT min(v.window_start) FROM agg_invalidations v
                      WHERE v.canonical_symbol = d.canonical_symbol AND v.timeframe = d.timeframe))
-              + t.bucket_interval + make_interval(secs => COALESCE(d.aggregation_delay_seconds, 0)) <= v_now)
+              + CASE WHEN d.timeframe = '1mo' OR EXISTS (
+                         SELECT 1 FROM core_asset_registry_all r
+                         WHERE r.session <> '24x7' AND r.canonical_symbol = d.canonical_symbol)
+                     THEN _agg_window_length(d.canonical_symbol, d.timeframe,
+                                             LEAST(d.last_agg_bar_ts_utc,
+                                                   (SELECT min(v.window_start) FROM agg_invalidations v
+                                                    WHERE v.canonical_symbol = d.canonical_symbol
+                                                      AND v.timeframe = d.timeframe)),
+                                             t.bucket_interval)
+                     ELSE t.bucket_interval END
+              + make_interval(secs => COALESCE(d.aggregation_delay_seconds, 0)) <= v_now)
       AND ((d.status = 'idle' AND (d.next_run_at IS NULL OR d.next_run_at > v_sched))
            OR (d.status = 'running' AND NOT d.rerun_requested));
 
@@ -609,8 +629,9 @@ LANGUAGE sql STABLE AS $$
         ('1h', true, true),
         ('15m', false, COALESCE(r.calc_15m, false)),
         ('4h', false, COALESCE(r.calc_4h, false)),
-        ('1d', false, COALESCE(r.calc_1d, false) OR COALESCE(r.calc_1w, false)),
-        ('1w', false, COALESCE(r.calc_1w, false))
+        ('1d', false, COALESCE(r.calc_1d, false) OR COALESCE(r.calc_1w, false) OR COALESCE(r.calc_1mo, false)),
+        ('1w', false, COALESCE(r.calc_1w, false)),
+        ('1mo', false, COALESCE(r.calc_1mo, false))
     ) AS w(timeframe, mandatory, wanted)
     JOIN agg_timeframes t ON t.timeframe = w.timeframe
     WHERE w.wanted
@@ -621,8 +642,8 @@ $$;
 -- sync_agg_state_from_registry (DESIGN.md 7)
 -- ---------------------------------------------------------------------------------------------
 -- For every asset active in the environment (`active` for 'prod', `test_active` otherwise):
--- mandatory 5m<-1m and 1h<-5m; optional 15m<-5m, 4h<-1h, 1d<-1h (calc_15m, calc_4h, calc_1d) and
--- 1w<-1d (calc_1w, which also needs the 1d task, so it implies 1d).
+-- mandatory 5m<-1m and 1h<-5m; optional 15m<-5m, 4h<-1h, 1d<-1h (calc_15m, calc_4h, calc_1d),
+-- 1w<-1d (calc_1w) and 1mo<-1d (calc_1mo), which also need the 1d task, so they imply 1d.
 -- * creates missing tasks (interval = the timeframe's, delay 30 s for 5m and 60 s above, due now,
 --   agg_start_utc = the registry's agg_start_utc, else from the first source row);
 -- * disables (enabled = false) tasks of inactive or unknown assets and of cleared flags;

@@ -84,8 +84,11 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- One function per source table; TG_OP picks the transition tables. For every changed row the
 -- dependents are the tasks of the same symbol whose ladder entry reads this table and timeframe;
--- its window is date_bin(bucket_interval, ts, bucket_origin) (1w: Monday). Recorded when
---   agg_start_utc <= window < date_bin(cursor)      (a NULL cursor: nothing aggregated yet)
+-- its window is date_bin(bucket_interval, ts, bucket_origin) (1w: Monday) for a 24x7 symbol, the
+-- session window containing ts otherwise (none outside the session: nothing to record), from
+-- _agg_passed_window (15_sessions.sql). Recorded when
+--   agg_start_utc <= window, and the window lies before the cursor (24x7: window < date_bin(cursor);
+--   session: window end <= cursor)      (a NULL cursor: nothing aggregated yet)
 -- A window before agg_start_utc never has a derived bar (DESIGN.md 4, rule 1), so it is ignored.
 -- "Changed" means a change to what aggregation reads: the bar's key, its values (open, high, low,
 -- close, vol, vwap, trade_count) or its eligibility (is_partial; deleted_at for derived bars). An
@@ -105,30 +108,30 @@ BEGIN
         PERFORM _agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows),
                                      ARRAY(SELECT DISTINCT timeframe FROM new_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
-               array_agg(date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin))
+               array_agg(w.ws)
         INTO v_syms, v_tfs, v_ws
         FROM new_rows n
         JOIN agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = n.timeframe
         JOIN data_agg_state s ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
+        CROSS JOIN LATERAL _agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
+                                              n.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE NOT n.is_partial
           AND n.ts_utc < s.last_agg_bar_ts_utc
-          AND date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin)
-              < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
-          AND date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin) >= s.agg_start_utc;
+          AND w.ws >= s.agg_start_utc;
     ELSIF TG_OP = 'DELETE' THEN
         PERFORM _agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
                                      ARRAY(SELECT DISTINCT timeframe FROM old_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
-               array_agg(date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin))
+               array_agg(w.ws)
         INTO v_syms, v_tfs, v_ws
         FROM old_rows o
         JOIN agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = o.timeframe
         JOIN data_agg_state s ON s.canonical_symbol = o.canonical_symbol AND s.timeframe = t.timeframe
+        CROSS JOIN LATERAL _agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
+                                              o.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE NOT o.is_partial
           AND o.ts_utc < s.last_agg_bar_ts_utc
-          AND date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin)
-              < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
-          AND date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin) >= s.agg_start_utc;
+          AND w.ws >= s.agg_start_utc;
     ELSE
         PERFORM _agg_lock_dependents('data_bars',
             ARRAY(SELECT canonical_symbol FROM old_rows UNION SELECT canonical_symbol FROM new_rows),
@@ -136,7 +139,7 @@ BEGIN
         -- UPDATE: the row's old position (if it was eligible) and its new one (if it is), for the
         -- rows whose aggregated columns or eligibility changed.
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
-               array_agg(date_bin(t.bucket_interval, k.ts_utc, t.bucket_origin))
+               array_agg(w.ws)
         INTO v_syms, v_tfs, v_ws
         FROM old_rows o
         JOIN new_rows n ON n.id = o.id
@@ -145,6 +148,8 @@ BEGIN
             AS k(canonical_symbol, timeframe, ts_utc, eligible)
         JOIN agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = k.timeframe
         JOIN data_agg_state s ON s.canonical_symbol = k.canonical_symbol AND s.timeframe = t.timeframe
+        CROSS JOIN LATERAL _agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
+                                              k.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE (o.canonical_symbol, o.timeframe, o.ts_utc, o.open, o.high, o.low, o.close, o.vol, o.vwap,
                o.trade_count, o.is_partial)
               IS DISTINCT FROM
@@ -152,9 +157,7 @@ BEGIN
                n.trade_count, n.is_partial)
           AND k.eligible
           AND k.ts_utc < s.last_agg_bar_ts_utc
-          AND date_bin(t.bucket_interval, k.ts_utc, t.bucket_origin)
-              < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
-          AND date_bin(t.bucket_interval, k.ts_utc, t.bucket_origin) >= s.agg_start_utc;
+          AND w.ws >= s.agg_start_utc;
     END IF;
     IF v_syms IS NOT NULL THEN
         PERFORM _agg_record_invalidations(v_syms, v_tfs, v_ws, lower(TG_OP));
@@ -173,36 +176,36 @@ BEGIN
         PERFORM _agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows),
                                      ARRAY(SELECT DISTINCT timeframe FROM new_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
-               array_agg(date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin))
+               array_agg(w.ws)
         INTO v_syms, v_tfs, v_ws
         FROM new_rows n
         JOIN agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = n.timeframe
         JOIN data_agg_state s ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
+        CROSS JOIN LATERAL _agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
+                                              n.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE n.deleted_at IS NULL AND NOT n.is_partial
           AND n.ts_utc < s.last_agg_bar_ts_utc
-          AND date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin)
-              < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
-          AND date_bin(t.bucket_interval, n.ts_utc, t.bucket_origin) >= s.agg_start_utc;
+          AND w.ws >= s.agg_start_utc;
     ELSIF TG_OP = 'DELETE' THEN
         PERFORM _agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
                                      ARRAY(SELECT DISTINCT timeframe FROM old_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
-               array_agg(date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin))
+               array_agg(w.ws)
         INTO v_syms, v_tfs, v_ws
         FROM old_rows o
         JOIN agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = o.timeframe
         JOIN data_agg_state s ON s.canonical_symbol = o.canonical_symbol AND s.timeframe = t.timeframe
+        CROSS JOIN LATERAL _agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
+                                              o.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE o.deleted_at IS NULL AND NOT o.is_partial
           AND o.ts_utc < s.last_agg_bar_ts_utc
-          AND date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin)
-              < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
-          AND date_bin(t.bucket_interval, o.ts_utc, t.bucket_origin) >= s.agg_start_utc;
+          AND w.ws >= s.agg_start_utc;
     ELSE
         PERFORM _agg_lock_dependents('derived_data_bars',
             ARRAY(SELECT canonical_symbol FROM old_rows UNION SELECT canonical_symbol FROM new_rows),
             ARRAY(SELECT timeframe FROM old_rows UNION SELECT timeframe FROM new_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
-               array_agg(date_bin(t.bucket_interval, k.ts_utc, t.bucket_origin))
+               array_agg(w.ws)
         INTO v_syms, v_tfs, v_ws
         FROM old_rows o
         JOIN new_rows n ON n.id = o.id
@@ -213,6 +216,8 @@ BEGIN
             AS k(canonical_symbol, timeframe, ts_utc, eligible)
         JOIN agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = k.timeframe
         JOIN data_agg_state s ON s.canonical_symbol = k.canonical_symbol AND s.timeframe = t.timeframe
+        CROSS JOIN LATERAL _agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
+                                              k.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE (o.canonical_symbol, o.timeframe, o.ts_utc, o.open, o.high, o.low, o.close, o.vol, o.vwap,
                o.trade_count, o.is_partial, o.deleted_at IS NULL)
               IS DISTINCT FROM
@@ -220,9 +225,7 @@ BEGIN
                n.trade_count, n.is_partial, n.deleted_at IS NULL)
           AND k.eligible
           AND k.ts_utc < s.last_agg_bar_ts_utc
-          AND date_bin(t.bucket_interval, k.ts_utc, t.bucket_origin)
-              < date_bin(t.bucket_interval, s.last_agg_bar_ts_utc, t.bucket_origin)
-          AND date_bin(t.bucket_interval, k.ts_utc, t.bucket_origin) >= s.agg_start_utc;
+          AND w.ws >= s.agg_start_utc;
     END IF;
     IF v_syms IS NOT NULL THEN
         PERFORM _agg_record_invalidations(v_syms, v_tfs, v_ws, lower(TG_OP));
@@ -307,6 +310,11 @@ BEGIN
                                          'bars_reaggregated', 0, 'entries_dropped', 0, 'entries_waiting', 0)
         FROM unnest(p_symbols) WITH ORDINALITY AS u(sym, ord)
         ORDER BY u.ord;
+        RETURN;
+    END IF;
+    -- Symbols on a trading session, and 1mo, have session windows (15_sessions.sql).
+    IF _agg_needs_sessions(p_to_tf, p_symbols) THEN
+        RETURN QUERY SELECT * FROM _agg_reaggregate_split(p_to_tf, p_symbols, p_derivation_version, p_now_utc);
         RETURN;
     END IF;
     RETURN QUERY

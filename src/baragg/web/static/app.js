@@ -3,8 +3,8 @@
 "use strict";
 
 (function () {
-  const TF_ORDER = ["1m", "5m", "15m", "1h", "4h", "1d", "1w"];
-  const TF_SECONDS = { "1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14400, "1d": 86400, "1w": 604800 };
+  const TF_ORDER = ["1m", "5m", "15m", "1h", "4h", "1d", "1w", "1mo"];
+  const TF_SECONDS = { "1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14400, "1d": 86400, "1w": 604800, "1mo": 2678400 };
   const STATE_RANK = { hard_failed: 0, disabled: 2, running: 3, idle: 4 };
   const QUALITY_ALPHA = { 2: 1, 1: 0.72, 0: 0.36, "-1": 0.18 };
   const QUALITY_NAME = { 2: "excellent", 1: "good", 0: "poor", "-1": "very poor" };
@@ -199,7 +199,8 @@
       const badge = ["idle", "running", "hard_failed", "disabled"].includes(t.state) ? t.state : "other";
       const cursor = t.cursor_utc ? utc(t.cursor_utc, true) : '<span class="dim">not started</span>';
       return `<tr class="${cls}" data-symbol="${esc(t.symbol)}" data-timeframe="${esc(t.timeframe)}">` +
-        `<td class="sym">${esc(t.symbol)}</td>` +
+        `<td class="sym" title="session ${esc(t.session || "24x7")}">${esc(t.symbol)}` +
+        `${t.session && t.session !== "24x7" ? ` <span class="dim">${esc(t.session)}</span>` : ""}</td>` +
         `<td>${esc(t.timeframe)}${t.mandatory ? '<span class="mand" title="mandatory">M</span>' : ""}</td>` +
         `<td><span class="badge ${badge}" title="${esc(stateTitle(t))}">${esc(t.state.replace("_", " "))}</span></td>` +
         `<td title="${esc(t.cursor_utc || "")}">${cursor}</td>` +
