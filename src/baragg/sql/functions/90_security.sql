@@ -62,6 +62,9 @@ DECLARE
         ['data_agg_state',            'SELECT, INSERT, UPDATE'],
         ['agg_timeframes',            'SELECT'],
         ['agg_invalidations',         'SELECT, INSERT, UPDATE, DELETE'],
+        -- Trading sessions (migration 0009): the worker extends the materialised days as data arrives.
+        ['agg_sessions',              'SELECT, INSERT, UPDATE'],
+        ['agg_session_days',          'SELECT, INSERT, UPDATE'],
         ['baragg_schema_migrations',  'SELECT'],
         ['baragg_schema_repeatables', 'SELECT']];
     v_readable CONSTANT text[] := ARRAY['data_bars', 'derived_data_bars'];

@@ -92,6 +92,11 @@ END $$;
 CREATE INDEX IF NOT EXISTS core_asset_registry_all_session_idx
     ON core_asset_registry_all (canonical_symbol) WHERE session <> '24x7';
 
+-- An index on exactly the columns of each foreign key to agg_sessions (Supabase's linter, DESIGN.md 10b):
+-- both tables are small, so the cost is nil, and changing or dropping a session finds its rows at once.
+CREATE INDEX IF NOT EXISTS core_asset_registry_all_session_fk_idx ON core_asset_registry_all (session);
+CREATE INDEX IF NOT EXISTS agg_session_days_session_idx ON agg_session_days (session);
+
 -- Monthly bars are opt-in per asset, like the other optional timeframes.
 ALTER TABLE core_asset_registry_all ADD COLUMN IF NOT EXISTS calc_1mo boolean;
 ALTER TABLE core_asset_registry_all ALTER COLUMN calc_1mo SET DEFAULT false;
