@@ -405,7 +405,8 @@ def test_recursive_rule_3_and_final_logged_windows_equal_model(
     # the tasks below: no row, a NULL cursor, or a cursor somewhere; logged windows somewhere
     for lower in chain_below(tf_name):
         kind = data.draw(
-            st.sampled_from(["none", "null", "cursor", "cursor", "done", "done"]), label=f"{lower} task"
+            st.sampled_from(["none", "null", "cursor", "cursor", "done", "done", "done"]),
+            label=f"{lower} task",
         )
         if kind == "none":
             continue
@@ -420,9 +421,9 @@ def test_recursive_rule_3_and_final_logged_windows_equal_model(
         if logged and cursor is not None:
             world.pending[("AAA", lower)] = {start + k * step for k in logged}
     # the target: a cursor, logged windows before (and some after) it
-    cursor = start + data.draw(st.integers(0, 4), label="cursor") * tf.interval
+    cursor = start + data.draw(st.integers(1, 5), label="cursor") * tf.interval
     world.tasks[("AAA", tf_name)] = Task(cursor=cursor, delay_seconds=delay, agg_start=start)
-    logged = data.draw(st.lists(st.integers(-1, 5), max_size=4), label="logged")
+    logged = data.draw(st.lists(st.integers(-1, 5), min_size=1, max_size=4), label="logged")
     if logged:
         world.pending[("AAA", tf_name)] = {start + k * tf.interval for k in logged}
     # stored bars of the target in some of those windows (what a re-aggregation rewrites or withdraws)
@@ -445,7 +446,9 @@ def test_recursive_rule_3_and_final_logged_windows_equal_model(
             sorted(model_pending(world)),
         )
     minutes = (span + 2 * tf.interval) // timedelta(minutes=1)
-    now = start + data.draw(st.integers(0, minutes), label="now") * timedelta(minutes=1)
+    now = start + data.draw(st.one_of(st.just(minutes), st.integers(0, minutes)), label="now") * timedelta(
+        minutes=1
+    )
 
     (got,) = conn.execute(
         "SELECT catchup_aggregation_range(p_symbol => 'AAA', p_to_tf => %s, p_start_cursor_utc => %s,"
@@ -465,6 +468,8 @@ def test_recursive_rule_3_and_final_logged_windows_equal_model(
         event(f"{tf_name}: logged windows waiting")
     if late.windows:
         event(f"{tf_name}: logged windows re-aggregated")
+    if model.bars_created + model.bars_rewritten + model.bars_withdrawn:
+        event(f"{tf_name}: catch-up wrote")
     if model.windows_processed == 0 and model.cursor_advanced_to + tf.interval <= now - timedelta(
         seconds=delay
     ):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from baragg import verify, worker
@@ -124,6 +124,7 @@ def run_two_workers(db: Database, now: datetime, max_windows: int) -> None:
 CALLERS = ("worker", "worker_small", "budget", "two_workers", "seed", "seed_mid")
 STEPS = [timedelta(seconds=s) for s in (20, 60, 130, 300, 780, 3660, 4 * 3600, 86400)]
 LATENESS = [timedelta(seconds=s) for s in (5, 5, 5, 40, 150, 420, 3900, 26 * 3600)]
+AFTERWARDS = [timedelta(seconds=s) for s in (50, 600, 4200, 5 * 3600, 30 * 3600)]
 
 block = st.tuples(
     st.integers(-180, 4 * 1440),  # first minute, relative to T0 (before T0: history delivered late)
@@ -168,10 +169,10 @@ def test_no_bar_before_its_window_is_final_whatever_the_caller(
             arrives = ts + timedelta(minutes=1) + LATENESS[late] + timedelta(seconds=rnd.randrange(30))
             events.append((arrives, "row", ts, 0.0))
             roll = rnd.random()
-            if roll < 0.08:
-                events.append((arrives + rnd.choice(LATENESS), "row", ts, rnd.choice([-3.0, 0.5, 7.0])))
-            elif roll < 0.13:
-                events.append((arrives + rnd.choice(LATENESS), "withdraw", ts, 0.0))
+            if roll < 0.12:  # corrected later, usually after its bars were built
+                events.append((arrives + rnd.choice(AFTERWARDS), "row", ts, rnd.choice([-3.0, 0.5, 7.0])))
+            elif roll < 0.2:  # withdrawn later
+                events.append((arrives + rnd.choice(AFTERWARDS), "withdraw", ts, 0.0))
     events.sort(key=lambda e: e[0])
 
     add_symbol(conn, sparse=sparse)  # registered before any data
@@ -225,6 +226,16 @@ def test_no_bar_before_its_window_is_final_whatever_the_caller(
         assert idle == 2, "the seed's loop did not finish in 80 runs"
     assert pending(conn) == []
     check.assert_equals_from_scratch()
+    # what the examples reach (pytest --hypothesis-show-statistics)
+    event(
+        f"bars written or withdrawn along the way: {'0' if not check.written else '1-99' if check.written < 100 else '100+'}"
+    )
+    totals = conn.execute(
+        "SELECT sum(total_bars_rewritten), sum(total_bars_withdrawn), sum(total_bars_reaggregated) FROM data_agg_state"
+    ).fetchone()
+    for name, n in zip(("rewritten", "withdrawn", "built through the late-data path"), totals, strict=True):
+        if n:
+            event(f"bars {name}")
 
 
 def feed(conn: psycopg.Connection, events: list, done: int, now: datetime) -> int:
