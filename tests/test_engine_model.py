@@ -434,7 +434,9 @@ def test_recursive_rule_3_and_final_logged_windows_equal_model(
     world.derived[("AAA", tf_name)] = stored
     # the tasks built from the target, with cursors, so that its writes are logged for them
     for parent, ptf in LADDER.items():
-        if ptf.source == tf_name:
+        if (
+            ptf.source == tf_name and ptf.window_kind != "month"
+        ):  # (1mo: the session engine's, not this model's)
             world.tasks[("AAA", parent)] = Task(cursor=ptf.bucket_start(start + span))
     if sparse:
         world.sparse.add("AAA")
