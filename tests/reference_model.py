@@ -410,13 +410,9 @@ def from_scratch(
     if sparse:
         world.sparse.add(symbol)
     far = max((r.ts for r in raw), default=datetime(2025, 7, 1, tzinfo=UTC)) + timedelta(days=30)
-    # The date_bin levels (1mo is cut from a session's days: tests/session_model.py).
-    levels = [
-        n for n in sorted(LADDER, key=lambda n: LADDER[n].duration_rank) if LADDER[n].window_kind != "month"
-    ]
-    for tf_name in levels:
+    for tf_name in sorted(LADDER, key=lambda n: LADDER[n].duration_rank):
         world.tasks[(symbol, tf_name)] = Task(agg_start=agg_start.get(tf_name, DEFAULT_AGG_START))
-    for tf_name in levels:
+    for tf_name in sorted(LADDER, key=lambda n: LADDER[n].duration_rank):
         cursor = bootstrap(world, symbol, tf_name, far)
         world.tasks[(symbol, tf_name)].cursor = catch_up(
             world, symbol, tf_name, cursor, None, far
