@@ -247,11 +247,9 @@ def test_two_rounds_and_a_python_worker_do_nothing_twice(cluster: pg_cluster.Clu
     worker.run_once(shared, now=NOW, max_windows=60)
     assert bars(shared) == bars(reference)
     assert counters(shared) == counters(reference)
-    with shared.connect(autocommit=True) as conn:
-        owners = conn.execute(
-            "SELECT count(DISTINCT split_part(last_run_stats->>'worker', ':', 1)) FROM data_agg_state"
-        ).fetchone()[0]
-    assert owners >= 2  # the rounds (pg_cron:...) and the Python worker both did work
+    # Which of the three did which task is up to the scheduler (on a busy machine one of them can
+    # claim everything before the others start), so it is not asserted: the property is that the
+    # bars and counters equal one worker's alone, whoever did the work.
 
 
 # ---------------------------------------------------------------------------------------------
