@@ -21,7 +21,12 @@ import bisect
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from baragg.timeframes import LADDER, Timeframe, bucket_start, quality_score
+from baragg.timeframes import LADDER as FULL_LADDER
+from baragg.timeframes import Timeframe, bucket_start, quality_score
+
+# This model states the rules on the 24x7 session's date_bin grid: 5m ... 1w. Monthly windows exist
+# only as calendar months of a session's trading dates (tests/test_sessions.py models those).
+LADDER = {name: tf for name, tf in FULL_LADDER.items() if tf.window_kind != "month"}
 
 # A task without an explicit start (the column's default '-infinity', and a missing task row): no lower
 # bound, the task starts at its first source row.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from baragg.sessions import Window
 from baragg.timeframes import LADDER, quality_score
@@ -53,13 +53,12 @@ def catch_up(
     tf_name: str,
     cursor: datetime,
     wins: list[Window],
-    now: datetime | None = None,
+    now: datetime,
     derivation_version: int = 1,
     ignore_confirmation: bool = False,
 ) -> Result:
     """Catch one task up to where the rules stop it (no bound on the number of windows)."""
     tf = LADDER[tf_name]
-    now = now or datetime.now(UTC)
     task = world.task(symbol, tf_name)
     sparse = symbol in world.sparse
     rows = world.source_rows(symbol, tf.source)

@@ -434,7 +434,8 @@ def test_recursive_rule_3_and_final_logged_windows_equal_model(
                              quality_score=-1, source_timeframe=tf.source, derivation_version=1)  # fmt: skip
     world.derived[("AAA", tf_name)] = stored
     # the tasks built from the target, with cursors, so that its writes are logged for them
-    for parent, ptf in LADDER.items():
+    for parent in LADDER_ORDER:  # the date_bin ladder (1mo windows come from a session's trading days)
+        ptf = LADDER[parent]
         if ptf.source == tf_name:
             world.tasks[("AAA", parent)] = Task(cursor=ptf.bucket_start(start + span))
     if sparse:

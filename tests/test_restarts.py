@@ -24,7 +24,18 @@ from baragg import migrate
 from baragg.db import Database
 from conftest import create_database, url_for
 from pg_cluster import Cluster, unavailable_reason
-from scheduling_helpers import T0, add_assets, add_minutes, iso, popen_cli, run_cli, sql1, task
+from scheduling_helpers import (
+    T0,
+    add_assets,
+    add_minutes,
+    hours_ago,
+    iso,
+    popen_cli,
+    run_cli,
+    sql1,
+    task,
+    tasks_from,
+)
 from web_client import closed_port_database, get
 
 pytestmark = pytest.mark.slow
@@ -127,9 +138,11 @@ def bars(url: str) -> int:
 # ---------------------------------------------------------------------------------------------
 @needs_cluster
 def test_worker_started_before_the_database_waits_and_starts_within_seconds(cluster, cluster_db):
+    start = hours_ago(3)  # the daemon runs on the real clock: two hours that ended an hour ago
     with cluster_db.connect(autocommit=True) as conn:
         add_assets(conn, ["AAA"])
-        add_minutes(conn, ["AAA"], T0, T0 + timedelta(hours=2))
+        add_minutes(conn, ["AAA"], start, start + timedelta(hours=2))
+        tasks_from(conn, start)
     cluster.stop()
     proc = popen_cli("worker", "--interval", "1", url=cluster_db.url)
     lines = Lines(proc)
@@ -173,9 +186,11 @@ def test_startup_timeout_and_sigterm_while_waiting(cluster, cluster_db):
 
 @needs_cluster
 def test_worker_resumes_within_seconds_after_an_outage(cluster, cluster_db):
+    start = hours_ago(4)  # the daemon runs on the real clock: data that ended an hour ago at the latest
     with cluster_db.connect(autocommit=True) as conn:
         add_assets(conn, ["AAA"])
-        add_minutes(conn, ["AAA"], T0, T0 + timedelta(hours=2))
+        add_minutes(conn, ["AAA"], start, start + timedelta(hours=2))
+        tasks_from(conn, start)
     proc = popen_cli("worker", "--interval", "1", url=cluster_db.url)
     lines = Lines(proc)
     try:
@@ -187,7 +202,7 @@ def test_worker_resumes_within_seconds_after_an_outage(cluster, cluster_db):
         back = time.monotonic()
         # New data for the next hour, and the task due: the worker must pick it up as soon as it can.
         with cluster_db.connect(autocommit=True) as conn:
-            add_minutes(conn, ["AAA"], T0 + timedelta(hours=2), T0 + timedelta(hours=3))
+            add_minutes(conn, ["AAA"], start + timedelta(hours=2), start + timedelta(hours=3))
             conn.execute("UPDATE data_agg_state SET next_run_at = now() WHERE timeframe = '5m'")
         first = poll_until(lambda: bars(cluster_db.url) > 24, 30, "bars after the outage")
     finally:

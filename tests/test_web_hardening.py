@@ -22,6 +22,7 @@ import pytest
 from baragg.web import StatusServer
 from baragg.web.guard import host_name, is_loopback
 from obs_data import standard_fixture
+from stream_lines import LineReader
 from web_client import Response, closed_port_database, get, running_server
 
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -36,11 +37,10 @@ def cli_serve(db_url: str, *args: str, env: dict[str, str] | None = None) -> Ite
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert proc.stderr is not None
+    stderr = LineReader(proc, proc.stderr)
     try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        match = re.search(r"(http://[^/ ]+)/", line)
-        assert match, f"no URL in {line!r} (exit {proc.poll()})"
+        match = stderr.wait_for(r"(http://[^/ ]+)/", timeout=60)
         port = int(match.group(1).rsplit(":", 1)[1])
         yield f"http://127.0.0.1:{port}", proc.pid
     finally:
@@ -49,8 +49,9 @@ def cli_serve(db_url: str, *args: str, env: dict[str, str] | None = None) -> Ite
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(10)
             raise
-    assert proc.returncode == 0
+    assert proc.returncode == 0, stderr.rest(timeout=10)
 
 
 def run_serve(db_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -326,7 +327,7 @@ def test_beyond_the_connection_cap_requests_get_503_at_once(db):
                 s.close()
         deadline = time.monotonic() + 10
         while get(server.url + "/healthz").status != 200:
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, "/healthz not 200 again 10 s after the connections closed"
             time.sleep(0.1)
 
 
