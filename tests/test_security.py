@@ -7,6 +7,7 @@ to a role explicitly; Supabase's database linter finds nothing (tests/supabase_l
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -334,15 +335,74 @@ def test_baragg_reader_members_read_the_bars(supabase_db: Database) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# search_path
+# ---------------------------------------------------------------------------------------------
+def test_every_function_pins_an_empty_search_path(supabase_db: Database) -> None:
+    """SET search_path = '' on every function of baragg's (what the linter's lint 0011 and Supabase's
+    advice ask): no object a caller puts earlier in its search_path can stand in for one of baragg's."""
+    with supabase_db.connect(autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT p.oid::regprocedure::text, p.proconfig FROM pg_proc p"
+            " WHERE p.pronamespace = 'public'::regnamespace ORDER BY 1"
+        ).fetchall()
+    assert len(rows) > 40
+    assert [ident for ident, config in rows if config != ['search_path=""']] == []
+
+
+def test_function_files_name_baragg_objects_with_their_schema() -> None:
+    """With search_path = '' an unqualified name would not be found, and SQL function bodies are
+    checked at creation, but PL/pgSQL bodies only when a statement runs: so the source is checked here,
+    outside comments and string literals, for a name of baragg's not written as public.name."""
+    files = [f for f in migrate.functions_dir().iterdir() if f.name.endswith(".sql")]
+    texts = {f.name: f.read_text(encoding="utf-8") for f in files}
+    names = set(TABLE_NAMES)
+    for text in texts.values():
+        names |= set(re.findall(r"CREATE OR REPLACE FUNCTION\s+(?:public\.)?(\w+)", text))
+    bare = re.compile(r"(?<![\w.\"%])(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b(?!\s*\.)")
+    found = []
+    for name, text in texts.items():
+        for code in sql_code(text):
+            found += [f"{name}: {m.group(1)}" for m in bare.finditer(code)]
+        headers = re.findall(r"CREATE OR REPLACE FUNCTION[^$]*?AS \$\$", text, re.S)
+        found += [f"{name}: no SET search_path = '' in {h.split('(')[0]}" for h in headers
+                  if "SET search_path = ''" not in h]  # fmt: skip
+    assert found == []
+
+
+TABLE_NAMES = (
+    "core_asset_registry_all", "data_bars", "derived_data_bars", "data_agg_state", "agg_timeframes",
+    "agg_invalidations", "agg_sessions", "agg_session_days", "baragg_schema_migrations",
+    "baragg_schema_repeatables",
+)  # fmt: skip
+
+
+def sql_code(text: str) -> list[str]:
+    """The parts of a SQL file that are code: without -- comments and '...' string literals."""
+    parts, start, i = [], 0, 0
+    while i < len(text):
+        if text.startswith("--", i):
+            parts.append(text[start:i])
+            i = text.find("\n", i)
+            i = len(text) if i < 0 else i
+            start = i
+        elif text[i] == "'":
+            parts.append(text[start:i])
+            i += 1
+            while i < len(text) and not (text[i] == "'" and text[i + 1 : i + 2] != "'"):
+                i += 2 if text[i : i + 2] == "''" else 1
+            i += 1
+            start = i
+        else:
+            i += 1
+    parts.append(text[start:])
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------
 # Supabase's linter
 # ---------------------------------------------------------------------------------------------
-PINNED_LATER = {"0011_function_search_path_mutable"}
-
-
 @pytest.mark.parametrize("lint", sorted(supabase_like.LINTS))
 def test_supabase_linter_finds_nothing(supabase_db: Database, lint: str) -> None:
-    if lint in PINNED_LATER:
-        pytest.xfail("search_path is pinned in the next step of issue 13")
     baragg(supabase_db, "db", "grant-read", "authenticated")  # the usual setup for charts in an app
     with supabase_db.connect(autocommit=True) as conn:
         assert supabase_like.lint(conn, lint) == []

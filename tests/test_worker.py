@@ -250,7 +250,8 @@ def test_a_lost_lease_writes_nothing_and_costs_only_its_own_task(db: Database, c
         """
         CREATE FUNCTION test_steal() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            UPDATE data_agg_state SET lease_owner = 'thief' WHERE canonical_symbol = 'BBB' AND timeframe = '5m';
+            -- (qualified: a trigger fired by baragg's functions runs with their search_path, '')
+            UPDATE public.data_agg_state SET lease_owner = 'thief' WHERE canonical_symbol = 'BBB' AND timeframe = '5m';
             RETURN NULL;
         END $$;
         CREATE TRIGGER test_steal AFTER INSERT ON derived_data_bars FOR EACH STATEMENT

@@ -82,7 +82,9 @@ SELECT agg_release(%(symbol)s, %(timeframe)s, %(worker_id)s, %(now)s::timestampt
 -- How long until some task becomes due (idle/hard_failed: next_run_at; running: its lease end).
 -- Only tasks a claim can take (their timeframe is on the ladder).
 SELECT EXTRACT(epoch FROM min(CASE WHEN s.status = 'running'
-                                   THEN GREATEST(_agg_lease_end(s.lease_expires_at, s.running_started_at_utc),
+                                   THEN GREATEST(COALESCE(s.lease_expires_at,  -- lease end
+                                                          s.running_started_at_utc + interval '5 minutes',
+                                                          '-infinity'),
                                                  s.next_run_at)
                                    ELSE COALESCE(s.next_run_at, now()) END) - now())::float8
 FROM data_agg_state s
@@ -534,7 +536,7 @@ SELECT canonical_symbol FROM core_asset_registry_all WHERE canonical_symbol = AN
 -- The selected tasks after a backfill, to report those it could not run (failing, held, off).
 SELECT s.canonical_symbol, s.timeframe, s.enabled, s.status, s.hard_fail_streak, s.last_error, s.next_run_at,
        s.lease_owner,
-       NULLIF(_agg_lease_end(s.lease_expires_at, s.running_started_at_utc), '-infinity') AS lease_end
+       COALESCE(s.lease_expires_at, s.running_started_at_utc + interval '5 minutes') AS lease_end  -- lease end
 FROM data_agg_state s
 JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
 WHERE (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))

@@ -8,9 +8,9 @@
 -- Sparse assets store any window with at least one source bar (-1 below 0.55).
 -- Reproduces the seed's tables: 5m 5->2, 4->1, 3->0, <3 skip; 1h 12->2, 10-11->1, 8-9->0, 7->-1.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION agg_quality_score(p_source_candles integer, p_expected_candles integer,
+CREATE OR REPLACE FUNCTION public.agg_quality_score(p_source_candles integer, p_expected_candles integer,
                                              p_is_sparse boolean DEFAULT false)
-RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = '' AS $$
     SELECT CASE
         WHEN p_source_candles >= p_expected_candles THEN 2
         WHEN 5 * p_source_candles >= 4 * p_expected_candles THEN 1
@@ -21,25 +21,28 @@ RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- Source bars of one symbol and timeframe in [p_from, p_to): raw 1m bars from data_bars, everything
--- else from derived_data_bars. Rows still forming (is_partial) or soft-deleted are never used.
--- An inlinable SQL function: the planner sees both branches with their index conditions and
--- skips the branch whose one-time filter (p_source_table) is false, so only one table is read.
+-- Source bars: raw 1m bars from data_bars, everything else from derived_data_bars; rows still forming
+-- (is_partial) or soft-deleted are never used. Every function pins search_path (lint 0011), and
+-- PostgreSQL never inlines a function that does, so the statements on the hot path (the catch-up,
+-- _agg_window_bars, _agg_chain_bounds) read the source tables directly: a UNION ALL of one branch per
+-- table whose one-time filter (the ladder's source_table) is false for the other table, so only one
+-- table is read. The functions below are the same reads for the session code (15_sessions.sql), where
+-- a call per task or per trading day costs little.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION _agg_source_bars(p_source_table text, p_symbol text, p_source_tf text,
+CREATE OR REPLACE FUNCTION public._agg_source_bars(p_source_table text, p_symbol text, p_source_tf text,
                                             p_from timestamptz, p_to timestamptz)
 RETURNS TABLE (ts_utc timestamptz, open double precision, high double precision, low double precision,
                close double precision, vol double precision, vwap double precision, trade_count integer)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT b.ts_utc, b.open, b.high, b.low, b.close, b.vol, b.vwap, b.trade_count
-    FROM data_bars b
+    FROM public.data_bars b
     WHERE p_source_table = 'data_bars'
       AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
       AND b.ts_utc >= p_from AND b.ts_utc < p_to
       AND NOT b.is_partial
     UNION ALL
     SELECT b.ts_utc, b.open, b.high, b.low, b.close, b.vol, b.vwap, b.trade_count
-    FROM derived_data_bars b
+    FROM public.derived_data_bars b
     WHERE p_source_table = 'derived_data_bars'
       AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
       AND b.ts_utc >= p_from AND b.ts_utc < p_to
@@ -49,32 +52,32 @@ $$;
 -- The first, last and n-th (0-based) source bar time in [p_from, p_to). Each branch is a plain
 -- ordered index scan that stops at the row it wants (through the UNION ALL above, PostgreSQL would
 -- read every row and sort them).
-CREATE OR REPLACE FUNCTION _agg_source_ts(p_source_table text, p_symbol text, p_source_tf text,
+CREATE OR REPLACE FUNCTION public._agg_source_ts(p_source_table text, p_symbol text, p_source_tf text,
                                           p_from timestamptz, p_to timestamptz, p_last boolean DEFAULT false,
                                           p_offset integer DEFAULT 0)
-RETURNS timestamptz LANGUAGE plpgsql STABLE AS $$
+RETURNS timestamptz LANGUAGE plpgsql STABLE SET search_path = '' AS $$
 DECLARE
     v_ts timestamptz;
 BEGIN
     IF p_source_table = 'data_bars' THEN
         IF p_last THEN
-            SELECT b.ts_utc INTO v_ts FROM data_bars b
+            SELECT b.ts_utc INTO v_ts FROM public.data_bars b
             WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
               AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
             ORDER BY b.ts_utc DESC OFFSET p_offset LIMIT 1;
         ELSE
-            SELECT b.ts_utc INTO v_ts FROM data_bars b
+            SELECT b.ts_utc INTO v_ts FROM public.data_bars b
             WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
               AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
             ORDER BY b.ts_utc OFFSET p_offset LIMIT 1;
         END IF;
     ELSIF p_last THEN
-        SELECT b.ts_utc INTO v_ts FROM derived_data_bars b
+        SELECT b.ts_utc INTO v_ts FROM public.derived_data_bars b
         WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
           AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
         ORDER BY b.ts_utc DESC OFFSET p_offset LIMIT 1;
     ELSE
-        SELECT b.ts_utc INTO v_ts FROM derived_data_bars b
+        SELECT b.ts_utc INTO v_ts FROM public.derived_data_bars b
         WHERE b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
           AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
         ORDER BY b.ts_utc OFFSET p_offset LIMIT 1;
@@ -83,34 +86,32 @@ BEGIN
 END
 $$;
 
--- The same lookups as a set-returning SQL function that the planner inlines into the caller's
--- query (LATERAL): no PL/pgSQL call per row. Each branch is an ordered index scan that stops at its
--- row; the branches not chosen by p_source_table / p_last are one-time filters that never run.
--- Returns one row (the time) or none. The set-based catch-up uses this one: per task, a
--- PL/pgSQL call costs tens of microseconds, the inlined scan a few.
-CREATE OR REPLACE FUNCTION _agg_source_edge(p_source_table text, p_symbol text, p_source_tf text,
+-- The same lookups as a set-returning SQL function (for the session code; the catch-up writes them
+-- out). Each branch is an ordered index scan that stops at its row; the branches not chosen by
+-- p_source_table / p_last are one-time filters that never run. Returns one row (the time) or none.
+CREATE OR REPLACE FUNCTION public._agg_source_edge(p_source_table text, p_symbol text, p_source_tf text,
                                             p_from timestamptz, p_to timestamptz, p_last boolean DEFAULT false,
                                             p_offset integer DEFAULT 0)
-RETURNS TABLE (ts_utc timestamptz) LANGUAGE sql STABLE AS $$
-    (SELECT b.ts_utc FROM data_bars b
+RETURNS TABLE (ts_utc timestamptz) LANGUAGE sql STABLE SET search_path = '' AS $$
+    (SELECT b.ts_utc FROM public.data_bars b
      WHERE p_source_table = 'data_bars' AND NOT p_last
        AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
        AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
      ORDER BY b.ts_utc OFFSET p_offset LIMIT 1)
     UNION ALL
-    (SELECT b.ts_utc FROM data_bars b
+    (SELECT b.ts_utc FROM public.data_bars b
      WHERE p_source_table = 'data_bars' AND p_last
        AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
        AND b.ts_utc >= p_from AND b.ts_utc < p_to AND NOT b.is_partial
      ORDER BY b.ts_utc DESC OFFSET p_offset LIMIT 1)
     UNION ALL
-    (SELECT b.ts_utc FROM derived_data_bars b
+    (SELECT b.ts_utc FROM public.derived_data_bars b
      WHERE p_source_table = 'derived_data_bars' AND NOT p_last
        AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
        AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
      ORDER BY b.ts_utc OFFSET p_offset LIMIT 1)
     UNION ALL
-    (SELECT b.ts_utc FROM derived_data_bars b
+    (SELECT b.ts_utc FROM public.derived_data_bars b
      WHERE p_source_table = 'derived_data_bars' AND p_last
        AND b.canonical_symbol = p_symbol AND b.timeframe = p_source_tf
        AND b.ts_utc >= p_from AND b.ts_utc < p_to AND b.deleted_at IS NULL AND NOT b.is_partial
@@ -120,19 +121,21 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- The aggregation core, shared by the catch-up, the single-window functions and recomputation:
 -- one bar per non-empty bucket of p_to_tf in [p_from, p_to) for one symbol (DESIGN.md 3), with
--- its quality (NULL: not to be stored). Also inlinable, so callers' plans see through it.
+-- its quality (NULL: not to be stored). Called once per task per catch-up call (and per window by
+-- the recomputations), never per bar; its quality is agg_quality_score written out, since a function
+-- call per bar would cost more than the bar.
 -- open/close are first/last by time; vwap is volume-weighted over the rows that have both vwap
 -- and vol, NULL if there are none or their volume sums to 0.
 -- ---------------------------------------------------------------------------------------------
 -- p_is_sparse: the asset's flag when the caller has it already (the catch-up joins the registry once
 -- per task); NULL looks it up, once per bar.
-DROP FUNCTION IF EXISTS _agg_window_bars(text, text, timestamptz, timestamptz);
-CREATE OR REPLACE FUNCTION _agg_window_bars(p_to_tf text, p_symbol text, p_from timestamptz,
+DROP FUNCTION IF EXISTS public._agg_window_bars(text, text, timestamptz, timestamptz);
+CREATE OR REPLACE FUNCTION public._agg_window_bars(p_to_tf text, p_symbol text, p_from timestamptz,
                                             p_to timestamptz, p_is_sparse boolean DEFAULT NULL)
 RETURNS TABLE (ts_utc timestamptz, open double precision, high double precision, low double precision,
                close double precision, vol double precision, vwap double precision, trade_count integer,
                source_candles integer, expected_candles integer, quality_score integer)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT date_bin(tf.bucket_interval, s.ts_utc, tf.bucket_origin),
            (array_agg(s.open ORDER BY s.ts_utc))[1],
            max(s.high),
@@ -143,31 +146,50 @@ LANGUAGE sql STABLE AS $$
            sum(s.trade_count)::integer,
            count(*)::integer,
            tf.expected_source_bars,
-           agg_quality_score(count(*)::integer, tf.expected_source_bars,
-                             COALESCE(p_is_sparse,
-                                      (SELECT r.is_sparse FROM core_asset_registry_all r
-                                       WHERE r.canonical_symbol = p_symbol), false))
-    FROM agg_timeframes tf
-    CROSS JOIN LATERAL _agg_source_bars(tf.source_table, p_symbol, tf.source_timeframe, p_from, p_to) s
+           CASE  -- agg_quality_score(count(*), expected, is_sparse)
+               WHEN count(*) >= tf.expected_source_bars THEN 2
+               WHEN 5 * count(*) >= 4 * tf.expected_source_bars THEN 1
+               WHEN 5 * count(*) >= 3 * tf.expected_source_bars THEN 0
+               WHEN 20 * count(*) >= 11 * tf.expected_source_bars THEN -1
+               WHEN sp.is_sparse AND count(*) >= 1 THEN -1
+           END
+    FROM public.agg_timeframes tf
+    CROSS JOIN (SELECT COALESCE(p_is_sparse, (SELECT r.is_sparse FROM public.core_asset_registry_all r
+                                              WHERE r.canonical_symbol = p_symbol), false) AS is_sparse) sp
+    CROSS JOIN LATERAL (
+        SELECT b.ts_utc, b.open, b.high, b.low, b.close, b.vol, b.vwap, b.trade_count
+        FROM public.data_bars b
+        WHERE tf.source_table = 'data_bars'
+          AND b.canonical_symbol = p_symbol AND b.timeframe = tf.source_timeframe
+          AND b.ts_utc >= p_from AND b.ts_utc < p_to
+          AND NOT b.is_partial
+        UNION ALL
+        SELECT b.ts_utc, b.open, b.high, b.low, b.close, b.vol, b.vwap, b.trade_count
+        FROM public.derived_data_bars b
+        WHERE tf.source_table = 'derived_data_bars'
+          AND b.canonical_symbol = p_symbol AND b.timeframe = tf.source_timeframe
+          AND b.ts_utc >= p_from AND b.ts_utc < p_to
+          AND b.deleted_at IS NULL AND NOT b.is_partial
+    ) s
     WHERE tf.timeframe = p_to_tf
-    GROUP BY 1, tf.expected_source_bars
+    GROUP BY 1, tf.expected_source_bars, sp.is_sparse
 $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- _upsert_derived_bar: the seed's one-row upsert (seed C.1: name, parameters, result keys).
 -- The set-based functions below write many rows with the same ON CONFLICT clause.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION _upsert_derived_bar(
+CREATE OR REPLACE FUNCTION public._upsert_derived_bar(
     p_symbol text, p_tf text, p_ts timestamptz,
     p_open double precision, p_high double precision, p_low double precision, p_close double precision,
     p_vol double precision, p_vwap double precision, p_trade_count integer,
     p_source text, p_source_tf text, p_source_candles integer, p_expected_candles integer,
     p_quality_score integer, p_derivation_version integer, p_raw jsonb)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_inserted boolean;
 BEGIN
-    INSERT INTO derived_data_bars AS d (
+    INSERT INTO public.derived_data_bars AS d (
         canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
         is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
         quality_score, derivation_version, raw, deleted_at)
@@ -201,27 +223,27 @@ $$;
 -- agg_start the column's default, '-infinity': from the first source row), so the functions also
 -- work for ad-hoc calls from psql.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION _agg_task_settings(p_symbol text, p_to_tf text,
+CREATE OR REPLACE FUNCTION public._agg_task_settings(p_symbol text, p_to_tf text,
     OUT delay_seconds integer, OUT agg_start_utc timestamptz, OUT is_sparse boolean)
-LANGUAGE sql STABLE AS $$
-    SELECT COALESCE((SELECT s.aggregation_delay_seconds FROM data_agg_state s
+LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT COALESCE((SELECT s.aggregation_delay_seconds FROM public.data_agg_state s
                      WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf), 0),
-           COALESCE((SELECT s.agg_start_utc FROM data_agg_state s
+           COALESCE((SELECT s.agg_start_utc FROM public.data_agg_state s
                      WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf),
                     timestamptz '-infinity'),
-           COALESCE((SELECT r.is_sparse FROM core_asset_registry_all r
+           COALESCE((SELECT r.is_sparse FROM public.core_asset_registry_all r
                      WHERE r.canonical_symbol = p_symbol), false)
 $$;
 
-CREATE OR REPLACE FUNCTION _agg_ladder(p_to_tf text) RETURNS agg_timeframes
-LANGUAGE plpgsql STABLE AS $$
+CREATE OR REPLACE FUNCTION public._agg_ladder(p_to_tf text) RETURNS public.agg_timeframes
+LANGUAGE plpgsql STABLE SET search_path = '' AS $$
 DECLARE
-    v agg_timeframes;
+    v public.agg_timeframes;
 BEGIN
-    SELECT * INTO v FROM agg_timeframes WHERE timeframe = p_to_tf;
+    SELECT * INTO v FROM public.agg_timeframes WHERE timeframe = p_to_tf;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown timeframe %: expected one of %', p_to_tf,
-            (SELECT string_agg(timeframe, ', ' ORDER BY duration_rank) FROM agg_timeframes)
+            (SELECT string_agg(timeframe, ', ' ORDER BY duration_rank) FROM public.agg_timeframes)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN v;
@@ -237,21 +259,21 @@ $$;
 -- data" and the open window was built at once, then rewritten as each row arrived.) Reads only
 -- the source timeframe's table (the seed's UNION ALL of both tables is gone).
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION agg_bootstrap_cursor(p_symbol text, p_to_tf text,
+CREATE OR REPLACE FUNCTION public.agg_bootstrap_cursor(p_symbol text, p_to_tf text,
                                                 p_now_utc timestamptz DEFAULT now())
-RETURNS timestamptz LANGUAGE plpgsql STABLE AS $$
+RETURNS timestamptz LANGUAGE plpgsql STABLE SET search_path = '' AS $$
 DECLARE
-    v_tf agg_timeframes := _agg_ladder(p_to_tf);
-    v_agg_start timestamptz := (_agg_task_settings(p_symbol, p_to_tf)).agg_start_utc;
+    v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
+    v_agg_start timestamptz := (public._agg_task_settings(p_symbol, p_to_tf)).agg_start_utc;
     v_first timestamptz;
-    v_session text := COALESCE((SELECT r.session FROM core_asset_registry_all r WHERE r.canonical_symbol = p_symbol),
+    v_session text := COALESCE((SELECT r.session FROM public.core_asset_registry_all r WHERE r.canonical_symbol = p_symbol),
                                '24x7');
 BEGIN
     -- Symbols on a trading session, and 1mo, start at a window of their session (15_sessions.sql).
     IF v_session <> '24x7' OR v_tf.window_kind = 'month' THEN
-        RETURN _agg_session_bootstrap(p_symbol, p_to_tf, v_session, v_agg_start, COALESCE(p_now_utc, now()));
+        RETURN public._agg_session_bootstrap(p_symbol, p_to_tf, v_session, v_agg_start, COALESCE(p_now_utc, now()));
     END IF;
-    v_first := _agg_source_ts(v_tf.source_table, p_symbol, v_tf.source_timeframe, v_agg_start, 'infinity');
+    v_first := public._agg_source_ts(v_tf.source_table, p_symbol, v_tf.source_timeframe, v_agg_start, 'infinity');
     IF v_first IS NULL THEN
         RETURN date_bin(v_tf.bucket_interval, COALESCE(p_now_utc, now()), v_tf.bucket_origin);
     END IF;
@@ -264,17 +286,17 @@ $$;
 -- Result keys as the seed's: success, stored, source_count, quality_score, reason (when not stored).
 -- The window must be exactly one bucket of the timeframe.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION aggregate_window(p_symbol text, p_to_tf text, p_from_utc timestamptz,
+CREATE OR REPLACE FUNCTION public.aggregate_window(p_symbol text, p_to_tf text, p_from_utc timestamptz,
                                             p_to_utc timestamptz, p_derivation_version integer DEFAULT 1)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
-    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
     v_bar record;
-    v_session text := _agg_session_of(p_symbol, p_to_tf);
+    v_session text := public._agg_session_of(p_symbol, p_to_tf);
 BEGIN
     -- A symbol on a trading session, or 1mo: one of its session's windows (15_sessions.sql).
     IF v_session IS NOT NULL THEN
-        RETURN _agg_session_aggregate_window(p_symbol, p_to_tf, v_session, p_from_utc, p_to_utc,
+        RETURN public._agg_session_aggregate_window(p_symbol, p_to_tf, v_session, p_from_utc, p_to_utc,
                                              p_derivation_version);
     END IF;
     IF p_from_utc IS NULL OR p_to_utc IS NULL
@@ -283,7 +305,7 @@ BEGIN
         RAISE EXCEPTION 'window [%, %) is not one % bucket', p_from_utc, p_to_utc, p_to_tf
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT * INTO v_bar FROM _agg_window_bars(p_to_tf, p_symbol, p_from_utc, p_to_utc);
+    SELECT * INTO v_bar FROM public._agg_window_bars(p_to_tf, p_symbol, p_from_utc, p_to_utc);
     IF NOT FOUND THEN
         RETURN jsonb_build_object('success', true, 'stored', false, 'source_count', 0,
                                   'quality_score', NULL, 'reason', 'no_source_bars');
@@ -292,7 +314,7 @@ BEGIN
         RETURN jsonb_build_object('success', true, 'stored', false, 'source_count', v_bar.source_candles,
                                   'quality_score', NULL, 'reason', 'insufficient_source_bars');
     END IF;
-    PERFORM _upsert_derived_bar(p_symbol, p_to_tf, v_bar.ts_utc, v_bar.open, v_bar.high, v_bar.low,
+    PERFORM public._upsert_derived_bar(p_symbol, p_to_tf, v_bar.ts_utc, v_bar.open, v_bar.high, v_bar.low,
         v_bar.close, v_bar.vol, v_bar.vwap, v_bar.trade_count, 'agg', v_tf.source_timeframe,
         v_bar.source_candles, v_bar.expected_candles, v_bar.quality_score, p_derivation_version, '{}');
     RETURN jsonb_build_object('success', true, 'stored', true, 'source_count', v_bar.source_candles,
@@ -300,16 +322,16 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION aggregate_1m_to_5m_window(p_symbol text, p_from_utc timestamptz,
+CREATE OR REPLACE FUNCTION public.aggregate_1m_to_5m_window(p_symbol text, p_from_utc timestamptz,
                                                      p_to_utc timestamptz, p_derivation_version integer DEFAULT 1)
-RETURNS jsonb LANGUAGE sql AS $$
-    SELECT aggregate_window(p_symbol, '5m', p_from_utc, p_to_utc, p_derivation_version)
+RETURNS jsonb LANGUAGE sql SET search_path = '' AS $$
+    SELECT public.aggregate_window(p_symbol, '5m', p_from_utc, p_to_utc, p_derivation_version)
 $$;
 
-CREATE OR REPLACE FUNCTION aggregate_5m_to_1h_window(p_symbol text, p_from_utc timestamptz,
+CREATE OR REPLACE FUNCTION public.aggregate_5m_to_1h_window(p_symbol text, p_from_utc timestamptz,
                                                      p_to_utc timestamptz, p_derivation_version integer DEFAULT 1)
-RETURNS jsonb LANGUAGE sql AS $$
-    SELECT aggregate_window(p_symbol, '1h', p_from_utc, p_to_utc, p_derivation_version)
+RETURNS jsonb LANGUAGE sql SET search_path = '' AS $$
+    SELECT public.aggregate_window(p_symbol, '1h', p_from_utc, p_to_utc, p_derivation_version)
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -329,9 +351,9 @@ $$;
 -- The ladder is at most four levels deep below 1w (1d, 1h, 5m), so this is at most two index
 -- probes per level and task (the first source row, the first logged window). Called once per
 -- statement by the catch-up and the re-aggregation, so it needs no inlining.
-CREATE OR REPLACE FUNCTION _agg_chain_bounds(p_to_tf text, p_symbols text[])
+CREATE OR REPLACE FUNCTION public._agg_chain_bounds(p_to_tf text, p_symbols text[])
 RETURNS TABLE (canonical_symbol text, bound timestamptz)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = '' AS $$
 #variable_conflict use_column
 DECLARE
     v_tfs text[];
@@ -341,12 +363,12 @@ BEGIN
     -- The chain below p_to_tf: every timeframe on the ladder that p_to_tf is built from.
     WITH RECURSIVE chain AS (
         SELECT t.timeframe, t.source_table, t.source_timeframe, 1 AS depth
-        FROM agg_timeframes t
-        WHERE t.timeframe = (SELECT x.source_timeframe FROM agg_timeframes x WHERE x.timeframe = p_to_tf)
+        FROM public.agg_timeframes t
+        WHERE t.timeframe = (SELECT x.source_timeframe FROM public.agg_timeframes x WHERE x.timeframe = p_to_tf)
         UNION ALL
         SELECT t.timeframe, t.source_table, t.source_timeframe, c.depth + 1
         FROM chain c
-        JOIN agg_timeframes t ON t.timeframe = c.source_timeframe
+        JOIN public.agg_timeframes t ON t.timeframe = c.source_timeframe
         WHERE c.depth < 16
     )
     SELECT array_agg(c.timeframe ORDER BY c.depth), array_agg(c.source_table ORDER BY c.depth),
@@ -365,12 +387,21 @@ BEGIN
         SELECT LEAST(COALESCE(e.ts_utc, timestamptz 'infinity'),
                      COALESCE(lg.ws, timestamptz 'infinity')) AS r
         FROM unnest(v_tfs, v_tables, v_sources) AS c(tf, stab, stf)
-        JOIN data_agg_state s ON s.canonical_symbol = u.sym AND s.timeframe = c.tf
-        LEFT JOIN LATERAL _agg_source_edge(c.stab, u.sym, c.stf,
-                                           COALESCE(s.last_agg_bar_ts_utc, timestamptz '-infinity'),
-                                           timestamptz 'infinity') e ON true
+        JOIN public.data_agg_state s ON s.canonical_symbol = u.sym AND s.timeframe = c.tf
+        LEFT JOIN LATERAL (  -- the first row of the level's source at or after its cursor
+            (SELECT b.ts_utc FROM public.data_bars b
+             WHERE c.stab = 'data_bars' AND b.canonical_symbol = u.sym AND b.timeframe = c.stf
+               AND b.ts_utc >= COALESCE(s.last_agg_bar_ts_utc, timestamptz '-infinity') AND NOT b.is_partial
+             ORDER BY b.ts_utc LIMIT 1)
+            UNION ALL
+            (SELECT b.ts_utc FROM public.derived_data_bars b
+             WHERE c.stab = 'derived_data_bars' AND b.canonical_symbol = u.sym AND b.timeframe = c.stf
+               AND b.ts_utc >= COALESCE(s.last_agg_bar_ts_utc, timestamptz '-infinity')
+               AND b.deleted_at IS NULL AND NOT b.is_partial
+             ORDER BY b.ts_utc LIMIT 1)
+        ) e ON true
         LEFT JOIN LATERAL (
-            SELECT min(i.window_start) AS ws FROM agg_invalidations i
+            SELECT min(i.window_start) AS ws FROM public.agg_invalidations i
             WHERE i.canonical_symbol = u.sym AND i.timeframe = c.tf
         ) lg ON true
     ) lv ON true
@@ -408,16 +439,16 @@ $$;
 -- updated_at); bars_withdrawn = active bars soft-deleted because their window, passed over by this
 -- call, now has no storable bar (only where a cursor was moved back over stored bars, e.g.
 -- `backfill --from`). bars_quality_poor counts created and rewritten bars with quality <= 0.
-CREATE OR REPLACE FUNCTION agg_catchup_tasks(p_to_tf text, p_symbols text[], p_cursors timestamptz[],
+CREATE OR REPLACE FUNCTION public.agg_catchup_tasks(p_to_tf text, p_symbols text[], p_cursors timestamptz[],
                                              p_max_windows integer DEFAULT 100,
                                              p_now_utc timestamptz DEFAULT NULL,
                                              p_derivation_version integer DEFAULT 1,
                                              p_ignore_confirmation boolean DEFAULT false)
 RETURNS TABLE (canonical_symbol text, result jsonb)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = '' AS $$
 #variable_conflict use_column
 DECLARE
-    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
     v_iv interval := v_tf.bucket_interval;
     v_origin timestamptz := v_tf.bucket_origin;
     v_now timestamptz := COALESCE(p_now_utc, now());
@@ -436,8 +467,8 @@ BEGIN
         RAISE EXCEPTION 'p_symbols must be distinct and not NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- Symbols on a trading session, and 1mo, are cut by their session's days (15_sessions.sql).
-    IF cardinality(p_symbols) > 0 AND _agg_needs_sessions(p_to_tf, p_symbols) THEN
-        RETURN QUERY SELECT * FROM _agg_catchup_split(p_to_tf, p_symbols, p_cursors, p_max_windows, p_now_utc,
+    IF cardinality(p_symbols) > 0 AND public._agg_needs_sessions(p_to_tf, p_symbols) THEN
+        RETURN QUERY SELECT * FROM public._agg_catchup_split(p_to_tf, p_symbols, p_cursors, p_max_windows, p_now_utc,
                                                       p_derivation_version, p_ignore_confirmation);
         RETURN;
     END IF;
@@ -451,13 +482,13 @@ BEGIN
                COALESCE(st.agg_start_utc, timestamptz '-infinity') AS agg_start_utc,
                COALESCE(r.is_sparse, false) AS is_sparse
         FROM unnest(p_symbols, p_cursors) WITH ORDINALITY AS u(sym, cur, ord)
-        LEFT JOIN data_agg_state st ON st.canonical_symbol = u.sym AND st.timeframe = p_to_tf
-        LEFT JOIN core_asset_registry_all r ON r.canonical_symbol = u.sym
+        LEFT JOIN public.data_agg_state st ON st.canonical_symbol = u.sym AND st.timeframe = p_to_tf
+        LEFT JOIN public.core_asset_registry_all r ON r.canonical_symbol = u.sym
     ),
     started AS (
         SELECT i.sym, i.ord, i.delay_seconds, i.agg_start_utc, i.is_sparse,
                GREATEST(
-                   date_bin(v_iv, COALESCE(i.cur, agg_bootstrap_cursor(i.sym, p_to_tf, v_now)), v_origin),
+                   date_bin(v_iv, COALESCE(i.cur, public.agg_bootstrap_cursor(i.sym, p_to_tf, v_now)), v_origin),
                    CASE WHEN date_bin(v_iv, i.agg_start_utc, v_origin) = i.agg_start_utc
                         THEN i.agg_start_utc
                         ELSE date_bin(v_iv, i.agg_start_utc, v_origin) + v_iv END) AS s0
@@ -466,7 +497,7 @@ BEGIN
     chain AS (
         -- Rule 3, recursive down the chain (DESIGN.md 4): one bound per task. Not called for 5m.
         SELECT b.canonical_symbol AS sym, b.bound
-        FROM _agg_chain_bounds(p_to_tf, p_symbols) b
+        FROM public._agg_chain_bounds(p_to_tf, p_symbols) b
         WHERE v_derived
     ),
     limited AS (
@@ -484,7 +515,7 @@ BEGIN
                -- Stored bars at or after s0 (a cursor moved back over them: backfill --from): only
                -- then can a window passed over need a withdrawal. One index probe, taken before this
                -- task's bars are written, so a fresh catch-up never scans the rows it inserts.
-               EXISTS (SELECT 1 FROM derived_data_bars d
+               EXISTS (SELECT 1 FROM public.derived_data_bars d
                        WHERE d.canonical_symbol = l.sym AND d.timeframe = p_to_tf AND d.ts_utc >= l.s0
                          AND d.deleted_at IS NULL) AS recheck
         FROM limited l
@@ -497,10 +528,31 @@ BEGIN
                CASE WHEN p_max_windows IS NULL THEN p.nxt
                     ELSE COALESCE(date_bin(v_iv, se.ts_utc, v_origin) + v_iv, p.nxt) END AS scan_end
         FROM planned p
-        LEFT JOIN LATERAL _agg_source_edge(v_tf.source_table, p.sym, v_tf.source_timeframe, p.s0,
-                                           timestamptz 'infinity', true) le ON true
-        LEFT JOIN LATERAL _agg_source_edge(v_tf.source_table, p.sym, v_tf.source_timeframe, p.s0, p.nxt,
-                                           false, v_scan_rows - 1) se ON p_max_windows IS NOT NULL
+        LEFT JOIN LATERAL (  -- the last source row at or after s0
+            (SELECT b.ts_utc FROM public.data_bars b
+             WHERE v_tf.source_table = 'data_bars' AND b.canonical_symbol = p.sym
+               AND b.timeframe = v_tf.source_timeframe AND b.ts_utc >= p.s0 AND NOT b.is_partial
+             ORDER BY b.ts_utc DESC LIMIT 1)
+            UNION ALL
+            (SELECT b.ts_utc FROM public.derived_data_bars b
+             WHERE v_tf.source_table = 'derived_data_bars' AND b.canonical_symbol = p.sym
+               AND b.timeframe = v_tf.source_timeframe AND b.ts_utc >= p.s0
+               AND b.deleted_at IS NULL AND NOT b.is_partial
+             ORDER BY b.ts_utc DESC LIMIT 1)
+        ) le ON true
+        LEFT JOIN LATERAL (  -- the (v_scan_rows)-th source row in [s0, nxt)
+            (SELECT b.ts_utc FROM public.data_bars b
+             WHERE v_tf.source_table = 'data_bars' AND b.canonical_symbol = p.sym
+               AND b.timeframe = v_tf.source_timeframe AND b.ts_utc >= p.s0 AND b.ts_utc < p.nxt
+               AND NOT b.is_partial
+             ORDER BY b.ts_utc OFFSET v_scan_rows - 1 LIMIT 1)
+            UNION ALL
+            (SELECT b.ts_utc FROM public.derived_data_bars b
+             WHERE v_tf.source_table = 'derived_data_bars' AND b.canonical_symbol = p.sym
+               AND b.timeframe = v_tf.source_timeframe AND b.ts_utc >= p.s0 AND b.ts_utc < p.nxt
+               AND b.deleted_at IS NULL AND NOT b.is_partial
+             ORDER BY b.ts_utc OFFSET v_scan_rows - 1 LIMIT 1)
+        ) se ON p_max_windows IS NOT NULL
     ),
     windows AS (
         -- Numbered per task inside the LATERAL: the windows come out of the per-symbol GroupAggregate
@@ -510,7 +562,7 @@ BEGIN
         FROM bounded b
         CROSS JOIN LATERAL (
             SELECT x.*, row_number() OVER (ORDER BY x.ts_utc) AS rn
-            FROM _agg_window_bars(p_to_tf, b.sym, b.s0, b.scan_end, b.is_sparse) x
+            FROM public._agg_window_bars(p_to_tf, b.sym, b.s0, b.scan_end, b.is_sparse) x
         ) w
         WHERE b.scan_end > b.s0
     ),
@@ -520,7 +572,7 @@ BEGIN
     written AS (
         -- A recomputed window equal to its stored bar writes nothing (no new row version, updated_at
         -- kept): it is counted as unchanged, and fires no invalidation of the levels above.
-        INSERT INTO derived_data_bars AS d (
+        INSERT INTO public.derived_data_bars AS d (
             canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
             is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
             quality_score, derivation_version, raw, deleted_at)
@@ -578,7 +630,7 @@ BEGIN
         -- gap now, or too few source rows): soft-deleted, as the re-aggregation does. Only a cursor
         -- moved back over stored bars finds any (recheck). (This statement's snapshot does not see
         -- the rows `written` inserts.)
-        UPDATE derived_data_bars d
+        UPDATE public.derived_data_bars d
         SET deleted_at = now(), updated_at = now()
         FROM outcome o
         WHERE o.recheck AND d.canonical_symbol = o.sym AND d.timeframe = p_to_tf
@@ -626,13 +678,13 @@ $$;
 --     a cursor that agg_finish stores later. agg_finish stores the same cursor again. An idle task
 --     (an ad-hoc call from psql) is not touched: the caller stores cursor_advanced_to.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION catchup_aggregation_range(p_symbol text, p_to_tf text,
+CREATE OR REPLACE FUNCTION public.catchup_aggregation_range(p_symbol text, p_to_tf text,
                                                      p_start_cursor_utc timestamptz,
                                                      p_max_windows integer DEFAULT 100,
                                                      p_now_utc timestamptz DEFAULT NULL,
                                                      p_derivation_version integer DEFAULT 1,
                                                      p_ignore_confirmation boolean DEFAULT false)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_result jsonb;
     v_late jsonb;
@@ -645,17 +697,17 @@ BEGIN
             p_symbol, p_to_tf USING ERRCODE = 'null_value_not_allowed';
     END IF;
     SELECT s.status = 'running', s.last_agg_bar_ts_utc INTO v_running, v_stored
-    FROM data_agg_state s
+    FROM public.data_agg_state s
     WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
     FOR NO KEY UPDATE;
     SELECT t.result INTO v_late
-    FROM agg_reaggregate_tasks(p_to_tf, ARRAY[p_symbol], p_derivation_version, p_now_utc) t;
+    FROM public.agg_reaggregate_tasks(p_to_tf, ARRAY[p_symbol], p_derivation_version, p_now_utc) t;
     SELECT t.result INTO v_result
-    FROM agg_catchup_tasks(p_to_tf, ARRAY[p_symbol], ARRAY[p_start_cursor_utc], p_max_windows, p_now_utc,
+    FROM public.agg_catchup_tasks(p_to_tf, ARRAY[p_symbol], ARRAY[p_start_cursor_utc], p_max_windows, p_now_utc,
                            p_derivation_version, p_ignore_confirmation) t;
     v_cursor := (v_result->>'cursor_advanced_to')::timestamptz;
     IF v_running AND v_cursor > COALESCE(v_stored, timestamptz '-infinity') THEN
-        UPDATE data_agg_state s
+        UPDATE public.data_agg_state s
         SET last_agg_bar_ts_utc = v_cursor,
             last_run_stats = COALESCE(s.last_run_stats, '{}'::jsonb) || jsonb_build_object('cursor_moved', true),
             updated_at = now()
@@ -676,17 +728,17 @@ $$;
 -- bars_rewritten (changed), bars_unchanged, bars_deleted (soft-deleted), bars_quality_poor (of the
 -- written ones).
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION agg_recompute_windows(p_symbol text, p_to_tf text, p_window_starts timestamptz[],
+CREATE OR REPLACE FUNCTION public.agg_recompute_windows(p_symbol text, p_to_tf text, p_window_starts timestamptz[],
                                                  p_derivation_version integer DEFAULT 1)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
-    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
     v_result jsonb;
-    v_session text := _agg_session_of(p_symbol, p_to_tf);
+    v_session text := public._agg_session_of(p_symbol, p_to_tf);
 BEGIN
     -- A symbol on a trading session, or 1mo: its session's windows (15_sessions.sql).
     IF v_session IS NOT NULL THEN
-        RETURN _agg_session_recompute_windows(p_symbol, p_to_tf, v_session, p_window_starts, p_derivation_version);
+        RETURN public._agg_session_recompute_windows(p_symbol, p_to_tf, v_session, p_window_starts, p_derivation_version);
     END IF;
     WITH wanted AS (
         SELECT DISTINCT date_bin(v_tf.bucket_interval, w.ws, v_tf.bucket_origin) AS ws
@@ -696,11 +748,11 @@ BEGIN
     fresh AS (
         SELECT b.*
         FROM wanted x
-        CROSS JOIN LATERAL _agg_window_bars(p_to_tf, p_symbol, x.ws, x.ws + v_tf.bucket_interval) b
+        CROSS JOIN LATERAL public._agg_window_bars(p_to_tf, p_symbol, x.ws, x.ws + v_tf.bucket_interval) b
         WHERE b.quality_score IS NOT NULL
     ),
     written AS (
-        INSERT INTO derived_data_bars AS d (
+        INSERT INTO public.derived_data_bars AS d (
             canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
             is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
             quality_score, derivation_version, raw, deleted_at)
@@ -726,7 +778,7 @@ BEGIN
         RETURNING d.quality_score, (d.xmax = 0) AS inserted
     ),
     removed AS (
-        UPDATE derived_data_bars d
+        UPDATE public.derived_data_bars d
         SET deleted_at = now(), updated_at = now()
         FROM wanted x
         WHERE d.canonical_symbol = p_symbol AND d.timeframe = p_to_tf AND d.ts_utc = x.ws

@@ -22,9 +22,9 @@
 -- No row when it is not known yet (past the materialised days, or a week/month not wholly inside them).
 -- Days last at most 48 hours (a CHECK of agg_session_days), so the day around p_ts opens after
 -- p_ts - 48 hours: one ordered index probe.
-CREATE OR REPLACE FUNCTION _agg_session_next_window(p_session text, p_tf text, p_ts timestamptz)
+CREATE OR REPLACE FUNCTION public._agg_session_next_window(p_session text, p_tf text, p_ts timestamptz)
 RETURNS TABLE (ws timestamptz, we timestamptz, expected integer)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT w.ws, w.we,
            CASE tf.window_kind
                WHEN 'week' THEN d.week_days::integer
@@ -32,10 +32,10 @@ LANGUAGE sql STABLE AS $$
                ELSE ceil(extract(epoch FROM w.we - w.ws)
                          / extract(epoch FROM COALESCE(src.bucket_interval, interval '1 minute')))::integer
            END
-    FROM agg_timeframes tf
-    LEFT JOIN agg_timeframes src ON src.timeframe = tf.source_timeframe
+    FROM public.agg_timeframes tf
+    LEFT JOIN public.agg_timeframes src ON src.timeframe = tf.source_timeframe
     CROSS JOIN LATERAL (
-        SELECT x.* FROM agg_session_days x
+        SELECT x.* FROM public.agg_session_days x
         WHERE x.session = p_session AND x.open_utc > p_ts - interval '48 hours' AND x.close_utc > p_ts
           AND CASE tf.window_kind WHEN 'week' THEN x.week_open IS NOT NULL
                                   WHEN 'month' THEN x.month_open IS NOT NULL ELSE true END
@@ -59,35 +59,35 @@ $$;
 -- The window after the one containing p_ts (or the next window when p_ts lies between windows): the
 -- first window that starts after p_ts. Used for "the window after the last source row" (the frontier)
 -- and for where a bounded scan may stop.
-CREATE OR REPLACE FUNCTION _agg_session_window_after(p_session text, p_tf text, p_ts timestamptz)
-RETURNS timestamptz LANGUAGE sql STABLE AS $$
+CREATE OR REPLACE FUNCTION public._agg_session_window_after(p_session text, p_tf text, p_ts timestamptz)
+RETURNS timestamptz LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT CASE WHEN a.ws > p_ts THEN a.ws
-                ELSE (SELECT b.ws FROM _agg_session_next_window(p_session, p_tf, a.we) b) END
-    FROM _agg_session_next_window(p_session, p_tf, p_ts) a
+                ELSE (SELECT b.ws FROM public._agg_session_next_window(p_session, p_tf, a.we) b) END
+    FROM public._agg_session_next_window(p_session, p_tf, p_ts) a
 $$;
 
 -- Where the known windows end: the end of the last window the materialised days make (NULL: no days).
-CREATE OR REPLACE FUNCTION _agg_session_known_end(p_session text, p_tf text)
-RETURNS timestamptz LANGUAGE sql STABLE AS $$
+CREATE OR REPLACE FUNCTION public._agg_session_known_end(p_session text, p_tf text)
+RETURNS timestamptz LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT CASE tf.window_kind
-               WHEN 'week' THEN (SELECT x.week_close FROM agg_session_days x
+               WHEN 'week' THEN (SELECT x.week_close FROM public.agg_session_days x
                                  WHERE x.session = p_session AND x.week_open IS NOT NULL
                                  ORDER BY x.open_utc DESC LIMIT 1)
-               WHEN 'month' THEN (SELECT x.month_close FROM agg_session_days x
+               WHEN 'month' THEN (SELECT x.month_close FROM public.agg_session_days x
                                   WHERE x.session = p_session AND x.month_open IS NOT NULL
                                   ORDER BY x.open_utc DESC LIMIT 1)
-               ELSE (SELECT x.close_utc FROM agg_session_days x
+               ELSE (SELECT x.close_utc FROM public.agg_session_days x
                      WHERE x.session = p_session ORDER BY x.open_utc DESC LIMIT 1)
            END
-    FROM agg_timeframes tf
+    FROM public.agg_timeframes tf
     WHERE tf.timeframe = p_tf
 $$;
 
 -- How many windows start in [p_from, p_to), without making them (a day's interval windows are
 -- counted arithmetically).
-CREATE OR REPLACE FUNCTION _agg_session_window_count(p_session text, p_tf text, p_from timestamptz,
+CREATE OR REPLACE FUNCTION public._agg_session_window_count(p_session text, p_tf text, p_from timestamptz,
                                                      p_to timestamptz)
-RETURNS bigint LANGUAGE sql STABLE AS $$
+RETURNS bigint LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT COALESCE(sum(
                CASE tf.window_kind
                    WHEN 'interval' THEN GREATEST(0,
@@ -98,8 +98,8 @@ RETURNS bigint LANGUAGE sql STABLE AS $$
                    WHEN 'week' THEN CASE WHEN d.open_utc = d.week_open AND d.open_utc >= p_from THEN 1 ELSE 0 END
                    ELSE CASE WHEN d.open_utc = d.month_open AND d.open_utc >= p_from THEN 1 ELSE 0 END
                END), 0)::bigint
-    FROM agg_timeframes tf
-    JOIN agg_session_days d ON d.session = p_session AND d.open_utc > p_from - interval '48 hours'
+    FROM public.agg_timeframes tf
+    JOIN public.agg_session_days d ON d.session = p_session AND d.open_utc > p_from - interval '48 hours'
                            AND d.open_utc < p_to AND d.close_utc > p_from
     WHERE tf.timeframe = p_tf AND p_to > p_from
 $$;
@@ -110,13 +110,13 @@ $$;
 -- Rows are read per trading day (one index range per day) and cut into the day's windows, so a row
 -- outside every session is never read. Columns as _agg_window_bars, plus the window's end.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION _agg_session_window_bars(p_to_tf text, p_symbol text, p_session text,
+CREATE OR REPLACE FUNCTION public._agg_session_window_bars(p_to_tf text, p_symbol text, p_session text,
                                                     p_from timestamptz, p_to timestamptz,
                                                     p_is_sparse boolean DEFAULT NULL)
 RETURNS TABLE (ts_utc timestamptz, open double precision, high double precision, low double precision,
                close double precision, vol double precision, vwap double precision, trade_count integer,
                source_candles integer, expected_candles integer, quality_score integer, window_end timestamptz)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT w.ws,
            (array_agg(s.open ORDER BY s.ts_utc))[1],
            max(s.high),
@@ -127,16 +127,21 @@ LANGUAGE sql STABLE AS $$
            sum(s.trade_count)::integer,
            count(*)::integer,
            w.expected,
-           agg_quality_score(count(*)::integer, w.expected,
-                             COALESCE(p_is_sparse,
-                                      (SELECT r.is_sparse FROM core_asset_registry_all r
-                                       WHERE r.canonical_symbol = p_symbol), false)),
+           CASE  -- agg_quality_score(count(*), expected, is_sparse), written out: no function call per bar
+               WHEN count(*) >= w.expected THEN 2
+               WHEN 5 * count(*) >= 4 * w.expected THEN 1
+               WHEN 5 * count(*) >= 3 * w.expected THEN 0
+               WHEN 20 * count(*) >= 11 * w.expected THEN -1
+               WHEN sp.is_sparse AND count(*) >= 1 THEN -1
+           END,
            w.we
-    FROM agg_timeframes tf
-    LEFT JOIN agg_timeframes src ON src.timeframe = tf.source_timeframe
-    JOIN agg_session_days d ON d.session = p_session AND d.open_utc > p_from - interval '48 hours'
+    FROM public.agg_timeframes tf
+    CROSS JOIN (SELECT COALESCE(p_is_sparse, (SELECT r.is_sparse FROM public.core_asset_registry_all r
+                                              WHERE r.canonical_symbol = p_symbol), false) AS is_sparse) sp
+    LEFT JOIN public.agg_timeframes src ON src.timeframe = tf.source_timeframe
+    JOIN public.agg_session_days d ON d.session = p_session AND d.open_utc > p_from - interval '48 hours'
                            AND d.open_utc < p_to AND d.close_utc > p_from
-    CROSS JOIN LATERAL _agg_source_bars(tf.source_table, p_symbol, tf.source_timeframe,
+    CROSS JOIN LATERAL public._agg_source_bars(tf.source_table, p_symbol, tf.source_timeframe,
                                         GREATEST(d.open_utc, p_from), LEAST(d.close_utc, p_to)) s
     CROSS JOIN LATERAL (
         SELECT date_bin(tf.bucket_interval, s.ts_utc, d.open_utc) AS start
@@ -157,7 +162,7 @@ LANGUAGE sql STABLE AS $$
                END AS expected
     ) w
     WHERE tf.timeframe = p_to_tf AND w.ws IS NOT NULL
-    GROUP BY w.ws, w.we, w.expected
+    GROUP BY w.ws, w.we, w.expected, sp.is_sparse
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -165,15 +170,15 @@ $$;
 -- at or after it), or the next window when that instant lies between sessions; with no source data,
 -- the window containing now (or the next one). NULL when the days do not reach that far yet.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION _agg_session_bootstrap(p_symbol text, p_tf text, p_session text,
+CREATE OR REPLACE FUNCTION public._agg_session_bootstrap(p_symbol text, p_tf text, p_session text,
                                                   p_agg_start timestamptz, p_now timestamptz)
-RETURNS timestamptz LANGUAGE plpgsql STABLE AS $$
+RETURNS timestamptz LANGUAGE plpgsql STABLE SET search_path = '' AS $$
 DECLARE
-    v_tf agg_timeframes := _agg_ladder(p_tf);
+    v_tf public.agg_timeframes := public._agg_ladder(p_tf);
     v_first timestamptz;
 BEGIN
-    v_first := _agg_source_ts(v_tf.source_table, p_symbol, v_tf.source_timeframe, p_agg_start, 'infinity');
-    RETURN (SELECT w.ws FROM _agg_session_next_window(p_session, p_tf, COALESCE(v_first, p_now)) w);
+    v_first := public._agg_source_ts(v_tf.source_table, p_symbol, v_tf.source_timeframe, p_agg_start, 'infinity');
+    RETURN (SELECT w.ws FROM public._agg_session_next_window(p_session, p_tf, COALESCE(v_first, p_now)) w);
 END
 $$;
 
@@ -194,16 +199,16 @@ $$;
 --   cursor   = the window after the p_max_windows-th non-empty one when the bound was reached
 --              (continue), the scan's end when the scan stopped short (continue), else bound.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION agg_catchup_session_tasks(p_to_tf text, p_symbols text[], p_cursors timestamptz[],
+CREATE OR REPLACE FUNCTION public.agg_catchup_session_tasks(p_to_tf text, p_symbols text[], p_cursors timestamptz[],
                                                      p_max_windows integer DEFAULT 100,
                                                      p_now_utc timestamptz DEFAULT NULL,
                                                      p_derivation_version integer DEFAULT 1,
                                                      p_ignore_confirmation boolean DEFAULT false)
 RETURNS TABLE (canonical_symbol text, result jsonb)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = '' AS $$
 #variable_conflict use_column
 DECLARE
-    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
     v_now timestamptz := COALESCE(p_now_utc, now());
     v_derived boolean := v_tf.source_table = 'derived_data_bars';
     v_scan_rows integer := p_max_windows * v_tf.max_source_bars;
@@ -249,22 +254,22 @@ BEGIN
                COALESCE(reg.session, '24x7') AS sess,
                COALESCE(cb.bound, timestamptz 'infinity') AS chain_bound
         FROM unnest(p_symbols, p_cursors) WITH ORDINALITY AS u(sym, cur, ord)
-        LEFT JOIN data_agg_state st ON st.canonical_symbol = u.sym AND st.timeframe = p_to_tf
-        LEFT JOIN core_asset_registry_all reg ON reg.canonical_symbol = u.sym
+        LEFT JOIN public.data_agg_state st ON st.canonical_symbol = u.sym AND st.timeframe = p_to_tf
+        LEFT JOIN public.core_asset_registry_all reg ON reg.canonical_symbol = u.sym
         -- Rule 3, recursive down the chain (10_engine.sql): one bound per task, cursors and rows only.
-        LEFT JOIN _agg_chain_bounds(p_to_tf, p_symbols) cb ON v_derived AND cb.canonical_symbol = u.sym
+        LEFT JOIN public._agg_chain_bounds(p_to_tf, p_symbols) cb ON v_derived AND cb.canonical_symbol = u.sym
         ORDER BY u.ord
     LOOP
-        v_cur := COALESCE(r.cur, _agg_session_bootstrap(r.sym, p_to_tf, r.sess, r.agg_start_utc, v_now));
+        v_cur := COALESCE(r.cur, public._agg_session_bootstrap(r.sym, p_to_tf, r.sess, r.agg_start_utc, v_now));
         v_s0 := NULL;
         v_scan_end := NULL;
         v_bound := NULL;
         IF v_cur IS NOT NULL THEN
             -- Rule 1: the first window ending after the cursor that does not start before agg_start.
             SELECT w.ws, w.we INTO v_s0, v_s0_end
-            FROM _agg_session_next_window(r.sess, p_to_tf, GREATEST(v_cur, r.agg_start_utc)) w;
+            FROM public._agg_session_next_window(r.sess, p_to_tf, GREATEST(v_cur, r.agg_start_utc)) w;
             IF v_s0 < r.agg_start_utc THEN
-                SELECT w.ws INTO v_s0 FROM _agg_session_next_window(r.sess, p_to_tf, v_s0_end) w;
+                SELECT w.ws INTO v_s0 FROM public._agg_session_next_window(r.sess, p_to_tf, v_s0_end) w;
             END IF;
         END IF;
         IF v_s0 IS NOT NULL THEN
@@ -272,25 +277,25 @@ BEGIN
             v_lim := CASE WHEN p_ignore_confirmation THEN timestamptz 'infinity'
                           ELSE v_now - make_interval(secs => r.delay_seconds) END;
             v_lim := LEAST(v_lim, r.chain_bound);
-            v_known := _agg_session_known_end(r.sess, p_to_tf);
+            v_known := public._agg_session_known_end(r.sess, p_to_tf);
             IF v_lim >= v_known THEN
                 v_next := v_known;
             ELSE
-                v_next := COALESCE((SELECT w.ws FROM _agg_session_next_window(r.sess, p_to_tf, GREATEST(v_lim, v_s0)) w),
+                v_next := COALESCE((SELECT w.ws FROM public._agg_session_next_window(r.sess, p_to_tf, GREATEST(v_lim, v_s0)) w),
                                    v_known);
             END IF;
             -- Rule 5: the frontier is the first window starting after the last source row.
-            v_last := (SELECT e.ts_utc FROM _agg_source_edge(v_tf.source_table, r.sym, v_tf.source_timeframe, v_s0,
+            v_last := (SELECT e.ts_utc FROM public._agg_source_edge(v_tf.source_table, r.sym, v_tf.source_timeframe, v_s0,
                                                              timestamptz 'infinity', true) e);
             v_frontier := CASE WHEN v_last IS NULL THEN v_s0
-                               ELSE COALESCE(_agg_session_window_after(r.sess, p_to_tf, v_last), v_known) END;
+                               ELSE COALESCE(public._agg_session_window_after(r.sess, p_to_tf, v_last), v_known) END;
             v_bound := LEAST(v_next, v_frontier);
             v_scan_end := v_bound;
             IF p_max_windows IS NOT NULL THEN
-                v_p := (SELECT e.ts_utc FROM _agg_source_edge(v_tf.source_table, r.sym, v_tf.source_timeframe, v_s0,
+                v_p := (SELECT e.ts_utc FROM public._agg_source_edge(v_tf.source_table, r.sym, v_tf.source_timeframe, v_s0,
                                                               v_bound, false, v_scan_rows - 1) e);
                 IF v_p IS NOT NULL THEN
-                    v_scan_end := LEAST(v_bound, COALESCE(_agg_session_window_after(r.sess, p_to_tf, v_p), v_known));
+                    v_scan_end := LEAST(v_bound, COALESCE(public._agg_session_window_after(r.sess, p_to_tf, v_p), v_known));
                 END IF;
             END IF;
         END IF;
@@ -306,7 +311,7 @@ BEGIN
         -- Stored bars at or after s0 (a cursor moved back over them): only then can a window passed
         -- over need a withdrawal (as the date_bin engine does). Taken before this call writes.
         a_recheck := a_recheck || COALESCE(v_s0 IS NOT NULL AND EXISTS (
-            SELECT 1 FROM derived_data_bars d
+            SELECT 1 FROM public.derived_data_bars d
             WHERE d.canonical_symbol = r.sym AND d.timeframe = p_to_tf AND d.ts_utc >= v_s0
               AND d.deleted_at IS NULL), false);
     END LOOP;
@@ -321,7 +326,7 @@ BEGIN
         FROM plan p
         CROSS JOIN LATERAL (
             SELECT x.*, row_number() OVER (ORDER BY x.ts_utc) AS rn
-            FROM _agg_session_window_bars(p_to_tf, p.sym, p.sess, p.s0, p.scan_end, p.is_sparse) x
+            FROM public._agg_session_window_bars(p_to_tf, p.sym, p.sess, p.s0, p.scan_end, p.is_sparse) x
         ) w
         WHERE p.scan_end > p.s0
     ),
@@ -329,7 +334,7 @@ BEGIN
         SELECT w.* FROM windows w WHERE p_max_windows IS NULL OR w.rn <= p_max_windows
     ),
     written AS (
-        INSERT INTO derived_data_bars AS d (
+        INSERT INTO public.derived_data_bars AS d (
             canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
             is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
             quality_score, derivation_version, raw, deleted_at)
@@ -374,7 +379,7 @@ BEGIN
                COALESCE(wc.n_poor, 0) AS n_poor,
                CASE WHEN p.s0 IS NULL THEN p.cur
                     WHEN hc.n_handled >= p_max_windows
-                        THEN COALESCE((SELECT n.ws FROM _agg_session_next_window(p.sess, p_to_tf, hc.last_we) n),
+                        THEN COALESCE((SELECT n.ws FROM public._agg_session_next_window(p.sess, p_to_tf, hc.last_we) n),
                                       hc.last_we)
                     WHEN p.scan_end < p.bound THEN p.scan_end
                     ELSE p.bound
@@ -388,7 +393,7 @@ BEGIN
         -- Stored bars in the windows this call passed over that no longer have a storable bar (a gap
         -- now, too few source rows, or no window there any more): soft-deleted. Only a cursor moved
         -- back over stored bars finds any (recheck).
-        UPDATE derived_data_bars d
+        UPDATE public.derived_data_bars d
         SET deleted_at = now(), updated_at = now()
         FROM outcome o
         WHERE o.recheck AND d.canonical_symbol = o.sym AND d.timeframe = p_to_tf
@@ -411,7 +416,7 @@ BEGIN
                'bars_quality_poor', o.n_poor,
                'bars_skipped', o.n_skipped,
                'gaps_skipped', CASE WHEN o.s0 IS NULL THEN 0
-                                    ELSE _agg_session_window_count(o.sess, p_to_tf, o.s0, o.new_cursor) - o.n_handled
+                                    ELSE public._agg_session_window_count(o.sess, p_to_tf, o.s0, o.new_cursor) - o.n_handled
                                END,
                'continue', o.more,
                'agg_start_enforced', o.agg_start_utc)
@@ -425,11 +430,11 @@ $$;
 -- The split: agg_catchup_tasks hands the symbols on a session (and every 1mo task) to
 -- agg_catchup_session_tasks and keeps the 24x7 ones on its date_bin path. Rows in input order.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION _agg_catchup_split(p_to_tf text, p_symbols text[], p_cursors timestamptz[],
+CREATE OR REPLACE FUNCTION public._agg_catchup_split(p_to_tf text, p_symbols text[], p_cursors timestamptz[],
                                               p_max_windows integer, p_now_utc timestamptz,
                                               p_derivation_version integer, p_ignore_confirmation boolean)
 RETURNS TABLE (canonical_symbol text, result jsonb)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = '' AS $$
 #variable_conflict use_column
 DECLARE
     v_plain_syms text[];
@@ -449,17 +454,17 @@ BEGIN
     FROM (SELECT x.sym, x.cur, x.ord,
                  p_to_tf = '1mo' OR COALESCE(r.session, '24x7') <> '24x7' AS on_session
           FROM unnest(p_symbols, p_cursors) WITH ORDINALITY AS x(sym, cur, ord)
-          LEFT JOIN core_asset_registry_all r ON r.canonical_symbol = x.sym) u;
+          LEFT JOIN public.core_asset_registry_all r ON r.canonical_symbol = x.sym) u;
     IF cardinality(v_plain_syms) > 0 THEN
         SELECT array_agg(c.canonical_symbol), array_agg(c.result) INTO v_syms, v_res
-        FROM agg_catchup_tasks(p_to_tf, v_plain_syms, v_plain_curs, p_max_windows, p_now_utc,
+        FROM public.agg_catchup_tasks(p_to_tf, v_plain_syms, v_plain_curs, p_max_windows, p_now_utc,
                                p_derivation_version, p_ignore_confirmation) c;
         v_out_syms := v_out_syms || v_syms;
         v_out := v_out || v_res;
     END IF;
     IF cardinality(v_sess_syms) > 0 THEN
         SELECT array_agg(c.canonical_symbol), array_agg(c.result) INTO v_syms, v_res
-        FROM agg_catchup_session_tasks(p_to_tf, v_sess_syms, v_sess_curs, p_max_windows, p_now_utc,
+        FROM public.agg_catchup_session_tasks(p_to_tf, v_sess_syms, v_sess_curs, p_max_windows, p_now_utc,
                                        p_derivation_version, p_ignore_confirmation) c;
         v_out_syms := v_out_syms || v_syms;
         v_out := v_out || v_res;
@@ -473,12 +478,12 @@ END
 $$;
 
 -- Whether a catch-up of these symbols needs the session engine (the hook in agg_catchup_tasks).
-CREATE OR REPLACE FUNCTION _agg_needs_sessions(p_to_tf text, p_symbols text[])
-RETURNS boolean LANGUAGE sql STABLE AS $$
+CREATE OR REPLACE FUNCTION public._agg_needs_sessions(p_to_tf text, p_symbols text[])
+RETURNS boolean LANGUAGE sql STABLE SET search_path = '' AS $$
     -- The registry's partial index on symbols off 24x7 (migration 0009) makes this free when every
     -- symbol is on 24x7.
     SELECT p_to_tf = '1mo'
-        OR EXISTS (SELECT 1 FROM core_asset_registry_all r
+        OR EXISTS (SELECT 1 FROM public.core_asset_registry_all r
                    WHERE r.session <> '24x7' AND r.canonical_symbol = ANY (p_symbols))
 $$;
 
@@ -497,8 +502,8 @@ $$;
 -- meanwhile and late rows written meanwhile are logged after this commits; the symbol's invalidation
 -- log entries are then superseded and removed, and its tasks become due.
 -- Result: {"symbol", "session", "levels": {tf: {"written": n, "withdrawn": n}}}.
-CREATE OR REPLACE FUNCTION agg_rebuild_symbol(p_symbol text, p_derivation_version integer DEFAULT 1)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION public.agg_rebuild_symbol(p_symbol text, p_derivation_version integer DEFAULT 1)
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_session text;
     v_sparse boolean;
@@ -512,27 +517,27 @@ DECLARE
     v_levels jsonb := '{}'::jsonb;
 BEGIN
     SELECT COALESCE(r.session, '24x7'), COALESCE(r.is_sparse, false) INTO v_session, v_sparse
-    FROM core_asset_registry_all r WHERE r.canonical_symbol = p_symbol;
+    FROM public.core_asset_registry_all r WHERE r.canonical_symbol = p_symbol;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown symbol %', p_symbol USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM 1 FROM data_agg_state s WHERE s.canonical_symbol = p_symbol
+    PERFORM 1 FROM public.data_agg_state s WHERE s.canonical_symbol = p_symbol
     ORDER BY s.canonical_symbol, s.timeframe FOR NO KEY UPDATE;
 
     FOR t IN
         SELECT s.timeframe, s.last_agg_bar_ts_utc AS cur, s.agg_start_utc, tf.bucket_interval, tf.bucket_origin,
                tf.window_kind, tf.source_timeframe
-        FROM data_agg_state s JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+        FROM public.data_agg_state s JOIN public.agg_timeframes tf ON tf.timeframe = s.timeframe
         WHERE s.canonical_symbol = p_symbol
         ORDER BY tf.duration_rank
     LOOP
         v_on_session := v_session <> '24x7' OR t.window_kind = 'month';
         IF v_on_session THEN
-            SELECT w.ws, w.we INTO v_from, v_s0_end FROM _agg_session_next_window(v_session, t.timeframe, t.agg_start_utc) w;
+            SELECT w.ws, w.we INTO v_from, v_s0_end FROM public._agg_session_next_window(v_session, t.timeframe, t.agg_start_utc) w;
             IF v_from < t.agg_start_utc THEN
-                SELECT w.ws INTO v_from FROM _agg_session_next_window(v_session, t.timeframe, v_s0_end) w;
+                SELECT w.ws INTO v_from FROM public._agg_session_next_window(v_session, t.timeframe, v_s0_end) w;
             END IF;
-            v_to := LEAST(t.cur, COALESCE((SELECT w.ws FROM _agg_session_next_window(v_session, t.timeframe, t.cur) w),
+            v_to := LEAST(t.cur, COALESCE((SELECT w.ws FROM public._agg_session_next_window(v_session, t.timeframe, t.cur) w),
                                           t.cur));
         ELSE
             IF t.agg_start_utc = '-infinity' THEN
@@ -551,16 +556,16 @@ BEGIN
         WITH fresh AS (
             SELECT b.ts_utc, b.open, b.high, b.low, b.close, b.vol, b.vwap, b.trade_count, b.source_candles,
                    b.expected_candles, b.quality_score
-            FROM _agg_session_window_bars(t.timeframe, p_symbol, v_session, v_from, v_to, v_sparse) b
+            FROM public._agg_session_window_bars(t.timeframe, p_symbol, v_session, v_from, v_to, v_sparse) b
             WHERE v_on_session AND v_from < v_to AND b.quality_score IS NOT NULL
             UNION ALL
             SELECT b.ts_utc, b.open, b.high, b.low, b.close, b.vol, b.vwap, b.trade_count, b.source_candles,
                    b.expected_candles, b.quality_score
-            FROM _agg_window_bars(t.timeframe, p_symbol, v_from, v_to, v_sparse) b
+            FROM public._agg_window_bars(t.timeframe, p_symbol, v_from, v_to, v_sparse) b
             WHERE NOT v_on_session AND v_from < v_to AND b.quality_score IS NOT NULL
         ),
         written AS (
-            INSERT INTO derived_data_bars AS d (
+            INSERT INTO public.derived_data_bars AS d (
                 canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
                 is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
                 quality_score, derivation_version, raw, deleted_at)
@@ -587,7 +592,7 @@ BEGIN
             RETURNING 1
         ),
         withdrawn AS (
-            UPDATE derived_data_bars d
+            UPDATE public.derived_data_bars d
             SET deleted_at = now(), updated_at = now()
             WHERE d.canonical_symbol = p_symbol AND d.timeframe = t.timeframe AND d.deleted_at IS NULL
               AND NOT EXISTS (SELECT 1 FROM fresh f WHERE f.ts_utc = d.ts_utc)
@@ -599,8 +604,8 @@ BEGIN
     END LOOP;
 
     -- Everything logged for the symbol so far (including by the writes above) is rebuilt already.
-    DELETE FROM agg_invalidations i WHERE i.canonical_symbol = p_symbol;
-    UPDATE data_agg_state s SET next_run_at = NULL, updated_at = now()
+    DELETE FROM public.agg_invalidations i WHERE i.canonical_symbol = p_symbol;
+    UPDATE public.data_agg_state s SET next_run_at = NULL, updated_at = now()
     WHERE s.canonical_symbol = p_symbol AND s.status = 'idle';
     RETURN jsonb_build_object('symbol', p_symbol, 'session', v_session, 'levels', v_levels);
 END
@@ -611,43 +616,43 @@ $$;
 -- and for a symbol on a session. "Is the symbol off 24x7" is an index probe that the registry's
 -- partial index (migration 0009) answers at once while every symbol is on 24x7.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION _agg_session_of(p_symbol text, p_tf text)
-RETURNS text LANGUAGE sql STABLE AS $$
-    SELECT CASE WHEN p_tf = '1mo' THEN COALESCE((SELECT r.session FROM core_asset_registry_all r
+CREATE OR REPLACE FUNCTION public._agg_session_of(p_symbol text, p_tf text)
+RETURNS text LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT CASE WHEN p_tf = '1mo' THEN COALESCE((SELECT r.session FROM public.core_asset_registry_all r
                                                  WHERE r.canonical_symbol = p_symbol), '24x7')
-                ELSE (SELECT r.session FROM core_asset_registry_all r
+                ELSE (SELECT r.session FROM public.core_asset_registry_all r
                       WHERE r.session <> '24x7' AND r.canonical_symbol = p_symbol) END
 $$;
 
 -- How long the window at p_cursor is, i.e. when it ends (cursor + length): p_interval for 24x7,
 -- the session window's end otherwise (NULL when it is not known yet). For scheduling (20_scheduling.sql).
-CREATE OR REPLACE FUNCTION _agg_window_length(p_symbol text, p_tf text, p_cursor timestamptz, p_interval interval)
-RETURNS interval LANGUAGE sql STABLE AS $$
+CREATE OR REPLACE FUNCTION public._agg_window_length(p_symbol text, p_tf text, p_cursor timestamptz, p_interval interval)
+RETURNS interval LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT CASE WHEN p_cursor IS NULL OR s.sess IS NULL THEN p_interval
-                ELSE (SELECT w.we FROM _agg_session_next_window(s.sess, p_tf, p_cursor) w) - p_cursor END
-    FROM (SELECT _agg_session_of(p_symbol, p_tf) AS sess) s
+                ELSE (SELECT w.we FROM public._agg_session_next_window(s.sess, p_tf, p_cursor) w) - p_cursor END
+    FROM (SELECT public._agg_session_of(p_symbol, p_tf) AS sess) s
 $$;
 
 -- The window of a changed source row at p_ts, if the dependent task (cursor p_cursor) has passed it
 -- already: for the invalidation triggers (30_invalidation.sql). No row when it has not, or when the
 -- row lies outside every session window.
-CREATE OR REPLACE FUNCTION _agg_passed_window(p_symbol text, p_tf text, p_interval interval, p_origin timestamptz,
+CREATE OR REPLACE FUNCTION public._agg_passed_window(p_symbol text, p_tf text, p_interval interval, p_origin timestamptz,
                                               p_ts timestamptz, p_cursor timestamptz)
-RETURNS TABLE (ws timestamptz) LANGUAGE sql STABLE AS $$
+RETURNS TABLE (ws timestamptz) LANGUAGE sql STABLE SET search_path = '' AS $$
     -- (_agg_session_of written out: this function is inlined into the triggers' queries, and a scalar
     -- SQL function with sub-selects would be a function call per row)
     SELECT x.ws
     FROM (SELECT CASE WHEN p_tf = '1mo'
-                      THEN COALESCE((SELECT r.session FROM core_asset_registry_all r
+                      THEN COALESCE((SELECT r.session FROM public.core_asset_registry_all r
                                      WHERE r.canonical_symbol = p_symbol), '24x7')
-                      ELSE (SELECT r.session FROM core_asset_registry_all r
+                      ELSE (SELECT r.session FROM public.core_asset_registry_all r
                             WHERE r.session <> '24x7' AND r.canonical_symbol = p_symbol) END AS sess) s
     CROSS JOIN LATERAL (
         SELECT date_bin(p_interval, p_ts, p_origin) AS ws
         WHERE s.sess IS NULL
           AND date_bin(p_interval, p_ts, p_origin) < date_bin(p_interval, p_cursor, p_origin)
         UNION ALL
-        SELECT w.ws FROM _agg_session_next_window(s.sess, p_tf, p_ts) w
+        SELECT w.ws FROM public._agg_session_next_window(s.sess, p_tf, p_ts) w
         WHERE s.sess IS NOT NULL AND w.ws <= p_ts AND w.we <= p_cursor
     ) x
 $$;
@@ -659,30 +664,30 @@ $$;
 -- not start before agg_start_utc, and it is final (its end + delay has passed and nothing below it in
 -- the chain is unprocessed before its end); entries outside the range are dropped, others wait.
 -- ---------------------------------------------------------------------------------------------
-DROP FUNCTION IF EXISTS agg_reaggregate_session_tasks(text, text[], integer);
-CREATE OR REPLACE FUNCTION agg_reaggregate_session_tasks(p_to_tf text, p_symbols text[],
+DROP FUNCTION IF EXISTS public.agg_reaggregate_session_tasks(text, text[], integer);
+CREATE OR REPLACE FUNCTION public.agg_reaggregate_session_tasks(p_to_tf text, p_symbols text[],
                                                          p_derivation_version integer DEFAULT 1,
                                                          p_now_utc timestamptz DEFAULT NULL)
 RETURNS TABLE (canonical_symbol text, result jsonb)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = '' AS $$
 #variable_conflict use_column
 DECLARE
-    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
     v_now timestamptz := COALESCE(p_now_utc, now());
 BEGIN
     RETURN QUERY
     WITH input AS (
         SELECT u.sym, u.ord, COALESCE(r.session, '24x7') AS sess
         FROM unnest(p_symbols) WITH ORDINALITY AS u(sym, ord)
-        LEFT JOIN core_asset_registry_all r ON r.canonical_symbol = u.sym
+        LEFT JOIN public.core_asset_registry_all r ON r.canonical_symbol = u.sym
     ),
     settings AS (
         SELECT i.sym, i.sess, s.last_agg_bar_ts_utc AS cur, s.agg_start_utc,
                COALESCE(s.aggregation_delay_seconds, 0) AS delay_seconds,
                COALESCE(b.bound, timestamptz 'infinity') AS bound
         FROM input i
-        LEFT JOIN data_agg_state s ON s.canonical_symbol = i.sym AND s.timeframe = p_to_tf
-        LEFT JOIN _agg_chain_bounds(p_to_tf, p_symbols) b ON b.canonical_symbol = i.sym
+        LEFT JOIN public.data_agg_state s ON s.canonical_symbol = i.sym AND s.timeframe = p_to_tf
+        LEFT JOIN public._agg_chain_bounds(p_to_tf, p_symbols) b ON b.canonical_symbol = i.sym
     ),
     entries AS (
         -- A logged window is a session window start; it ends where the session says (w.we).
@@ -692,11 +697,11 @@ BEGIN
                COALESCE(v_now >= w.we + make_interval(secs => st.delay_seconds) AND w.we <= st.bound,
                         false) AS is_final
         FROM settings st
-        JOIN agg_invalidations e ON e.canonical_symbol = st.sym AND e.timeframe = p_to_tf
-        LEFT JOIN LATERAL _agg_session_next_window(st.sess, p_to_tf, e.window_start) w ON true
+        JOIN public.agg_invalidations e ON e.canonical_symbol = st.sym AND e.timeframe = p_to_tf
+        LEFT JOIN LATERAL public._agg_session_next_window(st.sess, p_to_tf, e.window_start) w ON true
     ),
     taken AS (
-        DELETE FROM agg_invalidations i
+        DELETE FROM public.agg_invalidations i
         USING entries e
         WHERE i.canonical_symbol = e.sym AND i.timeframe = p_to_tf AND i.window_start = e.ws
           AND (e.is_final OR NOT e.in_range)
@@ -712,10 +717,10 @@ BEGIN
         SELECT p.sym, p.ws, w.open, w.high, w.low, w.close, w.vol, w.vwap, w.trade_count,
                w.source_candles, w.expected_candles, w.quality_score
         FROM pending p
-        LEFT JOIN LATERAL _agg_session_window_bars(p_to_tf, p.sym, p.sess, p.ws, p.we) w ON true
+        LEFT JOIN LATERAL public._agg_session_window_bars(p_to_tf, p.sym, p.sess, p.ws, p.we) w ON true
     ),
     written AS (
-        INSERT INTO derived_data_bars AS d (
+        INSERT INTO public.derived_data_bars AS d (
             canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
             is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
             quality_score, derivation_version, raw, deleted_at)
@@ -743,7 +748,7 @@ BEGIN
         RETURNING d.canonical_symbol, d.quality_score, (d.xmax = 0) AS inserted
     ),
     withdrawn AS (
-        UPDATE derived_data_bars d
+        UPDATE public.derived_data_bars d
         SET deleted_at = now(), updated_at = now()
         FROM fresh f
         WHERE f.quality_score IS NULL
@@ -764,7 +769,7 @@ BEGIN
         FROM input i
     ),
     recorded AS (
-        UPDATE data_agg_state s
+        UPDATE public.data_agg_state s
         SET total_bars_created = s.total_bars_created + c.n_created,
             total_bars_rewritten = s.total_bars_rewritten + c.n_rewritten,
             total_bars_unchanged = s.total_bars_unchanged + (c.n_storable - c.n_created - c.n_rewritten),
@@ -805,11 +810,11 @@ END
 $$;
 
 -- The split for agg_reaggregate_tasks: session symbols (and 1mo) here, the others on its date_bin path.
-DROP FUNCTION IF EXISTS _agg_reaggregate_split(text, text[], integer);
-CREATE OR REPLACE FUNCTION _agg_reaggregate_split(p_to_tf text, p_symbols text[], p_derivation_version integer,
+DROP FUNCTION IF EXISTS public._agg_reaggregate_split(text, text[], integer);
+CREATE OR REPLACE FUNCTION public._agg_reaggregate_split(p_to_tf text, p_symbols text[], p_derivation_version integer,
                                                   p_now_utc timestamptz)
 RETURNS TABLE (canonical_symbol text, result jsonb)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = '' AS $$
 #variable_conflict use_column
 DECLARE
     v_plain text[];
@@ -819,19 +824,19 @@ DECLARE
     v_syms text[];
     v_res jsonb[];
 BEGIN
-    SELECT COALESCE(array_agg(x.sym ORDER BY x.ord) FILTER (WHERE _agg_session_of(x.sym, p_to_tf) IS NULL), '{}'),
-           COALESCE(array_agg(x.sym ORDER BY x.ord) FILTER (WHERE _agg_session_of(x.sym, p_to_tf) IS NOT NULL), '{}')
+    SELECT COALESCE(array_agg(x.sym ORDER BY x.ord) FILTER (WHERE public._agg_session_of(x.sym, p_to_tf) IS NULL), '{}'),
+           COALESCE(array_agg(x.sym ORDER BY x.ord) FILTER (WHERE public._agg_session_of(x.sym, p_to_tf) IS NOT NULL), '{}')
     INTO v_plain, v_sess
     FROM unnest(p_symbols) WITH ORDINALITY AS x(sym, ord);
     IF cardinality(v_plain) > 0 THEN
         SELECT array_agg(c.canonical_symbol), array_agg(c.result) INTO v_syms, v_res
-        FROM agg_reaggregate_tasks(p_to_tf, v_plain, p_derivation_version, p_now_utc) c;
+        FROM public.agg_reaggregate_tasks(p_to_tf, v_plain, p_derivation_version, p_now_utc) c;
         v_out_syms := v_out_syms || v_syms;
         v_out := v_out || v_res;
     END IF;
     IF cardinality(v_sess) > 0 THEN
         SELECT array_agg(c.canonical_symbol), array_agg(c.result) INTO v_syms, v_res
-        FROM agg_reaggregate_session_tasks(p_to_tf, v_sess, p_derivation_version, p_now_utc) c;
+        FROM public.agg_reaggregate_session_tasks(p_to_tf, v_sess, p_derivation_version, p_now_utc) c;
         v_out_syms := v_out_syms || v_syms;
         v_out := v_out || v_res;
     END IF;
@@ -845,33 +850,33 @@ $$;
 
 -- A task's frontier (status and the status page): the start of the first window that the source data
 -- does not cover completely, given the end of the newest source bar. 24x7: date_bin, as before.
-CREATE OR REPLACE FUNCTION _agg_frontier(p_symbol text, p_tf text, p_newest_end timestamptz,
+CREATE OR REPLACE FUNCTION public._agg_frontier(p_symbol text, p_tf text, p_newest_end timestamptz,
                                          p_interval interval, p_origin timestamptz)
-RETURNS timestamptz LANGUAGE sql STABLE AS $$
+RETURNS timestamptz LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT CASE WHEN s.sess IS NULL THEN date_bin(p_interval, p_newest_end, p_origin)
-                ELSE (SELECT w.ws FROM _agg_session_next_window(s.sess, p_tf, p_newest_end) w) END
-    FROM (SELECT _agg_session_of(p_symbol, p_tf) AS sess) s
+                ELSE (SELECT w.ws FROM public._agg_session_next_window(s.sess, p_tf, p_newest_end) w) END
+    FROM (SELECT public._agg_session_of(p_symbol, p_tf) AS sess) s
 $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- The seed's single-window functions for a symbol on a session (aggregate_window and
 -- agg_recompute_windows hand them over): a window is one of the session's windows.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION _agg_session_aggregate_window(p_symbol text, p_to_tf text, p_session text,
+CREATE OR REPLACE FUNCTION public._agg_session_aggregate_window(p_symbol text, p_to_tf text, p_session text,
                                                          p_from_utc timestamptz, p_to_utc timestamptz,
                                                          p_derivation_version integer DEFAULT 1)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
-    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
     v_bar record;
 BEGIN
     IF p_from_utc IS NULL OR p_to_utc IS NULL OR NOT EXISTS (
-        SELECT 1 FROM _agg_session_next_window(p_session, p_to_tf, p_from_utc) w
+        SELECT 1 FROM public._agg_session_next_window(p_session, p_to_tf, p_from_utc) w
         WHERE w.ws = p_from_utc AND w.we = p_to_utc) THEN
         RAISE EXCEPTION 'window [%, %) is not one % window of session %', p_from_utc, p_to_utc, p_to_tf, p_session
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT * INTO v_bar FROM _agg_session_window_bars(p_to_tf, p_symbol, p_session, p_from_utc, p_to_utc);
+    SELECT * INTO v_bar FROM public._agg_session_window_bars(p_to_tf, p_symbol, p_session, p_from_utc, p_to_utc);
     IF NOT FOUND THEN
         RETURN jsonb_build_object('success', true, 'stored', false, 'source_count', 0,
                                   'quality_score', NULL, 'reason', 'no_source_bars');
@@ -880,7 +885,7 @@ BEGIN
         RETURN jsonb_build_object('success', true, 'stored', false, 'source_count', v_bar.source_candles,
                                   'quality_score', NULL, 'reason', 'insufficient_source_bars');
     END IF;
-    PERFORM _upsert_derived_bar(p_symbol, p_to_tf, v_bar.ts_utc, v_bar.open, v_bar.high, v_bar.low,
+    PERFORM public._upsert_derived_bar(p_symbol, p_to_tf, v_bar.ts_utc, v_bar.open, v_bar.high, v_bar.low,
         v_bar.close, v_bar.vol, v_bar.vwap, v_bar.trade_count, 'agg', v_tf.source_timeframe,
         v_bar.source_candles, v_bar.expected_candles, v_bar.quality_score, p_derivation_version, '{}');
     RETURN jsonb_build_object('success', true, 'stored', true, 'source_count', v_bar.source_candles,
@@ -888,29 +893,29 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION _agg_session_recompute_windows(p_symbol text, p_to_tf text, p_session text,
+CREATE OR REPLACE FUNCTION public._agg_session_recompute_windows(p_symbol text, p_to_tf text, p_session text,
                                                           p_window_starts timestamptz[],
                                                           p_derivation_version integer DEFAULT 1)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
-    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
     v_result jsonb;
 BEGIN
     WITH wanted AS (
         -- the session window containing each instant (instants outside every window: none)
         SELECT DISTINCT w.ws, w.we
         FROM unnest(p_window_starts) AS x(ts)
-        CROSS JOIN LATERAL _agg_session_next_window(p_session, p_to_tf, x.ts) w
+        CROSS JOIN LATERAL public._agg_session_next_window(p_session, p_to_tf, x.ts) w
         WHERE x.ts IS NOT NULL AND w.ws <= x.ts
     ),
     fresh AS (
         SELECT b.*
         FROM wanted x
-        CROSS JOIN LATERAL _agg_session_window_bars(p_to_tf, p_symbol, p_session, x.ws, x.we) b
+        CROSS JOIN LATERAL public._agg_session_window_bars(p_to_tf, p_symbol, p_session, x.ws, x.we) b
         WHERE b.quality_score IS NOT NULL
     ),
     written AS (
-        INSERT INTO derived_data_bars AS d (
+        INSERT INTO public.derived_data_bars AS d (
             canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
             is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
             quality_score, derivation_version, raw, deleted_at)
@@ -929,7 +934,7 @@ BEGIN
         RETURNING d.quality_score
     ),
     removed AS (
-        UPDATE derived_data_bars d
+        UPDATE public.derived_data_bars d
         SET deleted_at = now(), updated_at = now()
         FROM wanted x
         WHERE d.canonical_symbol = p_symbol AND d.timeframe = p_to_tf AND d.ts_utc = x.ws

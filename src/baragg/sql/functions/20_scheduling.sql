@@ -1,51 +1,46 @@
 -- Repeatable: scheduling, claiming and failures (DESIGN.md sections 6 and 7); the columns they use are
 -- added by migration 0003.
 
+-- Helpers of earlier versions, now written into the statements that used them (below).
+DROP FUNCTION IF EXISTS public._agg_lease_end(timestamptz, timestamptz);
+DROP FUNCTION IF EXISTS public._agg_schedule_clock(timestamptz);
+DROP FUNCTION IF EXISTS public._agg_is_due(boolean, text, timestamptz, timestamptz, timestamptz, timestamptz);
+DROP FUNCTION IF EXISTS public._agg_owner_gone(text, integer, integer[]);
+DROP FUNCTION IF EXISTS public._agg_stats_add(jsonb, jsonb);
+DROP FUNCTION IF EXISTS public._agg_next_run(timestamptz, interval, integer, integer, boolean, timestamptz);
+
 -- ---------------------------------------------------------------------------------------------
--- Small helpers (inlined by the planner)
+-- Rules written into the statements that use them (not helper functions)
 -- ---------------------------------------------------------------------------------------------
--- Declared STABLE, not IMMUTABLE: their bodies call STABLE functions (timestamptz + interval depends
--- on the session TimeZone; jsonb_build_object is STABLE), and PostgreSQL does not inline a SQL
--- function whose body is more volatile than its declaration. Declared IMMUTABLE they ran through the
--- function executor once per row (~40 us per _agg_stats_add in every finish and claim).
-
--- When a running task's claim ends: its lease, or for a row claimed by the seed's agg_start (no
--- lease column then) five minutes after it started.
-CREATE OR REPLACE FUNCTION _agg_lease_end(p_lease_expires_at timestamptz, p_running_started_at_utc timestamptz)
-RETURNS timestamptz LANGUAGE sql STABLE AS $$
-    SELECT COALESCE(p_lease_expires_at, p_running_started_at_utc + interval '5 minutes', '-infinity')
-$$;
-
--- The clock of scheduling (when a task is due, its next run, retries, leases): the caller's fixed clock
--- (p_now_utc, for replays and tests), but never one ahead of the database's real clock. A run with a
--- clock in the future (`baragg run --once --now ... --force`) must not leave next runs or leases in
--- that future, where a later real-time worker would wait for them: it schedules, and finds tasks due,
--- as the real clock would. The caller's clock still decides finality (which windows are built).
-CREATE OR REPLACE FUNCTION _agg_schedule_clock(p_now timestamptz)
-RETURNS timestamptz LANGUAGE sql STABLE AS $$
-    SELECT LEAST(COALESCE(p_now, now()), now())
-$$;
-
--- Due (DESIGN.md 6): enabled, idle (or hard_failed: still retried) or running with an expired lease,
--- and next_run_at reached (NULL: never scheduled, so due). Next runs and leases are judged by the clock
--- they are written with (_agg_schedule_clock).
-CREATE OR REPLACE FUNCTION _agg_is_due(p_enabled boolean, p_status text, p_next_run_at timestamptz,
-    p_lease_expires_at timestamptz, p_running_started_at_utc timestamptz, p_now timestamptz)
-RETURNS boolean LANGUAGE sql STABLE AS $$
-    SELECT p_enabled
-       AND (p_next_run_at IS NULL OR p_next_run_at <= _agg_schedule_clock(p_now))
-       AND (p_status IN ('idle', 'hard_failed')
-            OR (p_status = 'running'
-                AND _agg_lease_end(p_lease_expires_at, p_running_started_at_utc) <= _agg_schedule_clock(p_now)))
-$$;
+-- Every function here pins search_path (SET search_path = '': Supabase's linter, lint 0011), and
+-- PostgreSQL never inlines a SQL function that has a SET clause; a helper evaluated per task row
+-- would then run through the function executor once per row (a claim reads every task row). So these
+-- small rules are written out where they are used, each with its name in a comment:
+--
+--   schedule clock  LEAST(COALESCE(p_now_utc, now()), now())
+--       The clock of scheduling (when a task is due, its next run, retries, leases): the caller's
+--       fixed clock (p_now_utc, for replays and tests), but never one ahead of the database's real
+--       clock. A run with a clock in the future (`baragg run --once --now ... --force`) must not leave
+--       next runs or leases in that future, where a later real-time worker would wait for them. The
+--       caller's clock still decides finality (which windows are built).
+--   lease end       COALESCE(s.lease_expires_at, s.running_started_at_utc + interval '5 minutes', '-infinity')
+--       When a running task's claim ends: its lease, or for a row claimed by the seed's agg_start (no
+--       lease column then) five minutes after it started.
+--   due             s.enabled AND (s.next_run_at IS NULL OR s.next_run_at <= clock)
+--                   AND (s.status IN ('idle', 'hard_failed') OR (s.status = 'running' AND lease end <= clock))
+--       DESIGN.md 6: enabled, idle (or hard_failed: still retried) or running with an expired lease,
+--       and next_run_at reached (NULL: never scheduled, so due), by the schedule clock.
+--   owner gone      s.status = 'running' AND s.lease_session IS NOT NULL AND NOT (s.lease_session = ANY (live keys))
+--       A running task whose owner's database session has ended (its worker lock is gone).
+--   next run        see _agg_finish_ok.
 
 -- Worker sessions (migration 0006): every baragg worker connection holds the session-level advisory
 -- lock pg_advisory_lock(1650553447, key) for its lifetime; a claim records the key in lease_session.
 -- The lock dies with the session (process killed, connection cut, server restarted), so a running
 -- task whose lease_session holds no lock any more has no one working on it and is claimable at once.
 -- Keys of the worker locks held in this database now (one scan of pg_locks per statement).
-CREATE OR REPLACE FUNCTION _agg_live_sessions()
-RETURNS integer[] LANGUAGE sql STABLE AS $$
+CREATE OR REPLACE FUNCTION public._agg_live_sessions()
+RETURNS integer[] LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT COALESCE(array_agg(l.objid::text::bigint::integer), '{}')
     FROM pg_locks l
     WHERE l.locktype = 'advisory' AND l.classid = 1650553447::oid AND l.objsubid = 2 AND l.granted
@@ -53,34 +48,12 @@ RETURNS integer[] LANGUAGE sql STABLE AS $$
 $$;
 
 -- The key of the worker lock this session holds, or NULL (a caller without one: lease only).
-CREATE OR REPLACE FUNCTION _agg_my_session()
-RETURNS integer LANGUAGE sql STABLE AS $$
+CREATE OR REPLACE FUNCTION public._agg_my_session()
+RETURNS integer LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT min(l.objid::text::bigint)::integer
     FROM pg_locks l
     WHERE l.locktype = 'advisory' AND l.classid = 1650553447::oid AND l.objsubid = 2 AND l.granted
       AND l.pid = pg_backend_pid()
-$$;
-
--- A running task whose owner's database session has ended (its worker lock is gone).
-CREATE OR REPLACE FUNCTION _agg_owner_gone(p_status text, p_lease_session integer, p_live integer[])
-RETURNS boolean LANGUAGE sql STABLE AS $$
-    SELECT p_status = 'running' AND p_lease_session IS NOT NULL AND NOT (p_lease_session = ANY (p_live))
-$$;
-
--- Adds the counters of one catch-up call to a running sum (keys of catchup_aggregation_range; the
--- re-aggregation of logged windows adds its own to last_run_stats and the totals itself).
-CREATE OR REPLACE FUNCTION _agg_stats_add(p_sum jsonb, p_stats jsonb)
-RETURNS jsonb LANGUAGE sql STABLE AS $$
-    SELECT COALESCE(p_sum, '{}'::jsonb) || jsonb_build_object(
-        'windows_processed', COALESCE((p_sum->>'windows_processed')::bigint, 0) + COALESCE((p_stats->>'windows_processed')::bigint, 0),
-        'bars_created', COALESCE((p_sum->>'bars_created')::bigint, 0) + COALESCE((p_stats->>'bars_created')::bigint, 0),
-        'bars_rewritten', COALESCE((p_sum->>'bars_rewritten')::bigint, 0) + COALESCE((p_stats->>'bars_rewritten')::bigint, 0),
-        'bars_unchanged', COALESCE((p_sum->>'bars_unchanged')::bigint, 0) + COALESCE((p_stats->>'bars_unchanged')::bigint, 0),
-        'bars_withdrawn', COALESCE((p_sum->>'bars_withdrawn')::bigint, 0) + COALESCE((p_stats->>'bars_withdrawn')::bigint, 0),
-        'bars_quality_poor', COALESCE((p_sum->>'bars_quality_poor')::bigint, 0) + COALESCE((p_stats->>'bars_quality_poor')::bigint, 0),
-        'bars_skipped', COALESCE((p_sum->>'bars_skipped')::bigint, 0) + COALESCE((p_stats->>'bars_skipped')::bigint, 0),
-        'gaps_skipped', COALESCE((p_sum->>'gaps_skipped')::bigint, 0) + COALESCE((p_stats->>'gaps_skipped')::bigint, 0),
-        'calls', COALESCE((p_sum->>'calls')::bigint, 0) + 1)
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -90,21 +63,29 @@ $$;
 -- enabled (sync_agg_state_from_registry), so due tasks need no second filter.
 -- Order: mandatory first, then timeframe by duration (the ladder's bucket_interval: 5m before 1h,
 -- where text order put '1h' first), task_priority ascending, least recently successful first.
-CREATE OR REPLACE FUNCTION agg_get_due_tasks(p_env_name text DEFAULT 'prod', p_limit integer DEFAULT 10,
+CREATE OR REPLACE FUNCTION public.agg_get_due_tasks(p_env_name text DEFAULT 'prod', p_limit integer DEFAULT 10,
     p_now_utc timestamptz DEFAULT now())
 RETURNS TABLE (canonical_symbol text, timeframe text, source_timeframe text, last_agg_bar_ts_utc timestamptz,
                run_interval_minutes integer, aggregation_delay_seconds integer, is_mandatory boolean,
                task_priority integer)
-LANGUAGE sql STABLE AS $$
-    WITH live AS MATERIALIZED (SELECT _agg_live_sessions() AS keys)
+LANGUAGE sql STABLE SET search_path = '' AS $$
+    WITH live AS MATERIALIZED (
+        SELECT public._agg_live_sessions() AS keys, LEAST(COALESCE(p_now_utc, now()), now()) AS clock
+    )
     SELECT s.canonical_symbol, s.timeframe, s.source_timeframe, s.last_agg_bar_ts_utc, s.run_interval_minutes,
            s.aggregation_delay_seconds, s.is_mandatory, s.task_priority
-    FROM data_agg_state s
-    JOIN agg_timeframes t ON t.timeframe = s.timeframe
+    FROM public.data_agg_state s
+    JOIN public.agg_timeframes t ON t.timeframe = s.timeframe
     CROSS JOIN live
-    WHERE (_agg_is_due(s.enabled, s.status, s.next_run_at, s.lease_expires_at, s.running_started_at_utc,
-                       COALESCE(p_now_utc, now()))
-           OR (s.enabled AND _agg_owner_gone(s.status, s.lease_session, live.keys)))
+    WHERE s.enabled
+      AND (  -- due
+             ((s.next_run_at IS NULL OR s.next_run_at <= live.clock)
+              AND (s.status IN ('idle', 'hard_failed')
+                   OR (s.status = 'running'
+                       AND COALESCE(s.lease_expires_at, s.running_started_at_utc + interval '5 minutes',
+                                    '-infinity') <= live.clock)))
+             -- or its owner is gone
+          OR (s.status = 'running' AND s.lease_session IS NOT NULL AND NOT (s.lease_session = ANY (live.keys))))
     ORDER BY s.is_mandatory DESC, t.bucket_interval, s.task_priority, s.last_successful_at_utc NULLS FIRST,
              s.canonical_symbol
     LIMIT p_limit
@@ -115,43 +96,47 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- FOR UPDATE SKIP LOCKED: concurrent claimers never wait for each other and never take the same
 -- row (a row claimed meanwhile is re-checked against the WHERE and dropped). A claim of a running
--- task whose lease expired, or whose owner's database session ended (_agg_owner_gone), is a rescue:
+-- task whose lease expired, or whose owner's database session ended (owner gone), is a rescue:
 -- counted, and the reason kept in last_rescue and last_error (and returned as rescue_reason). The
 -- claim records this session's worker lock (lease_session) and backend pid with the lease.
 -- Rows come back in due order.
-DROP FUNCTION IF EXISTS agg_claim_tasks(text, integer, integer, timestamptz, text[], text[]);
-CREATE OR REPLACE FUNCTION agg_claim_tasks(p_worker_id text, p_limit integer DEFAULT 10,
+DROP FUNCTION IF EXISTS public.agg_claim_tasks(text, integer, integer, timestamptz, text[], text[]);
+CREATE OR REPLACE FUNCTION public.agg_claim_tasks(p_worker_id text, p_limit integer DEFAULT 10,
     p_lease_seconds integer DEFAULT 300, p_now_utc timestamptz DEFAULT now(),
     p_symbols text[] DEFAULT NULL, p_timeframes text[] DEFAULT NULL)
 RETURNS TABLE (canonical_symbol text, timeframe text, source_timeframe text, last_agg_bar_ts_utc timestamptz,
                run_interval_minutes integer, aggregation_delay_seconds integer, is_mandatory boolean,
                task_priority integer, agg_start_utc timestamptz, lease_expires_at timestamptz,
                rescued_from text, rescue_reason text)
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = '' AS $$
     WITH live AS MATERIALIZED (
-        SELECT _agg_live_sessions() AS keys, _agg_my_session() AS mine, pg_backend_pid() AS backend
+        SELECT public._agg_live_sessions() AS keys, public._agg_my_session() AS mine, pg_backend_pid() AS backend,
+               LEAST(COALESCE(p_now_utc, now()), now()) AS clock  -- the schedule clock
     ), due AS (
         SELECT s.canonical_symbol, s.timeframe, s.status AS old_status,
                CASE WHEN s.status <> 'running' THEN NULL
-                    WHEN _agg_lease_end(s.lease_expires_at, s.running_started_at_utc) > COALESCE(p_now_utc, now())
-                         AND _agg_owner_gone(s.status, s.lease_session, live.keys)
+                    WHEN l.lease_end > COALESCE(p_now_utc, now())
+                         AND s.lease_session IS NOT NULL AND NOT (s.lease_session = ANY (live.keys))  -- owner gone
                     THEN format('the database session of worker %s (backend pid %s) ended before its lease ran out'
                                 || ' at %s; reclaimed by %s at %s',
                                 COALESCE(s.lease_owner, '(unknown)'), COALESCE(s.lease_backend_pid::text, '?'),
-                                _agg_lease_end(s.lease_expires_at, s.running_started_at_utc), p_worker_id,
-                                COALESCE(p_now_utc, now()))
+                                l.lease_end, p_worker_id, COALESCE(p_now_utc, now()))
                     ELSE format('lease of worker %s expired at %s; reclaimed by %s at %s',
-                                COALESCE(s.lease_owner, '(unknown)'),
-                                _agg_lease_end(s.lease_expires_at, s.running_started_at_utc), p_worker_id,
+                                COALESCE(s.lease_owner, '(unknown)'), l.lease_end, p_worker_id,
                                 COALESCE(p_now_utc, now()))
                END AS reason,
                s.lease_owner AS old_owner
-        FROM data_agg_state s
-        JOIN agg_timeframes t ON t.timeframe = s.timeframe
+        FROM public.data_agg_state s
+        JOIN public.agg_timeframes t ON t.timeframe = s.timeframe
         CROSS JOIN live
-        WHERE (_agg_is_due(s.enabled, s.status, s.next_run_at, s.lease_expires_at, s.running_started_at_utc,
-                           COALESCE(p_now_utc, now()))
-               OR (s.enabled AND _agg_owner_gone(s.status, s.lease_session, live.keys)))
+        CROSS JOIN LATERAL (SELECT COALESCE(s.lease_expires_at, s.running_started_at_utc + interval '5 minutes',
+                                            '-infinity') AS lease_end) l
+        WHERE s.enabled
+          AND (  -- due
+                 ((s.next_run_at IS NULL OR s.next_run_at <= live.clock)
+                  AND (s.status IN ('idle', 'hard_failed') OR (s.status = 'running' AND l.lease_end <= live.clock)))
+                 -- or its owner is gone
+              OR (s.status = 'running' AND s.lease_session IS NOT NULL AND NOT (s.lease_session = ANY (live.keys))))
           AND (p_symbols IS NULL OR s.canonical_symbol = ANY (p_symbols))
           AND (p_timeframes IS NULL OR s.timeframe = ANY (p_timeframes))
         ORDER BY s.is_mandatory DESC, t.bucket_interval, s.task_priority, s.last_successful_at_utc NULLS FIRST,
@@ -159,10 +144,10 @@ LANGUAGE sql AS $$
         LIMIT p_limit
         FOR UPDATE OF s SKIP LOCKED
     ), claimed AS (
-        UPDATE data_agg_state s
+        UPDATE public.data_agg_state s
         SET status = 'running',
             lease_owner = p_worker_id,
-            lease_expires_at = _agg_schedule_clock(p_now_utc) + make_interval(secs => p_lease_seconds),
+            lease_expires_at = live.clock + make_interval(secs => p_lease_seconds),
             lease_session = live.mine,
             lease_backend_pid = live.backend,
             running_started_at_utc = COALESCE(p_now_utc, now()),
@@ -187,7 +172,7 @@ LANGUAGE sql AS $$
            c.aggregation_delay_seconds, c.is_mandatory, c.task_priority, c.agg_start_utc, c.lease_expires_at,
            c.rescued_from, c.rescue_reason
     FROM claimed c
-    JOIN agg_timeframes t ON t.timeframe = c.timeframe
+    JOIN public.agg_timeframes t ON t.timeframe = c.timeframe
     ORDER BY c.is_mandatory DESC, t.bucket_interval, c.task_priority, c.last_successful_at_utc NULLS FIRST,
              c.canonical_symbol
 $$;
@@ -198,37 +183,38 @@ $$;
 -- Returns {"success": won, "claimed": won, ...}; when the claim is lost it says why (not found,
 -- disabled, held by a live lease, not due yet, busy). Without p_worker_id the owner is named after
 -- the database session, as the seed's RPC callers know no worker id.
-CREATE OR REPLACE FUNCTION agg_start(p_symbol text, p_to_tf text, p_now_utc timestamptz DEFAULT now(),
+CREATE OR REPLACE FUNCTION public.agg_start(p_symbol text, p_to_tf text, p_now_utc timestamptz DEFAULT now(),
     p_worker_id text DEFAULT NULL, p_lease_seconds integer DEFAULT 300)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_now timestamptz := COALESCE(p_now_utc, now());
     v_owner text := COALESCE(p_worker_id, format('session:%s', pg_backend_pid()));
     v_claim record;
-    v_row data_agg_state%ROWTYPE;
+    v_row public.data_agg_state%ROWTYPE;
     v_reason text;
 BEGIN
     SELECT * INTO v_claim
-    FROM agg_claim_tasks(v_owner, 1, p_lease_seconds, v_now, ARRAY[p_symbol], ARRAY[p_to_tf]);
+    FROM public.agg_claim_tasks(v_owner, 1, p_lease_seconds, v_now, ARRAY[p_symbol], ARRAY[p_to_tf]);
     IF FOUND THEN
         RETURN jsonb_build_object('success', true, 'claimed', true, 'worker_id', v_owner,
             'lease_expires_at', v_claim.lease_expires_at, 'cursor', v_claim.last_agg_bar_ts_utc,
             'rescued_from', v_claim.rescued_from);
     END IF;
-    SELECT * INTO v_row FROM data_agg_state s WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf;
+    SELECT * INTO v_row FROM public.data_agg_state s WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf;
     IF NOT FOUND THEN
         v_reason := 'no such task';
-    ELSIF NOT EXISTS (SELECT 1 FROM agg_timeframes t WHERE t.timeframe = p_to_tf) THEN
+    ELSIF NOT EXISTS (SELECT 1 FROM public.agg_timeframes t WHERE t.timeframe = p_to_tf) THEN
         v_reason := format('timeframe %s is not in agg_timeframes', p_to_tf);
     ELSIF NOT v_row.enabled THEN
         v_reason := 'task is not enabled';
     ELSIF v_row.status = 'disabled' THEN
         v_reason := 'task was disabled after repeated hard failures';
     ELSIF v_row.status = 'running'
-          AND _agg_lease_end(v_row.lease_expires_at, v_row.running_started_at_utc) > _agg_schedule_clock(v_now) THEN
+          AND COALESCE(v_row.lease_expires_at, v_row.running_started_at_utc + interval '5 minutes', '-infinity')
+              > LEAST(v_now, now()) THEN
         v_reason := format('held by %s until %s', COALESCE(v_row.lease_owner, '(unknown)'),
-                           _agg_lease_end(v_row.lease_expires_at, v_row.running_started_at_utc));
-    ELSIF v_row.next_run_at > _agg_schedule_clock(v_now) THEN
+                           COALESCE(v_row.lease_expires_at, v_row.running_started_at_utc + interval '5 minutes'));
+    ELSIF v_row.next_run_at > LEAST(v_now, now()) THEN
         v_reason := format('not due until %s', v_row.next_run_at);
     ELSE
         v_reason := 'being claimed by another worker';
@@ -242,15 +228,15 @@ END $$;
 -- ---------------------------------------------------------------------------------------------
 -- Moves the cursor, adds the call's counters, renews the lease. Changes nothing unless the caller
 -- still owns the task; the worker then rolls back, so bars and cursor commit together or not at all.
-CREATE OR REPLACE FUNCTION agg_checkpoint(p_symbol text, p_to_tf text, p_worker_id text,
+CREATE OR REPLACE FUNCTION public.agg_checkpoint(p_symbol text, p_to_tf text, p_worker_id text,
     p_new_cursor_utc timestamptz, p_stats jsonb DEFAULT NULL, p_now_utc timestamptz DEFAULT now(),
     p_lease_seconds integer DEFAULT 300)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_now timestamptz := COALESCE(p_now_utc, now());
     v_lease timestamptz;
 BEGIN
-    UPDATE data_agg_state s
+    UPDATE public.data_agg_state s
     SET last_agg_bar_ts_utc = COALESCE(p_new_cursor_utc, s.last_agg_bar_ts_utc),
         total_windows_processed = s.total_windows_processed + COALESCE((p_stats->>'windows_processed')::bigint, 0),
         total_bars_created = s.total_bars_created + COALESCE((p_stats->>'bars_created')::bigint, 0),
@@ -260,9 +246,18 @@ BEGIN
         total_bars_quality_poor = s.total_bars_quality_poor + COALESCE((p_stats->>'bars_quality_poor')::bigint, 0),
         total_bars_skipped = s.total_bars_skipped + COALESCE((p_stats->>'bars_skipped')::bigint, 0),
         total_gaps_skipped = s.total_gaps_skipped + COALESCE((p_stats->>'gaps_skipped')::bigint, 0),
-        last_run_stats = _agg_stats_add(s.last_run_stats, p_stats),
-        lease_expires_at = GREATEST(s.lease_expires_at,
-                                    _agg_schedule_clock(v_now) + make_interval(secs => p_lease_seconds)),
+        -- stats add: the call's counters added to the claim's running sum (as in _agg_finish_ok)
+        last_run_stats = COALESCE(s.last_run_stats, '{}'::jsonb) || jsonb_build_object(
+            'windows_processed', COALESCE((s.last_run_stats->>'windows_processed')::bigint, 0) + COALESCE((p_stats->>'windows_processed')::bigint, 0),
+            'bars_created', COALESCE((s.last_run_stats->>'bars_created')::bigint, 0) + COALESCE((p_stats->>'bars_created')::bigint, 0),
+            'bars_rewritten', COALESCE((s.last_run_stats->>'bars_rewritten')::bigint, 0) + COALESCE((p_stats->>'bars_rewritten')::bigint, 0),
+            'bars_unchanged', COALESCE((s.last_run_stats->>'bars_unchanged')::bigint, 0) + COALESCE((p_stats->>'bars_unchanged')::bigint, 0),
+            'bars_withdrawn', COALESCE((s.last_run_stats->>'bars_withdrawn')::bigint, 0) + COALESCE((p_stats->>'bars_withdrawn')::bigint, 0),
+            'bars_quality_poor', COALESCE((s.last_run_stats->>'bars_quality_poor')::bigint, 0) + COALESCE((p_stats->>'bars_quality_poor')::bigint, 0),
+            'bars_skipped', COALESCE((s.last_run_stats->>'bars_skipped')::bigint, 0) + COALESCE((p_stats->>'bars_skipped')::bigint, 0),
+            'gaps_skipped', COALESCE((s.last_run_stats->>'gaps_skipped')::bigint, 0) + COALESCE((p_stats->>'gaps_skipped')::bigint, 0),
+            'calls', COALESCE((s.last_run_stats->>'calls')::bigint, 0) + 1),
+        lease_expires_at = GREATEST(s.lease_expires_at, LEAST(v_now, now()) + make_interval(secs => p_lease_seconds)),
         updated_at = now()
     WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
       AND s.status = 'running' AND s.lease_owner = p_worker_id
@@ -277,32 +272,15 @@ END $$;
 -- ---------------------------------------------------------------------------------------------
 -- Successful finishes, set-based (agg_finish and agg_finish_many share this)
 -- ---------------------------------------------------------------------------------------------
--- When a task that just succeeded runs next: now when a backlog remains or its source advanced
--- meanwhile; else when the window at the cursor becomes final (cursor + interval + delay); one minute
--- from now when that moment has passed already (the window is final but could not be built: no
--- source data yet, or the source task is behind, whose finish wakes this task anyway).
-CREATE OR REPLACE FUNCTION _agg_next_run(p_cursor timestamptz, p_interval interval, p_delay_seconds integer,
-    p_run_interval_minutes integer, p_run_again boolean, p_now timestamptz)
-RETURNS timestamptz LANGUAGE sql STABLE AS $$
-    SELECT CASE
-        WHEN p_run_again THEN p_now
-        WHEN p_cursor IS NULL OR p_interval IS NULL
-            THEN p_now + make_interval(mins => COALESCE(p_run_interval_minutes, 5))
-        WHEN p_cursor + p_interval + make_interval(secs => COALESCE(p_delay_seconds, 0)) <= p_now
-            THEN p_now + interval '1 minute'
-        ELSE p_cursor + p_interval + make_interval(secs => COALESCE(p_delay_seconds, 0))
-    END
-$$;
-
 -- Finishes the successful claims in p_items ({"canonical_symbol", "timeframe", "new_cursor_utc",
 -- "stats"}) held by p_worker_id (NULL: by anyone), in two statements whatever their number, and
 -- wakes the tasks built from those that moved. Returns the tasks it finished.
-CREATE OR REPLACE FUNCTION _agg_finish_ok(p_worker_id text, p_items jsonb, p_now_utc timestamptz)
+CREATE OR REPLACE FUNCTION public._agg_finish_ok(p_worker_id text, p_items jsonb, p_now_utc timestamptz)
 RETURNS TABLE (out_symbol text, out_timeframe text, out_cursor timestamptz, out_next_run_at timestamptz)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_now timestamptz := COALESCE(p_now_utc, now());
-    v_sched timestamptz := _agg_schedule_clock(p_now_utc);  -- next runs: never after the real clock
+    v_sched timestamptz := LEAST(COALESCE(p_now_utc, now()), now());  -- schedule clock: next runs never after the real clock
     v_items jsonb;
     v_symbols text[];
     v_timeframes text[];
@@ -320,19 +298,37 @@ BEGIN
     SELECT COALESCE(jsonb_agg(v_items -> (o.canonical_symbol || ' ' || o.timeframe)), '[]'::jsonb)
     INTO v_owned
     FROM (SELECT s.canonical_symbol, s.timeframe
-          FROM data_agg_state s
+          FROM public.data_agg_state s
           WHERE s.canonical_symbol = ANY (v_symbols) AND s.timeframe = ANY (v_timeframes)
             AND v_items ? (s.canonical_symbol || ' ' || s.timeframe)
             AND s.status = 'running' AND (p_worker_id IS NULL OR s.lease_owner = p_worker_id)
           ORDER BY s.canonical_symbol, s.timeframe
           FOR UPDATE OF s) o;
 
-    WITH input AS (
+    WITH items AS (
         SELECT e->>'canonical_symbol' AS sym, e->>'timeframe' AS tf,
                (e->>'new_cursor_utc')::timestamptz AS cur, COALESCE(e->'stats', '{}'::jsonb) AS st
         FROM jsonb_array_elements(v_owned) e
+    ), input AS (
+        -- The next window to become final: the one at the cursor, or an earlier logged window still
+        -- waiting (DESIGN.md 5), whichever comes first; and its length: a session's window may be
+        -- clipped or shorter (24x7 symbols are told apart inline: a function call per task would cost
+        -- ~0.1 ms). The rows are locked above, so these are the values the UPDATE sees.
+        SELECT it.*, nx.win,
+               CASE WHEN it.tf = '1mo' OR EXISTS (SELECT 1 FROM public.core_asset_registry_all r
+                                                  WHERE r.session <> '24x7' AND r.canonical_symbol = it.sym)
+                    THEN public._agg_window_length(it.sym, it.tf, nx.win, t.bucket_interval)
+                    ELSE t.bucket_interval END AS win_length
+        FROM items it
+        JOIN public.data_agg_state s0 ON s0.canonical_symbol = it.sym AND s0.timeframe = it.tf
+        LEFT JOIN public.agg_timeframes t ON t.timeframe = it.tf
+        CROSS JOIN LATERAL (
+            SELECT LEAST(COALESCE(it.cur, s0.last_agg_bar_ts_utc),
+                         (SELECT min(v.window_start) FROM public.agg_invalidations v
+                          WHERE v.canonical_symbol = it.sym AND v.timeframe = it.tf)) AS win
+        ) nx
     ), upd AS (
-        UPDATE data_agg_state s
+        UPDATE public.data_agg_state s
         SET status = 'idle',
             lease_owner = NULL,
             lease_expires_at = NULL,
@@ -355,7 +351,18 @@ BEGIN
             -- 'moved' (from the old row: the cursor moved, windows were handled or logged windows
             -- re-aggregated during this claim; catchup_aggregation_range notes a cursor it stored
             -- itself) decides below whether the tasks built from this one are woken.
-            last_run_stats = _agg_stats_add(s.last_run_stats, i.st)
+            -- stats add (as in agg_checkpoint)
+            last_run_stats = COALESCE(s.last_run_stats, '{}'::jsonb)
+                || jsonb_build_object(
+                    'windows_processed', COALESCE((s.last_run_stats->>'windows_processed')::bigint, 0) + COALESCE((i.st->>'windows_processed')::bigint, 0),
+                    'bars_created', COALESCE((s.last_run_stats->>'bars_created')::bigint, 0) + COALESCE((i.st->>'bars_created')::bigint, 0),
+                    'bars_rewritten', COALESCE((s.last_run_stats->>'bars_rewritten')::bigint, 0) + COALESCE((i.st->>'bars_rewritten')::bigint, 0),
+                    'bars_unchanged', COALESCE((s.last_run_stats->>'bars_unchanged')::bigint, 0) + COALESCE((i.st->>'bars_unchanged')::bigint, 0),
+                    'bars_withdrawn', COALESCE((s.last_run_stats->>'bars_withdrawn')::bigint, 0) + COALESCE((i.st->>'bars_withdrawn')::bigint, 0),
+                    'bars_quality_poor', COALESCE((s.last_run_stats->>'bars_quality_poor')::bigint, 0) + COALESCE((i.st->>'bars_quality_poor')::bigint, 0),
+                    'bars_skipped', COALESCE((s.last_run_stats->>'bars_skipped')::bigint, 0) + COALESCE((i.st->>'bars_skipped')::bigint, 0),
+                    'gaps_skipped', COALESCE((s.last_run_stats->>'gaps_skipped')::bigint, 0) + COALESCE((i.st->>'gaps_skipped')::bigint, 0),
+                    'calls', COALESCE((s.last_run_stats->>'calls')::bigint, 0) + 1)
                 || jsonb_build_object('outcome', 'ok', 'finished_at', v_now,
                                       'cursor_after', COALESCE(i.cur, s.last_agg_bar_ts_utc),
                                       'continue', COALESCE((i.st->>'continue')::boolean, false),
@@ -364,26 +371,21 @@ BEGIN
                                                   + COALESCE((i.st->>'windows_processed')::bigint, 0) > 0
                                                OR COALESCE((s.last_run_stats->>'windows_reaggregated')::bigint, 0) > 0
                                                OR COALESCE((s.last_run_stats->>'cursor_moved')::boolean, false)),
-            -- The next window to become final: the one at the cursor, or an earlier logged window
-            -- still waiting (DESIGN.md 5), whichever comes first. It ends at that moment plus its
-            -- length: a session's window may be clipped or shorter (24x7 symbols are told apart
-            -- inline: a SQL function call per task would cost ~0.1 ms).
-            next_run_at = _agg_next_run(LEAST(COALESCE(i.cur, s.last_agg_bar_ts_utc), lg.first_logged),
-                                        CASE WHEN i.tf = '1mo' OR EXISTS (
-                                                 SELECT 1 FROM core_asset_registry_all r
-                                                 WHERE r.session <> '24x7' AND r.canonical_symbol = i.sym)
-                                             THEN _agg_window_length(i.sym, i.tf,
-                                                                     LEAST(COALESCE(i.cur, s.last_agg_bar_ts_utc),
-                                                                           lg.first_logged),
-                                                                     t.bucket_interval)
-                                             ELSE t.bucket_interval END,
-                                        s.aggregation_delay_seconds, s.run_interval_minutes,
-                                        COALESCE((i.st->>'continue')::boolean, false) OR s.rerun_requested, v_sched),
+            -- next run: now when a backlog remains or its source advanced meanwhile; else when the next
+            -- window (input.win) becomes final: its end (win + win_length) plus the delay; one minute
+            -- from now when that moment has passed already (the window is final but could not be built:
+            -- no source data yet, or the source task is behind, whose finish wakes this task anyway);
+            -- without a cursor, after the task's run interval.
+            next_run_at = CASE
+                WHEN COALESCE((i.st->>'continue')::boolean, false) OR s.rerun_requested THEN v_sched
+                WHEN i.win IS NULL OR i.win_length IS NULL
+                    THEN v_sched + make_interval(mins => COALESCE(s.run_interval_minutes, 5))
+                WHEN i.win + i.win_length + make_interval(secs => COALESCE(s.aggregation_delay_seconds, 0)) <= v_sched
+                    THEN v_sched + interval '1 minute'
+                ELSE i.win + i.win_length + make_interval(secs => COALESCE(s.aggregation_delay_seconds, 0))
+            END,
             updated_at = now()
         FROM input i
-        LEFT JOIN agg_timeframes t ON t.timeframe = i.tf
-        LEFT JOIN LATERAL (SELECT min(v.window_start) AS first_logged FROM agg_invalidations v
-                           WHERE v.canonical_symbol = i.sym AND v.timeframe = i.tf) lg ON true
         WHERE s.canonical_symbol = i.sym AND s.timeframe = i.tf
         RETURNING s.canonical_symbol, s.timeframe, s.last_agg_bar_ts_utc, s.next_run_at,
                   (s.last_run_stats->>'moved')::boolean AS moved
@@ -403,23 +405,23 @@ BEGIN
     INTO v_symbols, v_moved
     FROM jsonb_to_recordset(v_done) AS m(canonical_symbol text, timeframe text, moved boolean)
     WHERE m.moved;
-    UPDATE data_agg_state d
+    UPDATE public.data_agg_state d
     SET next_run_at = CASE WHEN d.status = 'running' THEN d.next_run_at ELSE v_sched END,
         rerun_requested = d.rerun_requested OR d.status = 'running',
         updated_at = now()
-    FROM agg_timeframes t
+    FROM public.agg_timeframes t
     WHERE d.canonical_symbol = ANY (v_symbols) AND (d.canonical_symbol || ' ' || d.source_timeframe) = ANY (v_moved)
       AND d.enabled AND t.timeframe = d.timeframe
       AND (d.last_agg_bar_ts_utc IS NULL
            OR LEAST(d.last_agg_bar_ts_utc,
-                    (SELECT min(v.window_start) FROM agg_invalidations v
+                    (SELECT min(v.window_start) FROM public.agg_invalidations v
                      WHERE v.canonical_symbol = d.canonical_symbol AND v.timeframe = d.timeframe))
               + CASE WHEN d.timeframe = '1mo' OR EXISTS (
-                         SELECT 1 FROM core_asset_registry_all r
+                         SELECT 1 FROM public.core_asset_registry_all r
                          WHERE r.session <> '24x7' AND r.canonical_symbol = d.canonical_symbol)
-                     THEN _agg_window_length(d.canonical_symbol, d.timeframe,
+                     THEN public._agg_window_length(d.canonical_symbol, d.timeframe,
                                              LEAST(d.last_agg_bar_ts_utc,
-                                                   (SELECT min(v.window_start) FROM agg_invalidations v
+                                                   (SELECT min(v.window_start) FROM public.agg_invalidations v
                                                     WHERE v.canonical_symbol = d.canonical_symbol
                                                       AND v.timeframe = d.timeframe)),
                                              t.bucket_interval)
@@ -454,21 +456,21 @@ END $$;
 --
 -- Only a running row owned by p_worker_id changes (without p_worker_id: any running row, as the seed's
 -- callers know no worker id); otherwise {"changed": false, "reason": ...}.
-CREATE OR REPLACE FUNCTION agg_finish(p_symbol text, p_to_tf text, p_success boolean,
+CREATE OR REPLACE FUNCTION public.agg_finish(p_symbol text, p_to_tf text, p_success boolean,
     p_new_cursor_utc timestamptz DEFAULT null, p_stats jsonb DEFAULT null, p_fail_kind text DEFAULT null,
     p_error text DEFAULT null, p_now_utc timestamptz DEFAULT now(), p_worker_id text DEFAULT NULL)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_now timestamptz := COALESCE(p_now_utc, now());
-    v_sched timestamptz := _agg_schedule_clock(p_now_utc);  -- retries: never after the real clock
-    v_row data_agg_state%ROWTYPE;
+    v_sched timestamptz := LEAST(COALESCE(p_now_utc, now()), now());  -- schedule clock: retries never after the real clock
+    v_row public.data_agg_state%ROWTYPE;
     v_cursor timestamptz;
     v_next timestamptz;
     v_status text;
     v_streak integer;
     v_transient boolean := p_fail_kind = 'transient';
 BEGIN
-    SELECT * INTO v_row FROM data_agg_state s
+    SELECT * INTO v_row FROM public.data_agg_state s
     WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
     FOR UPDATE;
     IF NOT FOUND THEN
@@ -484,7 +486,7 @@ BEGIN
 
     IF p_success THEN
         SELECT f.out_cursor, f.out_next_run_at INTO v_cursor, v_next
-        FROM _agg_finish_ok(p_worker_id, jsonb_build_array(jsonb_build_object(
+        FROM public._agg_finish_ok(p_worker_id, jsonb_build_array(jsonb_build_object(
             'canonical_symbol', p_symbol, 'timeframe', p_to_tf, 'new_cursor_utc', p_new_cursor_utc,
             'stats', p_stats)), v_now) f;
         RETURN jsonb_build_object('success', true, 'changed', true, 'status', 'idle',
@@ -502,7 +504,7 @@ BEGIN
         WHEN v_status = 'hard_failed' THEN v_sched + interval '1 hour'
         WHEN v_streak = 1 THEN v_sched + interval '5 minutes'
         ELSE v_sched + interval '15 minutes' END;
-    UPDATE data_agg_state s
+    UPDATE public.data_agg_state s
     SET status = v_status,
         lease_owner = NULL,
         lease_expires_at = NULL,
@@ -529,10 +531,10 @@ END $$;
 -- p_results: a jsonb array of {"canonical_symbol", "timeframe", "new_cursor_utc", "stats"}. Each
 -- element is finished as agg_finish(success) would; returns the elements that changed nothing (not
 -- held by p_worker_id any more), with the reason, so the caller can roll back.
-CREATE OR REPLACE FUNCTION agg_finish_many(p_worker_id text, p_results jsonb, p_now_utc timestamptz DEFAULT now())
-RETURNS jsonb LANGUAGE sql AS $$
+CREATE OR REPLACE FUNCTION public.agg_finish_many(p_worker_id text, p_results jsonb, p_now_utc timestamptz DEFAULT now())
+RETURNS jsonb LANGUAGE sql SET search_path = '' AS $$
     WITH finished AS MATERIALIZED (
-        SELECT f.out_symbol, f.out_timeframe FROM _agg_finish_ok(p_worker_id, p_results, p_now_utc) f
+        SELECT f.out_symbol, f.out_timeframe FROM public._agg_finish_ok(p_worker_id, p_results, p_now_utc) f
     )
     SELECT jsonb_build_object(
         'finished', (SELECT count(*) FROM finished),
@@ -551,9 +553,9 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- p_items: a jsonb array of {"canonical_symbol", "timeframe", "new_cursor_utc", "stats"}; returns
 -- {"checkpointed": n, "unchanged": [elements not held by p_worker_id, with the reason]}.
-CREATE OR REPLACE FUNCTION agg_checkpoint_many(p_worker_id text, p_items jsonb,
+CREATE OR REPLACE FUNCTION public.agg_checkpoint_many(p_worker_id text, p_items jsonb,
     p_now_utc timestamptz DEFAULT now(), p_lease_seconds integer DEFAULT 300)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_item jsonb;
     v_out jsonb;
@@ -563,7 +565,7 @@ BEGIN
         SELECT e FROM jsonb_array_elements(p_items) e
         ORDER BY e->>'canonical_symbol', e->>'timeframe'
     LOOP
-        v_out := agg_checkpoint(v_item->>'canonical_symbol', v_item->>'timeframe', p_worker_id,
+        v_out := public.agg_checkpoint(v_item->>'canonical_symbol', v_item->>'timeframe', p_worker_id,
                                 (v_item->>'new_cursor_utc')::timestamptz, v_item->'stats', p_now_utc,
                                 p_lease_seconds);
         IF NOT (v_out->>'changed')::boolean THEN
@@ -579,15 +581,15 @@ END $$;
 -- agg_release: give back a claimed task untouched (shutdown before its work began)
 -- ---------------------------------------------------------------------------------------------
 -- Idle again and due at once; no run is counted. Only the owner's running row changes.
-CREATE OR REPLACE FUNCTION agg_release(p_symbol text, p_to_tf text, p_worker_id text,
+CREATE OR REPLACE FUNCTION public.agg_release(p_symbol text, p_to_tf text, p_worker_id text,
     p_now_utc timestamptz DEFAULT now())
-RETURNS jsonb LANGUAGE sql AS $$
+RETURNS jsonb LANGUAGE sql SET search_path = '' AS $$
     WITH changed AS (
-        UPDATE data_agg_state s
+        UPDATE public.data_agg_state s
         SET status = CASE WHEN s.hard_fail_streak >= 3 AND s.is_mandatory THEN 'hard_failed' ELSE 'idle' END,
             lease_owner = NULL, lease_expires_at = NULL, lease_session = NULL, lease_backend_pid = NULL,
             rerun_requested = false,
-            next_run_at = LEAST(s.next_run_at, _agg_schedule_clock(p_now_utc)), updated_at = now()
+            next_run_at = LEAST(s.next_run_at, LEAST(COALESCE(p_now_utc, now()), now())), updated_at = now()  -- schedule clock
         WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
           AND s.status = 'running' AND s.lease_owner = p_worker_id
         RETURNING 1
@@ -603,10 +605,10 @@ $$;
 -- streak 0 and due at once under any clock (next_run_at NULL, as the invalidation triggers do, so a
 -- replay with `--now` in the past runs it too); last_error stays until the next success clears it.
 -- p_now_utc is kept for the seed-style signature.
-CREATE OR REPLACE FUNCTION agg_reenable_task(p_symbol text, p_to_tf text, p_now_utc timestamptz DEFAULT now())
-RETURNS jsonb LANGUAGE sql AS $$
+CREATE OR REPLACE FUNCTION public.agg_reenable_task(p_symbol text, p_to_tf text, p_now_utc timestamptz DEFAULT now())
+RETURNS jsonb LANGUAGE sql SET search_path = '' AS $$
     WITH changed AS (
-        UPDATE data_agg_state s
+        UPDATE public.data_agg_state s
         SET status = 'idle', enabled = true, hard_fail_streak = 0, next_run_at = NULL,
             updated_at = now()
         WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf
@@ -619,11 +621,11 @@ RETURNS jsonb LANGUAGE sql AS $$
 $$;
 
 -- The tasks the registry asks for in an environment (DESIGN.md 7), with their source and kind.
-CREATE OR REPLACE FUNCTION _agg_wanted_tasks(p_env_name text)
+CREATE OR REPLACE FUNCTION public._agg_wanted_tasks(p_env_name text)
 RETURNS TABLE (canonical_symbol text, timeframe text, source_timeframe text, is_mandatory boolean)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT r.canonical_symbol, w.timeframe, t.source_timeframe, w.mandatory
-    FROM core_asset_registry_all r
+    FROM public.core_asset_registry_all r
     CROSS JOIN LATERAL (VALUES
         ('5m', true, true),
         ('1h', true, true),
@@ -633,7 +635,7 @@ LANGUAGE sql STABLE AS $$
         ('1w', false, COALESCE(r.calc_1w, false)),
         ('1mo', false, COALESCE(r.calc_1mo, false))
     ) AS w(timeframe, mandatory, wanted)
-    JOIN agg_timeframes t ON t.timeframe = w.timeframe
+    JOIN public.agg_timeframes t ON t.timeframe = w.timeframe
     WHERE w.wanted
       AND CASE WHEN p_env_name = 'prod' THEN COALESCE(r.active, false) ELSE COALESCE(r.test_active, false) END
 $$;
@@ -654,9 +656,9 @@ $$;
 -- * corrects source_timeframe / is_mandatory of existing tasks to the ladder.
 -- It never touches cursors or operator settings (agg_start_utc, task_priority, interval, delay).
 -- Idempotent: a second call changes nothing and returns empty lists. Serialised by an advisory lock.
-CREATE OR REPLACE FUNCTION sync_agg_state_from_registry(p_env_name text DEFAULT 'prod',
+CREATE OR REPLACE FUNCTION public.sync_agg_state_from_registry(p_env_name text DEFAULT 'prod',
     p_now_utc timestamptz DEFAULT now())
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_now timestamptz := COALESCE(p_now_utc, now());
     v_created jsonb;
@@ -667,9 +669,9 @@ BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('baragg.sync_agg_state_from_registry'));
 
     -- Lock the rows about to change in key order, so concurrent finishers cannot deadlock with us.
-    PERFORM 1 FROM data_agg_state s
-    JOIN agg_timeframes t ON t.timeframe = s.timeframe
-    LEFT JOIN _agg_wanted_tasks(p_env_name) w ON w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe
+    PERFORM 1 FROM public.data_agg_state s
+    JOIN public.agg_timeframes t ON t.timeframe = s.timeframe
+    LEFT JOIN public._agg_wanted_tasks(p_env_name) w ON w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe
     WHERE (w.timeframe IS NULL AND s.enabled)
        OR (w.timeframe IS NOT NULL AND (NOT s.enabled OR s.source_timeframe IS DISTINCT FROM w.source_timeframe
                                         OR s.is_mandatory IS DISTINCT FROM w.is_mandatory))
@@ -677,7 +679,7 @@ BEGIN
     FOR UPDATE OF s;
 
     WITH ins AS (
-        INSERT INTO data_agg_state (canonical_symbol, timeframe, source_timeframe, is_mandatory,
+        INSERT INTO public.data_agg_state (canonical_symbol, timeframe, source_timeframe, is_mandatory,
                                     run_interval_minutes, aggregation_delay_seconds, enabled, status, next_run_at,
                                     agg_start_utc)
         SELECT w.canonical_symbol, w.timeframe, w.source_timeframe, w.is_mandatory,
@@ -687,12 +689,12 @@ BEGIN
                -- the symbol's explicit start (registry add --agg-start), else the column's default:
                -- '-infinity', i.e. from its first source row (migration 0007)
                COALESCE(r.agg_start_utc, timestamptz '-infinity')
-        FROM _agg_wanted_tasks(p_env_name) w
-        JOIN agg_timeframes t ON t.timeframe = w.timeframe
-        JOIN core_asset_registry_all r ON r.canonical_symbol = w.canonical_symbol
+        FROM public._agg_wanted_tasks(p_env_name) w
+        JOIN public.agg_timeframes t ON t.timeframe = w.timeframe
+        JOIN public.core_asset_registry_all r ON r.canonical_symbol = w.canonical_symbol
         -- Only the missing ones (an anti-join is far cheaper than a conflict per existing task);
         -- ON CONFLICT still covers a task inserted meanwhile by a caller not taking the lock.
-        WHERE NOT EXISTS (SELECT 1 FROM data_agg_state s
+        WHERE NOT EXISTS (SELECT 1 FROM public.data_agg_state s
                           WHERE s.canonical_symbol = w.canonical_symbol AND s.timeframe = w.timeframe)
         ORDER BY w.canonical_symbol, w.timeframe
         ON CONFLICT (canonical_symbol, timeframe) DO NOTHING
@@ -701,33 +703,33 @@ BEGIN
     SELECT COALESCE(jsonb_agg(task ORDER BY task), '[]') INTO v_created FROM ins;
 
     WITH upd AS (
-        UPDATE data_agg_state s
+        UPDATE public.data_agg_state s
         SET enabled = true,
             status = CASE WHEN s.status = 'disabled' THEN 'idle' ELSE s.status END,
             hard_fail_streak = CASE WHEN s.status = 'disabled' THEN 0 ELSE s.hard_fail_streak END,
-            next_run_at = CASE WHEN s.status = 'disabled' THEN _agg_schedule_clock(v_now) ELSE s.next_run_at END,
+            next_run_at = CASE WHEN s.status = 'disabled' THEN LEAST(v_now, now()) ELSE s.next_run_at END,  -- schedule clock
             updated_at = now()
-        FROM _agg_wanted_tasks(p_env_name) w
+        FROM public._agg_wanted_tasks(p_env_name) w
         WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe AND NOT s.enabled
         RETURNING s.canonical_symbol || ' ' || s.timeframe AS task
     )
     SELECT COALESCE(jsonb_agg(task ORDER BY task), '[]') INTO v_enabled FROM upd;
 
     WITH upd AS (
-        UPDATE data_agg_state s
+        UPDATE public.data_agg_state s
         SET enabled = false, updated_at = now()
         WHERE s.enabled
-          AND EXISTS (SELECT 1 FROM agg_timeframes t WHERE t.timeframe = s.timeframe)
-          AND NOT EXISTS (SELECT 1 FROM _agg_wanted_tasks(p_env_name) w
+          AND EXISTS (SELECT 1 FROM public.agg_timeframes t WHERE t.timeframe = s.timeframe)
+          AND NOT EXISTS (SELECT 1 FROM public._agg_wanted_tasks(p_env_name) w
                           WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe)
         RETURNING s.canonical_symbol || ' ' || s.timeframe AS task
     )
     SELECT COALESCE(jsonb_agg(task ORDER BY task), '[]') INTO v_disabled FROM upd;
 
     WITH upd AS (
-        UPDATE data_agg_state s
+        UPDATE public.data_agg_state s
         SET source_timeframe = w.source_timeframe, is_mandatory = w.is_mandatory, updated_at = now()
-        FROM _agg_wanted_tasks(p_env_name) w
+        FROM public._agg_wanted_tasks(p_env_name) w
         WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe
           AND (s.source_timeframe IS DISTINCT FROM w.source_timeframe OR s.is_mandatory IS DISTINCT FROM w.is_mandatory)
         RETURNING s.canonical_symbol || ' ' || s.timeframe AS task

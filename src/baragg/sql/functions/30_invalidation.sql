@@ -11,14 +11,14 @@
 -- (next_run_at NULL: due under any clock, including a replayed one), a running one runs again right
 -- after its finish (rerun_requested, as agg_finish does for the tasks built from a task). A disabled
 -- task is woken too: it is not due while disabled, and runs as soon as it is enabled again.
-CREATE OR REPLACE FUNCTION _agg_record_invalidations(p_symbols text[], p_timeframes text[],
+CREATE OR REPLACE FUNCTION public._agg_record_invalidations(p_symbols text[], p_timeframes text[],
                                                      p_windows timestamptz[], p_reason text)
-RETURNS integer LANGUAGE plpgsql AS $$
+RETURNS integer LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_recorded integer;
 BEGIN
     WITH recorded AS (
-        INSERT INTO agg_invalidations AS i (canonical_symbol, timeframe, window_start, reason)
+        INSERT INTO public.agg_invalidations AS i (canonical_symbol, timeframe, window_start, reason)
         SELECT DISTINCT u.sym, u.tf, u.ws, p_reason
         FROM unnest(p_symbols, p_timeframes, p_windows) AS u(sym, tf, ws)
         ORDER BY 1, 2, 3
@@ -32,12 +32,12 @@ BEGIN
     -- writers waking overlapping tasks cannot deadlock.
     locked AS (
         SELECT s.canonical_symbol, s.timeframe
-        FROM data_agg_state s JOIN tasks t USING (canonical_symbol, timeframe)
+        FROM public.data_agg_state s JOIN tasks t USING (canonical_symbol, timeframe)
         ORDER BY s.canonical_symbol, s.timeframe
         FOR NO KEY UPDATE OF s
     ),
     woken AS (
-        UPDATE data_agg_state s
+        UPDATE public.data_agg_state s
         SET next_run_at = CASE WHEN s.status = 'idle' THEN NULL ELSE s.next_run_at END,
             rerun_requested = s.rerun_requested OR s.status = 'running',
             updated_at = now()
@@ -64,14 +64,14 @@ $$;
 --     (each statement of this volatile function takes a new snapshot), so the window is recorded.
 -- Without the lock, a row committed during the catch-up could be neither seen by it nor recorded
 -- (its window was still at or after the old cursor). Claims use SKIP LOCKED and never wait here.
-CREATE OR REPLACE FUNCTION _agg_lock_dependents(p_source_table text, p_symbols text[],
+CREATE OR REPLACE FUNCTION public._agg_lock_dependents(p_source_table text, p_symbols text[],
                                                 p_source_timeframes text[])
-RETURNS bigint LANGUAGE sql AS $$
+RETURNS bigint LANGUAGE sql SET search_path = '' AS $$
     -- count(*) reads every row of the subquery, so every row is locked.
     SELECT count(*) FROM (
         SELECT 1
-        FROM data_agg_state s
-        JOIN agg_timeframes t ON t.timeframe = s.timeframe
+        FROM public.data_agg_state s
+        JOIN public.agg_timeframes t ON t.timeframe = s.timeframe
         WHERE s.canonical_symbol = ANY (p_symbols)
           AND t.source_table = p_source_table AND t.source_timeframe = ANY (p_source_timeframes)
         ORDER BY s.canonical_symbol, s.timeframe
@@ -98,42 +98,42 @@ $$;
 -- The cheap test comes first: `ts < cursor` on the raw row (the cursor is a bucket start, so a row at
 -- or after it lies in future work); only the few rows that pass it are bucketed and recorded.
 
-CREATE OR REPLACE FUNCTION _agg_invalidate_data_bars() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION public._agg_invalidate_data_bars() RETURNS trigger LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_syms text[];
     v_tfs text[];
     v_ws timestamptz[];
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        PERFORM _agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows),
+        PERFORM public._agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows),
                                      ARRAY(SELECT DISTINCT timeframe FROM new_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                array_agg(w.ws)
         INTO v_syms, v_tfs, v_ws
         FROM new_rows n
-        JOIN agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = n.timeframe
-        JOIN data_agg_state s ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
-        CROSS JOIN LATERAL _agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
+        JOIN public.agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = n.timeframe
+        JOIN public.data_agg_state s ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
+        CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
                                               n.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE NOT n.is_partial
           AND n.ts_utc < s.last_agg_bar_ts_utc
           AND w.ws >= s.agg_start_utc;
     ELSIF TG_OP = 'DELETE' THEN
-        PERFORM _agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
+        PERFORM public._agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
                                      ARRAY(SELECT DISTINCT timeframe FROM old_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                array_agg(w.ws)
         INTO v_syms, v_tfs, v_ws
         FROM old_rows o
-        JOIN agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = o.timeframe
-        JOIN data_agg_state s ON s.canonical_symbol = o.canonical_symbol AND s.timeframe = t.timeframe
-        CROSS JOIN LATERAL _agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
+        JOIN public.agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = o.timeframe
+        JOIN public.data_agg_state s ON s.canonical_symbol = o.canonical_symbol AND s.timeframe = t.timeframe
+        CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
                                               o.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE NOT o.is_partial
           AND o.ts_utc < s.last_agg_bar_ts_utc
           AND w.ws >= s.agg_start_utc;
     ELSE
-        PERFORM _agg_lock_dependents('data_bars',
+        PERFORM public._agg_lock_dependents('data_bars',
             ARRAY(SELECT canonical_symbol FROM old_rows UNION SELECT canonical_symbol FROM new_rows),
             ARRAY(SELECT timeframe FROM old_rows UNION SELECT timeframe FROM new_rows));
         -- UPDATE: the row's old position (if it was eligible) and its new one (if it is), for the
@@ -146,9 +146,9 @@ BEGIN
         CROSS JOIN LATERAL (VALUES (o.canonical_symbol, o.timeframe, o.ts_utc, NOT o.is_partial),
                                    (n.canonical_symbol, n.timeframe, n.ts_utc, NOT n.is_partial))
             AS k(canonical_symbol, timeframe, ts_utc, eligible)
-        JOIN agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = k.timeframe
-        JOIN data_agg_state s ON s.canonical_symbol = k.canonical_symbol AND s.timeframe = t.timeframe
-        CROSS JOIN LATERAL _agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
+        JOIN public.agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = k.timeframe
+        JOIN public.data_agg_state s ON s.canonical_symbol = k.canonical_symbol AND s.timeframe = t.timeframe
+        CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
                                               k.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE (o.canonical_symbol, o.timeframe, o.ts_utc, o.open, o.high, o.low, o.close, o.vol, o.vwap,
                o.trade_count, o.is_partial)
@@ -160,48 +160,48 @@ BEGIN
           AND w.ws >= s.agg_start_utc;
     END IF;
     IF v_syms IS NOT NULL THEN
-        PERFORM _agg_record_invalidations(v_syms, v_tfs, v_ws, lower(TG_OP));
+        PERFORM public._agg_record_invalidations(v_syms, v_tfs, v_ws, lower(TG_OP));
     END IF;
     RETURN NULL;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION _agg_invalidate_derived_bars() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION public._agg_invalidate_derived_bars() RETURNS trigger LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_syms text[];
     v_tfs text[];
     v_ws timestamptz[];
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        PERFORM _agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows),
+        PERFORM public._agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows),
                                      ARRAY(SELECT DISTINCT timeframe FROM new_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                array_agg(w.ws)
         INTO v_syms, v_tfs, v_ws
         FROM new_rows n
-        JOIN agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = n.timeframe
-        JOIN data_agg_state s ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
-        CROSS JOIN LATERAL _agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
+        JOIN public.agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = n.timeframe
+        JOIN public.data_agg_state s ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
+        CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
                                               n.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE n.deleted_at IS NULL AND NOT n.is_partial
           AND n.ts_utc < s.last_agg_bar_ts_utc
           AND w.ws >= s.agg_start_utc;
     ELSIF TG_OP = 'DELETE' THEN
-        PERFORM _agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
+        PERFORM public._agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
                                      ARRAY(SELECT DISTINCT timeframe FROM old_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                array_agg(w.ws)
         INTO v_syms, v_tfs, v_ws
         FROM old_rows o
-        JOIN agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = o.timeframe
-        JOIN data_agg_state s ON s.canonical_symbol = o.canonical_symbol AND s.timeframe = t.timeframe
-        CROSS JOIN LATERAL _agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
+        JOIN public.agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = o.timeframe
+        JOIN public.data_agg_state s ON s.canonical_symbol = o.canonical_symbol AND s.timeframe = t.timeframe
+        CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
                                               o.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE o.deleted_at IS NULL AND NOT o.is_partial
           AND o.ts_utc < s.last_agg_bar_ts_utc
           AND w.ws >= s.agg_start_utc;
     ELSE
-        PERFORM _agg_lock_dependents('derived_data_bars',
+        PERFORM public._agg_lock_dependents('derived_data_bars',
             ARRAY(SELECT canonical_symbol FROM old_rows UNION SELECT canonical_symbol FROM new_rows),
             ARRAY(SELECT timeframe FROM old_rows UNION SELECT timeframe FROM new_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
@@ -214,9 +214,9 @@ BEGIN
                                    (n.canonical_symbol, n.timeframe, n.ts_utc,
                                     n.deleted_at IS NULL AND NOT n.is_partial))
             AS k(canonical_symbol, timeframe, ts_utc, eligible)
-        JOIN agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = k.timeframe
-        JOIN data_agg_state s ON s.canonical_symbol = k.canonical_symbol AND s.timeframe = t.timeframe
-        CROSS JOIN LATERAL _agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
+        JOIN public.agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = k.timeframe
+        JOIN public.data_agg_state s ON s.canonical_symbol = k.canonical_symbol AND s.timeframe = t.timeframe
+        CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
                                               k.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE (o.canonical_symbol, o.timeframe, o.ts_utc, o.open, o.high, o.low, o.close, o.vol, o.vwap,
                o.trade_count, o.is_partial, o.deleted_at IS NULL)
@@ -228,38 +228,38 @@ BEGIN
           AND w.ws >= s.agg_start_utc;
     END IF;
     IF v_syms IS NOT NULL THEN
-        PERFORM _agg_record_invalidations(v_syms, v_tfs, v_ws, lower(TG_OP));
+        PERFORM public._agg_record_invalidations(v_syms, v_tfs, v_ws, lower(TG_OP));
     END IF;
     RETURN NULL;
 END
 $$;
 
 -- A transition table serves one event per trigger, hence three triggers per table.
-DROP TRIGGER IF EXISTS agg_invalidate_insert ON data_bars;
-CREATE TRIGGER agg_invalidate_insert AFTER INSERT ON data_bars
+DROP TRIGGER IF EXISTS agg_invalidate_insert ON public.data_bars;
+CREATE TRIGGER agg_invalidate_insert AFTER INSERT ON public.data_bars
     REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION _agg_invalidate_data_bars();
-DROP TRIGGER IF EXISTS agg_invalidate_update ON data_bars;
-CREATE TRIGGER agg_invalidate_update AFTER UPDATE ON data_bars
+    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_data_bars();
+DROP TRIGGER IF EXISTS agg_invalidate_update ON public.data_bars;
+CREATE TRIGGER agg_invalidate_update AFTER UPDATE ON public.data_bars
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION _agg_invalidate_data_bars();
-DROP TRIGGER IF EXISTS agg_invalidate_delete ON data_bars;
-CREATE TRIGGER agg_invalidate_delete AFTER DELETE ON data_bars
+    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_data_bars();
+DROP TRIGGER IF EXISTS agg_invalidate_delete ON public.data_bars;
+CREATE TRIGGER agg_invalidate_delete AFTER DELETE ON public.data_bars
     REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION _agg_invalidate_data_bars();
+    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_data_bars();
 
-DROP TRIGGER IF EXISTS agg_invalidate_insert ON derived_data_bars;
-CREATE TRIGGER agg_invalidate_insert AFTER INSERT ON derived_data_bars
+DROP TRIGGER IF EXISTS agg_invalidate_insert ON public.derived_data_bars;
+CREATE TRIGGER agg_invalidate_insert AFTER INSERT ON public.derived_data_bars
     REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION _agg_invalidate_derived_bars();
-DROP TRIGGER IF EXISTS agg_invalidate_update ON derived_data_bars;
-CREATE TRIGGER agg_invalidate_update AFTER UPDATE ON derived_data_bars
+    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_derived_bars();
+DROP TRIGGER IF EXISTS agg_invalidate_update ON public.derived_data_bars;
+CREATE TRIGGER agg_invalidate_update AFTER UPDATE ON public.derived_data_bars
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION _agg_invalidate_derived_bars();
-DROP TRIGGER IF EXISTS agg_invalidate_delete ON derived_data_bars;
-CREATE TRIGGER agg_invalidate_delete AFTER DELETE ON derived_data_bars
+    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_derived_bars();
+DROP TRIGGER IF EXISTS agg_invalidate_delete ON public.derived_data_bars;
+CREATE TRIGGER agg_invalidate_delete AFTER DELETE ON public.derived_data_bars
     REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION _agg_invalidate_derived_bars();
+    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_derived_bars();
 
 -- ---------------------------------------------------------------------------------------------
 -- agg_reaggregate_tasks: re-aggregate the final logged windows of many tasks of one timeframe
@@ -288,21 +288,21 @@ CREATE TRIGGER agg_invalidate_delete AFTER DELETE ON derived_data_bars
 -- last_run_stats). Call it in the transaction of the task's first catch-up call; the cursor is not
 -- moved. An entry written by a concurrent transaction after the entries were read stays in the log
 -- for the next run.
-DROP FUNCTION IF EXISTS agg_reaggregate_invalidated(text, text, integer);
-DROP FUNCTION IF EXISTS agg_reaggregate_tasks(text, text[], integer);
-CREATE OR REPLACE FUNCTION agg_reaggregate_tasks(p_to_tf text, p_symbols text[],
+DROP FUNCTION IF EXISTS public.agg_reaggregate_invalidated(text, text, integer);
+DROP FUNCTION IF EXISTS public.agg_reaggregate_tasks(text, text[], integer);
+CREATE OR REPLACE FUNCTION public.agg_reaggregate_tasks(p_to_tf text, p_symbols text[],
                                                  p_derivation_version integer DEFAULT 1,
                                                  p_now_utc timestamptz DEFAULT NULL)
 RETURNS TABLE (canonical_symbol text, result jsonb)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = '' AS $$
 #variable_conflict use_column
 DECLARE
-    v_tf agg_timeframes := _agg_ladder(p_to_tf);
+    v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
     v_now timestamptz := COALESCE(p_now_utc, now());
 BEGIN
     -- The common case, every catch-up of a task with nothing pending: one index probe, and the
     -- statement below is not even planned.
-    IF NOT EXISTS (SELECT 1 FROM agg_invalidations i
+    IF NOT EXISTS (SELECT 1 FROM public.agg_invalidations i
                    WHERE i.timeframe = p_to_tf AND i.canonical_symbol = ANY (p_symbols)) THEN
         RETURN QUERY
         SELECT u.sym, jsonb_build_object('success', true, 'windows', 0, 'bars_created', 0, 'bars_rewritten', 0,
@@ -313,8 +313,8 @@ BEGIN
         RETURN;
     END IF;
     -- Symbols on a trading session, and 1mo, have session windows (15_sessions.sql).
-    IF _agg_needs_sessions(p_to_tf, p_symbols) THEN
-        RETURN QUERY SELECT * FROM _agg_reaggregate_split(p_to_tf, p_symbols, p_derivation_version, p_now_utc);
+    IF public._agg_needs_sessions(p_to_tf, p_symbols) THEN
+        RETURN QUERY SELECT * FROM public._agg_reaggregate_split(p_to_tf, p_symbols, p_derivation_version, p_now_utc);
         RETURN;
     END IF;
     RETURN QUERY
@@ -326,8 +326,8 @@ BEGIN
                COALESCE(s.aggregation_delay_seconds, 0) AS delay_seconds,
                COALESCE(b.bound, timestamptz 'infinity') AS bound
         FROM input i
-        LEFT JOIN data_agg_state s ON s.canonical_symbol = i.sym AND s.timeframe = p_to_tf
-        LEFT JOIN _agg_chain_bounds(p_to_tf, p_symbols) b ON b.canonical_symbol = i.sym
+        LEFT JOIN public.data_agg_state s ON s.canonical_symbol = i.sym AND s.timeframe = p_to_tf
+        LEFT JOIN public._agg_chain_bounds(p_to_tf, p_symbols) b ON b.canonical_symbol = i.sym
     ),
     entries AS (
         SELECT st.sym, e.window_start AS ws,
@@ -336,10 +336,10 @@ BEGIN
                v_now >= e.window_start + v_tf.bucket_interval + make_interval(secs => st.delay_seconds)
                    AND e.window_start + v_tf.bucket_interval <= st.bound AS is_final
         FROM settings st
-        JOIN agg_invalidations e ON e.canonical_symbol = st.sym AND e.timeframe = p_to_tf
+        JOIN public.agg_invalidations e ON e.canonical_symbol = st.sym AND e.timeframe = p_to_tf
     ),
     taken AS (
-        DELETE FROM agg_invalidations i
+        DELETE FROM public.agg_invalidations i
         USING entries e
         WHERE i.canonical_symbol = e.sym AND i.timeframe = p_to_tf AND i.window_start = e.ws
           AND (e.is_final OR NOT e.in_range)
@@ -355,10 +355,10 @@ BEGIN
         SELECT p.sym, p.ws, w.open, w.high, w.low, w.close, w.vol, w.vwap, w.trade_count,
                w.source_candles, w.expected_candles, w.quality_score
         FROM pending p
-        LEFT JOIN LATERAL _agg_window_bars(p_to_tf, p.sym, p.ws, p.ws + v_tf.bucket_interval) w ON true
+        LEFT JOIN LATERAL public._agg_window_bars(p_to_tf, p.sym, p.ws, p.ws + v_tf.bucket_interval) w ON true
     ),
     written AS (
-        INSERT INTO derived_data_bars AS d (
+        INSERT INTO public.derived_data_bars AS d (
             canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
             is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
             quality_score, derivation_version, raw, deleted_at)
@@ -386,7 +386,7 @@ BEGIN
         RETURNING d.canonical_symbol, d.quality_score, (d.xmax = 0) AS inserted
     ),
     withdrawn AS (
-        UPDATE derived_data_bars d
+        UPDATE public.derived_data_bars d
         SET deleted_at = now(), updated_at = now()
         FROM fresh f
         WHERE f.quality_score IS NULL
@@ -407,7 +407,7 @@ BEGIN
         FROM input i
     ),
     recorded AS (
-        UPDATE data_agg_state s
+        UPDATE public.data_agg_state s
         SET total_bars_created = s.total_bars_created + c.n_created,
             total_bars_rewritten = s.total_bars_rewritten + c.n_rewritten,
             total_bars_unchanged = s.total_bars_unchanged + (c.n_storable - c.n_created - c.n_rewritten),
@@ -448,9 +448,9 @@ END
 $$;
 
 -- One task, the shape of catchup_aggregation_range's result (for psql and RPC callers).
-CREATE OR REPLACE FUNCTION agg_reaggregate_invalidated(p_symbol text, p_to_tf text,
+CREATE OR REPLACE FUNCTION public.agg_reaggregate_invalidated(p_symbol text, p_to_tf text,
                                                        p_derivation_version integer DEFAULT 1,
                                                        p_now_utc timestamptz DEFAULT NULL)
-RETURNS jsonb LANGUAGE sql AS $$
-    SELECT t.result FROM agg_reaggregate_tasks(p_to_tf, ARRAY[p_symbol], p_derivation_version, p_now_utc) t
+RETURNS jsonb LANGUAGE sql SET search_path = '' AS $$
+    SELECT t.result FROM public.agg_reaggregate_tasks(p_to_tf, ARRAY[p_symbol], p_derivation_version, p_now_utc) t
 $$;

@@ -33,10 +33,10 @@
 -- p_budget_seconds: no new claim after this long (wall clock), and tasks with a backlog are then
 -- finished as due again (the next round continues them); keep it below the schedule's interval.
 -- p_now_utc fixes the clock of the scheduling rules (tests, replays), as `run --once --now` does.
-CREATE OR REPLACE FUNCTION baragg_round_start(p_env text DEFAULT 'prod', p_budget_seconds integer DEFAULT 50,
+CREATE OR REPLACE FUNCTION public.baragg_round_start(p_env text DEFAULT 'prod', p_budget_seconds integer DEFAULT 50,
     p_max_windows integer DEFAULT 2000, p_batch_size integer DEFAULT 500, p_lease_seconds integer DEFAULT 300,
     p_now_utc timestamptz DEFAULT NULL, p_worker_id text DEFAULT NULL)
-RETURNS jsonb LANGUAGE plpgsql VOLATILE SET search_path = public, pg_temp AS $$
+RETURNS jsonb LANGUAGE plpgsql VOLATILE SET search_path = '' AS $$
 DECLARE
     v_session integer;
 BEGIN
@@ -84,8 +84,8 @@ END
 $$;
 
 -- Adds n to totals[key].
-CREATE OR REPLACE FUNCTION _baragg_round_count(p_state jsonb, p_key text, p_n bigint DEFAULT 1)
-RETURNS jsonb LANGUAGE sql IMMUTABLE SET search_path = public, pg_temp AS $$
+CREATE OR REPLACE FUNCTION public._baragg_round_count(p_state jsonb, p_key text, p_n bigint DEFAULT 1)
+RETURNS jsonb LANGUAGE sql IMMUTABLE SET search_path = '' AS $$
     SELECT pg_catalog.jsonb_set(p_state, ARRAY['totals', p_key],
                                 pg_catalog.to_jsonb(COALESCE((p_state -> 'totals' ->> p_key)::bigint, 0) + p_n))
 $$;
@@ -99,8 +99,8 @@ $$;
 --       work   one catch-up transaction for the queue's head (a timeframe and its symbols)
 --       done   the totals are in the state (and in the server log)
 -- Transient errors are those the Python worker retries (classes 08, 40, 53, 55, 57, 58; not 54).
-CREATE OR REPLACE FUNCTION baragg_round_step(p_state jsonb)
-RETURNS jsonb LANGUAGE plpgsql VOLATILE SET search_path = public, pg_temp AS $$
+CREATE OR REPLACE FUNCTION public.baragg_round_step(p_state jsonb)
+RETURNS jsonb LANGUAGE plpgsql VOLATILE SET search_path = '' AS $$
 DECLARE
     v_state jsonb := p_state;
     v_phase text := p_state ->> 'phase';
@@ -137,7 +137,7 @@ DECLARE
 BEGIN
     IF v_phase = 'sync' THEN
         BEGIN
-            PERFORM sync_agg_state_from_registry(p_state ->> 'env', v_now);
+            PERFORM public.sync_agg_state_from_registry(p_state ->> 'env', v_now);
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS v_sqlstate = RETURNED_SQLSTATE;
             IF left(v_sqlstate, 2) IN ('08', '40', '53', '55', '57', '58')
@@ -157,7 +157,7 @@ BEGIN
             v_group := NULL;
             FOR v_row IN
                 SELECT c.canonical_symbol, c.timeframe, c.last_agg_bar_ts_utc
-                FROM agg_claim_tasks(v_worker, (p_state ->> 'batch_size')::integer,
+                FROM public.agg_claim_tasks(v_worker, (p_state ->> 'batch_size')::integer,
                                      (p_state ->> 'lease_seconds')::integer, v_now) c
             LOOP
                 IF v_group IS NOT NULL AND v_group ->> 'timeframe' <> v_row.timeframe THEN
@@ -206,21 +206,21 @@ BEGIN
     v_fixed := '{}';
     BEGIN
         PERFORM count(*) FROM (
-            SELECT 1 FROM data_agg_state s
+            SELECT 1 FROM public.data_agg_state s
             WHERE s.canonical_symbol = ANY (v_symbols) AND s.timeframe = v_tf AND s.lease_owner = v_worker
             ORDER BY s.canonical_symbol
             FOR NO KEY UPDATE
         ) locked;
-        UPDATE data_agg_state s SET rerun_requested = false
+        UPDATE public.data_agg_state s SET rerun_requested = false
         WHERE s.canonical_symbol = ANY (v_symbols) AND s.timeframe = v_tf AND s.lease_owner = v_worker
           AND s.rerun_requested;
         IF v_first THEN
             SELECT COALESCE(jsonb_object_agg(r.canonical_symbol, r.result), '{}') INTO v_fixed
-            FROM agg_reaggregate_tasks(v_tf, v_symbols, 1, v_now) r;
+            FROM public.agg_reaggregate_tasks(v_tf, v_symbols, 1, v_now) r;
         END IF;
         SELECT COALESCE(jsonb_agg(jsonb_build_object('symbol', c.canonical_symbol, 'result', c.result)), '[]')
         INTO v_results
-        FROM agg_catchup_tasks(v_tf, v_symbols, v_cursors, (p_state ->> 'max_windows')::integer, v_now) c;
+        FROM public.agg_catchup_tasks(v_tf, v_symbols, v_cursors, (p_state ->> 'max_windows')::integer, v_now) c;
         -- As the worker does: after the call, is there time for another one?
         v_in_time := clock_timestamp() < v_deadline;
         FOR v_row IN
@@ -251,11 +251,11 @@ BEGIN
         END LOOP;
         v_unchanged := '[]';
         IF jsonb_array_length(v_finishing) > 0 THEN
-            v_answer := agg_finish_many(v_worker, v_finishing, v_now);
+            v_answer := public.agg_finish_many(v_worker, v_finishing, v_now);
             v_unchanged := v_unchanged || (v_answer -> 'unchanged');
         END IF;
         IF jsonb_array_length(v_continuing) > 0 THEN
-            v_answer := agg_checkpoint_many(v_worker, v_continuing, v_now, (p_state ->> 'lease_seconds')::integer);
+            v_answer := public.agg_checkpoint_many(v_worker, v_continuing, v_now, (p_state ->> 'lease_seconds')::integer);
             v_unchanged := v_unchanged || (v_answer -> 'unchanged');
         END IF;
         IF jsonb_array_length(v_unchanged) > 0 THEN
@@ -277,16 +277,16 @@ BEGIN
             END LOOP;
             RETURN v_state || jsonb_build_object('queue', v_queue || v_rest);
         END IF;
-        v_state := _baragg_round_count(v_state, 'task_runs');
+        v_state := public._baragg_round_count(v_state, 'task_runs');
         IF v_sqlstate = 'BA001' THEN
-            v_state := _baragg_round_count(v_state, 'lease_lost');
+            v_state := public._baragg_round_count(v_state, 'lease_lost');
         ELSE
             v_kind := CASE WHEN left(v_sqlstate, 2) IN ('08', '40', '53', '55', '57', '58') THEN 'transient'
                            ELSE 'hard' END;
-            PERFORM agg_finish(v_symbols[1], v_tf, false, NULL, NULL, v_kind,
+            PERFORM public.agg_finish(v_symbols[1], v_tf, false, NULL, NULL, v_kind,
                                format('SQLSTATE %s: %s', v_sqlstate, split_part(v_message, E'\n', 1)),
                                v_now, v_worker);
-            v_state := _baragg_round_count(v_state, v_kind);
+            v_state := public._baragg_round_count(v_state, v_kind);
         END IF;
         RETURN v_state || jsonb_build_object('queue', v_rest,
                                              'phase', CASE WHEN jsonb_array_length(v_rest) = 0 THEN 'claim' ELSE 'work' END);
@@ -300,17 +300,17 @@ BEGIN
         -- The worker's task result: bar counts of both paths (catch-up and logged windows), windows
         -- of the catch-up, windows_reaggregated / bars_reaggregated of the logged windows.
         v_stats := v_calls -> v_symbols[i] -> 'stats';
-        v_state := _baragg_round_count(v_state, 'windows', (v_stats ->> 'windows_processed')::bigint);
-        v_state := _baragg_round_count(v_state, 'bars_skipped', (v_stats ->> 'bars_skipped')::bigint);
-        v_state := _baragg_round_count(v_state, 'gaps_skipped', (v_stats ->> 'gaps_skipped')::bigint);
+        v_state := public._baragg_round_count(v_state, 'windows', (v_stats ->> 'windows_processed')::bigint);
+        v_state := public._baragg_round_count(v_state, 'bars_skipped', (v_stats ->> 'bars_skipped')::bigint);
+        v_state := public._baragg_round_count(v_state, 'gaps_skipped', (v_stats ->> 'gaps_skipped')::bigint);
         FOREACH v_key IN ARRAY ARRAY['bars_created', 'bars_rewritten', 'bars_withdrawn', 'bars_unchanged',
                                      'bars_quality_poor'] LOOP
-            v_state := _baragg_round_count(v_state, v_key, (v_stats ->> v_key)::bigint
+            v_state := public._baragg_round_count(v_state, v_key, (v_stats ->> v_key)::bigint
                                            + COALESCE((v_fixed -> v_symbols[i] ->> v_key)::bigint, 0));
         END LOOP;
-        v_state := _baragg_round_count(v_state, 'windows_reaggregated',
+        v_state := public._baragg_round_count(v_state, 'windows_reaggregated',
                                        COALESCE((v_fixed -> v_symbols[i] ->> 'windows')::bigint, 0));
-        v_state := _baragg_round_count(v_state, 'bars_reaggregated',
+        v_state := public._baragg_round_count(v_state, 'bars_reaggregated',
                                        COALESCE((v_fixed -> v_symbols[i] ->> 'bars_reaggregated')::bigint, 0));
         IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_continuing) c WHERE c ->> 'canonical_symbol' = v_symbols[i]) THEN
             v_next_symbols := v_next_symbols || v_symbols[i];
@@ -318,8 +318,8 @@ BEGIN
                                                  FROM jsonb_array_elements(v_continuing) c
                                                  WHERE c ->> 'canonical_symbol' = v_symbols[i]);
         ELSE
-            v_state := _baragg_round_count(v_state, 'task_runs');
-            v_state := _baragg_round_count(v_state,
+            v_state := public._baragg_round_count(v_state, 'task_runs');
+            v_state := public._baragg_round_count(v_state,
                 CASE WHEN (v_calls -> v_symbols[i] ->> 'backlog')::boolean THEN 'continue' ELSE 'ok' END);
         END IF;
     END LOOP;
@@ -337,10 +337,10 @@ $$;
 -- baragg_round_command: the text of a round (the DO block above), for cron.schedule or \gexec
 -- ---------------------------------------------------------------------------------------------
 -- Its parameters are baragg_round_start's, written into the text as literals.
-CREATE OR REPLACE FUNCTION baragg_round_command(p_env text DEFAULT 'prod', p_budget_seconds integer DEFAULT 50,
+CREATE OR REPLACE FUNCTION public.baragg_round_command(p_env text DEFAULT 'prod', p_budget_seconds integer DEFAULT 50,
     p_max_windows integer DEFAULT 2000, p_batch_size integer DEFAULT 500, p_lease_seconds integer DEFAULT 300,
     p_now_utc timestamptz DEFAULT NULL)
-RETURNS text LANGUAGE sql STABLE SET search_path = public, pg_temp AS $$
+RETURNS text LANGUAGE sql STABLE SET search_path = '' AS $$
     SELECT pg_catalog.format($command$DO $baragg$
 DECLARE
     v_state jsonb := public.baragg_round_start(%L, %s, %s, %s, %s, %s);
