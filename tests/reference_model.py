@@ -229,11 +229,19 @@ def first_window_at_or_after(tf: Timeframe, ts: datetime) -> datetime:
 
 
 def bootstrap(world: World, symbol: str, tf_name: str, now: datetime) -> datetime:
-    """Rule 'Bootstrap' of DESIGN.md 4: the window of the first source row at or after agg_start;
-    with none, the window containing now (not final yet, so nothing is built early)."""
+    """Rule 'Bootstrap' of DESIGN.md 4: the window of the first row at or after agg_start anywhere
+    down the chain (the source bars, their source's, ... the 1m bars: a level whose source is not
+    built yet starts where the data below it starts); with none, the window containing now (not
+    final yet, so nothing is built early)."""
     tf = LADDER[tf_name]
     agg_start = world.task(symbol, tf_name).agg_start
-    later = [r.ts for r in world.source_rows(symbol, tf.source) if agg_start is None or r.ts >= agg_start]
+    levels = [tf.source] + [LADDER[below].source for below in chain_below(tf_name)]
+    later = [
+        r.ts
+        for level in levels
+        for r in world.source_rows(symbol, level)
+        if agg_start is None or r.ts >= agg_start
+    ]
     if not later:
         return bucket_start(tf, now)
     return bucket_start(tf, min(later) if agg_start is None else max(agg_start, min(later)))

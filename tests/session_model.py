@@ -24,11 +24,14 @@ def first_window(wins: list[Window], cursor: datetime, agg_start: datetime) -> i
 
 
 def bootstrap(world: World, symbol: str, tf_name: str, wins: list[Window], now: datetime) -> datetime | None:
-    """The window containing the first source row at or after agg_start (or the next one); without
-    any, the window containing now (or the next one)."""
-    tf = LADDER[tf_name]
+    """The window containing the first row at or after agg_start anywhere down the chain (or the
+    next one); without any, the window containing now (or the next one)."""
     agg_start = world.task(symbol, tf_name).agg_start
-    later = [r.ts for r in world.source_rows(symbol, tf.source) if r.ts >= agg_start]
+    levels, level = [], tf_name
+    while level in LADDER:
+        level = LADDER[level].source
+        levels.append(level)
+    later = [r.ts for lv in levels for r in world.source_rows(symbol, lv) if r.ts >= agg_start]
     moment = min(later) if later else now
     return next((w.start for w in wins if w.end > moment), None)
 

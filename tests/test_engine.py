@@ -304,6 +304,49 @@ def test_bootstrap_without_data_is_the_window_containing_now(conn: psycopg.Conne
     assert week == FRI - timedelta(days=4)  # the Monday of the week containing now
 
 
+def test_bootstrap_looks_down_the_whole_chain(conn: psycopg.Connection) -> None:
+    """A level whose source is not built yet starts where the data below it starts, not at now: a
+    1h (or 1d) task run before its 5m task (a backfill's first round) must not put the history behind
+    its cursor, where it came back as "late data" and its last windows were built before they closed."""
+    add_asset(conn)
+    add_minutes(conn, FRI + timedelta(minutes=7), 30)  # only 1m rows: no 5m, 1h bar exists yet
+    later = FRI + timedelta(days=3)
+    for timeframe, expected in (("1h", FRI), ("1d", FRI), ("15m", FRI)):
+        (boot,) = conn.execute(
+            "SELECT agg_bootstrap_cursor('EURUSD', %s, %s)", (timeframe, later)
+        ).fetchone()
+        assert boot == expected, timeframe
+
+
+def test_an_hour_task_run_before_its_5m_task_builds_nothing_early(conn: psycopg.Connection) -> None:
+    """The order a backfill's first round may take: 1h (no cursor yet) before 5m. The hour task must
+    wait at the data's start, then build its hours from the 5m bars as an ordinary catch-up."""
+    add_asset(conn)
+    add_task(conn, "5m")
+    add_task(conn, "1h", source_timeframe="5m")
+    add_minutes(conn, FRI, 180)  # 00:00-02:59
+    now = FRI + timedelta(hours=3)
+    (first,) = conn.execute(
+        "SELECT result FROM agg_catchup_tasks('1h', ARRAY['EURUSD'], ARRAY[NULL]::timestamptz[], 100, %s)",
+        (now,),
+    ).fetchone()
+    assert first["bars_created"] == 0 and datetime.fromisoformat(first["cursor_advanced_to"]) == FRI
+    (five,) = conn.execute(
+        "SELECT result FROM agg_catchup_tasks('5m', ARRAY['EURUSD'], ARRAY[NULL]::timestamptz[], 100, %s)",
+        (now,),
+    ).fetchone()
+    conn.execute(
+        "UPDATE data_agg_state SET last_agg_bar_ts_utc = %s WHERE timeframe = '5m'",
+        (datetime.fromisoformat(five["cursor_advanced_to"]),),
+    )
+    (hour,) = conn.execute(
+        "SELECT result FROM agg_catchup_tasks('1h', ARRAY['EURUSD'], ARRAY[%s]::timestamptz[], 100, %s)",
+        (FRI, now),
+    ).fetchone()
+    assert hour["bars_created"] == 3
+    assert datetime.fromisoformat(hour["cursor_advanced_to"]) == FRI + timedelta(hours=3)
+
+
 def test_hour_waits_for_the_5m_task_but_fridays_last_hour_is_not_held_until_monday(conn) -> None:
     add_asset(conn)
     add_minutes(conn, FRI + timedelta(hours=20), 60)  # Friday 20:00-20:59, then the weekend

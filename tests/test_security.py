@@ -234,7 +234,7 @@ def test_a_member_of_baragg_worker_runs_everything(
 
     def ok(*args: str | Path) -> str:
         code, out, err = run(*args)
-        assert code == 0, f"{args}: {err}"
+        assert code == 0, f"{args}: {err}{out}"
         return out
 
     ok("registry", "add", "EURUSD", "--calc-4h", "--calc-1d")

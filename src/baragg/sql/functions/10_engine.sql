@@ -251,9 +251,32 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- _agg_chain_first_ts: the earliest row at or after p_from anywhere down p_tf's chain: its source
+-- timeframe's bars, their source's, ... down to the 1m bars. A bootstrap looks at all of them (rule 3
+-- waits for the whole chain): a 1h task bootstrapped while its 5m bars are not built yet (a backfill
+-- that runs 1h before 5m, a new symbol's first round) must start at the 1m data that will become
+-- them, not at now (which put the whole history behind its cursor, to come back as "late data").
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION public._agg_chain_first_ts(p_symbol text, p_tf text, p_from timestamptz)
+RETURNS timestamptz LANGUAGE plpgsql STABLE SET search_path = '' AS $$
+DECLARE
+    v_tf public.agg_timeframes := public._agg_ladder(p_tf);
+    v_first timestamptz;
+BEGIN
+    FOR i IN 1..20 LOOP  -- bounded: the ladder is a few levels deep
+        v_first := LEAST(v_first, public._agg_source_ts(v_tf.source_table, p_symbol, v_tf.source_timeframe,
+                                                        p_from, 'infinity'));
+        EXIT WHEN v_tf.source_table = 'data_bars';
+        v_tf := public._agg_ladder(v_tf.source_timeframe);
+    END LOOP;
+    RETURN v_first;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- agg_bootstrap_cursor (seed C.2): the first window to process for a task without a cursor: the
--- bucket containing max(agg_start_utc, earliest source bar at or after agg_start_utc); with no
--- source data there, the bucket containing now (DESIGN.md 4). That window is not final yet, so
+-- bucket containing max(agg_start_utc, earliest bar at or after agg_start_utc anywhere down its
+-- chain: _agg_chain_first_ts); with no such data, the bucket containing now (DESIGN.md 4). That window is not final yet, so
 -- nothing is built early, and the rows that arrive for it are ordinary future work. (The next
 -- boundary after now, as before, put the current window behind the cursor: its rows became "late
 -- data" and the open window was built at once, then rewritten as each row arrived.) Reads only
@@ -273,7 +296,7 @@ BEGIN
     IF v_session <> '24x7' OR v_tf.window_kind = 'month' THEN
         RETURN public._agg_session_bootstrap(p_symbol, p_to_tf, v_session, v_agg_start, COALESCE(p_now_utc, now()));
     END IF;
-    v_first := public._agg_source_ts(v_tf.source_table, p_symbol, v_tf.source_timeframe, v_agg_start, 'infinity');
+    v_first := public._agg_chain_first_ts(p_symbol, p_to_tf, v_agg_start);
     IF v_first IS NULL THEN
         RETURN date_bin(v_tf.bucket_interval, COALESCE(p_now_utc, now()), v_tf.bucket_origin);
     END IF;

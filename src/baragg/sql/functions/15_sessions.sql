@@ -174,10 +174,9 @@ CREATE OR REPLACE FUNCTION public._agg_session_bootstrap(p_symbol text, p_tf tex
                                                   p_agg_start timestamptz, p_now timestamptz)
 RETURNS timestamptz LANGUAGE plpgsql STABLE SET search_path = '' AS $$
 DECLARE
-    v_tf public.agg_timeframes := public._agg_ladder(p_tf);
     v_first timestamptz;
 BEGIN
-    v_first := public._agg_source_ts(v_tf.source_table, p_symbol, v_tf.source_timeframe, p_agg_start, 'infinity');
+    v_first := public._agg_chain_first_ts(p_symbol, p_tf, p_agg_start);
     RETURN (SELECT w.ws FROM public._agg_session_next_window(p_session, p_tf, COALESCE(v_first, p_now)) w);
 END
 $$;
