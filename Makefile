@@ -16,7 +16,7 @@ demo: $(BIN)/baragg
 
 test: $(BIN)/baragg
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses=4
 
 lint: $(BIN)/baragg
 	$(BIN)/ruff check src tests bench

@@ -22,6 +22,11 @@ from psycopg.conninfo import make_conninfo
 from baragg import migrate
 from baragg.db import Database
 
+# The text tables are as wide as $COLUMNS says when it is set (baragg.terminal); pytest-xdist's workers
+# inherit a width from the terminal that started them. The tests read the output of a pipe: no width.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL_DATA = SHARED / "data" / "real"
 
