@@ -98,7 +98,7 @@ def test_db_status_exit_code_says_whether_the_schema_is_current(empty_db: Databa
 def test_a_database_url_behind_the_migrations_names_db_upgrade(empty_db: Database) -> None:
     shipped = migrate.discover()
     migrate.upgrade(empty_db, shipped[:-1])
-    for command in (("registry", "list"), ("status",), ("run", "--once")):
+    for command in (("registry", "list"), ("status",), ("run", "--once"), ("worker",)):
         done = baragg(empty_db, *command)
         assert done.returncode == 1, (command, done.stderr)
         line = one_line(done)

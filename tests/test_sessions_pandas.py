@@ -83,7 +83,7 @@ def pandas_levels(minutes: pd.DataFrame, zone: str, opening: time, closing: time
         keep = (
             (local.index >= opens)
             & (local.index < closes)
-            & local.index.dayofweek.isin([d - 1 for d in weekdays])
+            & local.index.day_of_week.isin([d - 1 for d in weekdays])
         )
         in_session = local[keep]
         day_start = opens[keep]

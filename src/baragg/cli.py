@@ -23,7 +23,6 @@ from typing import Any
 from baragg import __version__
 from baragg.db import Database, open_database
 from baragg.errors import BaraggError, InvalidInput, RedactingFilter, printable, redact, register_secrets_from
-from baragg.sql import query
 
 Handler = Callable[[argparse.Namespace], int]
 TIMEFRAME_CHOICES = ["5m", "15m", "1h", "4h", "1d", "1w", "1mo"]
@@ -66,24 +65,10 @@ def database(args: argparse.Namespace, *, prepare_embedded: bool = True) -> Data
 
 
 def require_current_schema(db: Database) -> None:
-    """Refuse to work on a database whose schema is missing or behind the shipped migrations, with
-    the command that fixes it. A database whose migrations were applied with psql (nothing recorded)
-    passes when baragg's tables are there; a missing object is then reported where it is used."""
+    """See ``migrate.require_current`` (kept here: the commands call it by this name)."""
     from baragg import migrate
 
-    states = migrate.status(db)
-    pending = [s.name for s in states if s.state == "pending"]
-    if not pending:
-        return
-    if len(pending) < len(states):
-        raise BaraggError(
-            f"the database schema is behind this baragg: {len(pending)} migration(s) pending "
-            f"({', '.join(pending)}); run `baragg db upgrade`"
-        )
-    with db.connect(autocommit=True) as conn:
-        present = conn.execute(query("schema_present")).fetchone()
-    if not present or not present[0]:
-        raise BaraggError("the database has no baragg schema: run `baragg db upgrade`")
+    migrate.require_current(db)
 
 
 def print_json(value: Any) -> None:
@@ -288,9 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     _setup_worker_logging(args)
     db = database(args)
-    if not db.embedded:
-        require_current_schema(db)
-    worker.check_schema(db)
+    worker.check_schema(db)  # migrations and functions (the embedded database is upgraded already)
     stop = threading.Event()
     _install_stop_signals(stop)
     summary = worker.run_once(

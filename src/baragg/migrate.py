@@ -269,3 +269,22 @@ def _apply_repeatables(
     for m in changed:
         log.info("applied repeatable %s", m.name)
     return changed
+
+
+def require_current(db: Database) -> None:
+    """Refuse to work on a database whose schema is missing or behind the shipped migrations, with
+    the command that fixes it. A database whose migrations were applied with psql (nothing recorded)
+    passes when baragg's tables are there; a missing object is then reported where it is used."""
+    states = status(db)
+    pending = [s.name for s in states if s.state == "pending"]
+    if not pending:
+        return
+    if len(pending) < len(states):
+        raise BaraggError(
+            f"the database schema is behind this baragg: {len(pending)} migration(s) pending "
+            f"({', '.join(pending)}); run `baragg db upgrade`"
+        )
+    with db.connect(autocommit=True) as conn:
+        present = conn.execute(query("schema_present")).fetchone()
+    if not present or not present[0]:
+        raise BaraggError("the database has no baragg schema: run `baragg db upgrade`")

@@ -689,9 +689,13 @@ REQUIRED_FUNCTIONS = (
 def check_schema(db: Database) -> None:
     """Fail with a clear message when the worker's SQL functions are missing (schema not upgraded).
 
-    Checks the functions themselves, not the migrations table: the migrations may have been applied
-    with psql or the Supabase CLI, which record nothing.
+    Checks the migrations table (a recorded schema with pending migrations is refused: the worker
+    would run new code on old tables), then the functions themselves: the migrations may have been
+    applied with psql or the Supabase CLI, which record nothing.
     """
+    from baragg import migrate
+
+    migrate.require_current(db)
     with db.connect(autocommit=True) as conn:
         missing = [
             name
