@@ -312,9 +312,7 @@ def test_bootstrap_looks_down_the_whole_chain(conn: psycopg.Connection) -> None:
     add_minutes(conn, FRI + timedelta(minutes=7), 30)  # only 1m rows: no 5m, 1h bar exists yet
     later = FRI + timedelta(days=3)
     for timeframe, expected in (("1h", FRI), ("1d", FRI), ("15m", FRI)):
-        (boot,) = conn.execute(
-            "SELECT agg_bootstrap_cursor('EURUSD', %s, %s)", (timeframe, later)
-        ).fetchone()
+        (boot,) = conn.execute("SELECT agg_bootstrap_cursor('EURUSD', %s, %s)", (timeframe, later)).fetchone()
         assert boot == expected, timeframe
 
 
