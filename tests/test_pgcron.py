@@ -346,3 +346,35 @@ def test_pg_cron_runs_the_round(cluster: pg_cluster.Cluster, capsys: pytest.Capt
         assert "failed" in out and "statement timeout" in out
     finally:
         main(url, "db", "unschedule", capsys=capsys)
+
+
+def test_schedule_stores_session_days_years_ahead_and_status_warns_when_they_run_short(
+    cluster: pg_cluster.Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The round runs in SQL and cannot compute trading days (exchange calendars are Python): a
+    session symbol run only by pg_cron would stop at the end of the stored days, silently."""
+    url = cluster.url
+    assert main(url, "session", "add", "CRONFX", "--tz", "America/New_York", "--open", "17:00",
+                "--days", "sun-fri", capsys=capsys)[0] == 0  # fmt: skip
+    assert main(url, "registry", "add", "CRONGBP", "--session", "CRONFX", capsys=capsys)[0] == 0
+    try:
+        assert main(url, "db", "schedule", capsys=capsys)[0] == 0
+        today = datetime.now(UTC).date()
+        with psycopg.connect(url) as conn:
+            (days_to,) = conn.execute("SELECT days_to FROM agg_sessions WHERE name = 'CRONFX'").fetchone()
+        assert days_to >= today + timedelta(days=4 * 365)
+        code, out, _ = main(url, "status", capsys=capsys)
+        assert code == 0 and "CRONFX" not in out
+        with psycopg.connect(url) as conn:
+            conn.execute(
+                "UPDATE agg_sessions SET days_to = %s WHERE name = 'CRONFX'", (today + timedelta(days=10),)
+            )
+        code, out, _ = main(url, "status", capsys=capsys)
+        assert code == 0
+        assert f"session CRONFX: trading days stored only to {today + timedelta(days=10)}" in out
+        assert "`baragg db schedule` again" in out
+    finally:
+        main(url, "db", "unschedule", capsys=capsys)
+        with psycopg.connect(url) as conn:
+            conn.execute("DELETE FROM data_agg_state WHERE canonical_symbol = 'CRONGBP'")
+            conn.execute("DELETE FROM core_asset_registry_all WHERE canonical_symbol = 'CRONGBP'")

@@ -694,7 +694,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         job = pgcron.job_status(database(args), limit=5)
         if job is not None:  # the round scheduled in pg_cron (baragg db schedule)
-            print("\n".join(pgcron.describe(job)))
+            print("\n".join(pgcron.describe(job) + pgcron.session_warnings(database(args), now)))
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -120,6 +120,10 @@ def _require_cron(conn: psycopg.Connection) -> dict[str, Any]:
     return state
 
 
+SESSION_DAYS_AHEAD = timedelta(days=5 * 366)
+SESSION_WARN_WITHIN = timedelta(days=60)
+
+
 def schedule(
     db: Database, *, every: str = DEFAULT_EVERY, env: str = "prod", budget: int | None = None
 ) -> CronJob:
@@ -138,9 +142,29 @@ def schedule(
         except psycopg.Error as exc:
             raise BaraggError(f"cron.schedule failed: {_first_line(exc)}") from exc
         conn.commit()
+        # The round cannot compute trading days (exchange calendars live in Python): store them
+        # years ahead now; `baragg status` warns when they run short.
+        from baragg import sessions
+
+        sessions.ensure_ahead(conn, (datetime.now(UTC) + SESSION_DAYS_AHEAD).date())
     job = job_status(db, limit=0)
     assert job is not None
     return job
+
+
+def session_warnings(db: Database, now: datetime | None = None) -> list[str]:
+    """Lines for `baragg status` beside a pg_cron job: sessions in use whose stored trading days end
+    within SESSION_WARN_WITHIN (the round stops building their bars there)."""
+    from baragg import sessions
+
+    clock = (now or datetime.now(UTC)).astimezone(UTC)
+    with db.connect(autocommit=True) as conn:
+        ending = sessions.sessions_ending(conn, (clock + SESSION_WARN_WITHIN).date())
+    return [
+        f"  session {name}: trading days stored only to {days_to or 'nothing yet'}; the pg_cron round "
+        "cannot extend them: run `baragg db schedule` again (or any baragg worker, or `baragg registry sync`)"
+        for name, days_to in ending
+    ]
 
 
 def unschedule(db: Database) -> bool:

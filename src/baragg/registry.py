@@ -166,6 +166,11 @@ def sync(db: Database, env: str = "prod") -> Any:
             cur.execute(query("registry_sync"), {"env": env})
             rows = cur.fetchall() if cur.description else []
         conn.commit()
+        # The trading days the sessions in use need (as the worker's sync does): a symbol put on a
+        # session by SQL and run only by the pg_cron round gets its days here.
+        from baragg import sessions
+
+        sessions.ensure_for_sync(conn)
     if len(rows) == 1 and len(rows[0]) == 1:
         return next(iter(rows[0].values()))
     return rows

@@ -512,6 +512,26 @@ def ensure_for_sync(conn: psycopg.Connection, now: datetime | None = None) -> di
     return added
 
 
+def ensure_ahead(conn: psycopg.Connection, until: date) -> dict[str, date | None]:
+    """Store every session's trading days up to ``until`` (an exchange calendar stops where it can
+    compute); returns each session's stored end. For the pg_cron round, which runs in SQL and cannot
+    compute days: `db schedule` stores years ahead, `status` says when they run short."""
+    names = [name for (name,) in conn.execute(query("session_names"))]
+    out: dict[str, date | None] = {}
+    for name in names:
+        session = get_session(conn, name)
+        first = session.days_from if session and session.days_from else until - LOOKBACK
+        ensure_days(conn, name, min(first, datetime.now(UTC).date() - LOOKBACK), until)
+        stored = get_session(conn, name)
+        out[name] = stored.days_to if stored else None
+    return out
+
+
+def sessions_ending(conn: psycopg.Connection, before: date) -> list[tuple[str, date | None]]:
+    """Sessions in use whose stored trading days end before ``before`` (or were never stored)."""
+    return [(n, d) for n, d in conn.execute(query("session_in_use_ends"), {"before": before})]
+
+
 def ensure_for_range(
     conn: psycopg.Connection, symbols: Sequence[str], first: datetime, last: datetime
 ) -> None:

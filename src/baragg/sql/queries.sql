@@ -922,6 +922,17 @@ LEFT JOIN LATERAL (
 GROUP BY s.name, s.days_from, s.days_to
 ORDER BY s.name;
 
+-- name: session_names
+SELECT name FROM agg_sessions ORDER BY name;
+
+-- name: session_in_use_ends
+-- Sessions some symbol uses whose stored days end before a date (NULL: none stored yet).
+SELECT s.name, s.days_to
+FROM agg_sessions s
+WHERE EXISTS (SELECT 1 FROM core_asset_registry_all r WHERE r.session = s.name)
+  AND (s.days_to IS NULL OR s.days_to < %(before)s::date)
+ORDER BY s.name;
+
 -- name: session_of_symbols
 SELECT DISTINCT session FROM core_asset_registry_all WHERE canonical_symbol = ANY (%(symbols)s::text[]) ORDER BY 1;
 
