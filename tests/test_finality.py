@@ -3,7 +3,8 @@ every caller, step size and start, and every path ends equal to a from-scratch a
 
 * A property test: random interleavings of 1m deliveries (on time, late, corrected, withdrawn),
   clock steps and callers (baragg's worker with small --max-windows, with a zero time budget, two
-  workers at once, and the seed's own RPC loop), checked after every step (finality_support).
+  workers at once, one level at a time from the top, and the seed's own RPC loop), checked after
+  every step (finality_support).
 * The three reproductions of the issue, as plain tests (the first through the real CLI).
 * A live replay: symbols registered before any data, rows delivered a few minutes at a time with
   some minutes late, `run --once --now T` after each delivery; never a bar for an open window, and
@@ -121,7 +122,8 @@ def run_two_workers(db: Database, now: datetime, max_windows: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # The property test
 # ---------------------------------------------------------------------------------------------
-CALLERS = ("worker", "worker_small", "budget", "two_workers", "seed", "seed_mid")
+CALLERS = ("worker", "worker_small", "budget", "two_workers", "top_down", "seed", "seed_mid")
+TOP_DOWN = ("1w", "1d", "4h", "1h", "15m", "5m")  # every level before the ones it is built from
 STEPS = [timedelta(seconds=s) for s in (20, 60, 130, 300, 780, 3660, 4 * 3600, 86400)]
 LATENESS = [timedelta(seconds=s) for s in (5, 5, 5, 40, 150, 420, 3900, 26 * 3600)]
 AFTERWARDS = [timedelta(seconds=s) for s in (50, 600, 4200, 5 * 3600, 30 * 3600)]
@@ -150,9 +152,10 @@ def minute(offset: int) -> datetime:
     steps=st.lists(st.tuples(st.sampled_from(STEPS), st.sampled_from(CALLERS)), min_size=3, max_size=14),
     first_caller=st.sampled_from(CALLERS),
     drain=st.sampled_from(["worker", "seed"]),
+    history=st.sampled_from([timedelta(0), timedelta(hours=5), timedelta(days=2)]),
 )
 def test_no_bar_before_its_window_is_final_whatever_the_caller(
-    shared, sparse, blocks, seed, steps, first_caller, drain
+    shared, sparse, blocks, seed, steps, first_caller, drain, history
 ) -> None:
     db, conn = shared
     for table in CLEAN:
@@ -175,13 +178,17 @@ def test_no_bar_before_its_window_is_final_whatever_the_caller(
                 events.append((arrives + rnd.choice(AFTERWARDS), "withdraw", ts, 0.0))
     events.sort(key=lambda e: e[0])
 
-    add_symbol(conn, sparse=sparse)  # registered before any data
+    add_symbol(conn, sparse=sparse)  # registered before any data ...
     check = Checker(conn, SYMBOL, sparse)
-    now = T0
+    now = T0 + history
+    # ... and first run either before any data, or after some history arrived (every task then
+    # bootstraps with 1m rows present and no derived bar built yet: each level must start at the data
+    # below it, whatever order the caller runs the levels in).
+    delivered = feed(conn, events, 0, now) if history else 0
     call(db, conn, first_caller, now, rnd)
     check.check_step(now, first_caller)
-    assert snapshot(conn, SYMBOL) == {}
-    delivered = 0
+    if not history:
+        assert snapshot(conn, SYMBOL) == {}
     for step, caller in steps:
         now += step
         if caller == "seed_mid":
@@ -259,6 +266,9 @@ def call(db: Database, conn: psycopg.Connection, caller: str, now: datetime, rnd
         run_worker(db, now, max_windows=rnd.choice([3, 12, 40]), time_budget=0.0)
     elif caller == "two_workers":
         run_two_workers(db, now, rnd.choice([2, 2000]))
+    elif caller == "top_down":  # one level at a time, highest first (a task before its source's)
+        for timeframe in TOP_DOWN:
+            run_worker(db, now, timeframes=[timeframe], max_windows=rnd.choice([2, 2000]))
     else:  # seed, seed_mid (only as the first caller: nothing to deliver yet)
         seed_cron_run(conn, now)
 
