@@ -23,16 +23,21 @@ in a temporary directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from _common import add_symbols, ceiling_insert, fmt_rate, generate_year, header, load, med, scratch_database
+from baragg import migrate
+from baragg.db import Database
 
 START = "2024-01-01 00:00:00+00"
 CHECK = """
@@ -58,12 +63,27 @@ def bars(conn: psycopg.Connection) -> dict[str, tuple]:
     return {r[0]: tuple(r[1:]) for r in conn.execute(CHECK).fetchall()}
 
 
-def run_ceiling(conn: psycopg.Connection) -> float:
+COPY_TABLE = "bench_ceiling_copy"
+
+
+def run_ceiling(conn: psycopg.Connection, table: str) -> float:
+    """The 5m and 1h statements into `table`: derived_data_bars itself (its foreign key and late-data
+    triggers fire, as for baragg), or a copy made with LIKE ... INCLUDING ALL (same columns, defaults,
+    checks and indexes; no foreign key, no trigger: the issue's "copy of the same table")."""
+    conn.execute(f"TRUNCATE {table}")
+    conn.commit()
     t0 = time.perf_counter()
     for tf in ("5m", "1h"):
-        conn.execute(ceiling_insert(tf))
+        sql = ceiling_insert(tf, table)
+        if table != "derived_data_bars":
+            sql = sql.replace("FROM derived_data_bars b", f"FROM {table} b")
+        conn.execute(sql)
         conn.commit()
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if table != "derived_data_bars":
+        conn.execute(f"TRUNCATE {table}")
+        conn.commit()
+    return seconds
 
 
 def run_cli(url: str, now: datetime) -> tuple[float, dict]:
@@ -77,67 +97,120 @@ def run_cli(url: str, now: datetime) -> tuple[float, dict]:
     return wall, json.loads(proc.stdout)["totals"]
 
 
+@contextlib.contextmanager
+def _database(name: str | None, keep: bool) -> Iterator[Database]:
+    """A scratch database (dropped afterwards), or the named one on $DATABASE_URL's server."""
+    if not name:
+        with scratch_database() as db:
+            yield db
+        return
+    url = os.environ["DATABASE_URL"]
+    with psycopg.connect(url, autocommit=True) as c:
+        exists = c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            c.execute(f"CREATE DATABASE {name}")
+    db = Database(make_conninfo(url, dbname=name))
+    migrate.upgrade(db)
+    yield db
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--symbols", type=int, default=100)
     parser.add_argument("--days", type=int, default=14)
     parser.add_argument("--runs", type=int, default=5, help="pairs (ceiling, baragg), alternated")
+    parser.add_argument(
+        "--reuse",
+        metavar="DBNAME",
+        help="a database on $DATABASE_URL's server that already holds this dataset (built by an earlier"
+        " run with --keep): upgraded, not generated, not dropped",
+    )
+    parser.add_argument(
+        "--ceilings",
+        default="table,copy",
+        help="which ceilings to alternate with baragg: table (into derived_data_bars), copy (a copy)",
+    )
+    parser.add_argument("--keep", metavar="DBNAME", help="build the dataset into this database and keep it")
     args = parser.parse_args()
 
     load_at_start = load()
     now = datetime.fromisoformat(START) + timedelta(days=args.days + 1)  # every window final
-    with scratch_database() as db, db.connect() as conn:
-        symbols = [f"FX{i:04d}" for i in range(args.symbols)]
-        add_symbols(conn, symbols, all_levels=False)  # 5m and 1h
-        conn.execute("SELECT sync_agg_state_from_registry('prod')")
-        conn.execute("UPDATE data_agg_state SET agg_start_utc = %s", (START,))
-        conn.commit()
-        t0 = time.perf_counter()
-        rows = generate_year(conn, symbols, START, args.days, chunk=max(1, 3_000_000 // (args.days * 1440)))
-        conn.autocommit = True
-        conn.execute("VACUUM ANALYZE data_bars")
-        conn.autocommit = False
-        print(f"generated {rows:,} 1m rows for {args.symbols} symbols x {args.days} days"
-              f" in {time.perf_counter() - t0:.0f} s", flush=True)
-
-        ceil_s: list[float] = []
-        cli_s: list[float] = []
-        expected = None
-        for run in range(args.runs):
-            reset(conn)
-            ceil_s.append(run_ceiling(conn))
-            got = bars(conn)
-            assert expected is None or got == expected, (got, expected)
-            expected = got
-            reset(conn)
-            wall, totals = run_cli(db.url, now)
-            cli_s.append(wall)
-            got = bars(conn)
-            assert got == expected, (got, expected)
+    with _database(args.reuse or args.keep, keep=bool(args.reuse or args.keep)) as db, db.connect() as conn:
+        if args.reuse:
+            rows = conn.execute("SELECT count(*) FROM data_bars").fetchone()[0]
+        else:
+            symbols = [f"FX{i:04d}" for i in range(args.symbols)]
+            add_symbols(conn, symbols, all_levels=False)  # 5m and 1h
+            conn.execute("SELECT sync_agg_state_from_registry('prod')")
+            conn.execute("UPDATE data_agg_state SET agg_start_utc = %s", (START,))
+            conn.commit()
+            t0 = time.perf_counter()
+            chunk = max(1, 3_000_000 // (args.days * 1440))
+            rows = generate_year(conn, symbols, START, args.days, chunk=chunk)
+            conn.autocommit = True
+            conn.execute("VACUUM ANALYZE data_bars")
+            conn.autocommit = False
             print(
-                f"run {run + 1} (load {load():.1f}): ceiling {ceil_s[-1]:.2f} s, baragg run --once"
-                f" {wall:.2f} s ({totals['task_runs']} task runs), ratio {ceil_s[-1] / wall:.0%}",
+                f"generated {rows:,} 1m rows for {args.symbols} symbols x {args.days} days"
+                f" in {time.perf_counter() - t0:.0f} s",
                 flush=True,
             )
 
-        ratios = [c / b for c, b in zip(ceil_s, cli_s, strict=True)]
+        conn.execute(f"DROP TABLE IF EXISTS {COPY_TABLE}")
+        conn.execute(f"CREATE TABLE {COPY_TABLE} (LIKE derived_data_bars INCLUDING ALL)")
+        conn.commit()
+        ceilings = args.ceilings.split(",")
+        times: dict[str, list[float]] = {c: [] for c in [*ceilings, "baragg"]}
+        expected = None
+        try:
+            for run in range(args.runs):
+                line = []
+                for c in ceilings:
+                    reset(conn)
+                    times[c].append(run_ceiling(conn, "derived_data_bars" if c == "table" else COPY_TABLE))
+                    line.append(f"ceiling into the {c} {times[c][-1]:.2f} s")
+                    if c == "table":
+                        got = bars(conn)
+                        assert expected is None or got == expected, (got, expected)
+                        expected = got
+                reset(conn)
+                wall, totals = run_cli(db.url, now)
+                times["baragg"].append(wall)
+                got = bars(conn)
+                assert expected is None or got == expected, (got, expected)
+                expected = got
+                ratios = ", ".join(f"{c} {times[c][-1] / wall:.0%}" for c in ceilings)
+                print(
+                    f"run {run + 1} (load {load():.1f}): {', '.join(line)}, baragg run --once {wall:.2f} s"
+                    f" ({totals['task_runs']} task runs); ratio {ratios}",
+                    flush=True,
+                )
+        finally:
+            conn.rollback()
+            conn.execute(f"DROP TABLE IF EXISTS {COPY_TABLE}")
+            conn.commit()
+
         print()
         print(header(conn, load_at_start))
         print(
             f"{args.symbols} symbols x {args.days} days, {rows:,} 1m rows -> {expected['5m'][0]:,} 5m,"
-            f" {expected['1h'][0]:,} 1h bars; {args.runs} alternated pairs"
+            f" {expected['1h'][0]:,} 1h bars; {args.runs} alternated rounds"
         )
         print()
-        print("| what | median s | min-max s | source rows/s |")
-        print("|---|---|---|---|")
-        print(f"| ceiling (5m + 1h statements) | {med(ceil_s):.2f} | {min(ceil_s):.2f}-{max(ceil_s):.2f}"
-              f" | {fmt_rate(rows, med(ceil_s))} |")
-        print(f"| `baragg run --once` (process) | {med(cli_s):.2f} | {min(cli_s):.2f}-{max(cli_s):.2f}"
-              f" | {fmt_rate(rows, med(cli_s))} |")
-        print()
+        print("| what | median s | min-max s | source rows/s | ceiling / baragg (median; per round) |")
+        print("|---|---|---|---|---|")
+        b = times["baragg"]
+        for c in ceilings:
+            t = times[c]
+            per = ", ".join(f"{x / y:.0%}" for x, y in zip(t, b, strict=True))
+            name = "derived_data_bars (FK, triggers)" if c == "table" else "a copy (no FK, no trigger)"
+            print(
+                f"| ceiling into {name} | {med(t):.2f} | {min(t):.2f}-{max(t):.2f} | {fmt_rate(rows, med(t))}"
+                f" | **{med(t) / med(b):.0%}**; {per} |"
+            )
         print(
-            f"ratio of the medians: **{med(ceil_s) / med(cli_s):.0%}**; per pair:"
-            f" {', '.join(f'{r:.0%}' for r in ratios)} (median {med(ratios):.0%})"
+            f"| `baragg run --once` (process) | {med(b):.2f} | {min(b):.2f}-{max(b):.2f}"
+            f" | {fmt_rate(rows, med(b))} | |"
         )
 
 

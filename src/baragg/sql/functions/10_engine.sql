@@ -575,7 +575,7 @@ BEGIN
         -- (p_max_windows * max_source_bars)-th row first, reading the same rows twice.)
         -- The aggregation is _agg_window_bars written out (a function call per task costs its
         -- tuplestore and plan; this plans once with the rest).
-        SELECT b.sym, w.*
+        SELECT b.sym, b.recheck, w.*
         FROM bounded b
         CROSS JOIN LATERAL (
             SELECT g.*, row_number() OVER (ORDER BY g.ts_utc) AS rn
@@ -621,9 +621,11 @@ BEGIN
     handled AS (
         SELECT w.* FROM windows w WHERE p_max_windows IS NULL OR w.rn <= p_max_windows
     ),
-    written AS (
-        -- A recomputed window equal to its stored bar writes nothing (no new row version, updated_at
-        -- kept): it is counted as unchanged, and fires no invalidation of the levels above.
+    written_new AS (
+        -- A task with no stored bar at or after s0 (recheck false: every backfill and every catch-up
+        -- at the frontier) cannot conflict: a plain INSERT, without ON CONFLICT's speculative
+        -- insertion per row (measured +15-35% per bar). Only this task's lease holder writes its
+        -- bars, under the task row's lock.
         INSERT INTO public.derived_data_bars AS d (
             canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
             is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
@@ -632,7 +634,22 @@ BEGIN
                false, 'agg', now(), v_tf.source_timeframe, h.source_candles, h.expected_candles,
                h.quality_score, p_derivation_version, '{}'::jsonb, NULL
         FROM handled h
-        WHERE h.quality_score IS NOT NULL
+        WHERE h.quality_score IS NOT NULL AND NOT h.recheck
+        RETURNING d.canonical_symbol, d.quality_score, true AS inserted
+    ),
+    written_upd AS (
+        -- A cursor moved back over stored bars: upsert. A recomputed window equal to its stored bar
+        -- writes nothing (no new row version, updated_at kept): it is counted as unchanged, and fires
+        -- no invalidation of the levels above.
+        INSERT INTO public.derived_data_bars AS d (
+            canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
+            is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
+            quality_score, derivation_version, raw, deleted_at)
+        SELECT h.sym, p_to_tf, h.ts_utc, h.open, h.high, h.low, h.close, h.vol, h.vwap, h.trade_count,
+               false, 'agg', now(), v_tf.source_timeframe, h.source_candles, h.expected_candles,
+               h.quality_score, p_derivation_version, '{}'::jsonb, NULL
+        FROM handled h
+        WHERE h.quality_score IS NOT NULL AND h.recheck
         ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
         DO UPDATE SET
             open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
@@ -649,6 +666,9 @@ BEGIN
                excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
                excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
         RETURNING d.canonical_symbol, d.quality_score, (d.xmax = 0) AS inserted
+    ),
+    written AS (
+        SELECT * FROM written_new UNION ALL SELECT * FROM written_upd
     ),
     handled_counts AS (
         SELECT h.sym, count(*) AS n_handled, max(h.ts_utc) AS last_ws,
