@@ -139,7 +139,9 @@ def test_one_claim_catches_a_task_up_in_many_calls(db: Database, conn) -> None:
     five = [r for r in results if r.timeframe == "5m"]
     assert len(five) == 1 and five[0].windows == 576 and five[0].outcome == "ok"
     t = task(conn, "AAA", "5m")
-    assert t["last_run_stats"]["calls"] == 12 and t["total_runs"] == 1
+    # 576 windows: the first call takes 50 (--max-windows), later calls grow to fit the time budget
+    # left (issue 15), so 2 calls on a fast machine, at most 12 (50 each) on a slow one
+    assert 2 <= t["last_run_stats"]["calls"] <= 12 and t["total_runs"] == 1
 
 
 def test_time_budget_gives_the_task_back_and_the_run_still_finishes(db: Database, conn) -> None:

@@ -421,11 +421,13 @@ class _Claimer:
         progress = {t.symbol: _Progress(t) for t in tasks}
         pending = list(tasks)
         first = True
+        max_windows = s.max_windows
         try:
             with self.connect() as conn:
                 self.active = conn
                 while pending:
                     symbols = [t.symbol for t in pending]
+                    call_started = time.monotonic()
                     with conn.transaction():
                         batch = self.params(symbols=symbols, timeframe=timeframe)
                         conn.execute(query("worker_lock_tasks"), batch)
@@ -444,7 +446,7 @@ class _Claimer:
                                 timeframe=timeframe,
                                 symbols=symbols,
                                 cursors=[progress[t.symbol].cursor for t in pending],
-                                max_windows=s.max_windows,
+                                max_windows=max_windows,
                             ),
                         ).fetchall()
                         in_time = not self.stop.is_set() and time.monotonic() < deadline
@@ -490,6 +492,14 @@ class _Claimer:
                         if t.symbol not in still:
                             progress[t.symbol].outcome = "continue" if calls[t.symbol].backlog else "ok"
                     pending = [t for t in pending if t.symbol in still]
+                    if pending:
+                        max_windows = _next_max_windows(
+                            s.max_windows,
+                            sum(c.stats["windows_processed"] for c in calls.values()),
+                            time.monotonic() - call_started,
+                            deadline - time.monotonic(),
+                            len(pending),
+                        )
                     if pending and self.pause:
                         time.sleep(self.pause)
         except Exception as exc:
@@ -568,6 +578,21 @@ class _Claimer:
         with self.connect() as conn:
             row = conn.execute(query("worker_seconds_to_next_due")).fetchone()
         return None if row is None or row[0] is None else max(0.0, float(row[0]))
+
+
+# A call is sized to at most this share of the time budget left (the rate is the last call's).
+_BUDGET_SHARE = 0.8
+_MAX_WINDOWS_CAP = 1_000_000
+
+
+def _next_max_windows(floor: int, windows: int, seconds: float, remaining: float, tasks: int) -> int:
+    """Windows per task for the next catch-up call of a backlog: as many as the last call's rate says
+    fit into most of the time budget left, never fewer than ``floor`` (--max-windows). Fewer, larger
+    calls: each call costs its planning, probes, locks and commit per task, whatever its size."""
+    if windows <= 0 or seconds <= 0 or remaining <= 0 or tasks <= 0:
+        return floor
+    fit = int(windows / seconds * remaining * _BUDGET_SHARE / tasks)
+    return max(floor, min(fit, _MAX_WINDOWS_CAP))
 
 
 class _Call:
