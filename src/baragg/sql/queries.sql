@@ -204,13 +204,19 @@ WHERE s.canonical_symbol = d.canonical_symbol AND s.ts_utc = d.ts_utc AND s.ok;
 -- name: ingest_upsert
 -- Insert new bars; overwrite an existing bar only when a value differs, so that re-ingesting a file
 -- rewrites nothing (no new row versions, ingested_at and triggers untouched).
-WITH written AS (
+-- RETURNING xmax cannot tell an insert from an update on a partitioned table: a row whose id was drawn
+-- after id_floor (drawn before the first row is written; the sequence is monotonic) is new.
+WITH id_floor AS MATERIALIZED (
+    SELECT nextval('data_bars_id_seq'::regclass) AS f
+),
+written AS (
     INSERT INTO data_bars AS d (canonical_symbol, provider_ticker, timeframe, ts_utc, open, high, low, close,
                                 vol, vwap, trade_count, is_partial, source)
     SELECT s.canonical_symbol, r.provider_ticker, '1m', s.ts_utc, s.open, s.high, s.low, s.close,
            s.vol, s.vwap, s.trade_count, false, %(source)s
     FROM ingest_stage s
     JOIN core_asset_registry_all r USING (canonical_symbol)
+    CROSS JOIN id_floor
     WHERE s.ok
     ON CONFLICT (canonical_symbol, timeframe, ts_utc) DO UPDATE
     SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
@@ -220,10 +226,10 @@ WITH written AS (
           IS DISTINCT FROM
           (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vol, EXCLUDED.vwap,
            EXCLUDED.trade_count, false)
-    RETURNING (xmax = 0) AS inserted
+    RETURNING d.id
 )
-SELECT count(*) FILTER (WHERE inserted),
-       count(*) FILTER (WHERE NOT inserted),
+SELECT count(*) FILTER (WHERE id > (SELECT f FROM id_floor)),
+       count(*) FILTER (WHERE id <= (SELECT f FROM id_floor)),
        (SELECT count(*) FROM ingest_stage WHERE ok)
 FROM written;
 
