@@ -984,14 +984,29 @@ WHERE i.inhparent = %(table)s::regclass
 ORDER BY 2 NULLS LAST, 1;
 
 -- name: retention_blockers
--- Why the 1m rows of [start, end) may not go yet: a task that has not aggregated past the end (every
--- task of every symbol that starts before the end), or a logged window (late data) overlapping it.
-SELECT format('task %s %s has aggregated up to %s only', s.canonical_symbol, s.timeframe,
+-- Why the 1m rows of [start, end) may not go yet: a task (of any level, of any symbol) that still has
+-- source rows before the end to aggregate (its cursor is before them; a task that has not started
+-- counts from its start), or a logged window (late data) overlapping the month. A task stuck at an
+-- earlier frontier with no source rows after its cursor (e.g. a 1w task whose days were all too thin
+-- to store) has nothing left to build from these months and does not hold them.
+SELECT format('task %%s %%s has aggregated up to %%s only', s.canonical_symbol, s.timeframe,
               COALESCE(to_char(s.last_agg_bar_ts_utc AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI'), 'nothing'))
 FROM data_agg_state s
-WHERE s.agg_start_utc < %(end)s AND (s.last_agg_bar_ts_utc IS NULL OR s.last_agg_bar_ts_utc < %(end)s)
+JOIN agg_timeframes t ON t.timeframe = s.timeframe
+WHERE s.agg_start_utc < %(end)s
+  AND (s.last_agg_bar_ts_utc IS NULL OR s.last_agg_bar_ts_utc < %(end)s)
+  AND CASE WHEN t.source_table = 'data_bars'
+           THEN EXISTS (SELECT 1 FROM data_bars b
+                        WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = t.source_timeframe
+                          AND b.ts_utc >= GREATEST(COALESCE(s.last_agg_bar_ts_utc, '-infinity'), s.agg_start_utc)
+                          AND b.ts_utc < %(end)s)
+           ELSE EXISTS (SELECT 1 FROM derived_data_bars b
+                        WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = t.source_timeframe
+                          AND b.ts_utc >= GREATEST(COALESCE(s.last_agg_bar_ts_utc, '-infinity'), s.agg_start_utc)
+                          AND b.ts_utc < %(end)s AND b.deleted_at IS NULL)
+      END
 UNION ALL
-SELECT format('late data waits to be re-aggregated: %s %s window %s', i.canonical_symbol, i.timeframe,
+SELECT format('late data waits to be re-aggregated: %%s %%s window %%s', i.canonical_symbol, i.timeframe,
               to_char(i.window_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI'))
 FROM agg_invalidations i JOIN agg_timeframes t ON t.timeframe = i.timeframe
 WHERE i.window_start < %(end)s AND i.window_start + t.bucket_interval + interval '1 day' > %(start)s
