@@ -97,9 +97,9 @@ def test_a_new_install_is_partitioned_by_month_with_a_default_partition(db: Data
     with db.connect(autocommit=True) as conn:
         for table in partitions.TABLES:
             assert kind(conn, table) == "p"
-            assert conn.execute(
-                "SELECT pg_get_partkeydef(%s::regclass)", (table,)
-            ).fetchone() == ("RANGE (ts_utc)",)
+            assert conn.execute("SELECT pg_get_partkeydef(%s::regclass)", (table,)).fetchone() == (
+                "RANGE (ts_utc)",
+            )
             # pg_partman 5's names: <parent>_p<YYYYMMDD> for a month, <parent>_default.
             this_month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
             names = partitions_of(conn, table)
@@ -107,7 +107,9 @@ def test_a_new_install_is_partitioned_by_month_with_a_default_partition(db: Data
         add_asset(conn)
     # Ingest creates the months it writes before writing them: nothing lands in the default partition.
     rows = [f"{SYMBOL},2025-03-31T23:59:00Z,1,2,0.5,1.5,10", f"{SYMBOL},2025-04-01T00:00:00Z,1,2,0.5,1.5,10"]
-    ingest_file(db, write_csv(tmp_path / "bars.csv", "canonical_symbol,ts_utc,open,high,low,close,vol", *rows))
+    ingest_file(
+        db, write_csv(tmp_path / "bars.csv", "canonical_symbol,ts_utc,open,high,low,close,vol", *rows)
+    )
     with db.connect(autocommit=True) as conn:
         names = partitions_of(conn, "data_bars")
         assert {"data_bars_p20250301", "data_bars_p20250401"} <= set(names)
@@ -135,7 +137,9 @@ def test_a_new_install_is_partitioned_by_month_with_a_default_partition(db: Data
 # ---------------------------------------------------------------------------------------------
 # db partition: online conversion
 # ---------------------------------------------------------------------------------------------
-def test_db_partition_converts_a_database_with_data_and_keeps_writes_made_meanwhile(plain_db: Database) -> None:
+def test_db_partition_converts_a_database_with_data_and_keeps_writes_made_meanwhile(
+    plain_db: Database,
+) -> None:
     with plain_db.connect(autocommit=True) as conn:
         security = {t: security_of(conn, t) for t in partitions.TABLES}
         raw_before = raw_rows(conn)
@@ -284,7 +288,9 @@ def test_retention_drops_only_months_every_level_has_finished_with(db: Database)
         derived_before = active_bars(conn)
         assert {ts.month for _, tf, ts in derived_before if tf == "1h"} == {6, 7, 8}
         # A correction in June waits to be re-aggregated: June stays, and so does everything after it.
-        conn.execute("UPDATE data_bars SET close = close + 2 WHERE ts_utc = %s", (DAYS[0] + timedelta(hours=1),))
+        conn.execute(
+            "UPDATE data_bars SET close = close + 2 WHERE ts_utc = %s", (DAYS[0] + timedelta(hours=1),)
+        )
         assert pending(conn) != []
     fates = partitions.retention(db, timedelta(days=1), now=LATER)
     assert [(f.name, f.dropped) for f in fates] == [("data_bars_p20250601", False)]
@@ -301,16 +307,24 @@ def test_retention_drops_only_months_every_level_has_finished_with(db: Database)
             ("data_bars_p20250701", False, True),
         ]
         assert "task AAA 1h has aggregated up to 2025-07-07 03:00" in fates[1].blocked_by[0]
-        conn.execute("UPDATE data_agg_state SET last_agg_bar_ts_utc = '2025-08-04 06:00Z' WHERE timeframe = '1h'")
+        conn.execute(
+            "UPDATE data_agg_state SET last_agg_bar_ts_utc = '2025-08-04 06:00Z' WHERE timeframe = '1h'"
+        )
         derived_before = active_bars(conn)
     # The CLI (real clock: these months are long past 90 days), dry run first: nothing goes.
     listed = baragg(db, "retention", "--raw", "90d", "--dry-run")
     assert listed.returncode == 0, listed.stderr
-    assert "would drop data_bars_p20250601" in listed.stdout and "would drop data_bars_p20250701" in listed.stdout
+    assert (
+        "would drop data_bars_p20250601" in listed.stdout
+        and "would drop data_bars_p20250701" in listed.stdout
+    )
     with db.connect(autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM data_bars").fetchone() == (3 * 6 * 60,)
     fates = partitions.retention(db, timedelta(days=1), now=LATER)
-    assert [(f.name, f.dropped) for f in fates] == [("data_bars_p20250601", True), ("data_bars_p20250701", True)]
+    assert [(f.name, f.dropped) for f in fates] == [
+        ("data_bars_p20250601", True),
+        ("data_bars_p20250701", True),
+    ]
     with db.connect(autocommit=True) as conn:
         assert {row[2].month for row in raw_rows(conn)} == {8}
         # The derived bars stay, unchanged, and nothing was logged as late data.

@@ -1002,7 +1002,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_partition_commands(commands: argparse._SubParsersAction, db_commands: argparse._SubParsersAction) -> None:
+def add_partition_commands(
+    commands: argparse._SubParsersAction, db_commands: argparse._SubParsersAction
+) -> None:
     """`db partition` and `retention` (time partitions, DESIGN.md 11)."""
     p = db_commands.add_parser(
         "partition",
@@ -1014,9 +1016,7 @@ def add_partition_commands(commands: argparse._SubParsersAction, db_commands: ar
         default=50_000,
         help="rows copied per transaction (default 50000)",
     )
-    p.add_argument(
-        "--pause", type=float, default=0.0, help="seconds to sleep between batches (default 0)"
-    )
+    p.add_argument("--pause", type=float, default=0.0, help="seconds to sleep between batches (default 0)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_db_partition)
     p = commands.add_parser(

@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import psycopg
+import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
@@ -615,7 +615,7 @@ def _may_repeat_times(bars: pd.DataFrame, newest_seen: dict[str, pd.Timestamp], 
 
 
 def _ensure_partitions(db: Database, conn: psycopg.Connection) -> None:
-    """The monthly partitions of the staged rows' months (DESIGN.md 11), created in a short transaction
+    """The monthly partitions of the staged rows' months, in both bar tables (DESIGN.md 11), created in a short transaction
     of their own before the rows are written. Never fatal: a row of a month without a partition lands
     in the default partition, which the worker empties into the month's partition later."""
     row = conn.execute(query("partitions_stage_months")).fetchone()
@@ -623,7 +623,9 @@ def _ensure_partitions(db: Database, conn: psycopg.Connection) -> None:
     if not months:
         return
     try:
-        partitions.ensure_months(db, "data_bars", months)
+        # derived_data_bars too: the bars built from these rows fall in the same months.
+        for table in partitions.TABLES:
+            partitions.ensure_months(db, table, months)
     except psycopg.Error as exc:
         log.warning("could not create the partitions of the new rows' months (%s)", str(exc).strip())
 

@@ -150,8 +150,12 @@ def convert(
                     time.sleep(min(2.0, 0.2 * attempt))
             if on_batch:
                 on_batch(table, "swap", item.swap_replayed)
-            log.info("%s: partitioned (%d rows copied, old table kept as %s_unpartitioned)",
-                     table, item.rows_copied, table)
+            log.info(
+                "%s: partitioned (%d rows copied, old table kept as %s_unpartitioned)",
+                table,
+                item.rows_copied,
+                table,
+            )
     with db.connect(autocommit=True) as conn:
         maintain(conn)
     return report
@@ -167,7 +171,9 @@ def _locked(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> None:
             return
         except psycopg.errors.LockNotAvailable:
             if attempt == _SWAP_ATTEMPTS:
-                raise BaraggError(f"could not take a lock in {_SWAP_ATTEMPTS} tries; try again later") from None
+                raise BaraggError(
+                    f"could not take a lock in {_SWAP_ATTEMPTS} tries; try again later"
+                ) from None
             time.sleep(min(2.0, 0.2 * attempt))
 
 
@@ -261,9 +267,7 @@ def retention(
                             psycopg.sql.Identifier(name)
                         )
                     )
-                    conn.execute(
-                        psycopg.sql.SQL("DROP TABLE public.{}").format(psycopg.sql.Identifier(name))
-                    )
+                    conn.execute(psycopg.sql.SQL("DROP TABLE public.{}").format(psycopg.sql.Identifier(name)))
                     conn.execute(query("retention_record"), {"name": name, "start": start, "end": end})
                     fate.dropped = True
             if fate.blocked_by:

@@ -409,7 +409,9 @@ def verify(
             # `baragg retention` dropped the 1m rows before the horizon; the 5m bars built from them
             # stay, and cannot be rebuilt: they are checked from the first window of 1m rows kept.
             lo = _ceil_to_bucket(horizon, timeframe) if windows is None else horizon
-            notes.append(f"1m rows before {horizon:%Y-%m-%d %H:%M} were dropped by retention: checking from there")
+            notes.append(
+                f"1m rows before {horizon:%Y-%m-%d %H:%M} were dropped by retention: checking from there"
+            )
         if lo is not None:
             lo = _first_window(lo, timeframe, windows)
         if hi is not None and lo is not None and hi < lo:

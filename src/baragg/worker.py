@@ -343,7 +343,11 @@ class _Claimer:
             log.warning("could not create the next partitions (%s)", _error_text(exc))
             return
         if created:
-            log.info("partitions created: %d", created, extra={"event": "partitions", "partitions_created": created})
+            log.info(
+                "partitions created: %d",
+                created,
+                extra={"event": "partitions", "partitions_created": created},
+            )
 
     # -- one round: claim a batch, run it ------------------------------------------------------
     def run_round(self) -> list[TaskResult]:
