@@ -490,7 +490,12 @@ BEGIN
     END IF;
     FOREACH v_table IN ARRAY ARRAY['data_bars', 'derived_data_bars'] LOOP
         EXECUTE format('LOCK TABLE public.%I IN ACCESS EXCLUSIVE MODE', v_table);
-        PERFORM public._baragg_part_clone(v_table, ARRAY[pg_catalog.now()]);
+        -- This month and the next two, as baragg_partitions_maintain() keeps them (so that the files
+        -- applied with psql give what `db upgrade` gives).
+        PERFORM public._baragg_part_clone(v_table, ARRAY(
+            SELECT g FROM generate_series(pg_catalog.date_trunc('month', pg_catalog.now()),
+                                          pg_catalog.date_trunc('month', pg_catalog.now()) + interval '2 months',
+                                          interval '1 month') g));
         PERFORM public._baragg_part_rename(v_table);
         EXECUTE format('DROP TABLE public.%I', v_table || '_unpartitioned');
     END LOOP;
