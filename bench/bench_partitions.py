@@ -94,8 +94,8 @@ def one(server: str, partitioned: bool, args: argparse.Namespace, csv_path: Path
             partitions.ensure_months(db, table, months)
         with db.connect() as conn:
             rows = generate_year(conn, symbols, START, args.days)
+        with db.connect(autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE data_bars")
-            conn.commit()
         now = datetime.fromisoformat(START).replace(tzinfo=UTC) + timedelta(days=args.days + 7)
         run_once(db, now=now, symbols=[SYMBOL])  # registry sync, session days, partitions: not timed
         t0 = time.perf_counter()
@@ -108,20 +108,93 @@ def one(server: str, partitioned: bool, args: argparse.Namespace, csv_path: Path
         drop(server, db)
 
 
+WRITE_COLUMNS = (
+    "canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count, is_partial, source,"
+    " source_timeframe, source_candles, expected_candles, quality_score, derivation_version"
+)
+UPSERT = """
+ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL DO UPDATE SET
+    open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+    vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count, updated_at = now()"""
+
+
+def write_path(server: str, bars: int, runs: int) -> dict[str, list[float]]:
+    """The write alone (bench_writepath.py's method): ready-made 5m bars of 10 symbols over ~3 months
+    upserted into a copy of derived_data_bars, plain vs monthly partitions (same indexes, same FK)."""
+    db = make_database(server, partitioned=True)
+    out: dict[str, list[float]] = {"plain": [], "partitioned": []}
+    try:
+        with db.connect(autocommit=True) as conn:
+            symbols = [f"W{i:03d}" for i in range(10)]
+            conn.execute(
+                "INSERT INTO core_asset_registry_all (canonical_symbol) SELECT unnest(%s::text[])", (symbols,)
+            )
+            per = bars // len(symbols)
+            conn.execute(
+                f"""CREATE UNLOGGED TABLE bars AS
+                SELECT s.sym AS canonical_symbol, '5m'::text AS timeframe,
+                       timestamptz '2024-01-01' + make_interval(mins => 5 * i) AS ts_utc,
+                       1 + i * 1e-6 AS open, 1.001 + i * 1e-6 AS high, 0.999 + i * 1e-6 AS low,
+                       1 + i * 1e-6 AS close, 50.0 AS vol, 1.0 AS vwap, 15 AS trade_count, false AS is_partial,
+                       'agg'::text AS source, '1m'::text AS source_timeframe, 5 AS source_candles,
+                       5 AS expected_candles, 2 AS quality_score, 1 AS derivation_version
+                FROM unnest(%s::text[]) s(sym), generate_series(0, {per - 1}) i ORDER BY s.sym, i""",
+                (symbols,),
+            )
+            conn.execute("VACUUM ANALYZE bars")
+            months = [
+                r[0] for r in conn.execute("SELECT DISTINCT date_trunc('month', ts_utc, 'UTC') FROM bars")
+            ]
+            for run in range(runs):
+                order = ("plain", "partitioned") if run % 2 == 0 else ("partitioned", "plain")
+                for variant in order:
+                    conn.execute("DROP TABLE IF EXISTS wp CASCADE")
+                    if variant == "plain":
+                        conn.execute("CREATE TABLE wp (LIKE derived_data_bars INCLUDING ALL)")
+                    else:
+                        conn.execute(
+                            "CREATE TABLE wp (LIKE derived_data_bars INCLUDING ALL) PARTITION BY RANGE (ts_utc)"
+                        )
+                        conn.execute("CREATE TABLE wp_default PARTITION OF wp DEFAULT")
+                        for m in months:
+                            conn.execute(
+                                f"CREATE TABLE wp_{m:%Y%m} PARTITION OF wp FOR VALUES FROM ('{m.isoformat()}')"
+                                f" TO ('{m.isoformat()}'::timestamptz + interval '1 month')"
+                            )
+                    conn.execute(
+                        "ALTER TABLE wp ADD FOREIGN KEY (canonical_symbol) REFERENCES core_asset_registry_all"
+                    )
+                    conn.execute("CHECKPOINT")
+                    with conn.transaction():
+                        t0 = time.perf_counter()
+                        conn.execute(
+                            f"INSERT INTO wp ({WRITE_COLUMNS}) SELECT {WRITE_COLUMNS} FROM bars" + UPSERT
+                        )
+                    out[variant].append(time.perf_counter() - t0)
+            conn.execute("DROP TABLE IF EXISTS wp CASCADE")
+    finally:
+        drop(server, db)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--symbols", type=int, default=10)
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--rows", type=int, default=500_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--writepath-bars", type=int, default=300_000)
+    parser.add_argument("--only-writepath", action="store_true")
     args = parser.parse_args()
     load_at_start = load()
     server, srv = server_url()
     results: dict[str, list[dict[str, float]]] = {"plain": [], "partitioned": []}
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            writes = write_path(server, args.writepath_bars, args.runs)
+            print(f"write path done (load {load():.1f})", flush=True)
             csv_path, _, _ = write_files(args.rows, Path(tmp))
-            for run in range(args.runs):
+            for run in range(0 if args.only_writepath else args.runs):
                 order = ("plain", "partitioned") if run % 2 == 0 else ("partitioned", "plain")
                 for variant in order:
                     results[variant].append(one(server, variant == "partitioned", args, csv_path))
@@ -138,6 +211,16 @@ def main() -> None:
         f"ingest {args.rows:,} rows; median of {args.runs} runs (alternated)"
     )
     print()
+    print(f"Write path alone: {args.writepath_bars:,} ready-made 5m bars, INSERT ... ON CONFLICT DO UPDATE")
+    print()
+    print("| derived_data_bars copy | seconds | µs per bar |")
+    print("|---|---|---|")
+    for variant, values in writes.items():
+        m = statistics.median(values)
+        print(f"| {variant} | {m:.2f} | {1e6 * m / args.writepath_bars:.2f} |")
+    print()
+    if args.only_writepath:
+        return
     print(
         "| tables | run_once s | derived bars | µs per derived bar | source rows/s | ingest s | ingest rows/s |"
     )
