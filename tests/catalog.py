@@ -30,7 +30,7 @@ _QUERIES = {
     # sequences, policies, and each routine's grants, pinned settings and security mode.
     "privileges": """
         SELECT relname, relkind::text, relrowsecurity, relforcerowsecurity, relacl::text
-        FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'S')
+        FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p', 'S')
         ORDER BY 1""",
     "policies": """
         SELECT tablename, policyname, permissive, roles::text, cmd, qual, with_check

@@ -31,9 +31,9 @@ NOW = T0 + timedelta(days=2)
 # helpers
 # ---------------------------------------------------------------------------------------------
 def tables(conn: psycopg.Connection) -> list[str]:
-    """Every table in schema public (all of them baragg's in a test database)."""
+    """Every table in schema public (all of them baragg's in a test database), partitions included."""
     rows = conn.execute(
-        "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r' AND c.relnamespace = 'public'::regnamespace"
+        "SELECT c.relname FROM pg_class c WHERE c.relkind IN ('r', 'p') AND c.relnamespace = 'public'::regnamespace"
         " ORDER BY 1"
     ).fetchall()
     return [r[0] for r in rows]

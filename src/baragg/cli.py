@@ -349,6 +349,59 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# time partitions and retention (DESIGN.md 11; baragg.partitions)
+# ---------------------------------------------------------------------------------------------
+def cmd_db_partition(args: argparse.Namespace) -> int:
+    from baragg import partitions
+
+    db = database(args)
+    require_current_schema(db)
+
+    def progress(table: str, step: str, rows: int) -> None:
+        if rows and not args.json:
+            print(f"{table}: {step} {rows} rows", file=sys.stderr)
+
+    report = partitions.convert(db, batch_rows=args.batch_rows, pause=args.pause, on_batch=progress)
+    if args.json:
+        print_json(report.as_dict())
+        return 0
+    for t in report.tables:
+        if t.already:
+            print(f"{t.table}: already partitioned")
+        else:
+            print(
+                f"{t.table}: partitioned by month; {t.rows_copied} rows copied, "
+                f"{t.rows_replayed + t.swap_replayed} changes made meanwhile copied again, "
+                f"{t.verified_rows} rows verified equal; the old table is kept as {t.table}_unpartitioned "
+                f"(DROP TABLE {t.table}_unpartitioned once you no longer need it)"
+            )
+    return 0
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    from baragg import partitions
+
+    age = partitions.parse_age(args.raw)
+    db = database(args)
+    require_current_schema(db)
+    fates = partitions.retention(db, age, dry_run=args.dry_run)
+    if args.json:
+        print_json({"dry_run": args.dry_run, "partitions": [f.as_dict() for f in fates]})
+        return 0
+    if not fates:
+        print(f"no 1m partition ends more than {args.raw} ago; nothing to drop")
+    for f in fates:
+        span = f"{f.start:%Y-%m-%d} to {f.end:%Y-%m-%d}"
+        if f.blocked_by:
+            print(f"keep {f.name} ({span}): " + "; ".join(f.blocked_by))
+        elif f.dropped:
+            print(f"dropped {f.name} ({span})")
+        else:
+            print(f"would drop {f.name} ({span})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # handlers: operator tools (registry, ingest, status, backfill, verify, cleanup, demo)
 # ---------------------------------------------------------------------------------------------
 def _needs_schema(handler: Handler) -> Handler:
@@ -924,11 +977,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_db_schedule)
     p = db_commands.add_parser("unschedule", help="remove the pg_cron job")
     p.set_defaults(handler=cmd_db_unschedule)
+    add_partition_commands(commands, db_commands)
 
     add_worker_commands(commands)
     add_operator_commands(commands)
     add_observability_commands(commands)
     return parser
+
+
+def add_partition_commands(
+    commands: argparse._SubParsersAction, db_commands: argparse._SubParsersAction
+) -> None:
+    """`db partition` and `retention` (time partitions, DESIGN.md 11)."""
+    p = db_commands.add_parser(
+        "partition",
+        help="convert data_bars and derived_data_bars into monthly partitions, online (resumable)",
+    )
+    p.add_argument(
+        "--batch-rows",
+        type=_positive(int),
+        default=50_000,
+        help="rows copied per transaction (default 50000)",
+    )
+    p.add_argument("--pause", type=float, default=0.0, help="seconds to sleep between batches (default 0)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_db_partition)
+    p = commands.add_parser(
+        "retention",
+        help="drop whole months of 1m bars older than --raw once every level built from them is final",
+    )
+    p.add_argument("--raw", required=True, help="age of the 1m bars to drop, e.g. 90d or 12w")
+    p.add_argument("--dry-run", action="store_true", help="list what would be dropped; drop nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_retention)
 
 
 def add_worker_commands(commands: argparse._SubParsersAction) -> None:

@@ -30,11 +30,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
+import psycopg
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from baragg import sessions
+from baragg import partitions, sessions
 from baragg.db import Database
 from baragg.errors import BaraggError, InvalidInput, shown
 from baragg.sql import query
@@ -613,6 +614,22 @@ def _may_repeat_times(bars: pd.DataFrame, newest_seen: dict[str, pd.Timestamp], 
     return repeat
 
 
+def _ensure_partitions(db: Database, conn: psycopg.Connection) -> None:
+    """The monthly partitions of the staged rows' months, in both bar tables (DESIGN.md 11), created in a short transaction
+    of their own before the rows are written. Never fatal: a row of a month without a partition lands
+    in the default partition, which the worker empties into the month's partition later."""
+    row = conn.execute(query("partitions_stage_months")).fetchone()
+    months = list(row[0]) if row and row[0] else []
+    if not months:
+        return
+    try:
+        # derived_data_bars too: the bars built from these rows fall in the same months.
+        for table in partitions.TABLES:
+            partitions.ensure_months(db, table, months)
+    except psycopg.Error as exc:
+        log.warning("could not create the partitions of the new rows' months (%s)", str(exc).strip())
+
+
 def ingest_file(
     db: Database,
     path: str | Path,
@@ -689,6 +706,7 @@ def ingest_file(
                     _bad_rows_message(path.name, reader.unit, bad.count, bad.first, _unknown_text(bad))
                 )
             report.rejected = bad.count
+            _ensure_partitions(db, conn)
             counts = conn.execute(query("ingest_upsert"), {"source": source}).fetchone()
             assert counts is not None
             report.inserted, report.updated, staged = (int(v) for v in counts)

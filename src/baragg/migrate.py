@@ -235,9 +235,25 @@ def upgrade(db: Database, migrations: list[Migration] | None = None) -> list[Mig
             applied_now += _apply_repeatables(
                 conn, [m for m in migrations if m.repeatable], force=bool(applied_now)
             )
+            _maintain_partitions(conn)
         finally:
             conn.execute(query("migrations_unlock"))
     return applied_now
+
+
+def _maintain_partitions(conn: psycopg.Connection) -> None:
+    """This month's partitions and the next ones (DESIGN.md 11), where the schema has the function."""
+    exists = conn.execute("SELECT to_regprocedure('public.baragg_partitions_maintain(integer)') IS NOT NULL")
+    row = exists.fetchone()
+    if row and row[0]:
+        from baragg import partitions
+
+        partitions.maintain(conn)
+
+
+def apply_repeatables(conn: psycopg.Connection, repeatables: list[Migration]) -> list[Migration]:
+    """Re-apply every repeatable file now (inside the caller's transaction, if one is open)."""
+    return _apply_repeatables(conn, repeatables, force=True)
 
 
 def _apply_repeatables(

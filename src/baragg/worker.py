@@ -43,7 +43,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from baragg import sessions
+from baragg import partitions, sessions
 from baragg.db import Database
 from baragg.errors import BaraggError
 from baragg.sql import query
@@ -305,6 +305,7 @@ class _Claimer:
                 time.sleep(0.1 * attempt)
         changes: dict[str, Any] = row[0] if row else {}
         self.extend_sessions()
+        self.extend_partitions()
         changed = {k: len(v) for k, v in changes.items() if isinstance(v, list) and v}
         if changed:
             log.info(
@@ -329,6 +330,23 @@ class _Claimer:
                 "session days added: %s",
                 ", ".join(f"{name} {n}" for name, n in added.items()),
                 extra={"event": "session_days", "added": added},
+            )
+
+    def extend_partitions(self) -> None:
+        """This month's and the next months' partitions, and rows moved out of the default partitions
+        (DESIGN.md 11); a failure is logged, never fatal: rows of a month without a partition wait in
+        the default partition."""
+        try:
+            with self.connect() as conn:
+                created = partitions.maintain(conn)
+        except Exception as exc:
+            log.warning("could not create the next partitions (%s)", _error_text(exc))
+            return
+        if created:
+            log.info(
+                "partitions created: %d",
+                created,
+                extra={"event": "partitions", "partitions_created": created},
             )
 
     # -- one round: claim a batch, run it ------------------------------------------------------

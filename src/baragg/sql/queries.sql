@@ -204,13 +204,19 @@ WHERE s.canonical_symbol = d.canonical_symbol AND s.ts_utc = d.ts_utc AND s.ok;
 -- name: ingest_upsert
 -- Insert new bars; overwrite an existing bar only when a value differs, so that re-ingesting a file
 -- rewrites nothing (no new row versions, ingested_at and triggers untouched).
-WITH written AS (
+-- RETURNING xmax cannot tell an insert from an update on a partitioned table: a row whose id was drawn
+-- after id_floor (drawn before the first row is written; the sequence is monotonic) is new.
+WITH id_floor AS MATERIALIZED (
+    SELECT nextval('data_bars_id_seq'::regclass) AS f
+),
+written AS (
     INSERT INTO data_bars AS d (canonical_symbol, provider_ticker, timeframe, ts_utc, open, high, low, close,
                                 vol, vwap, trade_count, is_partial, source)
     SELECT s.canonical_symbol, r.provider_ticker, '1m', s.ts_utc, s.open, s.high, s.low, s.close,
            s.vol, s.vwap, s.trade_count, false, %(source)s
     FROM ingest_stage s
     JOIN core_asset_registry_all r USING (canonical_symbol)
+    CROSS JOIN id_floor
     WHERE s.ok
     ON CONFLICT (canonical_symbol, timeframe, ts_utc) DO UPDATE
     SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
@@ -220,10 +226,10 @@ WITH written AS (
           IS DISTINCT FROM
           (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vol, EXCLUDED.vwap,
            EXCLUDED.trade_count, false)
-    RETURNING (xmax = 0) AS inserted
+    RETURNING d.id
 )
-SELECT count(*) FILTER (WHERE inserted),
-       count(*) FILTER (WHERE NOT inserted),
+SELECT count(*) FILTER (WHERE id > (SELECT f FROM id_floor)),
+       count(*) FILTER (WHERE id <= (SELECT f FROM id_floor)),
        (SELECT count(*) FROM ingest_stage WHERE ok)
 FROM written;
 
@@ -941,3 +947,90 @@ SELECT trading_date, open_utc, close_utc
 FROM agg_session_days
 WHERE session = %(name)s AND open_utc < %(end)s AND close_utc > %(start)s
 ORDER BY open_utc;
+
+-- ---------------------------------------------------------------------------------------------
+-- Time partitions and retention (baragg.partitions, functions/05_partitions.sql)
+-- ---------------------------------------------------------------------------------------------
+-- name: partitions_maintain
+SELECT public.baragg_partitions_maintain(%(ahead)s);
+
+-- name: partitions_ensure
+SELECT public.baragg_partitions_ensure(%(table)s, %(months)s::timestamptz[]);
+
+-- name: partitions_stage_months
+SELECT COALESCE(array_agg(DISTINCT date_trunc('month', ts_utc, 'UTC')), '{}') FROM ingest_stage WHERE ok;
+
+-- name: partitions_kind
+SELECT c.relname, c.relkind::text,
+       (SELECT p.phase FROM baragg_partition_progress p WHERE p.table_name = c.relname)
+FROM pg_class c
+WHERE c.relnamespace = 'public'::regnamespace AND c.relname IN ('data_bars', 'derived_data_bars')
+ORDER BY c.relname;
+
+-- name: partitions_setup
+SELECT public._baragg_part_setup(%(table)s);
+
+-- name: partitions_copy
+SELECT public._baragg_part_copy(%(table)s, %(rows)s);
+
+-- name: partitions_replay
+SELECT public._baragg_part_replay(%(table)s, %(rows)s);
+
+-- name: partitions_compare
+SELECT old_rows, new_rows, old_hash, new_hash, logged FROM public._baragg_part_compare(%(table)s);
+
+-- name: partitions_swap
+SELECT public._baragg_part_swap(%(table)s);
+
+-- name: partitions_progress
+SELECT phase, rows_copied, rows_replayed FROM baragg_partition_progress WHERE table_name = %(table)s;
+
+-- name: partitions_list
+-- The partitions of a table, oldest first, with their bounds (NULL for the default partition).
+SELECT c.relname,
+       substring(pg_get_expr(c.relpartbound, c.oid) FROM $$FROM \('([^']*)'\)$$)::timestamptz AS range_start,
+       substring(pg_get_expr(c.relpartbound, c.oid) FROM $$TO \('([^']*)'\)$$)::timestamptz AS range_end
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = %(table)s::regclass
+ORDER BY 2 NULLS LAST, 1;
+
+-- name: retention_blockers
+-- Why the 1m rows of [start, end) may not go yet: a task (of any level, of any symbol) that still has
+-- source rows before the end to aggregate (its cursor is before them; a task that has not started
+-- counts from its start), or a logged window (late data) overlapping the month. A task stuck at an
+-- earlier frontier with no source rows after its cursor (e.g. a 1w task whose days were all too thin
+-- to store) has nothing left to build from these months and does not hold them.
+SELECT format('task %%s %%s has aggregated up to %%s only', s.canonical_symbol, s.timeframe,
+              COALESCE(to_char(s.last_agg_bar_ts_utc AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI'), 'nothing'))
+FROM data_agg_state s
+JOIN agg_timeframes t ON t.timeframe = s.timeframe
+WHERE s.agg_start_utc < %(end)s
+  AND (s.last_agg_bar_ts_utc IS NULL OR s.last_agg_bar_ts_utc < %(end)s)
+  AND CASE WHEN t.source_table = 'data_bars'
+           THEN EXISTS (SELECT 1 FROM data_bars b
+                        WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = t.source_timeframe
+                          AND b.ts_utc >= GREATEST(COALESCE(s.last_agg_bar_ts_utc, '-infinity'), s.agg_start_utc)
+                          AND b.ts_utc < %(end)s)
+           ELSE EXISTS (SELECT 1 FROM derived_data_bars b
+                        WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = t.source_timeframe
+                          AND b.ts_utc >= GREATEST(COALESCE(s.last_agg_bar_ts_utc, '-infinity'), s.agg_start_utc)
+                          AND b.ts_utc < %(end)s AND b.deleted_at IS NULL)
+      END
+UNION ALL
+SELECT format('late data waits to be re-aggregated: %%s %%s window %%s', i.canonical_symbol, i.timeframe,
+              to_char(i.window_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI'))
+FROM agg_invalidations i JOIN agg_timeframes t ON t.timeframe = i.timeframe
+WHERE i.window_start < %(end)s AND i.window_start + t.bucket_interval + interval '1 day' > %(start)s
+LIMIT 3;
+
+-- name: retention_lock
+-- Cursors must not move back (backfill --from) while a partition goes.
+LOCK TABLE data_agg_state, agg_invalidations IN SHARE MODE;
+
+-- name: retention_record
+INSERT INTO baragg_retention_log (partition_name, table_name, range_start, range_end)
+VALUES (%(name)s, 'data_bars', %(start)s, %(end)s)
+ON CONFLICT (partition_name) DO UPDATE SET dropped_at = now();
+
+-- name: retention_horizon
+SELECT max(range_end) FROM baragg_retention_log WHERE table_name = 'data_bars';

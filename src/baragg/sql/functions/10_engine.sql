@@ -187,6 +187,9 @@ CREATE OR REPLACE FUNCTION public._upsert_derived_bar(
     p_quality_score integer, p_derivation_version integer, p_raw jsonb)
 RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
+    -- RETURNING xmax cannot tell an insert from an update on a partitioned table: a bar whose id was
+    -- drawn after this (monotonic sequence) is new.
+    v_id_floor bigint := pg_catalog.nextval('public.derived_data_bars_id_seq'::regclass);
     v_inserted boolean;
 BEGIN
     INSERT INTO public.derived_data_bars AS d (
@@ -211,7 +214,7 @@ BEGIN
           (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
            excluded.trade_count, false, excluded.source, excluded.source_timeframe, excluded.source_candles,
            excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
-    RETURNING (xmax = 0) INTO v_inserted;
+    RETURNING (d.id > v_id_floor) INTO v_inserted;
     -- inserted: a new bar; changed: a new bar or new values (an equal bar is not rewritten).
     RETURN jsonb_build_object('success', true, 'inserted', COALESCE(v_inserted, false),
                               'changed', v_inserted IS NOT NULL);
@@ -478,6 +481,9 @@ RETURNS TABLE (canonical_symbol text, result jsonb)
 LANGUAGE plpgsql SET search_path = '' SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 #variable_conflict use_column
 DECLARE
+    -- RETURNING xmax cannot tell an insert from an update on a partitioned table: a bar whose id was
+    -- drawn after this (monotonic sequence) is new.
+    v_id_floor bigint := pg_catalog.nextval('public.derived_data_bars_id_seq'::regclass);
     v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
     v_iv interval := v_tf.bucket_interval;
     v_origin timestamptz := v_tf.bucket_origin;
@@ -665,7 +671,7 @@ BEGIN
               (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
                excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
                excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
-        RETURNING d.canonical_symbol, d.quality_score, (d.xmax = 0) AS inserted
+        RETURNING d.canonical_symbol, d.quality_score, (d.id > v_id_floor) AS inserted
     ),
     written AS (
         SELECT * FROM written_new UNION ALL SELECT * FROM written_upd
@@ -803,6 +809,9 @@ CREATE OR REPLACE FUNCTION public.agg_recompute_windows(p_symbol text, p_to_tf t
                                                  p_derivation_version integer DEFAULT 1)
 RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
+    -- RETURNING xmax cannot tell an insert from an update on a partitioned table: a bar whose id was
+    -- drawn after this (monotonic sequence) is new.
+    v_id_floor bigint := pg_catalog.nextval('public.derived_data_bars_id_seq'::regclass);
     v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
     v_result jsonb;
     v_session text := public._agg_session_of(p_symbol, p_to_tf);
@@ -846,7 +855,7 @@ BEGIN
               (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
                excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
                excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
-        RETURNING d.quality_score, (d.xmax = 0) AS inserted
+        RETURNING d.quality_score, (d.id > v_id_floor) AS inserted
     ),
     removed AS (
         UPDATE public.derived_data_bars d

@@ -207,6 +207,9 @@ RETURNS TABLE (canonical_symbol text, result jsonb)
 LANGUAGE plpgsql SET search_path = '' AS $$
 #variable_conflict use_column
 DECLARE
+    -- RETURNING xmax cannot tell an insert from an update on a partitioned table: a bar whose id was
+    -- drawn after this (monotonic sequence) is new.
+    v_id_floor bigint := pg_catalog.nextval('public.derived_data_bars_id_seq'::regclass);
     v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
     v_now timestamptz := COALESCE(p_now_utc, now());
     v_derived boolean := v_tf.source_table = 'derived_data_bars';
@@ -358,7 +361,7 @@ BEGIN
               (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
                excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
                excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
-        RETURNING d.canonical_symbol, d.quality_score, (d.xmax = 0) AS inserted
+        RETURNING d.canonical_symbol, d.quality_score, (d.id > v_id_floor) AS inserted
     ),
     handled_counts AS (
         SELECT h.sym, count(*) AS n_handled, max(h.window_end) AS last_we,
@@ -671,6 +674,9 @@ RETURNS TABLE (canonical_symbol text, result jsonb)
 LANGUAGE plpgsql SET search_path = '' AS $$
 #variable_conflict use_column
 DECLARE
+    -- RETURNING xmax cannot tell an insert from an update on a partitioned table: a bar whose id was
+    -- drawn after this (monotonic sequence) is new.
+    v_id_floor bigint := pg_catalog.nextval('public.derived_data_bars_id_seq'::regclass);
     v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
     v_now timestamptz := COALESCE(p_now_utc, now());
 BEGIN
@@ -744,7 +750,7 @@ BEGIN
               (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
                excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
                excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
-        RETURNING d.canonical_symbol, d.quality_score, (d.xmax = 0) AS inserted
+        RETURNING d.canonical_symbol, d.quality_score, (d.id > v_id_floor) AS inserted
     ),
     withdrawn AS (
         UPDATE public.derived_data_bars d

@@ -66,7 +66,12 @@ DECLARE
         ['agg_sessions',              'SELECT, INSERT, UPDATE'],
         ['agg_session_days',          'SELECT, INSERT, UPDATE'],
         ['baragg_schema_migrations',  'SELECT'],
-        ['baragg_schema_repeatables', 'SELECT']];
+        ['baragg_schema_repeatables', 'SELECT'],
+        -- Time partitions (migration 0011): a write during `baragg db partition` logs its key (the
+        -- capture trigger runs as the writer); partitions themselves are reached through their parent.
+        ['baragg_partition_log',      'SELECT, INSERT'],
+        ['baragg_partition_progress', 'SELECT'],
+        ['baragg_retention_log',      'SELECT']];
     v_readable CONSTANT text[] := ARRAY['data_bars', 'derived_data_bars'];
     v_public_roles text[];
     v_readers text[];
