@@ -240,6 +240,13 @@ def upgrade(db: Database, migrations: list[Migration] | None = None) -> list[Mig
     return applied_now
 
 
+def reapply_repeatables(conn: psycopg.Connection) -> list[Migration]:
+    """Re-apply every repeatable file in ``conn``'s transaction, changed or not: after a change the
+    files react to that no checksum shows (``baragg db distribute``: triggers on the new shards,
+    functions/50_citus.sql)."""
+    return _apply_repeatables(conn, [m for m in discover() if m.repeatable], force=True)
+
+
 def _apply_repeatables(
     conn: psycopg.Connection, repeatables: list[Migration], *, force: bool = False
 ) -> list[Migration]:

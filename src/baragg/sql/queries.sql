@@ -930,3 +930,62 @@ SELECT trading_date, open_utc, close_utc
 FROM agg_session_days
 WHERE session = %(name)s AND open_utc < %(end)s AND close_utc > %(start)s
 ORDER BY open_utc;
+
+-- ==== Citus: baragg db distribute (baragg/citus.py, DESIGN.md 11) ====
+
+-- name: citus_version
+-- The installed Citus extension's version in this database, or no row.
+SELECT extversion FROM pg_extension WHERE extname = 'citus';
+
+-- name: citus_is_coordinator
+-- Whether this node is the cluster's coordinator (the node that holds the metadata and that clients
+-- connect to), and how many active worker nodes it knows.
+SELECT citus_is_coordinator(),
+       (SELECT count(*) FROM pg_dist_node WHERE groupid <> 0 AND isactive AND noderole = 'primary');
+
+-- name: citus_table_kinds
+-- How each baragg table is held now: 'distributed' (hash by %(column)s), 'reference', or 'local'.
+SELECT t.name,
+       CASE WHEN p.partmethod = 'h' THEN 'distributed'
+            WHEN p.partmethod = 'n' AND p.repmodel = 't' THEN 'reference'
+            WHEN p.partmethod IS NULL THEN 'local'
+            ELSE 'other' END AS kind,
+       p.colocationid,
+       CASE WHEN p.partmethod = 'h' THEN column_to_column_name(p.logicalrelid, p.partkey) END AS column
+FROM unnest(%(tables)s::text[]) AS t(name)
+LEFT JOIN pg_dist_partition p ON p.logicalrelid = to_regclass('public.' || t.name);
+
+-- name: citus_live_workers
+-- Other sessions that hold a baragg worker lock (a running `baragg worker`/`run`), and tasks leased now.
+SELECT (SELECT count(*) FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.classid = 1650553447::oid AND l.objsubid = 2 AND l.granted
+          AND l.pid <> pg_backend_pid()
+          AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())),
+       (SELECT count(*) FROM data_agg_state WHERE status = 'running' AND lease_expires_at > now());
+
+-- name: citus_begin
+-- One transaction for the whole distribution: several tables with foreign keys between them are
+-- distributed in one transaction only in sequential mode.
+SET LOCAL citus.multi_shard_modify_mode TO 'sequential';
+
+-- name: citus_drop_triggers
+-- Citus distributes no table that has triggers: the invalidation triggers go first, and the repeatable
+-- functions/30_invalidation.sql creates them again on the distributed tables (on every shard).
+DO $$
+DECLARE
+    v_table text;
+    v_op text;
+BEGIN
+    FOREACH v_table IN ARRAY ARRAY['data_bars', 'derived_data_bars'] LOOP
+        FOREACH v_op IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON public.%I', 'agg_invalidate_' || v_op, v_table);
+        END LOOP;
+    END LOOP;
+END
+$$;
+
+-- name: citus_create_reference_table
+SELECT create_reference_table(%(table)s::regclass);
+
+-- name: citus_create_distributed_table
+SELECT create_distributed_table(%(table)s::regclass, 'canonical_symbol', colocate_with => %(colocate_with)s);

@@ -234,32 +234,39 @@ BEGIN
 END
 $$;
 
--- A transition table serves one event per trigger, hence three triggers per table.
-DROP TRIGGER IF EXISTS agg_invalidate_insert ON public.data_bars;
-CREATE TRIGGER agg_invalidate_insert AFTER INSERT ON public.data_bars
-    REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_data_bars();
-DROP TRIGGER IF EXISTS agg_invalidate_update ON public.data_bars;
-CREATE TRIGGER agg_invalidate_update AFTER UPDATE ON public.data_bars
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_data_bars();
-DROP TRIGGER IF EXISTS agg_invalidate_delete ON public.data_bars;
-CREATE TRIGGER agg_invalidate_delete AFTER DELETE ON public.data_bars
-    REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_data_bars();
-
-DROP TRIGGER IF EXISTS agg_invalidate_insert ON public.derived_data_bars;
-CREATE TRIGGER agg_invalidate_insert AFTER INSERT ON public.derived_data_bars
-    REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_derived_bars();
-DROP TRIGGER IF EXISTS agg_invalidate_update ON public.derived_data_bars;
-CREATE TRIGGER agg_invalidate_update AFTER UPDATE ON public.derived_data_bars
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_derived_bars();
-DROP TRIGGER IF EXISTS agg_invalidate_delete ON public.derived_data_bars;
-CREATE TRIGGER agg_invalidate_delete AFTER DELETE ON public.derived_data_bars
-    REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_derived_bars();
+-- A transition table serves one event per trigger, hence three triggers per table:
+--   AFTER INSERT  REFERENCING NEW TABLE AS new_rows
+--   AFTER UPDATE  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+--   AFTER DELETE  REFERENCING OLD TABLE AS old_rows
+-- FOR EACH STATEMENT, on data_bars and derived_data_bars. Created one command per EXECUTE, because on
+-- Citus (`baragg db distribute`) a trigger command's text is forwarded to every node as it is, and
+-- there with citus.enable_unsafe_triggers: Citus creates the triggers on every shard, where they fire
+-- on the node holding the changed rows and reach the co-located shards of the same symbols
+-- (data_agg_state, agg_invalidations) locally (DESIGN.md 11).
+DO $triggers$
+DECLARE
+    v_table text;
+    v_op record;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = 'public.data_bars'::regclass) THEN
+        PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    END IF;
+    FOREACH v_table IN ARRAY ARRAY['data_bars', 'derived_data_bars'] LOOP
+        FOR v_op IN SELECT * FROM (VALUES
+                ('insert', 'INSERT', 'REFERENCING NEW TABLE AS new_rows'),
+                ('update', 'UPDATE', 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
+                ('delete', 'DELETE', 'REFERENCING OLD TABLE AS old_rows')) AS o(name, event, ref)
+        LOOP
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON public.%I', 'agg_invalidate_' || v_op.name, v_table);
+            EXECUTE format('CREATE TRIGGER %I AFTER %s ON public.%I %s FOR EACH STATEMENT EXECUTE FUNCTION %s',
+                           'agg_invalidate_' || v_op.name, v_op.event, v_table, v_op.ref,
+                           CASE v_table WHEN 'data_bars' THEN 'public._agg_invalidate_data_bars()'
+                                        ELSE 'public._agg_invalidate_derived_bars()' END);
+        END LOOP;
+    END LOOP;
+END
+$triggers$;
 
 -- ---------------------------------------------------------------------------------------------
 -- agg_reaggregate_tasks: re-aggregate the final logged windows of many tasks of one timeframe
