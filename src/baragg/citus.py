@@ -14,6 +14,7 @@ files are then re-applied, which re-creates the triggers on every shard and adap
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
@@ -46,13 +47,19 @@ class Distribution:
 def table_kinds(conn: psycopg.Connection) -> dict[str, tuple[str, int | None, str | None]]:
     """Each baragg table's placement: (kind, co-location id, distribution column)."""
     rows = conn.execute(
-        query("citus_table_kinds"), {"tables": list(DISTRIBUTED + REFERENCE), "column": "canonical_symbol"}
+        query("citus_table_kinds"), {"tables": list(DISTRIBUTED + REFERENCE)}
     ).fetchall()
     return {name: (kind, colocation, column) for name, kind, colocation, column in rows}
 
 
-def distribute(db: Database, *, allow_running_workers: bool = False) -> Distribution:
-    """Distribute baragg's tables on the Citus coordinator ``db`` (idempotent)."""
+def distribute(
+    db: Database,
+    *,
+    allow_running_workers: bool = False,
+    require_schema: Callable[[Database], None] | None = None,
+) -> Distribution:
+    """Distribute baragg's tables on the Citus coordinator ``db`` (idempotent). ``require_schema``
+    checks that baragg's schema is current, once Citus and the node's role are known to be right."""
     with db.connect() as conn:
         row = conn.execute(query("citus_version")).fetchone()
         if row is None:
@@ -71,6 +78,8 @@ def distribute(db: Database, *, allow_running_workers: bool = False) -> Distribu
             raise BaraggError(
                 "the Citus coordinator has no worker nodes: add them first (SELECT citus_add_node(host, port))"
             )
+        if require_schema is not None:
+            require_schema(db)
         kinds = table_kinds(conn)
         todo_dist = [t for t in DISTRIBUTED if kinds[t][0] != "distributed"]
         todo_ref = [t for t in REFERENCE if kinds[t][0] != "reference"]

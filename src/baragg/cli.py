@@ -97,8 +97,9 @@ def cmd_db_distribute(args: argparse.Namespace) -> int:
     from baragg import citus
 
     db = database(args, prepare_embedded=False)
-    require_current_schema(db)
-    done = citus.distribute(db, allow_running_workers=args.allow_running_workers)
+    done = citus.distribute(
+        db, allow_running_workers=args.allow_running_workers, require_schema=require_current_schema
+    )
     if args.json:
         print_json(done.__dict__)
     elif done.changed:

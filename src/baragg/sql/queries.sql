@@ -944,7 +944,7 @@ SELECT citus_is_coordinator(),
        (SELECT count(*) FROM pg_dist_node WHERE groupid <> 0 AND isactive AND noderole = 'primary');
 
 -- name: citus_table_kinds
--- How each baragg table is held now: 'distributed' (hash by %(column)s), 'reference', or 'local'.
+-- How each baragg table is held now: 'distributed' (hash, with its column), 'reference', or 'local'.
 SELECT t.name,
        CASE WHEN p.partmethod = 'h' THEN 'distributed'
             WHEN p.partmethod = 'n' AND p.repmodel = 't' THEN 'reference'

@@ -2,7 +2,7 @@
 -- On plain PostgreSQL (and Supabase) this file changes nothing: every block below returns at once
 -- unless data_bars is a distributed table.
 --
--- SQL-language functions that read or write the distributed tables become PL/pgSQL, same body.
+-- SQL-language functions that read or write the distributed or reference tables become PL/pgSQL, same body.
 -- Citus cannot plan a query on a distributed table inside a SQL-language function that has
 -- parameters ("could not create distributed plan ... parameters in SQL functions"); in PL/pgSQL the
 -- parameters are values when Citus plans the statement, so a statement filtered by one symbol
@@ -31,7 +31,7 @@ BEGIN
         JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
         WHERE n.nspname = 'public'
           AND p.prolang = (SELECT l.oid FROM pg_catalog.pg_language l WHERE l.lanname = 'sql')
-          AND p.prosrc ~ 'public\.(data_bars|derived_data_bars|data_agg_state|agg_invalidations)\M'
+          AND p.prosrc ~ 'public\.(data_bars|derived_data_bars|data_agg_state|agg_invalidations|core_asset_registry_all|agg_timeframes|agg_sessions|agg_session_days)\M'
           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                           WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
     LOOP
