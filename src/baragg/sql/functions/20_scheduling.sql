@@ -656,8 +656,9 @@ $$;
 -- * corrects source_timeframe / is_mandatory of existing tasks to the ladder.
 -- It never touches cursors or operator settings (agg_start_utc, task_priority, interval, delay).
 -- Idempotent: a second call changes nothing and returns empty lists. Serialised by an advisory lock.
-CREATE OR REPLACE FUNCTION public.sync_agg_state_from_registry(p_env_name text DEFAULT 'prod',
-    p_now_utc timestamptz DEFAULT now())
+-- _agg_sync_tasks: the sync's statements, for every symbol (p_symbol NULL) or one (on Citus, where a
+-- statement that locks or changes task rows must name its symbol to reach that symbol's shard).
+CREATE OR REPLACE FUNCTION public._agg_sync_tasks(p_env_name text, p_now_utc timestamptz, p_symbol text)
 RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_now timestamptz := COALESCE(p_now_utc, now());
@@ -665,16 +666,27 @@ DECLARE
     v_enabled jsonb;
     v_disabled jsonb;
     v_corrected jsonb;
+    v_w_syms text[];
+    v_w_tfs text[];
+    v_w_srcs text[];
+    v_w_mand boolean[];
+    v_sched timestamptz := LEAST(v_now, now());  -- (a value: Citus allows no now() inside CASE)
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext('baragg.sync_agg_state_from_registry'));
-
+    -- The wanted tasks first, by a statement of their own (registry and ladder only): the statements
+    -- below then join task rows with plain arrays, which Citus routes to the symbol's shard.
+    SELECT COALESCE(array_agg(w.canonical_symbol), '{}'), COALESCE(array_agg(w.timeframe), '{}'),
+           COALESCE(array_agg(w.source_timeframe), '{}'), COALESCE(array_agg(w.is_mandatory), '{}')
+    INTO v_w_syms, v_w_tfs, v_w_srcs, v_w_mand
+    FROM public._agg_wanted_tasks(p_env_name) w
+    WHERE p_symbol IS NULL OR w.canonical_symbol = p_symbol;
     -- Lock the rows about to change in key order, so concurrent finishers cannot deadlock with us.
     PERFORM 1 FROM public.data_agg_state s
     JOIN public.agg_timeframes t ON t.timeframe = s.timeframe
-    LEFT JOIN public._agg_wanted_tasks(p_env_name) w ON w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe
-    WHERE (w.timeframe IS NULL AND s.enabled)
+    LEFT JOIN unnest(v_w_syms, v_w_tfs, v_w_srcs, v_w_mand) AS w(canonical_symbol, timeframe, source_timeframe, is_mandatory) ON w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe
+    WHERE (p_symbol IS NULL OR s.canonical_symbol = p_symbol)
+      AND ((w.timeframe IS NULL AND s.enabled)
        OR (w.timeframe IS NOT NULL AND (NOT s.enabled OR s.source_timeframe IS DISTINCT FROM w.source_timeframe
-                                        OR s.is_mandatory IS DISTINCT FROM w.is_mandatory))
+                                        OR s.is_mandatory IS DISTINCT FROM w.is_mandatory)))
     ORDER BY s.canonical_symbol, s.timeframe
     FOR UPDATE OF s;
 
@@ -689,12 +701,13 @@ BEGIN
                -- the symbol's explicit start (registry add --agg-start), else the column's default:
                -- '-infinity', i.e. from its first source row (migration 0007)
                COALESCE(r.agg_start_utc, timestamptz '-infinity')
-        FROM public._agg_wanted_tasks(p_env_name) w
+        FROM unnest(v_w_syms, v_w_tfs, v_w_srcs, v_w_mand) AS w(canonical_symbol, timeframe, source_timeframe, is_mandatory)
         JOIN public.agg_timeframes t ON t.timeframe = w.timeframe
         JOIN public.core_asset_registry_all r ON r.canonical_symbol = w.canonical_symbol
         -- Only the missing ones (an anti-join is far cheaper than a conflict per existing task);
         -- ON CONFLICT still covers a task inserted meanwhile by a caller not taking the lock.
-        WHERE NOT EXISTS (SELECT 1 FROM public.data_agg_state s
+        WHERE (p_symbol IS NULL OR w.canonical_symbol = p_symbol)
+          AND NOT EXISTS (SELECT 1 FROM public.data_agg_state s
                           WHERE s.canonical_symbol = w.canonical_symbol AND s.timeframe = w.timeframe)
         ORDER BY w.canonical_symbol, w.timeframe
         ON CONFLICT (canonical_symbol, timeframe) DO NOTHING
@@ -707,10 +720,11 @@ BEGIN
         SET enabled = true,
             status = CASE WHEN s.status = 'disabled' THEN 'idle' ELSE s.status END,
             hard_fail_streak = CASE WHEN s.status = 'disabled' THEN 0 ELSE s.hard_fail_streak END,
-            next_run_at = CASE WHEN s.status = 'disabled' THEN LEAST(v_now, now()) ELSE s.next_run_at END,  -- schedule clock
+            next_run_at = CASE WHEN s.status = 'disabled' THEN v_sched ELSE s.next_run_at END,  -- schedule clock
             updated_at = now()
-        FROM public._agg_wanted_tasks(p_env_name) w
+        FROM unnest(v_w_syms, v_w_tfs, v_w_srcs, v_w_mand) AS w(canonical_symbol, timeframe, source_timeframe, is_mandatory)
         WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe AND NOT s.enabled
+          AND (p_symbol IS NULL OR s.canonical_symbol = p_symbol)
         RETURNING s.canonical_symbol || ' ' || s.timeframe AS task
     )
     SELECT COALESCE(jsonb_agg(task ORDER BY task), '[]') INTO v_enabled FROM upd;
@@ -718,9 +732,9 @@ BEGIN
     WITH upd AS (
         UPDATE public.data_agg_state s
         SET enabled = false, updated_at = now()
-        WHERE s.enabled
+        WHERE s.enabled AND (p_symbol IS NULL OR s.canonical_symbol = p_symbol)
           AND EXISTS (SELECT 1 FROM public.agg_timeframes t WHERE t.timeframe = s.timeframe)
-          AND NOT EXISTS (SELECT 1 FROM public._agg_wanted_tasks(p_env_name) w
+          AND NOT EXISTS (SELECT 1 FROM unnest(v_w_syms, v_w_tfs, v_w_srcs, v_w_mand) AS w(canonical_symbol, timeframe, source_timeframe, is_mandatory)
                           WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe)
         RETURNING s.canonical_symbol || ' ' || s.timeframe AS task
     )
@@ -729,8 +743,9 @@ BEGIN
     WITH upd AS (
         UPDATE public.data_agg_state s
         SET source_timeframe = w.source_timeframe, is_mandatory = w.is_mandatory, updated_at = now()
-        FROM public._agg_wanted_tasks(p_env_name) w
+        FROM unnest(v_w_syms, v_w_tfs, v_w_srcs, v_w_mand) AS w(canonical_symbol, timeframe, source_timeframe, is_mandatory)
         WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe
+          AND (p_symbol IS NULL OR s.canonical_symbol = p_symbol)
           AND (s.source_timeframe IS DISTINCT FROM w.source_timeframe OR s.is_mandatory IS DISTINCT FROM w.is_mandatory)
         RETURNING s.canonical_symbol || ' ' || s.timeframe AS task
     )
@@ -738,4 +753,33 @@ BEGIN
 
     RETURN jsonb_build_object('env', p_env_name, 'created', v_created, 'enabled', v_enabled,
                               'disabled', v_disabled, 'corrected', v_corrected);
+END $$;
+
+CREATE OR REPLACE FUNCTION public.sync_agg_state_from_registry(p_env_name text DEFAULT 'prod',
+    p_now_utc timestamptz DEFAULT now())
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    v_sym text;
+    v_one jsonb;
+    v_all jsonb := jsonb_build_object('env', p_env_name, 'created', '[]'::jsonb, 'enabled', '[]'::jsonb,
+                                      'disabled', '[]'::jsonb, 'corrected', '[]'::jsonb);
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('baragg.sync_agg_state_from_registry'));
+    IF NOT public._agg_on_citus() THEN
+        RETURN public._agg_sync_tasks(p_env_name, p_now_utc, NULL);
+    END IF;
+    -- Citus (data_agg_state distributed by symbol): symbol by symbol, in key order.
+    FOR v_sym IN
+        SELECT r.canonical_symbol FROM public.core_asset_registry_all r
+        UNION
+        SELECT DISTINCT s.canonical_symbol FROM public.data_agg_state s
+        ORDER BY 1
+    LOOP
+        v_one := public._agg_sync_tasks(p_env_name, p_now_utc, v_sym);
+        v_all := jsonb_build_object('env', p_env_name,
+            'created', (v_all->'created') || (v_one->'created'), 'enabled', (v_all->'enabled') || (v_one->'enabled'),
+            'disabled', (v_all->'disabled') || (v_one->'disabled'),
+            'corrected', (v_all->'corrected') || (v_one->'corrected'));
+    END LOOP;
+    RETURN v_all;
 END $$;

@@ -371,8 +371,7 @@ DECLARE
     v_table text;
     v_op record;
 BEGIN
-    IF to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL
-       AND EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = 'public.data_bars'::regclass) THEN
+    IF public._agg_on_citus() THEN
         PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
     END IF;
     FOREACH v_table IN ARRAY ARRAY['data_bars', 'derived_data_bars'] LOOP

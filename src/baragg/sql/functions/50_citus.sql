@@ -17,9 +17,7 @@ DECLARE
     v_body text;
     v_new text;
 BEGIN
-    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL
-       OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition
-                      WHERE logicalrelid = 'public.data_bars'::regclass AND partmethod = 'h') THEN
+    IF NOT public._agg_on_citus() THEN
         RETURN;
     END IF;
     FOR f IN
