@@ -111,7 +111,9 @@ RETURNS TABLE (canonical_symbol text, timeframe text, source_timeframe text, las
 LANGUAGE sql SET search_path = '' AS $$
     WITH live AS MATERIALIZED (
         SELECT public._agg_live_sessions() AS keys, public._agg_my_session() AS mine, pg_backend_pid() AS backend,
-               LEAST(COALESCE(p_now_utc, now()), now()) AS clock  -- the schedule clock
+               LEAST(COALESCE(p_now_utc, now()), now()) AS clock,  -- the schedule clock
+               COALESCE(p_now_utc, now()) AS at,
+               LEAST(COALESCE(p_now_utc, now()), now()) + make_interval(secs => p_lease_seconds) AS lease_until
     ), due AS (
         SELECT s.canonical_symbol, s.timeframe, s.status AS old_status,
                CASE WHEN s.status <> 'running' THEN NULL
@@ -125,7 +127,10 @@ LANGUAGE sql SET search_path = '' AS $$
                                 COALESCE(s.lease_owner, '(unknown)'), l.lease_end, p_worker_id,
                                 COALESCE(p_now_utc, now()))
                END AS reason,
-               s.lease_owner AS old_owner
+               s.lease_owner AS old_owner,
+               -- (built here, not in the UPDATE: Citus allows no stable function of a column there)
+               jsonb_build_object('worker', p_worker_id, 'claimed_at', live.at,
+                                  'cursor_before', s.last_agg_bar_ts_utc) AS stats
         FROM public.data_agg_state s
         JOIN public.agg_timeframes t ON t.timeframe = s.timeframe
         CROSS JOIN live
@@ -147,20 +152,20 @@ LANGUAGE sql SET search_path = '' AS $$
         UPDATE public.data_agg_state s
         SET status = 'running',
             lease_owner = p_worker_id,
-            lease_expires_at = live.clock + make_interval(secs => p_lease_seconds),
+            lease_expires_at = live.lease_until,
             lease_session = live.mine,
             lease_backend_pid = live.backend,
-            running_started_at_utc = COALESCE(p_now_utc, now()),
-            last_attempted_at_utc = COALESCE(p_now_utc, now()),
+            running_started_at_utc = live.at,
+            last_attempted_at_utc = live.at,
             rerun_requested = false,
-            last_run_stats = jsonb_build_object('worker', p_worker_id, 'claimed_at', COALESCE(p_now_utc, now()),
-                                                'cursor_before', s.last_agg_bar_ts_utc),
+            last_run_stats = due.stats,
             total_rescues = s.total_rescues + CASE WHEN due.old_status = 'running' THEN 1 ELSE 0 END,
             last_rescue = COALESCE(due.reason, s.last_rescue),
             last_error = COALESCE(due.reason, s.last_error),
             updated_at = now()
         FROM due, live
         WHERE s.canonical_symbol = due.canonical_symbol AND s.timeframe = due.timeframe
+          AND (p_symbols IS NULL OR s.canonical_symbol = ANY (p_symbols))  -- (Citus: the symbol's shard only)
         RETURNING s.canonical_symbol, s.timeframe, s.source_timeframe, s.last_agg_bar_ts_utc,
                   s.run_interval_minutes, s.aggregation_delay_seconds, s.is_mandatory, s.task_priority,
                   s.agg_start_utc, s.lease_expires_at,

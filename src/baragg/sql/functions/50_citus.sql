@@ -51,3 +51,203 @@ BEGIN
 END
 $citus$;
 
+
+-- ---------------------------------------------------------------------------------------------
+-- _agg_catchup_citus: agg_catchup_tasks on Citus (it calls this first there), symbol by symbol.
+-- ---------------------------------------------------------------------------------------------
+-- The same plan as agg_catchup_tasks (functions/10_engine.sql: s0, limit, next, scan end, windows,
+-- upsert of changed bars, withdrawal, cursor, counts; the same helpers), written as one short
+-- statement per step and symbol, each filtered by the symbol: Citus routes each to the node holding
+-- that symbol's shards. (The set-based statement joins many symbols' rows with correlated subqueries,
+-- which Citus cannot distribute.) Same result keys, same bars. Trading sessions (and 1mo) are not
+-- run on Citus yet: agg_catchup_tasks says so.
+CREATE OR REPLACE FUNCTION public._agg_catchup_citus(p_to_tf text, p_symbols text[], p_cursors timestamptz[],
+                                              p_max_windows integer, p_now_utc timestamptz,
+                                              p_derivation_version integer, p_ignore_confirmation boolean)
+RETURNS TABLE (canonical_symbol text, result jsonb)
+LANGUAGE plpgsql SET search_path = '' AS $$
+#variable_conflict use_column
+DECLARE
+    v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
+    v_iv interval := v_tf.bucket_interval;
+    v_origin timestamptz := v_tf.bucket_origin;
+    v_now timestamptz := COALESCE(p_now_utc, now());
+    v_derived boolean := v_tf.source_table = 'derived_data_bars';
+    v_scan_rows integer := p_max_windows * v_tf.max_source_bars;
+    v_sym text;
+    v_delay integer;
+    v_start timestamptz;
+    v_sparse boolean;
+    v_s0 timestamptz;
+    v_bound timestamptz;
+    v_lim timestamptz;
+    v_nxt timestamptz;
+    v_recheck boolean;
+    v_last timestamptz;
+    v_se timestamptz;
+    v_scan_end timestamptz;
+    w_ts timestamptz[];
+    w_open double precision[];
+    w_high double precision[];
+    w_low double precision[];
+    w_close double precision[];
+    w_vol double precision[];
+    w_vwap double precision[];
+    w_trades integer[];
+    w_source integer[];
+    w_expected integer[];
+    w_quality integer[];
+    v_handled bigint;
+    v_last_ws timestamptz;
+    v_skipped bigint;
+    v_created bigint;
+    v_rewritten bigint;
+    v_poor bigint;
+    v_withdrawn bigint;
+    v_new timestamptz;
+    v_more boolean;
+BEGIN
+    FOR i IN 1 .. COALESCE(cardinality(p_symbols), 0) LOOP
+        v_sym := p_symbols[i];
+        -- input: the task's settings (defaults without a task row)
+        SELECT st.aggregation_delay_seconds, st.agg_start_utc INTO v_delay, v_start
+        FROM public.data_agg_state st WHERE st.canonical_symbol = v_sym AND st.timeframe = p_to_tf;
+        v_delay := COALESCE(v_delay, 0);
+        v_start := COALESCE(v_start, timestamptz '-infinity');
+        SELECT r.is_sparse INTO v_sparse FROM public.core_asset_registry_all r WHERE r.canonical_symbol = v_sym;
+        v_sparse := COALESCE(v_sparse, false);
+        -- started, limited, planned
+        v_s0 := GREATEST(
+            date_bin(v_iv, COALESCE(p_cursors[i], public.agg_bootstrap_cursor(v_sym, p_to_tf, v_now)), v_origin),
+            CASE WHEN date_bin(v_iv, v_start, v_origin) = v_start THEN v_start
+                 ELSE date_bin(v_iv, v_start, v_origin) + v_iv END);
+        v_bound := NULL;
+        IF v_derived THEN
+            SELECT b.bound INTO v_bound FROM public._agg_chain_bounds(p_to_tf, ARRAY[v_sym]) b;
+        END IF;
+        v_lim := LEAST(CASE WHEN p_ignore_confirmation THEN timestamptz 'infinity'
+                            ELSE v_now - make_interval(secs => v_delay) END,
+                       COALESCE(v_bound, timestamptz 'infinity'));
+        v_nxt := CASE WHEN v_lim = timestamptz 'infinity' THEN timestamptz 'infinity'
+                      ELSE GREATEST(v_s0, date_bin(v_iv, v_lim, v_origin)) END;
+        v_recheck := EXISTS (SELECT 1 FROM public.derived_data_bars d
+                             WHERE d.canonical_symbol = v_sym AND d.timeframe = p_to_tf AND d.ts_utc >= v_s0
+                               AND d.deleted_at IS NULL);
+        -- bounded: the last source row at or after s0, and the (v_scan_rows)-th in [s0, next)
+        v_se := NULL;
+        IF v_derived THEN
+            SELECT b.ts_utc INTO v_last FROM public.derived_data_bars b
+            WHERE b.canonical_symbol = v_sym AND b.timeframe = v_tf.source_timeframe AND b.ts_utc >= v_s0
+              AND b.deleted_at IS NULL AND NOT b.is_partial
+            ORDER BY b.ts_utc DESC LIMIT 1;
+            IF p_max_windows IS NOT NULL THEN
+                SELECT b.ts_utc INTO v_se FROM public.derived_data_bars b
+                WHERE b.canonical_symbol = v_sym AND b.timeframe = v_tf.source_timeframe AND b.ts_utc >= v_s0
+                  AND b.ts_utc < v_nxt AND b.deleted_at IS NULL AND NOT b.is_partial
+                ORDER BY b.ts_utc OFFSET v_scan_rows - 1 LIMIT 1;
+            END IF;
+        ELSE
+            SELECT b.ts_utc INTO v_last FROM public.data_bars b
+            WHERE b.canonical_symbol = v_sym AND b.timeframe = v_tf.source_timeframe AND b.ts_utc >= v_s0
+              AND NOT b.is_partial
+            ORDER BY b.ts_utc DESC LIMIT 1;
+            IF p_max_windows IS NOT NULL THEN
+                SELECT b.ts_utc INTO v_se FROM public.data_bars b
+                WHERE b.canonical_symbol = v_sym AND b.timeframe = v_tf.source_timeframe AND b.ts_utc >= v_s0
+                  AND b.ts_utc < v_nxt AND NOT b.is_partial
+                ORDER BY b.ts_utc OFFSET v_scan_rows - 1 LIMIT 1;
+            END IF;
+        END IF;
+        v_scan_end := CASE WHEN p_max_windows IS NULL THEN v_nxt
+                           ELSE COALESCE(date_bin(v_iv, v_se, v_origin) + v_iv, v_nxt) END;
+        -- windows, handled (the first p_max_windows non-empty ones)
+        w_ts := NULL;
+        IF v_scan_end > v_s0 THEN
+            SELECT array_agg(x.ts_utc ORDER BY x.ts_utc), array_agg(x.open ORDER BY x.ts_utc),
+                   array_agg(x.high ORDER BY x.ts_utc), array_agg(x.low ORDER BY x.ts_utc),
+                   array_agg(x.close ORDER BY x.ts_utc), array_agg(x.vol ORDER BY x.ts_utc),
+                   array_agg(x.vwap ORDER BY x.ts_utc), array_agg(x.trade_count ORDER BY x.ts_utc),
+                   array_agg(x.source_candles ORDER BY x.ts_utc), array_agg(x.expected_candles ORDER BY x.ts_utc),
+                   array_agg(x.quality_score ORDER BY x.ts_utc)
+            INTO w_ts, w_open, w_high, w_low, w_close, w_vol, w_vwap, w_trades, w_source, w_expected, w_quality
+            FROM (SELECT * FROM public._agg_window_bars(p_to_tf, v_sym, v_s0, v_scan_end, v_sparse) y
+                  ORDER BY y.ts_utc LIMIT p_max_windows) x;
+        END IF;
+        v_handled := COALESCE(cardinality(w_ts), 0);
+        v_last_ws := w_ts[v_handled];
+        SELECT count(*) FILTER (WHERE q IS NULL) INTO v_skipped FROM unnest(w_quality) AS q;
+        -- written: changed bars only (an equal recompute writes nothing)
+        WITH written AS (
+            INSERT INTO public.derived_data_bars AS d (
+                canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
+                is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
+                quality_score, derivation_version, raw, deleted_at)
+            SELECT v_sym, p_to_tf, h.ts_utc, h.open, h.high, h.low, h.close, h.vol, h.vwap, h.trade_count,
+                   false, 'agg', v_now_real.t, v_tf.source_timeframe, h.source_candles, h.expected_candles,
+                   h.quality_score, p_derivation_version, '{}'::jsonb, NULL
+            FROM unnest(w_ts, w_open, w_high, w_low, w_close, w_vol, w_vwap, w_trades, w_source, w_expected, w_quality)
+                AS h(ts_utc, open, high, low, close, vol, vwap, trade_count, source_candles, expected_candles,
+                     quality_score)
+            CROSS JOIN (SELECT now() AS t) v_now_real
+            WHERE h.quality_score IS NOT NULL
+            ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
+            DO UPDATE SET
+                open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+                vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
+                is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
+                source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
+                expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
+                derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = excluded.ingested_at
+            WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
+                   d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
+                   d.derivation_version)
+                  IS DISTINCT FROM
+                  (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
+                   excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
+                   excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
+            RETURNING d.quality_score, (d.xmax = 0) AS inserted
+        )
+        SELECT count(*) FILTER (WHERE w.inserted), count(*) FILTER (WHERE NOT w.inserted),
+               count(*) FILTER (WHERE w.quality_score <= 0)
+        INTO v_created, v_rewritten, v_poor
+        FROM written w;
+        -- outcome: the new cursor
+        v_new := CASE WHEN v_handled >= p_max_windows THEN v_last_ws + v_iv
+                      WHEN v_scan_end < v_nxt THEN v_scan_end
+                      ELSE LEAST(v_nxt, CASE WHEN v_last IS NULL THEN v_s0
+                                             ELSE GREATEST(v_s0, date_bin(v_iv, v_last, v_origin) + v_iv) END)
+                 END;
+        v_more := COALESCE(v_handled >= p_max_windows OR v_scan_end < v_nxt, false);
+        -- withdrawn: stored bars in the windows passed over that have no storable bar now
+        v_withdrawn := 0;
+        IF v_recheck THEN
+            WITH wd AS (
+                UPDATE public.derived_data_bars d
+                SET deleted_at = v_now_real.t, updated_at = v_now_real.t
+                FROM (SELECT now() AS t) v_now_real
+                WHERE d.canonical_symbol = v_sym AND d.timeframe = p_to_tf
+                  AND d.ts_utc >= v_s0 AND d.ts_utc < v_new AND d.deleted_at IS NULL
+                  AND NOT (d.ts_utc = ANY (COALESCE(
+                      ARRAY(SELECT k.ts FROM unnest(w_ts, w_quality) AS k(ts, q) WHERE k.q IS NOT NULL), '{}')))
+                RETURNING 1
+            )
+            SELECT count(*) INTO v_withdrawn FROM wd;
+        END IF;
+        canonical_symbol := v_sym;
+        result := jsonb_build_object(
+            'success', true,
+            'windows_processed', v_handled,
+            'cursor_advanced_to', v_new,
+            'bars_created', v_created,
+            'bars_rewritten', v_rewritten,
+            'bars_unchanged', v_handled - v_skipped - v_created - v_rewritten,
+            'bars_withdrawn', v_withdrawn,
+            'bars_quality_poor', v_poor,
+            'bars_skipped', v_skipped,
+            'gaps_skipped', round(extract(epoch FROM v_new - v_s0) / extract(epoch FROM v_iv))::bigint - v_handled,
+            'continue', v_more,
+            'agg_start_enforced', v_start);
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
