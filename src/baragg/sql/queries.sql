@@ -989,3 +989,33 @@ SELECT create_reference_table(%(table)s::regclass);
 
 -- name: citus_create_distributed_table
 SELECT create_distributed_table(%(table)s::regclass, 'canonical_symbol', colocate_with => %(colocate_with)s);
+
+-- name: worker_on_citus
+-- Whether baragg's tables are distributed with Citus (the worker then claims and catches up symbol by
+-- symbol: every statement names one symbol, DESIGN.md 11).
+SELECT _agg_on_citus();
+
+-- name: worker_citus_due_symbols
+-- Citus: the symbols that have a due task (as agg_claim_tasks defines due), in due order, read without
+-- locks; each is then claimed by agg_claim_tasks for that symbol alone (worker_claim). The live worker
+-- sessions are read on the coordinator, where the workers hold their locks.
+WITH live AS MATERIALIZED (
+    SELECT _agg_live_sessions() AS keys, LEAST(COALESCE(%(now)s::timestamptz, now()), now()) AS clock
+)
+SELECT s.canonical_symbol
+FROM data_agg_state s
+JOIN agg_timeframes t ON t.timeframe = s.timeframe
+CROSS JOIN live
+WHERE s.enabled
+  AND (((s.next_run_at IS NULL OR s.next_run_at <= live.clock)
+        AND (s.status IN ('idle', 'hard_failed')
+             OR (s.status = 'running'
+                 AND COALESCE(s.lease_expires_at, s.running_started_at_utc + interval '5 minutes', '-infinity')
+                     <= live.clock)))
+       OR (s.status = 'running' AND s.lease_session IS NOT NULL AND NOT (s.lease_session = ANY (live.keys))))
+  AND (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+GROUP BY s.canonical_symbol
+ORDER BY bool_or(s.is_mandatory) DESC, min(t.bucket_interval), min(s.task_priority),
+         min(s.last_successful_at_utc) NULLS FIRST, s.canonical_symbol
+LIMIT 4 * %(limit)s;

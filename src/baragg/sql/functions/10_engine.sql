@@ -403,6 +403,10 @@ BEGIN
         RETURN QUERY SELECT u.sym, timestamptz 'infinity' FROM unnest(p_symbols) AS u(sym);
         RETURN;
     END IF;
+    IF public._agg_on_citus() THEN  -- Citus: symbol by symbol (50_citus.sql)
+        RETURN QUERY SELECT * FROM public._agg_chain_bounds_citus(p_symbols, v_tfs, v_tables, v_sources);
+        RETURN;
+    END IF;
     RETURN QUERY
     SELECT u.sym, COALESCE(min(lv.r), timestamptz 'infinity')
     FROM unnest(p_symbols) AS u(sym)

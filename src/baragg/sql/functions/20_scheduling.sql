@@ -293,6 +293,11 @@ DECLARE
     v_done jsonb;
     v_moved text[];
 BEGIN
+    -- Citus (`baragg db distribute`): task by task, each statement on one shard (50_citus.sql).
+    IF public._agg_on_citus() THEN
+        RETURN QUERY SELECT * FROM public._agg_finish_ok_citus(p_worker_id, p_items, p_now_utc);
+        RETURN;
+    END IF;
     SELECT jsonb_object_agg((e->>'canonical_symbol') || ' ' || (e->>'timeframe'), e),
            array_agg(DISTINCT e->>'canonical_symbol'), array_agg(DISTINCT e->>'timeframe')
     INTO v_items, v_symbols, v_timeframes

@@ -251,3 +251,194 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- _agg_finish_ok_citus: _agg_finish_ok on Citus (it calls this first there), task by task.
+-- ---------------------------------------------------------------------------------------------
+-- The same rules as _agg_finish_ok (functions/20_scheduling.sql: only rows still running and owned by
+-- the caller change; cursor, counters, stats, next run; then the tasks built from the ones that moved
+-- are woken), with the values computed here and each statement naming one task: Citus refuses an
+-- UPDATE that joins task rows with computed rows or computes time arithmetic on its columns.
+CREATE OR REPLACE FUNCTION public._agg_finish_ok_citus(p_worker_id text, p_items jsonb, p_now_utc timestamptz)
+RETURNS TABLE (out_symbol text, out_timeframe text, out_cursor timestamptz, out_next_run_at timestamptz)
+LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    v_now timestamptz := COALESCE(p_now_utc, now());
+    v_sched timestamptz := LEAST(COALESCE(p_now_utc, now()), now());
+    v_item record;
+    v_row public.data_agg_state%ROWTYPE;
+    v_dep public.data_agg_state%ROWTYPE;
+    v_interval interval;
+    v_cur timestamptz;
+    v_win timestamptz;
+    v_len interval;
+    v_st jsonb;
+    v_old jsonb;
+    v_stats jsonb;
+    v_more boolean;
+    v_moved boolean;
+    v_next timestamptz;
+    v_done jsonb := '[]'::jsonb;
+    v_key text;
+    v_kw text;
+    v_sum bigint;
+BEGIN
+    FOR v_item IN
+        SELECT e->>'canonical_symbol' AS sym, e->>'timeframe' AS tf,
+               (e->>'new_cursor_utc')::timestamptz AS cur, COALESCE(e->'stats', '{}'::jsonb) AS st
+        FROM jsonb_array_elements(p_items) e
+        ORDER BY 1, 2
+    LOOP
+        SELECT * INTO v_row FROM public.data_agg_state s
+        WHERE s.canonical_symbol = v_item.sym AND s.timeframe = v_item.tf
+          AND s.status = 'running' AND (p_worker_id IS NULL OR s.lease_owner = p_worker_id)
+        FOR UPDATE;
+        IF NOT FOUND THEN
+            CONTINUE;
+        END IF;
+        v_st := v_item.st;
+        v_cur := COALESCE(v_item.cur, v_row.last_agg_bar_ts_utc);
+        SELECT LEAST(v_cur, min(v.window_start)) INTO v_win FROM public.agg_invalidations v
+        WHERE v.canonical_symbol = v_item.sym AND v.timeframe = v_item.tf;
+        SELECT t.bucket_interval INTO v_interval FROM public.agg_timeframes t WHERE t.timeframe = v_item.tf;
+        v_len := CASE WHEN v_item.tf = '1mo' OR EXISTS (SELECT 1 FROM public.core_asset_registry_all r
+                                                        WHERE r.session <> '24x7' AND r.canonical_symbol = v_item.sym)
+                      THEN public._agg_window_length(v_item.sym, v_item.tf, v_win, v_interval)
+                      ELSE v_interval END;
+        v_old := COALESCE(v_row.last_run_stats, '{}'::jsonb);
+        v_stats := v_old;
+        FOREACH v_key IN ARRAY ARRAY['windows_processed', 'bars_created', 'bars_rewritten', 'bars_unchanged',
+                                     'bars_withdrawn', 'bars_quality_poor', 'bars_skipped', 'gaps_skipped'] LOOP
+            v_stats := v_stats || jsonb_build_object(v_key, COALESCE((v_old->>v_key)::bigint, 0)
+                                                            + COALESCE((v_st->>v_key)::bigint, 0));
+        END LOOP;
+        v_stats := v_stats || jsonb_build_object('calls', COALESCE((v_old->>'calls')::bigint, 0) + 1);
+        v_more := COALESCE((v_st->>'continue')::boolean, false);
+        v_moved := v_cur IS DISTINCT FROM v_row.last_agg_bar_ts_utc
+                   OR COALESCE((v_old->>'windows_processed')::bigint, 0)
+                      + COALESCE((v_st->>'windows_processed')::bigint, 0) > 0
+                   OR COALESCE((v_old->>'windows_reaggregated')::bigint, 0) > 0
+                   OR COALESCE((v_old->>'cursor_moved')::boolean, false);
+        v_stats := v_stats || jsonb_build_object('outcome', 'ok', 'finished_at', v_now, 'cursor_after', v_cur,
+                                                 'continue', v_more, 'moved', v_moved);
+        v_next := CASE
+            WHEN v_more OR v_row.rerun_requested THEN v_sched
+            WHEN v_win IS NULL OR v_len IS NULL
+                THEN v_sched + make_interval(mins => COALESCE(v_row.run_interval_minutes, 5))
+            WHEN v_win + v_len + make_interval(secs => COALESCE(v_row.aggregation_delay_seconds, 0)) <= v_sched
+                THEN v_sched + interval '1 minute'
+            ELSE v_win + v_len + make_interval(secs => COALESCE(v_row.aggregation_delay_seconds, 0))
+        END;
+        UPDATE public.data_agg_state s
+        SET status = 'idle', lease_owner = NULL, lease_expires_at = NULL, lease_session = NULL,
+            lease_backend_pid = NULL, rerun_requested = false,
+            last_agg_bar_ts_utc = v_cur,
+            last_successful_at_utc = v_now,
+            hard_fail_streak = 0,
+            last_error = NULL,
+            total_runs = v_row.total_runs + 1,
+            total_windows_processed = v_row.total_windows_processed + COALESCE((v_st->>'windows_processed')::bigint, 0),
+            total_bars_created = v_row.total_bars_created + COALESCE((v_st->>'bars_created')::bigint, 0),
+            total_bars_rewritten = v_row.total_bars_rewritten + COALESCE((v_st->>'bars_rewritten')::bigint, 0),
+            total_bars_unchanged = v_row.total_bars_unchanged + COALESCE((v_st->>'bars_unchanged')::bigint, 0),
+            total_bars_withdrawn = v_row.total_bars_withdrawn + COALESCE((v_st->>'bars_withdrawn')::bigint, 0),
+            total_bars_quality_poor = v_row.total_bars_quality_poor + COALESCE((v_st->>'bars_quality_poor')::bigint, 0),
+            total_bars_skipped = v_row.total_bars_skipped + COALESCE((v_st->>'bars_skipped')::bigint, 0),
+            total_gaps_skipped = v_row.total_gaps_skipped + COALESCE((v_st->>'gaps_skipped')::bigint, 0),
+            last_run_stats = v_stats,
+            next_run_at = v_next,
+            updated_at = v_sched_real.t
+        FROM (SELECT now() AS t) v_sched_real
+        WHERE s.canonical_symbol = v_item.sym AND s.timeframe = v_item.tf;
+        v_done := v_done || jsonb_build_object('canonical_symbol', v_item.sym, 'timeframe', v_item.tf,
+                                               'cursor', v_cur, 'next_run_at', v_next, 'moved', v_moved);
+    END LOOP;
+
+    -- Wake the tasks built from the ones that moved, as _agg_finish_ok does.
+    FOR v_item IN
+        SELECT m.canonical_symbol AS sym, m.timeframe AS tf
+        FROM jsonb_to_recordset(v_done) AS m(canonical_symbol text, timeframe text, moved boolean)
+        WHERE m.moved ORDER BY 1, 2
+    LOOP
+        FOR v_dep IN
+            SELECT d.* FROM public.data_agg_state d
+            WHERE d.canonical_symbol = v_item.sym AND d.source_timeframe = v_item.tf AND d.enabled
+            ORDER BY d.timeframe
+        LOOP
+            SELECT t.bucket_interval INTO v_interval FROM public.agg_timeframes t WHERE t.timeframe = v_dep.timeframe;
+            CONTINUE WHEN NOT FOUND;
+            IF v_dep.last_agg_bar_ts_utc IS NOT NULL THEN
+                SELECT LEAST(v_dep.last_agg_bar_ts_utc, min(v.window_start)) INTO v_win FROM public.agg_invalidations v
+                WHERE v.canonical_symbol = v_dep.canonical_symbol AND v.timeframe = v_dep.timeframe;
+                v_len := CASE WHEN v_dep.timeframe = '1mo' OR EXISTS (
+                                  SELECT 1 FROM public.core_asset_registry_all r
+                                  WHERE r.session <> '24x7' AND r.canonical_symbol = v_dep.canonical_symbol)
+                              THEN public._agg_window_length(v_dep.canonical_symbol, v_dep.timeframe, v_win, v_interval)
+                              ELSE v_interval END;
+                CONTINUE WHEN (v_win + v_len + make_interval(secs => COALESCE(v_dep.aggregation_delay_seconds, 0))
+                               <= v_now) IS NOT TRUE;
+            END IF;
+            UPDATE public.data_agg_state d
+            SET next_run_at = CASE WHEN d.status = 'running' THEN d.next_run_at ELSE v_sched END,
+                rerun_requested = d.rerun_requested OR d.status = 'running',
+                updated_at = v_sched_real.t
+            FROM (SELECT now() AS t) v_sched_real
+            WHERE d.canonical_symbol = v_dep.canonical_symbol AND d.timeframe = v_dep.timeframe
+              AND ((d.status = 'idle' AND (d.next_run_at IS NULL OR d.next_run_at > v_sched))
+                   OR (d.status = 'running' AND NOT d.rerun_requested));
+        END LOOP;
+    END LOOP;
+
+    RETURN QUERY
+    SELECT m.canonical_symbol, m.timeframe, m.cursor, m.next_run_at
+    FROM jsonb_to_recordset(v_done) AS m(canonical_symbol text, timeframe text, cursor timestamptz,
+                                         next_run_at timestamptz);
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- _agg_chain_bounds_citus: _agg_chain_bounds on Citus (it calls this with the chain it found), symbol
+-- by symbol and level by level: the first source row at or after each level's cursor and its
+-- earliest logged window; the bound is the earliest of them (infinity: none).
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION public._agg_chain_bounds_citus(p_symbols text[], p_tfs text[], p_tables text[],
+                                                   p_sources text[])
+RETURNS TABLE (canonical_symbol text, bound timestamptz)
+LANGUAGE plpgsql STABLE SET search_path = '' AS $$
+DECLARE
+    v_sym text;
+    v_cursor timestamptz;
+    v_first timestamptz;
+    v_logged timestamptz;
+    v_bound timestamptz;
+    v_found boolean;
+BEGIN
+    FOREACH v_sym IN ARRAY p_symbols LOOP
+        v_bound := NULL;
+        FOR i IN 1 .. cardinality(p_tfs) LOOP
+            SELECT s.last_agg_bar_ts_utc INTO v_cursor FROM public.data_agg_state s
+            WHERE s.canonical_symbol = v_sym AND s.timeframe = p_tfs[i];
+            v_found := FOUND;
+            CONTINUE WHEN NOT v_found;  -- no task at this level: it holds nothing back
+            IF p_tables[i] = 'data_bars' THEN
+                SELECT b.ts_utc INTO v_first FROM public.data_bars b
+                WHERE b.canonical_symbol = v_sym AND b.timeframe = p_sources[i]
+                  AND b.ts_utc >= COALESCE(v_cursor, timestamptz '-infinity') AND NOT b.is_partial
+                ORDER BY b.ts_utc LIMIT 1;
+            ELSE
+                SELECT b.ts_utc INTO v_first FROM public.derived_data_bars b
+                WHERE b.canonical_symbol = v_sym AND b.timeframe = p_sources[i]
+                  AND b.ts_utc >= COALESCE(v_cursor, timestamptz '-infinity')
+                  AND b.deleted_at IS NULL AND NOT b.is_partial
+                ORDER BY b.ts_utc LIMIT 1;
+            END IF;
+            SELECT min(v.window_start) INTO v_logged FROM public.agg_invalidations v
+            WHERE v.canonical_symbol = v_sym AND v.timeframe = p_tfs[i];
+            v_bound := LEAST(v_bound, COALESCE(v_first, timestamptz 'infinity'), COALESCE(v_logged, timestamptz 'infinity'));
+        END LOOP;
+        canonical_symbol := v_sym;
+        bound := COALESCE(v_bound, timestamptz 'infinity');
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
