@@ -215,7 +215,8 @@ WITH written AS (
     ON CONFLICT (canonical_symbol, timeframe, ts_utc) DO UPDATE
     SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
         vol = EXCLUDED.vol, vwap = EXCLUDED.vwap, trade_count = EXCLUDED.trade_count,
-        is_partial = false, source = EXCLUDED.source, ingested_at = now()
+        -- (EXCLUDED.ingested_at is the column's default, now(): Citus takes no function here)
+        is_partial = false, source = EXCLUDED.source, ingested_at = EXCLUDED.ingested_at
     WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial)
           IS DISTINCT FROM
           (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vol, EXCLUDED.vwap,
