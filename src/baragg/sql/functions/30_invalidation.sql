@@ -441,6 +441,15 @@ BEGIN
         ORDER BY u.ord;
         RETURN;
     END IF;
+    -- Citus (`baragg db distribute`): symbol by symbol, each statement on one shard (50_citus.sql).
+    IF public._agg_on_citus() THEN
+        IF public._agg_needs_sessions(p_to_tf, p_symbols) THEN
+            RAISE EXCEPTION 'trading sessions and 1mo bars are not supported on Citus yet (%)', p_to_tf
+                USING ERRCODE = 'feature_not_supported';
+        END IF;
+        RETURN QUERY SELECT * FROM public._agg_reaggregate_citus(p_to_tf, p_symbols, p_derivation_version, p_now_utc);
+        RETURN;
+    END IF;
     -- Symbols on a trading session, and 1mo, have session windows (15_sessions.sql).
     IF public._agg_needs_sessions(p_to_tf, p_symbols) THEN
         RETURN QUERY SELECT * FROM public._agg_reaggregate_split(p_to_tf, p_symbols, p_derivation_version, p_now_utc);
@@ -504,7 +513,8 @@ BEGIN
             is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
             source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
             expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
-            derivation_version = excluded.derivation_version, updated_at = now()
+            derivation_version = excluded.derivation_version,
+            updated_at = excluded.ingested_at  -- (= now(); Citus takes no function here)
         WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
                d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
                d.derivation_version)
