@@ -394,9 +394,10 @@ class _Claimer:
         shards is refused), so the due symbols are listed first (no lock) and claimed one by one, in
         due order, up to batch_size tasks; then sorted in the claim's order (5m before 1h)."""
         s = self.settings
+        live = conn.execute(query("worker_live_sessions")).fetchone()[0]
         candidates = conn.execute(
             query("worker_citus_due_symbols"),
-            self.params(limit=s.batch_size, symbols=s.symbols, timeframes=s.timeframes),
+            self.params(limit=s.batch_size, symbols=s.symbols, timeframes=s.timeframes, live=live),
         ).fetchall()
         rows: list[Any] = []
         for (symbol,) in candidates:

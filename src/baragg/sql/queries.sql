@@ -991,6 +991,9 @@ SELECT create_reference_table(%(table)s::regclass);
 -- name: citus_create_distributed_table
 SELECT create_distributed_table(%(table)s::regclass, 'canonical_symbol', colocate_with => %(colocate_with)s);
 
+-- name: worker_live_sessions
+SELECT _agg_live_sessions();
+
 -- name: worker_on_citus
 -- Whether baragg's tables are distributed with Citus (the worker then claims and catches up symbol by
 -- symbol: every statement names one symbol, DESIGN.md 11).
@@ -999,9 +1002,10 @@ SELECT _agg_on_citus();
 -- name: worker_citus_due_symbols
 -- Citus: the symbols that have a due task (as agg_claim_tasks defines due), in due order, read without
 -- locks; each is then claimed by agg_claim_tasks for that symbol alone (worker_claim). The live worker
--- sessions are read on the coordinator, where the workers hold their locks.
+-- sessions (%(live)s: _agg_live_sessions()) are read first, on the coordinator, where the workers hold
+-- their locks.
 WITH live AS MATERIALIZED (
-    SELECT _agg_live_sessions() AS keys, LEAST(COALESCE(%(now)s::timestamptz, now()), now()) AS clock
+    SELECT %(live)s::integer[] AS keys, LEAST(COALESCE(%(now)s::timestamptz, now()), now()) AS clock
 )
 SELECT s.canonical_symbol
 FROM data_agg_state s

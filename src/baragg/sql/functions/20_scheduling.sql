@@ -108,9 +108,18 @@ RETURNS TABLE (canonical_symbol text, timeframe text, source_timeframe text, las
                run_interval_minutes integer, aggregation_delay_seconds integer, is_mandatory boolean,
                task_priority integer, agg_start_utc timestamptz, lease_expires_at timestamptz,
                rescued_from text, rescue_reason text)
-LANGUAGE sql SET search_path = '' AS $$
+LANGUAGE plpgsql SET search_path = '' AS $$
+#variable_conflict use_column
+DECLARE
+    -- This session's worker lock and the live ones, read here, where the worker's session is: on
+    -- Citus the statement below runs on the node holding the symbol's shard.
+    v_keys integer[] := public._agg_live_sessions();
+    v_mine integer := public._agg_my_session();
+    v_backend integer := pg_backend_pid();
+BEGIN
+    RETURN QUERY
     WITH live AS MATERIALIZED (
-        SELECT public._agg_live_sessions() AS keys, public._agg_my_session() AS mine, pg_backend_pid() AS backend,
+        SELECT v_keys AS keys, v_mine AS mine, v_backend AS backend,
                LEAST(COALESCE(p_now_utc, now()), now()) AS clock,  -- the schedule clock
                COALESCE(p_now_utc, now()) AS at,
                LEAST(COALESCE(p_now_utc, now()), now()) + make_interval(secs => p_lease_seconds) AS lease_until
@@ -179,7 +188,8 @@ LANGUAGE sql SET search_path = '' AS $$
     FROM claimed c
     JOIN public.agg_timeframes t ON t.timeframe = c.timeframe
     ORDER BY c.is_mandatory DESC, t.bucket_interval, c.task_priority, c.last_successful_at_utc NULLS FIRST,
-             c.canonical_symbol
+             c.canonical_symbol;
+END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
