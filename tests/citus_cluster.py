@@ -13,7 +13,8 @@ from pathlib import Path
 
 import psycopg
 
-from pg_cluster import Cluster, find_bindir, unavailable_reason as cluster_unavailable
+from pg_cluster import Cluster, find_bindir
+from pg_cluster import unavailable_reason as cluster_unavailable
 
 SETTINGS = {
     "shared_preload_libraries": "citus",
@@ -86,6 +87,11 @@ class CitusCluster:
         return _with_db(self.url, name)
 
     def destroy(self) -> None:
+        """Stop every node at once (immediate: a throwaway cluster needs no clean shutdown) and
+        remove their files."""
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node._run(str(node.bindir / "pg_ctl"), "-D", str(node.data), "-m", "immediate", "-w", "stop")
         for node in self.nodes:
             with contextlib.suppress(Exception):
                 node.destroy()

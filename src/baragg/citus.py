@@ -46,9 +46,7 @@ class Distribution:
 
 def table_kinds(conn: psycopg.Connection) -> dict[str, tuple[str, int | None, str | None]]:
     """Each baragg table's placement: (kind, co-location id, distribution column)."""
-    rows = conn.execute(
-        query("citus_table_kinds"), {"tables": list(DISTRIBUTED + REFERENCE)}
-    ).fetchall()
+    rows = conn.execute(query("citus_table_kinds"), {"tables": list(DISTRIBUTED + REFERENCE)}).fetchall()
     return {name: (kind, colocation, column) for name, kind, colocation, column in rows}
 
 
@@ -85,7 +83,9 @@ def distribute(
         todo_ref = [t for t in REFERENCE if kinds[t][0] != "reference"]
         wrong = [t for t in DISTRIBUTED if kinds[t][0] not in ("local", "distributed")]
         wrong += [t for t in REFERENCE if kinds[t][0] not in ("local", "reference")]
-        wrong += [t for t in DISTRIBUTED if kinds[t][0] == "distributed" and kinds[t][2] != "canonical_symbol"]
+        wrong += [
+            t for t in DISTRIBUTED if kinds[t][0] == "distributed" and kinds[t][2] != "canonical_symbol"
+        ]
         if wrong:
             raise BaraggError(
                 f"table(s) {', '.join(wrong)} are already Citus tables of another kind; undistribute them "
@@ -112,7 +112,10 @@ def distribute(
                     if table in todo_dist:
                         conn.execute(
                             query("citus_create_distributed_table"),
-                            {"table": f"public.{table}", "colocate_with": "default" if i == 0 else DISTRIBUTED[0]},
+                            {
+                                "table": f"public.{table}",
+                                "colocate_with": "default" if i == 0 else DISTRIBUTED[0],
+                            },
                         )
                         done.distributed.append(table)
                 # The triggers again (now on every shard) and the functions in their Citus form.

@@ -109,7 +109,9 @@ def cmd_db_distribute(args: argparse.Namespace) -> int:
             f"(Citus {done.citus_version})"
         )
     else:
-        print(f"already distributed over {done.workers} worker node(s); nothing to do (Citus {done.citus_version})")
+        print(
+            f"already distributed over {done.workers} worker node(s); nothing to do (Citus {done.citus_version})"
+        )
     return 0
 
 
