@@ -21,7 +21,7 @@ BEGIN
         RETURN;
     END IF;
     FOR f IN
-        SELECT p.oid, p.proretset, p.prosrc,
+        SELECT p.oid, p.proretset, p.prosrc, pg_catalog.format_type(p.prorettype, NULL) AS rettype,
                (SELECT string_agg(quote_ident(a.name), ', ' ORDER BY a.ord)
                 FROM unnest(p.proargnames, p.proargmodes::text[]) WITH ORDINALITY AS a(name, mode, ord)
                 WHERE a.mode IN ('o', 'b')) AS outs
@@ -35,11 +35,13 @@ BEGIN
     LOOP
         v_def := pg_catalog.pg_get_functiondef(f.oid);
         v_body := regexp_replace(f.prosrc, ';\s*$', '');
-        v_new := E'\n#variable_conflict use_column\nBEGIN\n'
-                 || CASE WHEN f.proretset THEN 'RETURN QUERY ' || v_body || E';\n'
+        v_new := E'\n#variable_conflict use_column\n'
+                 || CASE WHEN f.proretset THEN E'BEGIN\nRETURN QUERY ' || v_body || E';\n'
                          WHEN f.outs IS NOT NULL  -- one row into the OUT parameters
-                         THEN 'SELECT * INTO ' || f.outs || ' FROM (' || v_body || E') AS r;\nRETURN;\n'
-                         ELSE 'RETURN (' || v_body || E');\n' END
+                         THEN E'BEGIN\nSELECT * INTO ' || f.outs || ' FROM (' || v_body || E') AS r;\nRETURN;\n'
+                         -- (INTO at the end: the body may be a WITH holding an UPDATE, which cannot nest)
+                         ELSE 'DECLARE result_ ' || f.rettype || E';\nBEGIN\n' || v_body
+                              || E'\nINTO result_;\nRETURN result_;\n' END
                  || 'END';
         -- pg_get_functiondef writes "LANGUAGE sql" on a line of its own and the body last, quoted
         -- with $function$.
