@@ -192,6 +192,26 @@ def test_bars_equal_plain_postgresql_and_late_data_rewrites_them(
         done = cli(url, "verify", symbol, tf)
         assert " 0 missing, 0 extra, 0 different" in done.stdout, done.stdout
 
+    # The seed's RPC loop (agg_start -> catchup_aggregation_range -> agg_finish) over a task moved back:
+    # every window recomputed equal, nothing written.
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE data_agg_state SET last_agg_bar_ts_utc = %s, next_run_at = NULL"
+            " WHERE canonical_symbol = 'CCC' AND timeframe = '5m'",
+            (T0,),
+        )
+        assert conn.execute("SELECT agg_start('CCC', '5m', %s, 'seed')", (NOW,)).fetchone()[0]["claimed"]
+        step = conn.execute(
+            "SELECT catchup_aggregation_range('CCC', '5m', %s, 1000, %s)", (T0, NOW)
+        ).fetchone()[0]
+        assert step["success"] and step["bars_created"] == 0 and step["bars_unchanged"] == 288, step
+        done = conn.execute(
+            "SELECT agg_finish('CCC', '5m', true, %s, NULL, NULL, NULL, %s, 'seed')",
+            (step["cursor_advanced_to"], NOW),
+        ).fetchone()[0]
+        assert done["changed"], done
+    assert bars(url) == plain["bars"]
+
     # Late data: a corrected minute behind every cursor is logged on its shard and rewrites the
     # 5m bar and the levels built from it.
     cli(url, "ingest", str(plain["late_file"]))
