@@ -78,6 +78,28 @@ def print_json(value: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 # db
 # ---------------------------------------------------------------------------------------------
+def cmd_db_distribute(args: argparse.Namespace) -> int:
+    from baragg import citus
+
+    db = database(args, prepare_embedded=False)
+    done = citus.distribute(
+        db, allow_running_workers=args.allow_running_workers, require_schema=require_current_schema
+    )
+    if args.json:
+        print_json(done.__dict__)
+    elif done.changed:
+        print(
+            f"distributed {', '.join(done.distributed) or '(none)'} by canonical_symbol over "
+            f"{done.workers} worker node(s); reference tables: {', '.join(done.reference) or '(none)'} "
+            f"(Citus {done.citus_version})"
+        )
+    else:
+        print(
+            f"already distributed over {done.workers} worker node(s); nothing to do (Citus {done.citus_version})"
+        )
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from baragg import migrate
 
@@ -978,6 +1000,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = db_commands.add_parser("unschedule", help="remove the pg_cron job")
     p.set_defaults(handler=cmd_db_unschedule)
     add_partition_commands(commands, db_commands)
+
+    p = db_commands.add_parser(
+        "distribute",
+        help="on a Citus coordinator: distribute the bar tables by symbol (safe to run twice)",
+    )
+    p.add_argument(
+        "--allow-running-workers",
+        action="store_true",
+        help="distribute even while baragg workers hold tasks (they wait on the tables' locks)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_db_distribute)
 
     add_worker_commands(commands)
     add_operator_commands(commands)

@@ -707,15 +707,17 @@ def ingest_file(
                 )
             report.rejected = bad.count
             _ensure_partitions(db, conn)
+            spans = conn.execute(query("ingest_stage_symbols")).fetchall()
+            report.symbols = [s for s, _, _ in spans]
+            # The symbols' sessions must know the trading days of the new rows (DESIGN.md 3b). Before
+            # the bars: on Citus a write to a reference table (the days) may not follow the parallel
+            # write to the bars' shards in one transaction.
+            for sym, first, last in spans:
+                sessions.ensure_for_range(conn, [sym], first, last)
             counts = conn.execute(query("ingest_upsert"), {"source": source}).fetchone()
             assert counts is not None
             report.inserted, report.updated, staged = (int(v) for v in counts)
             report.unchanged = staged - report.inserted - report.updated
-            spans = conn.execute(query("ingest_stage_symbols")).fetchall()
-            report.symbols = [s for s, _, _ in spans]
-            # The symbols' sessions must know the trading days of the new rows (DESIGN.md 3b).
-            for sym, first, last in spans:
-                sessions.ensure_for_range(conn, [sym], first, last)
             conn.commit()
         if reject is not None:
             try:

@@ -251,9 +251,12 @@ def _maintain_partitions(conn: psycopg.Connection) -> None:
         partitions.maintain(conn)
 
 
-def apply_repeatables(conn: psycopg.Connection, repeatables: list[Migration]) -> list[Migration]:
-    """Re-apply every repeatable file now (inside the caller's transaction, if one is open)."""
-    return _apply_repeatables(conn, repeatables, force=True)
+def reapply_repeatables(conn: psycopg.Connection, repeatables: list[Migration] | None = None) -> list[Migration]:
+    """Re-apply every repeatable file in ``conn``'s transaction, changed or not: after a change the
+    files react to that no checksum shows (``baragg db distribute``: triggers on the new shards,
+    functions/50_citus.sql; ``baragg db partition``: triggers on the new partitioned table)."""
+    chosen = repeatables if repeatables is not None else [m for m in discover() if m.repeatable]
+    return _apply_repeatables(conn, chosen, force=True)
 
 
 def _apply_repeatables(

@@ -138,7 +138,7 @@ def convert(
                         item.swap_replayed = int(row[0]) if row and row[0] is not None else 0
                         # Triggers, grants and row-level security on the new table, in the swap's
                         # transaction: no write reaches it without its invalidation triggers.
-                        migrate.apply_repeatables(conn, repeatables)
+                        migrate.reapply_repeatables(conn, repeatables)
                     break
                 except psycopg.errors.LockNotAvailable:
                     if attempt == _SWAP_ATTEMPTS:

@@ -283,6 +283,7 @@ class _Claimer:
         self.stop = stop
         self.on_task = on_task
         self.active: psycopg.Connection | None = None  # for cancelling at shutdown
+        self.on_citus: bool | None = None  # distributed with Citus (asked at the first claim)
         pause = os.environ.get(PAUSE_ENV, "")
         self.pause = float(pause) if pause else 0.0
 
@@ -359,15 +360,20 @@ class _Claimer:
         """
         s = self.settings
         with self.connect() as conn:
-            rows = conn.execute(
-                query("worker_claim"),
-                self.params(
-                    limit=s.batch_size,
-                    lease_seconds=s.lease_seconds,
-                    symbols=s.symbols,
-                    timeframes=s.timeframes,
-                ),
-            ).fetchall()
+            if self.on_citus is None:
+                self.on_citus = bool(conn.execute(query("worker_on_citus")).fetchone()[0])
+            if self.on_citus:
+                rows = self.claim_per_symbol(conn)
+            else:
+                rows = conn.execute(
+                    query("worker_claim"),
+                    self.params(
+                        limit=s.batch_size,
+                        lease_seconds=s.lease_seconds,
+                        symbols=s.symbols,
+                        timeframes=s.timeframes,
+                    ),
+                ).fetchall()
         tasks = [Task(r[0], r[1], r[2], r[3], r[4], r[6]) for r in rows]
         for task, row in zip(tasks, rows, strict=True):
             if task.rescued_from:
@@ -389,6 +395,9 @@ class _Claimer:
         # while they wait, and the budget is shorter than a lease.
         deadline = time.monotonic() + s.time_budget
         groups = [list(g) for _, g in itertools.groupby(tasks, key=lambda t: t.timeframe)]
+        if self.on_citus:
+            # Citus: one task per catch-up call, so that every statement names one symbol (DESIGN.md 11).
+            groups = [[t] for g in groups for t in g]
         for i, group in enumerate(groups):
             if self.stop.is_set():
                 self.release([t for g in groups[i:] for t in g])
@@ -397,6 +406,32 @@ class _Claimer:
                 results.append(result)
                 self.report(result)
         return results
+
+    def claim_per_symbol(self, conn: psycopg.Connection) -> list[Any]:
+        """Citus: the claim's row locks must name one symbol (a statement that locks rows on several
+        shards is refused), so the due symbols are listed first (no lock) and claimed one by one, in
+        due order, up to batch_size tasks; then sorted in the claim's order (5m before 1h)."""
+        s = self.settings
+        live = conn.execute(query("worker_live_sessions")).fetchone()[0]
+        candidates = conn.execute(
+            query("worker_citus_due_symbols"),
+            self.params(limit=s.batch_size, symbols=s.symbols, timeframes=s.timeframes, live=live),
+        ).fetchall()
+        rows: list[Any] = []
+        for (symbol,) in candidates:
+            if len(rows) >= s.batch_size:
+                break
+            rows += conn.execute(
+                query("worker_claim"),
+                self.params(
+                    limit=s.batch_size - len(rows),
+                    lease_seconds=s.lease_seconds,
+                    symbols=[symbol],
+                    timeframes=s.timeframes,
+                ),
+            ).fetchall()
+        rank = {tf: i for i, tf in enumerate(("5m", "15m", "1h", "4h", "1d", "1w", "1mo"))}
+        return sorted(rows, key=lambda r: (not r[4], rank.get(r[1], 99)))
 
     def report(self, result: TaskResult) -> None:
         # A run that found nothing to do (a task polled at its frontier) is logged at DEBUG, so that a

@@ -221,7 +221,8 @@ written AS (
     ON CONFLICT (canonical_symbol, timeframe, ts_utc) DO UPDATE
     SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
         vol = EXCLUDED.vol, vwap = EXCLUDED.vwap, trade_count = EXCLUDED.trade_count,
-        is_partial = false, source = EXCLUDED.source, ingested_at = now()
+        -- (EXCLUDED.ingested_at is the column's default, now(): Citus takes no function here)
+        is_partial = false, source = EXCLUDED.source, ingested_at = EXCLUDED.ingested_at
     WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial)
           IS DISTINCT FROM
           (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vol, EXCLUDED.vwap,
@@ -1034,3 +1035,96 @@ ON CONFLICT (partition_name) DO UPDATE SET dropped_at = now();
 
 -- name: retention_horizon
 SELECT max(range_end) FROM baragg_retention_log WHERE table_name = 'data_bars';
+
+-- ==== Citus: baragg db distribute (baragg/citus.py, DESIGN.md 11) ====
+
+-- name: citus_version
+-- The installed Citus extension's version in this database, or no row.
+SELECT extversion FROM pg_extension WHERE extname = 'citus';
+
+-- name: citus_is_coordinator
+-- Whether this node is the cluster's coordinator (the node that holds the metadata and that clients
+-- connect to), and how many active worker nodes it knows.
+SELECT citus_is_coordinator(),
+       (SELECT count(*) FROM pg_dist_node WHERE groupid <> 0 AND isactive AND noderole = 'primary');
+
+-- name: citus_table_kinds
+-- How each baragg table is held now: 'distributed' (hash, with its column), 'reference', or 'local'.
+SELECT t.name,
+       CASE WHEN p.partmethod = 'h' THEN 'distributed'
+            WHEN p.partmethod = 'n' AND p.repmodel = 't' THEN 'reference'
+            WHEN p.partmethod IS NULL THEN 'local'
+            ELSE 'other' END AS kind,
+       p.colocationid,
+       CASE WHEN p.partmethod = 'h' THEN column_to_column_name(p.logicalrelid, p.partkey) END AS column
+FROM unnest(%(tables)s::text[]) AS t(name)
+LEFT JOIN pg_dist_partition p ON p.logicalrelid = to_regclass('public.' || t.name);
+
+-- name: citus_live_workers
+-- Other sessions that hold a baragg worker lock (a running `baragg worker`/`run`), and tasks leased now.
+SELECT (SELECT count(*) FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.classid = 1650553447::oid AND l.objsubid = 2 AND l.granted
+          AND l.pid <> pg_backend_pid()
+          AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())),
+       (SELECT count(*) FROM data_agg_state WHERE status = 'running' AND lease_expires_at > now());
+
+-- name: citus_begin
+-- One transaction for the whole distribution: several tables with foreign keys between them are
+-- distributed in one transaction only in sequential mode.
+SET LOCAL citus.multi_shard_modify_mode TO 'sequential';
+
+-- name: citus_drop_triggers
+-- Citus distributes no table that has triggers: the invalidation triggers go first, and the repeatable
+-- functions/30_invalidation.sql creates them again on the distributed tables (on every shard).
+DO $$
+DECLARE
+    v_table text;
+    v_op text;
+BEGIN
+    FOREACH v_table IN ARRAY ARRAY['data_bars', 'derived_data_bars'] LOOP
+        FOREACH v_op IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON public.%I', 'agg_invalidate_' || v_op, v_table);
+        END LOOP;
+    END LOOP;
+END
+$$;
+
+-- name: citus_create_reference_table
+SELECT create_reference_table(%(table)s::regclass);
+
+-- name: citus_create_distributed_table
+SELECT create_distributed_table(%(table)s::regclass, 'canonical_symbol', colocate_with => %(colocate_with)s);
+
+-- name: worker_live_sessions
+SELECT _agg_live_sessions();
+
+-- name: worker_on_citus
+-- Whether baragg's tables are distributed with Citus (the worker then claims and catches up symbol by
+-- symbol: every statement names one symbol, DESIGN.md 11).
+SELECT _agg_on_citus();
+
+-- name: worker_citus_due_symbols
+-- Citus: the symbols that have a due task (as agg_claim_tasks defines due), in due order, read without
+-- locks; each is then claimed by agg_claim_tasks for that symbol alone (worker_claim). The live worker
+-- sessions (%(live)s: _agg_live_sessions()) are read first, on the coordinator, where the workers hold
+-- their locks.
+WITH live AS MATERIALIZED (
+    SELECT %(live)s::integer[] AS keys, LEAST(COALESCE(%(now)s::timestamptz, now()), now()) AS clock
+)
+SELECT s.canonical_symbol
+FROM data_agg_state s
+JOIN agg_timeframes t ON t.timeframe = s.timeframe
+CROSS JOIN live
+WHERE s.enabled
+  AND (((s.next_run_at IS NULL OR s.next_run_at <= live.clock)
+        AND (s.status IN ('idle', 'hard_failed')
+             OR (s.status = 'running'
+                 AND COALESCE(s.lease_expires_at, s.running_started_at_utc + interval '5 minutes', '-infinity')
+                     <= live.clock)))
+       OR (s.status = 'running' AND s.lease_session IS NOT NULL AND NOT (s.lease_session = ANY (live.keys))))
+  AND (%(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[]))
+  AND (%(timeframes)s::text[] IS NULL OR s.timeframe = ANY (%(timeframes)s::text[]))
+GROUP BY s.canonical_symbol
+ORDER BY bool_or(s.is_mandatory) DESC, min(t.bucket_interval), min(s.task_priority),
+         min(s.last_successful_at_utc) NULLS FIRST, s.canonical_symbol
+LIMIT 4 * %(limit)s;

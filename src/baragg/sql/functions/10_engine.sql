@@ -207,7 +207,7 @@ BEGIN
         is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
         source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
         expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
-        derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = now()
+        derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = excluded.ingested_at  -- (= now(); Citus: no function here)
     WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial, d.source,
            d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score, d.derivation_version)
           IS DISTINCT FROM
@@ -406,6 +406,10 @@ BEGIN
         RETURN QUERY SELECT u.sym, timestamptz 'infinity' FROM unnest(p_symbols) AS u(sym);
         RETURN;
     END IF;
+    IF public._agg_on_citus() THEN  -- Citus: symbol by symbol (50_citus.sql)
+        RETURN QUERY SELECT * FROM public._agg_chain_bounds_citus(p_symbols, v_tfs, v_tables, v_sources);
+        RETURN;
+    END IF;
     RETURN QUERY
     SELECT u.sym, COALESCE(min(lv.r), timestamptz 'infinity')
     FROM unnest(p_symbols) AS u(sym)
@@ -501,6 +505,16 @@ BEGIN
     END IF;
     IF (SELECT count(DISTINCT x) FROM unnest(p_symbols) x) <> cardinality(p_symbols) THEN
         RAISE EXCEPTION 'p_symbols must be distinct and not NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Citus (`baragg db distribute`): symbol by symbol, each statement on one shard (50_citus.sql).
+    IF public._agg_on_citus() THEN
+        IF cardinality(p_symbols) > 0 AND public._agg_needs_sessions(p_to_tf, p_symbols) THEN
+            RAISE EXCEPTION 'trading sessions and 1mo bars are not supported on Citus yet (%)', p_to_tf
+                USING ERRCODE = 'feature_not_supported';
+        END IF;
+        RETURN QUERY SELECT * FROM public._agg_catchup_citus(p_to_tf, p_symbols, p_cursors, p_max_windows, p_now_utc,
+                                                            p_derivation_version, p_ignore_confirmation);
+        RETURN;
     END IF;
     -- Symbols on a trading session, and 1mo, are cut by their session's days (15_sessions.sql).
     IF cardinality(p_symbols) > 0 AND public._agg_needs_sessions(p_to_tf, p_symbols) THEN
@@ -847,7 +861,7 @@ BEGIN
             is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
             source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
             expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
-            derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = now()
+            derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = excluded.ingested_at  -- (= now(); Citus: no function here)
         WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
                d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
                d.derivation_version)

@@ -108,10 +108,21 @@ RETURNS TABLE (canonical_symbol text, timeframe text, source_timeframe text, las
                run_interval_minutes integer, aggregation_delay_seconds integer, is_mandatory boolean,
                task_priority integer, agg_start_utc timestamptz, lease_expires_at timestamptz,
                rescued_from text, rescue_reason text)
-LANGUAGE sql SET search_path = '' AS $$
+LANGUAGE plpgsql SET search_path = '' AS $$
+#variable_conflict use_column
+DECLARE
+    -- This session's worker lock and the live ones, read here, where the worker's session is: on
+    -- Citus the statement below runs on the node holding the symbol's shard.
+    v_keys integer[] := public._agg_live_sessions();
+    v_mine integer := public._agg_my_session();
+    v_backend integer := pg_backend_pid();
+BEGIN
+    RETURN QUERY
     WITH live AS MATERIALIZED (
-        SELECT public._agg_live_sessions() AS keys, public._agg_my_session() AS mine, pg_backend_pid() AS backend,
-               LEAST(COALESCE(p_now_utc, now()), now()) AS clock  -- the schedule clock
+        SELECT v_keys AS keys, v_mine AS mine, v_backend AS backend,
+               LEAST(COALESCE(p_now_utc, now()), now()) AS clock,  -- the schedule clock
+               COALESCE(p_now_utc, now()) AS at,
+               LEAST(COALESCE(p_now_utc, now()), now()) + make_interval(secs => p_lease_seconds) AS lease_until
     ), due AS (
         SELECT s.canonical_symbol, s.timeframe, s.status AS old_status,
                CASE WHEN s.status <> 'running' THEN NULL
@@ -125,7 +136,10 @@ LANGUAGE sql SET search_path = '' AS $$
                                 COALESCE(s.lease_owner, '(unknown)'), l.lease_end, p_worker_id,
                                 COALESCE(p_now_utc, now()))
                END AS reason,
-               s.lease_owner AS old_owner
+               s.lease_owner AS old_owner,
+               -- (built here, not in the UPDATE: Citus allows no stable function of a column there)
+               jsonb_build_object('worker', p_worker_id, 'claimed_at', live.at,
+                                  'cursor_before', s.last_agg_bar_ts_utc) AS stats
         FROM public.data_agg_state s
         JOIN public.agg_timeframes t ON t.timeframe = s.timeframe
         CROSS JOIN live
@@ -147,20 +161,20 @@ LANGUAGE sql SET search_path = '' AS $$
         UPDATE public.data_agg_state s
         SET status = 'running',
             lease_owner = p_worker_id,
-            lease_expires_at = live.clock + make_interval(secs => p_lease_seconds),
+            lease_expires_at = live.lease_until,
             lease_session = live.mine,
             lease_backend_pid = live.backend,
-            running_started_at_utc = COALESCE(p_now_utc, now()),
-            last_attempted_at_utc = COALESCE(p_now_utc, now()),
+            running_started_at_utc = live.at,
+            last_attempted_at_utc = live.at,
             rerun_requested = false,
-            last_run_stats = jsonb_build_object('worker', p_worker_id, 'claimed_at', COALESCE(p_now_utc, now()),
-                                                'cursor_before', s.last_agg_bar_ts_utc),
+            last_run_stats = due.stats,
             total_rescues = s.total_rescues + CASE WHEN due.old_status = 'running' THEN 1 ELSE 0 END,
             last_rescue = COALESCE(due.reason, s.last_rescue),
             last_error = COALESCE(due.reason, s.last_error),
             updated_at = now()
         FROM due, live
         WHERE s.canonical_symbol = due.canonical_symbol AND s.timeframe = due.timeframe
+          AND (p_symbols IS NULL OR s.canonical_symbol = ANY (p_symbols))  -- (Citus: the symbol's shard only)
         RETURNING s.canonical_symbol, s.timeframe, s.source_timeframe, s.last_agg_bar_ts_utc,
                   s.run_interval_minutes, s.aggregation_delay_seconds, s.is_mandatory, s.task_priority,
                   s.agg_start_utc, s.lease_expires_at,
@@ -174,7 +188,8 @@ LANGUAGE sql SET search_path = '' AS $$
     FROM claimed c
     JOIN public.agg_timeframes t ON t.timeframe = c.timeframe
     ORDER BY c.is_mandatory DESC, t.bucket_interval, c.task_priority, c.last_successful_at_utc NULLS FIRST,
-             c.canonical_symbol
+             c.canonical_symbol;
+END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -288,6 +303,11 @@ DECLARE
     v_done jsonb;
     v_moved text[];
 BEGIN
+    -- Citus (`baragg db distribute`): task by task, each statement on one shard (50_citus.sql).
+    IF public._agg_on_citus() THEN
+        RETURN QUERY SELECT * FROM public._agg_finish_ok_citus(p_worker_id, p_items, p_now_utc);
+        RETURN;
+    END IF;
     SELECT jsonb_object_agg((e->>'canonical_symbol') || ' ' || (e->>'timeframe'), e),
            array_agg(DISTINCT e->>'canonical_symbol'), array_agg(DISTINCT e->>'timeframe')
     INTO v_items, v_symbols, v_timeframes
@@ -656,8 +676,9 @@ $$;
 -- * corrects source_timeframe / is_mandatory of existing tasks to the ladder.
 -- It never touches cursors or operator settings (agg_start_utc, task_priority, interval, delay).
 -- Idempotent: a second call changes nothing and returns empty lists. Serialised by an advisory lock.
-CREATE OR REPLACE FUNCTION public.sync_agg_state_from_registry(p_env_name text DEFAULT 'prod',
-    p_now_utc timestamptz DEFAULT now())
+-- _agg_sync_tasks: the sync's statements, for every symbol (p_symbol NULL) or one (on Citus, where a
+-- statement that locks or changes task rows must name its symbol to reach that symbol's shard).
+CREATE OR REPLACE FUNCTION public._agg_sync_tasks(p_env_name text, p_now_utc timestamptz, p_symbol text)
 RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_now timestamptz := COALESCE(p_now_utc, now());
@@ -665,16 +686,27 @@ DECLARE
     v_enabled jsonb;
     v_disabled jsonb;
     v_corrected jsonb;
+    v_w_syms text[];
+    v_w_tfs text[];
+    v_w_srcs text[];
+    v_w_mand boolean[];
+    v_sched timestamptz := LEAST(v_now, now());  -- (a value: Citus allows no now() inside CASE)
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext('baragg.sync_agg_state_from_registry'));
-
+    -- The wanted tasks first, by a statement of their own (registry and ladder only): the statements
+    -- below then join task rows with plain arrays, which Citus routes to the symbol's shard.
+    SELECT COALESCE(array_agg(w.canonical_symbol), '{}'), COALESCE(array_agg(w.timeframe), '{}'),
+           COALESCE(array_agg(w.source_timeframe), '{}'), COALESCE(array_agg(w.is_mandatory), '{}')
+    INTO v_w_syms, v_w_tfs, v_w_srcs, v_w_mand
+    FROM public._agg_wanted_tasks(p_env_name) w
+    WHERE p_symbol IS NULL OR w.canonical_symbol = p_symbol;
     -- Lock the rows about to change in key order, so concurrent finishers cannot deadlock with us.
     PERFORM 1 FROM public.data_agg_state s
     JOIN public.agg_timeframes t ON t.timeframe = s.timeframe
-    LEFT JOIN public._agg_wanted_tasks(p_env_name) w ON w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe
-    WHERE (w.timeframe IS NULL AND s.enabled)
+    LEFT JOIN unnest(v_w_syms, v_w_tfs, v_w_srcs, v_w_mand) AS w(canonical_symbol, timeframe, source_timeframe, is_mandatory) ON w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe
+    WHERE (p_symbol IS NULL OR s.canonical_symbol = p_symbol)
+      AND ((w.timeframe IS NULL AND s.enabled)
        OR (w.timeframe IS NOT NULL AND (NOT s.enabled OR s.source_timeframe IS DISTINCT FROM w.source_timeframe
-                                        OR s.is_mandatory IS DISTINCT FROM w.is_mandatory))
+                                        OR s.is_mandatory IS DISTINCT FROM w.is_mandatory)))
     ORDER BY s.canonical_symbol, s.timeframe
     FOR UPDATE OF s;
 
@@ -689,12 +721,13 @@ BEGIN
                -- the symbol's explicit start (registry add --agg-start), else the column's default:
                -- '-infinity', i.e. from its first source row (migration 0007)
                COALESCE(r.agg_start_utc, timestamptz '-infinity')
-        FROM public._agg_wanted_tasks(p_env_name) w
+        FROM unnest(v_w_syms, v_w_tfs, v_w_srcs, v_w_mand) AS w(canonical_symbol, timeframe, source_timeframe, is_mandatory)
         JOIN public.agg_timeframes t ON t.timeframe = w.timeframe
         JOIN public.core_asset_registry_all r ON r.canonical_symbol = w.canonical_symbol
         -- Only the missing ones (an anti-join is far cheaper than a conflict per existing task);
         -- ON CONFLICT still covers a task inserted meanwhile by a caller not taking the lock.
-        WHERE NOT EXISTS (SELECT 1 FROM public.data_agg_state s
+        WHERE (p_symbol IS NULL OR w.canonical_symbol = p_symbol)
+          AND NOT EXISTS (SELECT 1 FROM public.data_agg_state s
                           WHERE s.canonical_symbol = w.canonical_symbol AND s.timeframe = w.timeframe)
         ORDER BY w.canonical_symbol, w.timeframe
         ON CONFLICT (canonical_symbol, timeframe) DO NOTHING
@@ -707,10 +740,11 @@ BEGIN
         SET enabled = true,
             status = CASE WHEN s.status = 'disabled' THEN 'idle' ELSE s.status END,
             hard_fail_streak = CASE WHEN s.status = 'disabled' THEN 0 ELSE s.hard_fail_streak END,
-            next_run_at = CASE WHEN s.status = 'disabled' THEN LEAST(v_now, now()) ELSE s.next_run_at END,  -- schedule clock
+            next_run_at = CASE WHEN s.status = 'disabled' THEN v_sched ELSE s.next_run_at END,  -- schedule clock
             updated_at = now()
-        FROM public._agg_wanted_tasks(p_env_name) w
+        FROM unnest(v_w_syms, v_w_tfs, v_w_srcs, v_w_mand) AS w(canonical_symbol, timeframe, source_timeframe, is_mandatory)
         WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe AND NOT s.enabled
+          AND (p_symbol IS NULL OR s.canonical_symbol = p_symbol)
         RETURNING s.canonical_symbol || ' ' || s.timeframe AS task
     )
     SELECT COALESCE(jsonb_agg(task ORDER BY task), '[]') INTO v_enabled FROM upd;
@@ -718,9 +752,9 @@ BEGIN
     WITH upd AS (
         UPDATE public.data_agg_state s
         SET enabled = false, updated_at = now()
-        WHERE s.enabled
+        WHERE s.enabled AND (p_symbol IS NULL OR s.canonical_symbol = p_symbol)
           AND EXISTS (SELECT 1 FROM public.agg_timeframes t WHERE t.timeframe = s.timeframe)
-          AND NOT EXISTS (SELECT 1 FROM public._agg_wanted_tasks(p_env_name) w
+          AND NOT EXISTS (SELECT 1 FROM unnest(v_w_syms, v_w_tfs, v_w_srcs, v_w_mand) AS w(canonical_symbol, timeframe, source_timeframe, is_mandatory)
                           WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe)
         RETURNING s.canonical_symbol || ' ' || s.timeframe AS task
     )
@@ -729,8 +763,9 @@ BEGIN
     WITH upd AS (
         UPDATE public.data_agg_state s
         SET source_timeframe = w.source_timeframe, is_mandatory = w.is_mandatory, updated_at = now()
-        FROM public._agg_wanted_tasks(p_env_name) w
+        FROM unnest(v_w_syms, v_w_tfs, v_w_srcs, v_w_mand) AS w(canonical_symbol, timeframe, source_timeframe, is_mandatory)
         WHERE w.canonical_symbol = s.canonical_symbol AND w.timeframe = s.timeframe
+          AND (p_symbol IS NULL OR s.canonical_symbol = p_symbol)
           AND (s.source_timeframe IS DISTINCT FROM w.source_timeframe OR s.is_mandatory IS DISTINCT FROM w.is_mandatory)
         RETURNING s.canonical_symbol || ' ' || s.timeframe AS task
     )
@@ -738,4 +773,33 @@ BEGIN
 
     RETURN jsonb_build_object('env', p_env_name, 'created', v_created, 'enabled', v_enabled,
                               'disabled', v_disabled, 'corrected', v_corrected);
+END $$;
+
+CREATE OR REPLACE FUNCTION public.sync_agg_state_from_registry(p_env_name text DEFAULT 'prod',
+    p_now_utc timestamptz DEFAULT now())
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    v_sym text;
+    v_one jsonb;
+    v_all jsonb := jsonb_build_object('env', p_env_name, 'created', '[]'::jsonb, 'enabled', '[]'::jsonb,
+                                      'disabled', '[]'::jsonb, 'corrected', '[]'::jsonb);
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('baragg.sync_agg_state_from_registry'));
+    IF NOT public._agg_on_citus() THEN
+        RETURN public._agg_sync_tasks(p_env_name, p_now_utc, NULL);
+    END IF;
+    -- Citus (data_agg_state distributed by symbol): symbol by symbol, in key order.
+    FOR v_sym IN
+        SELECT r.canonical_symbol FROM public.core_asset_registry_all r
+        UNION
+        SELECT DISTINCT s.canonical_symbol FROM public.data_agg_state s
+        ORDER BY 1
+    LOOP
+        v_one := public._agg_sync_tasks(p_env_name, p_now_utc, v_sym);
+        v_all := jsonb_build_object('env', p_env_name,
+            'created', (v_all->'created') || (v_one->'created'), 'enabled', (v_all->'enabled') || (v_one->'enabled'),
+            'disabled', (v_all->'disabled') || (v_one->'disabled'),
+            'corrected', (v_all->'corrected') || (v_one->'corrected'));
+    END LOOP;
+    RETURN v_all;
 END $$;

@@ -16,7 +16,13 @@ CREATE OR REPLACE FUNCTION public._agg_record_invalidations(p_symbols text[], p_
 RETURNS integer LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_recorded integer;
+    v_syms text[];
+    v_tfs text[];
+    v_sym text;
 BEGIN
+    -- Statement by statement, each on the log or the task table alone and filtered by the symbols
+    -- (on Citus every statement then runs on the node holding those symbols' shards: the triggers
+    -- fire there and may reach local shards only).
     WITH recorded AS (
         INSERT INTO public.agg_invalidations AS i (canonical_symbol, timeframe, window_start, reason)
         SELECT DISTINCT u.sym, u.tf, u.ws, p_reason
@@ -24,31 +30,50 @@ BEGIN
         ORDER BY 1, 2, 3
         ON CONFLICT (canonical_symbol, timeframe, window_start) DO NOTHING
         RETURNING i.canonical_symbol, i.timeframe
-    ),
-    tasks AS (
+    ), tasks AS (
         SELECT DISTINCT r.canonical_symbol, r.timeframe FROM recorded r
-    ),
-    -- Lock the tasks in key order (as sync_agg_state_from_registry and agg_finish_many do) so that two
-    -- writers waking overlapping tasks cannot deadlock.
-    locked AS (
-        SELECT s.canonical_symbol, s.timeframe
-        FROM public.data_agg_state s JOIN tasks t USING (canonical_symbol, timeframe)
+    )
+    SELECT (SELECT count(*) FROM recorded), array_agg(t.canonical_symbol), array_agg(t.timeframe)
+    INTO v_recorded, v_syms, v_tfs
+    FROM tasks t;
+    IF v_syms IS NULL THEN
+        RETURN v_recorded;
+    END IF;
+    -- Lock the tasks that got a new entry in key order (as sync_agg_state_from_registry and
+    -- agg_finish_many do) so that two writers waking overlapping tasks cannot deadlock, then wake them.
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN  -- (on Citus: the triggers' callers locked them)
+        PERFORM 1
+        FROM public.data_agg_state s
+        WHERE s.canonical_symbol = ANY (v_syms) AND s.timeframe = ANY (v_tfs)
+          AND (s.canonical_symbol, s.timeframe) IN (SELECT u.sym, u.tf FROM unnest(v_syms, v_tfs) AS u(sym, tf))
         ORDER BY s.canonical_symbol, s.timeframe
-        FOR NO KEY UPDATE OF s
-    ),
-    woken AS (
+        FOR NO KEY UPDATE OF s;
+    END IF;
+    FOR v_sym IN
+        -- Citus: one statement per symbol, so that each reaches that symbol's shard only
+        SELECT DISTINCT u.sym FROM unnest(v_syms) AS u(sym)
+        WHERE to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL ORDER BY 1
+    LOOP
         UPDATE public.data_agg_state s
         SET next_run_at = CASE WHEN s.status = 'idle' THEN NULL ELSE s.next_run_at END,
             rerun_requested = s.rerun_requested OR s.status = 'running',
             updated_at = now()
-        FROM locked l
-        WHERE s.canonical_symbol = l.canonical_symbol AND s.timeframe = l.timeframe
+        WHERE s.canonical_symbol = v_sym
+          AND s.timeframe IN (SELECT u.tf FROM unnest(v_syms, v_tfs) AS u(sym, tf) WHERE u.sym = v_sym)
           AND ((s.status = 'idle' AND s.next_run_at IS NOT NULL)
-               OR (s.status = 'running' AND NOT s.rerun_requested))
-        RETURNING 1
-    )
-    -- (a data-modifying CTE runs whether or not it is read)
-    SELECT count(*) INTO v_recorded FROM recorded;
+               OR (s.status = 'running' AND NOT s.rerun_requested));
+    END LOOP;
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        RETURN v_recorded;
+    END IF;
+    UPDATE public.data_agg_state s
+    SET next_run_at = CASE WHEN s.status = 'idle' THEN NULL ELSE s.next_run_at END,
+        rerun_requested = s.rerun_requested OR s.status = 'running',
+        updated_at = now()
+    WHERE s.canonical_symbol = ANY (v_syms) AND s.timeframe = ANY (v_tfs)
+      AND (s.canonical_symbol, s.timeframe) IN (SELECT u.sym, u.tf FROM unnest(v_syms, v_tfs) AS u(sym, tf))
+      AND ((s.status = 'idle' AND s.next_run_at IS NOT NULL)
+           OR (s.status = 'running' AND NOT s.rerun_requested));
     RETURN v_recorded;
 END
 $$;
@@ -64,19 +89,63 @@ $$;
 --     (each statement of this volatile function takes a new snapshot), so the window is recorded.
 -- Without the lock, a row committed during the catch-up could be neither seen by it nor recorded
 -- (its window was still at or after the old cursor). Claims use SKIP LOCKED and never wait here.
+DROP FUNCTION IF EXISTS public._agg_lock_dependents(text, text[], text[]);
 CREATE OR REPLACE FUNCTION public._agg_lock_dependents(p_source_table text, p_symbols text[],
-                                                p_source_timeframes text[])
-RETURNS bigint LANGUAGE sql SET search_path = '' AS $$
-    -- count(*) reads every row of the subquery, so every row is locked.
-    SELECT count(*) FROM (
-        SELECT 1
+                                                p_source_timeframes text[],
+                                                OUT dep_syms text[], OUT dep_tfs text[],
+                                                OUT dep_cursors timestamptz[], OUT dep_starts timestamptz[])
+LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    v_sym text;
+    v_row record;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        PERFORM 1
         FROM public.data_agg_state s
         JOIN public.agg_timeframes t ON t.timeframe = s.timeframe
         WHERE s.canonical_symbol = ANY (p_symbols)
           AND t.source_table = p_source_table AND t.source_timeframe = ANY (p_source_timeframes)
         ORDER BY s.canonical_symbol, s.timeframe
-        FOR NO KEY UPDATE OF s
-    ) locked
+        FOR NO KEY UPDATE OF s;
+        -- A statement of its own: a new snapshot, taken after the locks were granted, so a cursor
+        -- advanced by a catch-up that held them is the one read. Tasks with no cursor have
+        -- aggregated nothing yet: no window of theirs can be stale.
+        SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe), array_agg(s.last_agg_bar_ts_utc),
+               array_agg(s.agg_start_utc)
+        INTO dep_syms, dep_tfs, dep_cursors, dep_starts
+        FROM public.data_agg_state s
+        JOIN public.agg_timeframes t ON t.timeframe = s.timeframe
+        WHERE s.canonical_symbol = ANY (p_symbols)
+          AND t.source_table = p_source_table AND t.source_timeframe = ANY (p_source_timeframes)
+          AND s.last_agg_bar_ts_utc IS NOT NULL;
+        RETURN;
+    END IF;
+    -- Citus (the triggers run on the shards): a statement on a distributed table reaches one shard
+    -- only when it is filtered by one symbol (a trigger may reach local shards only), so the same,
+    -- one symbol at a time in key order.
+    FOR v_sym IN SELECT DISTINCT u.sym FROM unnest(p_symbols) AS u(sym) ORDER BY 1 LOOP
+        PERFORM 1
+        FROM public.data_agg_state s
+        JOIN public.agg_timeframes t ON t.timeframe = s.timeframe
+        WHERE s.canonical_symbol = v_sym
+          AND t.source_table = p_source_table AND t.source_timeframe = ANY (p_source_timeframes)
+        ORDER BY s.timeframe
+        FOR NO KEY UPDATE OF s;
+        FOR v_row IN
+            SELECT s.canonical_symbol, s.timeframe, s.last_agg_bar_ts_utc, s.agg_start_utc
+            FROM public.data_agg_state s
+            JOIN public.agg_timeframes t ON t.timeframe = s.timeframe
+            WHERE s.canonical_symbol = v_sym
+              AND t.source_table = p_source_table AND t.source_timeframe = ANY (p_source_timeframes)
+              AND s.last_agg_bar_ts_utc IS NOT NULL
+        LOOP
+            dep_syms := dep_syms || v_row.canonical_symbol;
+            dep_tfs := dep_tfs || v_row.timeframe;
+            dep_cursors := dep_cursors || v_row.last_agg_bar_ts_utc;
+            dep_starts := dep_starts || v_row.agg_start_utc;
+        END LOOP;
+    END LOOP;
+END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -103,37 +172,61 @@ DECLARE
     v_syms text[];
     v_tfs text[];
     v_ws timestamptz[];
+    v_dep_syms text[];
+    v_dep_tfs text[];
+    v_dep_cursors timestamptz[];
+    v_dep_starts timestamptz[];
+    v_lad_tfs text[];
+    v_lad_sources text[];
+    v_lad_ivs interval[];
+    v_lad_origins timestamptz[];
 BEGIN
+    -- The ladder entries read from this table, and (below) the dependent tasks, each read by a
+    -- statement of its own: no statement joins a transition table with a table, which Citus cannot
+    -- plan (on Citus these triggers run on the shards, DESIGN.md 11).
+    SELECT array_agg(t.timeframe), array_agg(t.source_timeframe), array_agg(t.bucket_interval),
+           array_agg(t.bucket_origin)
+    INTO v_lad_tfs, v_lad_sources, v_lad_ivs, v_lad_origins
+    FROM public.agg_timeframes t WHERE t.source_table = 'data_bars';
     IF TG_OP = 'INSERT' THEN
-        PERFORM public._agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows),
+        SELECT * INTO v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts
+        FROM public._agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows),
                                      ARRAY(SELECT DISTINCT timeframe FROM new_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                array_agg(w.ws)
         INTO v_syms, v_tfs, v_ws
         FROM new_rows n
-        JOIN public.agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = n.timeframe
-        JOIN public.data_agg_state s ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
+        JOIN unnest(v_lad_tfs, v_lad_sources, v_lad_ivs, v_lad_origins)
+            AS t(timeframe, source_timeframe, bucket_interval, bucket_origin) ON t.source_timeframe = n.timeframe
+        JOIN unnest(v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts)
+            AS s(canonical_symbol, timeframe, last_agg_bar_ts_utc, agg_start_utc)
+            ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
         CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
                                               n.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE NOT n.is_partial
           AND n.ts_utc < s.last_agg_bar_ts_utc
           AND w.ws >= s.agg_start_utc;
     ELSIF TG_OP = 'DELETE' THEN
-        PERFORM public._agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
+        SELECT * INTO v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts
+        FROM public._agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
                                      ARRAY(SELECT DISTINCT timeframe FROM old_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                array_agg(w.ws)
         INTO v_syms, v_tfs, v_ws
         FROM old_rows o
-        JOIN public.agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = o.timeframe
-        JOIN public.data_agg_state s ON s.canonical_symbol = o.canonical_symbol AND s.timeframe = t.timeframe
+        JOIN unnest(v_lad_tfs, v_lad_sources, v_lad_ivs, v_lad_origins)
+            AS t(timeframe, source_timeframe, bucket_interval, bucket_origin) ON t.source_timeframe = o.timeframe
+        JOIN unnest(v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts)
+            AS s(canonical_symbol, timeframe, last_agg_bar_ts_utc, agg_start_utc)
+            ON s.canonical_symbol = o.canonical_symbol AND s.timeframe = t.timeframe
         CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
                                               o.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE NOT o.is_partial
           AND o.ts_utc < s.last_agg_bar_ts_utc
           AND w.ws >= s.agg_start_utc;
     ELSE
-        PERFORM public._agg_lock_dependents('data_bars',
+        SELECT * INTO v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts
+        FROM public._agg_lock_dependents('data_bars',
             ARRAY(SELECT canonical_symbol FROM old_rows UNION SELECT canonical_symbol FROM new_rows),
             ARRAY(SELECT timeframe FROM old_rows UNION SELECT timeframe FROM new_rows));
         -- UPDATE: the row's old position (if it was eligible) and its new one (if it is), for the
@@ -146,8 +239,11 @@ BEGIN
         CROSS JOIN LATERAL (VALUES (o.canonical_symbol, o.timeframe, o.ts_utc, NOT o.is_partial),
                                    (n.canonical_symbol, n.timeframe, n.ts_utc, NOT n.is_partial))
             AS k(canonical_symbol, timeframe, ts_utc, eligible)
-        JOIN public.agg_timeframes t ON t.source_table = 'data_bars' AND t.source_timeframe = k.timeframe
-        JOIN public.data_agg_state s ON s.canonical_symbol = k.canonical_symbol AND s.timeframe = t.timeframe
+        JOIN unnest(v_lad_tfs, v_lad_sources, v_lad_ivs, v_lad_origins)
+            AS t(timeframe, source_timeframe, bucket_interval, bucket_origin) ON t.source_timeframe = k.timeframe
+        JOIN unnest(v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts)
+            AS s(canonical_symbol, timeframe, last_agg_bar_ts_utc, agg_start_utc)
+            ON s.canonical_symbol = k.canonical_symbol AND s.timeframe = t.timeframe
         CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
                                               k.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE (o.canonical_symbol, o.timeframe, o.ts_utc, o.open, o.high, o.low, o.close, o.vol, o.vwap,
@@ -171,7 +267,22 @@ DECLARE
     v_syms text[];
     v_tfs text[];
     v_ws timestamptz[];
+    v_dep_syms text[];
+    v_dep_tfs text[];
+    v_dep_cursors timestamptz[];
+    v_dep_starts timestamptz[];
+    v_lad_tfs text[];
+    v_lad_sources text[];
+    v_lad_ivs interval[];
+    v_lad_origins timestamptz[];
 BEGIN
+    -- The ladder entries read from this table, and (below) the dependent tasks, each read by a
+    -- statement of its own: no statement joins a transition table with a table, which Citus cannot
+    -- plan (on Citus these triggers run on the shards, DESIGN.md 11).
+    SELECT array_agg(t.timeframe), array_agg(t.source_timeframe), array_agg(t.bucket_interval),
+           array_agg(t.bucket_origin)
+    INTO v_lad_tfs, v_lad_sources, v_lad_ivs, v_lad_origins
+    FROM public.agg_timeframes t WHERE t.source_table = 'derived_data_bars';
     IF TG_OP = 'INSERT' THEN
         -- One pass over the new rows first: per (symbol, timeframe) the earliest eligible time. The
         -- per-row join below runs only if one of them lies before a dependent cursor: a catch-up
@@ -183,19 +294,25 @@ BEGIN
         FROM (SELECT n.canonical_symbol AS sym, n.timeframe AS tf,
                      min(n.ts_utc) FILTER (WHERE n.deleted_at IS NULL AND NOT n.is_partial) AS first_ts
               FROM new_rows n GROUP BY 1, 2) f;
-        PERFORM public._agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT unnest(v_syms)),
+        SELECT * INTO v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts
+        FROM public._agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT unnest(v_syms)),
                                      ARRAY(SELECT DISTINCT unnest(v_tfs)));
         IF EXISTS (SELECT 1
                    FROM unnest(v_syms, v_tfs, v_ws) AS f(sym, tf, first_ts)
-                   JOIN public.agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = f.tf
-                   JOIN public.data_agg_state s ON s.canonical_symbol = f.sym AND s.timeframe = t.timeframe
-                   WHERE f.first_ts < s.last_agg_bar_ts_utc) THEN
+                   JOIN unnest(v_lad_tfs, v_lad_sources) AS t(timeframe, source_timeframe)
+                       ON t.source_timeframe = f.tf
+                   JOIN unnest(v_dep_syms, v_dep_tfs, v_dep_cursors) AS s(canonical_symbol, timeframe, cursor)
+                       ON s.canonical_symbol = f.sym AND s.timeframe = t.timeframe
+                   WHERE f.first_ts < s.cursor) THEN
             SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                    array_agg(w.ws)
             INTO v_syms, v_tfs, v_ws
             FROM new_rows n
-            JOIN public.agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = n.timeframe
-            JOIN public.data_agg_state s ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
+            JOIN unnest(v_lad_tfs, v_lad_sources, v_lad_ivs, v_lad_origins)
+                AS t(timeframe, source_timeframe, bucket_interval, bucket_origin) ON t.source_timeframe = n.timeframe
+            JOIN unnest(v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts)
+                AS s(canonical_symbol, timeframe, last_agg_bar_ts_utc, agg_start_utc)
+                ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
             CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval,
                                                   t.bucket_origin, n.ts_utc, s.last_agg_bar_ts_utc) w
             WHERE n.deleted_at IS NULL AND NOT n.is_partial
@@ -205,21 +322,26 @@ BEGIN
             v_syms := NULL;
         END IF;
     ELSIF TG_OP = 'DELETE' THEN
-        PERFORM public._agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
+        SELECT * INTO v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts
+        FROM public._agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
                                      ARRAY(SELECT DISTINCT timeframe FROM old_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                array_agg(w.ws)
         INTO v_syms, v_tfs, v_ws
         FROM old_rows o
-        JOIN public.agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = o.timeframe
-        JOIN public.data_agg_state s ON s.canonical_symbol = o.canonical_symbol AND s.timeframe = t.timeframe
+        JOIN unnest(v_lad_tfs, v_lad_sources, v_lad_ivs, v_lad_origins)
+            AS t(timeframe, source_timeframe, bucket_interval, bucket_origin) ON t.source_timeframe = o.timeframe
+        JOIN unnest(v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts)
+            AS s(canonical_symbol, timeframe, last_agg_bar_ts_utc, agg_start_utc)
+            ON s.canonical_symbol = o.canonical_symbol AND s.timeframe = t.timeframe
         CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
                                               o.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE o.deleted_at IS NULL AND NOT o.is_partial
           AND o.ts_utc < s.last_agg_bar_ts_utc
           AND w.ws >= s.agg_start_utc;
     ELSE
-        PERFORM public._agg_lock_dependents('derived_data_bars',
+        SELECT * INTO v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts
+        FROM public._agg_lock_dependents('derived_data_bars',
             ARRAY(SELECT canonical_symbol FROM old_rows UNION SELECT canonical_symbol FROM new_rows),
             ARRAY(SELECT timeframe FROM old_rows UNION SELECT timeframe FROM new_rows));
         SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
@@ -232,8 +354,11 @@ BEGIN
                                    (n.canonical_symbol, n.timeframe, n.ts_utc,
                                     n.deleted_at IS NULL AND NOT n.is_partial))
             AS k(canonical_symbol, timeframe, ts_utc, eligible)
-        JOIN public.agg_timeframes t ON t.source_table = 'derived_data_bars' AND t.source_timeframe = k.timeframe
-        JOIN public.data_agg_state s ON s.canonical_symbol = k.canonical_symbol AND s.timeframe = t.timeframe
+        JOIN unnest(v_lad_tfs, v_lad_sources, v_lad_ivs, v_lad_origins)
+            AS t(timeframe, source_timeframe, bucket_interval, bucket_origin) ON t.source_timeframe = k.timeframe
+        JOIN unnest(v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts)
+            AS s(canonical_symbol, timeframe, last_agg_bar_ts_utc, agg_start_utc)
+            ON s.canonical_symbol = k.canonical_symbol AND s.timeframe = t.timeframe
         CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
                                               k.ts_utc, s.last_agg_bar_ts_utc) w
         WHERE (o.canonical_symbol, o.timeframe, o.ts_utc, o.open, o.high, o.low, o.close, o.vol, o.vwap,
@@ -252,32 +377,38 @@ BEGIN
 END
 $$;
 
--- A transition table serves one event per trigger, hence three triggers per table.
-DROP TRIGGER IF EXISTS agg_invalidate_insert ON public.data_bars;
-CREATE TRIGGER agg_invalidate_insert AFTER INSERT ON public.data_bars
-    REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_data_bars();
-DROP TRIGGER IF EXISTS agg_invalidate_update ON public.data_bars;
-CREATE TRIGGER agg_invalidate_update AFTER UPDATE ON public.data_bars
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_data_bars();
-DROP TRIGGER IF EXISTS agg_invalidate_delete ON public.data_bars;
-CREATE TRIGGER agg_invalidate_delete AFTER DELETE ON public.data_bars
-    REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_data_bars();
-
-DROP TRIGGER IF EXISTS agg_invalidate_insert ON public.derived_data_bars;
-CREATE TRIGGER agg_invalidate_insert AFTER INSERT ON public.derived_data_bars
-    REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_derived_bars();
-DROP TRIGGER IF EXISTS agg_invalidate_update ON public.derived_data_bars;
-CREATE TRIGGER agg_invalidate_update AFTER UPDATE ON public.derived_data_bars
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_derived_bars();
-DROP TRIGGER IF EXISTS agg_invalidate_delete ON public.derived_data_bars;
-CREATE TRIGGER agg_invalidate_delete AFTER DELETE ON public.derived_data_bars
-    REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION public._agg_invalidate_derived_bars();
+-- A transition table serves one event per trigger, hence three triggers per table:
+--   AFTER INSERT  REFERENCING NEW TABLE AS new_rows
+--   AFTER UPDATE  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+--   AFTER DELETE  REFERENCING OLD TABLE AS old_rows
+-- FOR EACH STATEMENT, on data_bars and derived_data_bars. Created one command per EXECUTE, because on
+-- Citus (`baragg db distribute`) a trigger command's text is forwarded to every node as it is, and
+-- there with citus.enable_unsafe_triggers: Citus creates the triggers on every shard, where they fire
+-- on the node holding the changed rows and reach the co-located shards of the same symbols
+-- (data_agg_state, agg_invalidations) locally (DESIGN.md 11).
+DO $triggers$
+DECLARE
+    v_table text;
+    v_op record;
+BEGIN
+    IF public._agg_on_citus() THEN
+        PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    END IF;
+    FOREACH v_table IN ARRAY ARRAY['data_bars', 'derived_data_bars'] LOOP
+        FOR v_op IN SELECT * FROM (VALUES
+                ('insert', 'INSERT', 'REFERENCING NEW TABLE AS new_rows'),
+                ('update', 'UPDATE', 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
+                ('delete', 'DELETE', 'REFERENCING OLD TABLE AS old_rows')) AS o(name, event, ref)
+        LOOP
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON public.%I', 'agg_invalidate_' || v_op.name, v_table);
+            EXECUTE format('CREATE TRIGGER %I AFTER %s ON public.%I %s FOR EACH STATEMENT EXECUTE FUNCTION %s',
+                           'agg_invalidate_' || v_op.name, v_op.event, v_table, v_op.ref,
+                           CASE v_table WHEN 'data_bars' THEN 'public._agg_invalidate_data_bars()'
+                                        ELSE 'public._agg_invalidate_derived_bars()' END);
+        END LOOP;
+    END LOOP;
+END
+$triggers$;
 
 -- ---------------------------------------------------------------------------------------------
 -- agg_reaggregate_tasks: re-aggregate the final logged windows of many tasks of one timeframe
@@ -332,6 +463,15 @@ BEGIN
                                          'bars_reaggregated', 0, 'entries_dropped', 0, 'entries_waiting', 0)
         FROM unnest(p_symbols) WITH ORDINALITY AS u(sym, ord)
         ORDER BY u.ord;
+        RETURN;
+    END IF;
+    -- Citus (`baragg db distribute`): symbol by symbol, each statement on one shard (50_citus.sql).
+    IF public._agg_on_citus() THEN
+        IF public._agg_needs_sessions(p_to_tf, p_symbols) THEN
+            RAISE EXCEPTION 'trading sessions and 1mo bars are not supported on Citus yet (%)', p_to_tf
+                USING ERRCODE = 'feature_not_supported';
+        END IF;
+        RETURN QUERY SELECT * FROM public._agg_reaggregate_citus(p_to_tf, p_symbols, p_derivation_version, p_now_utc);
         RETURN;
     END IF;
     -- Symbols on a trading session, and 1mo, have session windows (15_sessions.sql).
@@ -397,7 +537,8 @@ BEGIN
             is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
             source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
             expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
-            derivation_version = excluded.derivation_version, updated_at = now()
+            derivation_version = excluded.derivation_version,
+            updated_at = excluded.ingested_at  -- (= now(); Citus takes no function here)
         WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
                d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
                d.derivation_version)
