@@ -90,6 +90,8 @@ BEGIN
         EXECUTE format('REVOKE ALL ON TABLE public.%I FROM baragg_worker, baragg_reader', v_table);
         EXECUTE format('GRANT %s ON TABLE public.%I TO baragg_worker', v_tables[i][2], v_table);
         EXECUTE format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', v_table);
+        -- (a converted table was secured as a partition while it was built: 05_partitions.sql)
+        EXECUTE format('DROP POLICY IF EXISTS baragg_through_parent_only ON public.%I', v_table);
         EXECUTE format('DROP POLICY IF EXISTS baragg_worker_all ON public.%I', v_table);
         EXECUTE format('CREATE POLICY baragg_worker_all ON public.%I AS PERMISSIVE FOR ALL TO baragg_worker '
                        'USING (true) WITH CHECK (true)', v_table);
