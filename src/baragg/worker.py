@@ -545,7 +545,7 @@ class _Claimer:
                         if t.symbol not in still:
                             progress[t.symbol].outcome = "continue" if calls[t.symbol].backlog else "ok"
                     pending = [t for t in pending if t.symbol in still]
-                    if pending:
+                    if pending and not self.pause:  # (a paused worker is watched call by call)
                         max_windows = _next_max_windows(
                             s.max_windows,
                             sum(c.stats["windows_processed"] for c in calls.values()),
@@ -644,8 +644,8 @@ def _next_max_windows(floor: int, windows: int, seconds: float, remaining: float
     calls: each call costs its planning, probes, locks and commit per task, whatever its size."""
     if windows <= 0 or seconds <= 0 or remaining <= 0 or tasks <= 0:
         return floor
-    fit = int(windows / seconds * remaining * _BUDGET_SHARE / tasks)
-    return max(floor, min(fit, _MAX_WINDOWS_CAP))
+    fit = windows / seconds * remaining * _BUDGET_SHARE / tasks
+    return max(floor, int(min(fit, _MAX_WINDOWS_CAP)))
 
 
 class _Call:
