@@ -650,15 +650,18 @@ def _text_field(fields: list[tuple[str, Any]], values: dict[str, Any], name: str
         values[name] = data
 
 
-def _copy_binary(bars: pd.DataFrame, good: np.ndarray, tickers: dict[str, str | None], source: str) -> bytes:
+def _copy_binary(
+    bars: pd.DataFrame, good: np.ndarray, tickers: dict[str, str | None], source: str
+) -> list[Any]:
     """The good rows of a chunk in COPY's binary format for ``ingest_copy_direct``, built with numpy
     (no Python per row): rows are grouped by symbol and by which optional values are NULL, so each
     group has one fixed layout, written as a structured array. Row order within data_bars does not
-    matter; within a group it is the file's."""
-    rows = bars[good]
+    matter; within a group it is the file's. Returns the buffers to write in order (not joined:
+    each copy of a chunk's bytes costs as much as building them)."""
+    rows = bars[good] if not good.all() else bars
     n = len(rows)
     if not n:
-        return b""
+        return []
     ts = pa.array(rows["ts_utc"], type=pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy()
     prices = {c: rows[c].to_numpy(dtype="float64", na_value=np.nan) for c in ("open", "high", "low", "close")}
     # Good rows hold only finite numbers, so NaN here is a missing (NULL) value.
@@ -666,12 +669,18 @@ def _copy_binary(bars: pd.DataFrame, good: np.ndarray, tickers: dict[str, str | 
     vwap = rows["vwap"].to_numpy(dtype="float64", na_value=np.nan)
     count_na = rows["trade_count"].isna().to_numpy()
     counts = rows["trade_count"].fillna(0).to_numpy(dtype="int64")
-    codes, symbols = pd.factorize(rows["canonical_symbol"].astype("object"))
+    symbol_column = rows["canonical_symbol"]
+    first_symbol = symbol_column.iloc[0]
+    if (symbol_column == first_symbol).all():  # one symbol (--symbol, or a file per symbol)
+        codes, symbols = np.zeros(n, dtype=np.int64), [first_symbol]
+    else:
+        codes, symbols = pd.factorize(symbol_column.astype("object"))
     pattern = np.isnan(vol).astype(np.int64) | np.isnan(vwap) << 1 | count_na.astype(np.int64) << 2
     group = codes.astype(np.int64) * 8 + pattern
-    parts = [_COPY_SIGNATURE]
-    for key in np.unique(group):
-        where = np.flatnonzero(group == key)
+    parts: list[Any] = [_COPY_SIGNATURE]
+    single = bool((group == group[0]).all())
+    for key in [int(group[0])] if single else np.unique(group):
+        where: Any = slice(None) if single else np.flatnonzero(group == key)
         symbol, null = str(symbols[key // 8]), int(key % 8)
         fields: list[tuple[str, Any]] = [("count", ">i2")]
         values: dict[str, Any] = {"count": _DIRECT_COLUMNS}
@@ -697,12 +706,40 @@ def _copy_binary(bars: pd.DataFrame, good: np.ndarray, tickers: dict[str, str | 
         fields += [("partial_len", ">i4"), ("partial", "u1")]
         values.update(partial_len=1, partial=0)
         _text_field(fields, values, "source", source)
-        out = np.empty(len(where), dtype=np.dtype(fields))
+        dtype = np.dtype(fields)
+        # Constant fields (lengths, symbol, flags) come from one template row repeated (a memcpy);
+        # only the columns that vary are written field by field.
+        template = np.zeros(1, dtype=dtype)
+        varying = {}
         for name, value in values.items():
+            if isinstance(value, np.ndarray):
+                varying[name] = value
+            else:
+                template[name] = value
+        out = np.repeat(template, n if single else len(where))
+        for name, value in varying.items():
             out[name] = value
-        parts.append(out.tobytes())
+        parts.append(memoryview(out.view(np.uint8)))
     parts.append(_COPY_TRAILER)
-    return b"".join(parts)
+    return parts
+
+
+def _one_symbol_span(bars: pd.DataFrame, known: set[str]) -> tuple[str, pd.Timestamp, pd.Timestamp] | None:
+    """(symbol, first, last) when every row of the chunk has the same registered symbol and a time,
+    and the times strictly rise; None otherwise (the general, slower checks decide then)."""
+    if not len(bars):
+        return None
+    symbols = bars["canonical_symbol"]
+    symbol = symbols.iloc[0]
+    if pd.isna(symbol) or symbol not in known or not (symbols == symbol).all():
+        return None
+    times = bars["ts_utc"]
+    if times.isna().any():
+        return None
+    ticks = times.to_numpy(dtype="datetime64[us]").view("int64")
+    if len(ticks) > 1 and not (np.diff(ticks) > 0).all():
+        return None
+    return str(symbol), times.iloc[0], times.iloc[-1]
 
 
 def _may_repeat_times(bars: pd.DataFrame, newest_seen: dict[str, pd.Timestamp], known: set[str]) -> bool:
@@ -711,6 +748,12 @@ def _may_repeat_times(bars: pd.DataFrame, newest_seen: dict[str, pd.Timestamp], 
     Cheap for the usual file sorted by time; ``newest_seen`` (symbol → newest time so far) is
     updated. Only registered symbols count (a row of any other is bad anyway), so it stays small.
     """
+    one = _one_symbol_span(bars, known)
+    if one is not None:  # the usual chunk: one symbol, times rising (no hashing needed)
+        symbol, first, last = one
+        seen = newest_seen.get(symbol)
+        newest_seen[symbol] = last if seen is None else max(seen, last)
+        return seen is not None and first <= seen
     keyed = bars[["canonical_symbol", "ts_utc"]].dropna()
     keyed = keyed[keyed["canonical_symbol"].isin(known)]
     if keyed.empty:
@@ -909,18 +952,23 @@ class _Load:
         False (nothing written) when the chunk must be staged."""
         if not ok.any():
             return True
-        good = bars[ok]
-        span = good.groupby("canonical_symbol", observed=True)["ts_utc"].agg(["min", "max"])
-        symbols = [str(s) for s in span.index]
-        firsts = [t.to_pydatetime() for t in span["min"]]
-        lasts = [t.to_pydatetime() for t in span["max"]]
+        good = bars[ok] if not ok.all() else bars
+        one = _one_symbol_span(good, set(tickers))
+        if one is not None:
+            symbols, firsts, lasts = [one[0]], [one[1].to_pydatetime()], [one[2].to_pydatetime()]
+        else:
+            span = good.groupby("canonical_symbol", observed=True)["ts_utc"].agg(["min", "max"])
+            symbols = [str(s) for s in span.index]
+            firsts = [t.to_pydatetime() for t in span["min"]]
+            lasts = [t.to_pydatetime() for t in span["max"]]
         row = conn.execute(query("ingest_overlaps"), {"symbols": symbols, "firsts": firsts, "lasts": lasts})
         if row.fetchone()[0]:
             return False
-        payload = _copy_binary(bars, ok, tickers, self.source)
+        buffers = _copy_binary(bars, ok, tickers, self.source)
         try:
             with conn.transaction(), cur.copy(query("ingest_copy_direct")) as copy:
-                copy.write(payload)
+                for buffer in buffers:
+                    copy.write(buffer)
         except psycopg.errors.UniqueViolation:  # stored by someone else since the probe
             return False
         for sym, first, last in zip(symbols, firsts, lasts, strict=True):
