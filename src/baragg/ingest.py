@@ -366,7 +366,9 @@ class _ParquetSource(_Source):
     def __init__(self, path: Path, ignore: Collection[str] = ()) -> None:
         self.path = path
         try:
-            self.file = pq.ParquetFile(str(path))
+            # A buffered stream, not the whole column chunk at once: a file written as one huge row
+            # group is read page by page (1M rows in one group: +65 MiB instead of +220 MiB).
+            self.file = pq.ParquetFile(str(path), buffer_size=1 << 20, pre_buffer=False)
         except (pa.ArrowException, OSError) as exc:
             raise InvalidInput(f"{path.name}: not a readable Parquet file: {shown(exc, 120)}") from exc
         self.header = list(self.file.schema_arrow.names)
