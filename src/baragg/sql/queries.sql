@@ -146,9 +146,6 @@ GROUP BY s.canonical_symbol, s.timeframe
 ORDER BY s.canonical_symbol, s.timeframe;
 -- ==== operator tools: ingest ====
 
--- name: ingest_known_symbols
-SELECT canonical_symbol FROM core_asset_registry_all;
-
 -- name: ingest_session_settings
 SELECT set_config('temp_buffers', '256MB', false), set_config('work_mem', '128MB', true);
 
