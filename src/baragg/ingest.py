@@ -852,6 +852,7 @@ class _Load:
         self.reader, self.path, self.symbol, self.source = reader, path, symbol, source
         self.reject_file, self.on_progress, self.max_rejects = reject_file, on_progress, max_rejects
         self.reject: _RejectFile | None = None
+        self.copy_refused = False  # COPY into data_bars refused (row-level security): stage only
 
     def run(self, conn: Any, tickers: dict[str, str | None], *, direct: bool) -> IngestReport:
         reader, path = self.reader, self.path
@@ -895,7 +896,12 @@ class _Load:
                             if may_have_duplicates and direct_chunks:
                                 raise _Restart
                         written = False
-                        if direct and not may_have_duplicates and (reject is not None or not bad.count):
+                        if (
+                            direct
+                            and not self.copy_refused
+                            and not may_have_duplicates
+                            and (reject is not None or not bad.count)
+                        ):
                             written = self._direct(conn, cur, checked.bars, ok, tickers, direct_spans)
                         if written:
                             direct_chunks = True
@@ -972,6 +978,11 @@ class _Load:
                 for buffer in buffers:
                     copy.write(buffer)
         except psycopg.errors.UniqueViolation:  # stored by someone else since the probe
+            return False
+        except psycopg.errors.FeatureNotSupported:
+            # COPY FROM is refused for a role under row-level security (a baragg_worker login on a
+            # database where RLS is on, issue 13): every chunk goes through the stage's INSERT then.
+            self.copy_refused = True
             return False
         for sym, first, last in zip(symbols, firsts, lasts, strict=True):
             old = spans.get(sym)
