@@ -178,6 +178,7 @@ def main() -> None:
             version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
         results: dict[str, list[float]] = {}
         peaks: dict[str, float] = {}
+        print(f"load average at the start: {os.getloadavg()[0]:.1f}", flush=True)
         for _ in range(args.repeat):
             for key, label, action in (
                 ("copy", "plain COPY into data_bars", lambda db: (run_copy(db, copy_path), 0.0)),
@@ -209,12 +210,24 @@ def main() -> None:
         f"PostgreSQL {version}, {time.strftime('%Y-%m-%d')}"
     )
     print()
-    print("| load | seconds | rows/s | peak RSS of the process |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| load | median s | min-max s | rows/s | vs plain COPY (median of rounds) | peak RSS |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    floor = results.get("plain COPY into data_bars")
     for label, times in results.items():
         median = statistics.median(times)
         peak = f"{peaks[label]:.0f} MiB" if label in peaks else "-"
-        print(f"| {label} | {median:.2f} | {args.rows / median:,.0f} | {peak} |")
+        # Each round ran the loads back to back, so the ratio is taken per round (same load on the
+        # machine), then the median and the spread of those ratios.
+        if floor and len(floor) == len(times):
+            ratios = sorted(f / t for f, t in zip(floor, times, strict=True))
+            ratio = f"{statistics.median(ratios):.0%} ({ratios[0]:.0%}-{ratios[-1]:.0%})"
+        else:
+            ratio = "-"
+        print(
+            f"| {label} | {median:.2f} | {min(times):.2f}-{max(times):.2f} | {args.rows / median:,.0f} "
+            f"| {ratio} | {peak} |"
+        )
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

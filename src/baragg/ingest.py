@@ -20,11 +20,13 @@ import csv
 import io
 import logging
 import os
+import queue
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -251,16 +253,44 @@ class _CsvSource(_Source):
                 lines[offset] = b""
         return b"\n".join(lines), bad
 
+    def _typed(self, names: list[str], ts_type: pa.DataType) -> dict[str, pa.DataType]:
+        """Arrow types for the columns baragg reads, so that the C++ parser converts the numbers and
+        times (strings, then pandas, cost several times more per row). Any value these types do not
+        take (a word in a price, a time without an offset, spaces around a time) makes the block be
+        read as text instead, where the rules name what is wrong."""
+        types: dict[str, pa.DataType] = {}
+        for position, column in self.positions.items():
+            if column == "canonical_symbol":
+                types[names[position]] = pa.string()
+            elif column == "ts_utc":
+                types[names[position]] = ts_type
+            else:
+                types[names[position]] = pa.float64()
+        return types
+
     def chunks(self, *, all_columns: bool = False) -> Iterator[_Chunk]:
         width = len(self.header)
         names = [f"c{i}" for i in range(width)]  # by position: header names may repeat or be empty
         wanted = names if all_columns else [names[p] for p in self.positions]
+        # Typed parsing is for the rows only: the reject file keeps a bad row's fields as written.
+        ts_types = [] if all_columns else [pa.timestamp("us", tz="UTC"), pa.timestamp("us")]
         for first_line, block, read in self._blocks():
             line_count = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
             not_utf8: list[tuple[int, str, str]] = []  # blanked lines: read as empty lines, dropped below
+            table = None
+            for ts_type in list(ts_types):
+                with contextlib.suppress(pa.ArrowInvalid):
+                    table, malformed = self._parse(
+                        block, first_line, names, wanted, self._typed(names, ts_type)
+                    )
+                    if ts_types[0] is not ts_type:  # the next block likely has the same kind of time
+                        ts_types.remove(ts_type)
+                        ts_types.insert(0, ts_type)
+                    break
             try:
                 try:
-                    table, malformed = self._parse(block, first_line, names, wanted)
+                    if table is None:
+                        table, malformed = self._parse(block, first_line, names, wanted)
                 except pa.ArrowInvalid as exc:
                     if "UTF8" not in str(exc):
                         raise
@@ -291,7 +321,12 @@ class _CsvSource(_Source):
             )
 
     def _parse(
-        self, block: bytes, first_line: int, names: list[str], wanted: list[str]
+        self,
+        block: bytes,
+        first_line: int,
+        names: list[str],
+        wanted: list[str],
+        types: dict[str, pa.DataType] | None = None,
     ) -> tuple[pa.Table, list[tuple[int, str, str]]]:
         malformed: list[tuple[int, str, str]] = []
 
@@ -305,7 +340,7 @@ class _CsvSource(_Source):
             read_options=pa_csv.ReadOptions(column_names=names, use_threads=False, block_size=len(block) + 1),
             parse_options=pa_csv.ParseOptions(ignore_empty_lines=False, invalid_row_handler=on_invalid_row),
             convert_options=pa_csv.ConvertOptions(
-                column_types={name: pa.string() for name in names},
+                column_types={name: (types or {}).get(name, pa.string()) for name in names},
                 include_columns=wanted,
                 strings_can_be_null=True,
                 null_values=[""],
@@ -331,7 +366,9 @@ class _ParquetSource(_Source):
     def __init__(self, path: Path, ignore: Collection[str] = ()) -> None:
         self.path = path
         try:
-            self.file = pq.ParquetFile(str(path))
+            # A buffered stream, not the whole column chunk at once: a file written as one huge row
+            # group is read page by page (1M rows in one group: +65 MiB instead of +220 MiB).
+            self.file = pq.ParquetFile(str(path), buffer_size=1 << 20, pre_buffer=False)
         except (pa.ArrowException, OSError) as exc:
             raise InvalidInput(f"{path.name}: not a readable Parquet file: {shown(exc, 120)}") from exc
         self.header = list(self.file.schema_arrow.names)
@@ -592,12 +629,133 @@ def _stage_csv(lines: np.ndarray, bars: pd.DataFrame, ok: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+# COPY's binary format (PostgreSQL docs, "COPY", Binary Format): a signature, a flags word and an
+# empty header extension; then per row a field count and per field its length (-1: NULL) and bytes,
+# big-endian; timestamptz is microseconds since 2000-01-01 UTC.
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" * 2
+_COPY_TRAILER = b"\xff\xff"
+_PG_EPOCH_US = 946_684_800_000_000
+_DIRECT_COLUMNS = 13  # as listed in the query ingest_copy_direct
+
+
+def _text_field(fields: list[tuple[str, Any]], values: dict[str, Any], name: str, text: str | None) -> None:
+    """One text column holding the same value on every row of a group (or NULL)."""
+    if text is None:
+        fields.append((f"{name}_len", ">i4"))
+        values[f"{name}_len"] = -1
+        return
+    data = text.encode()
+    fields.append((f"{name}_len", ">i4"))
+    values[f"{name}_len"] = len(data)
+    if data:
+        fields.append((name, f"S{len(data)}"))
+        values[name] = data
+
+
+def _copy_binary(
+    bars: pd.DataFrame, good: np.ndarray, tickers: dict[str, str | None], source: str
+) -> list[Any]:
+    """The good rows of a chunk in COPY's binary format for ``ingest_copy_direct``, built with numpy
+    (no Python per row): rows are grouped by symbol and by which optional values are NULL, so each
+    group has one fixed layout, written as a structured array. Row order within data_bars does not
+    matter; within a group it is the file's. Returns the buffers to write in order (not joined:
+    each copy of a chunk's bytes costs as much as building them)."""
+    rows = bars[good] if not good.all() else bars
+    n = len(rows)
+    if not n:
+        return []
+    ts = pa.array(rows["ts_utc"], type=pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy()
+    prices = {c: rows[c].to_numpy(dtype="float64", na_value=np.nan) for c in ("open", "high", "low", "close")}
+    # Good rows hold only finite numbers, so NaN here is a missing (NULL) value.
+    vol = rows["vol"].to_numpy(dtype="float64", na_value=np.nan)
+    vwap = rows["vwap"].to_numpy(dtype="float64", na_value=np.nan)
+    count_na = rows["trade_count"].isna().to_numpy()
+    counts = rows["trade_count"].fillna(0).to_numpy(dtype="int64")
+    symbol_column = rows["canonical_symbol"]
+    first_symbol = symbol_column.iloc[0]
+    if (symbol_column == first_symbol).all():  # one symbol (--symbol, or a file per symbol)
+        codes, symbols = np.zeros(n, dtype=np.int64), [first_symbol]
+    else:
+        codes, symbols = pd.factorize(symbol_column.astype("object"))
+    pattern = np.isnan(vol).astype(np.int64) | np.isnan(vwap) << 1 | count_na.astype(np.int64) << 2
+    group = codes.astype(np.int64) * 8 + pattern
+    parts: list[Any] = [_COPY_SIGNATURE]
+    single = bool((group == group[0]).all())
+    for key in [int(group[0])] if single else np.unique(group):
+        where: Any = slice(None) if single else np.flatnonzero(group == key)
+        symbol, null = str(symbols[key // 8]), int(key % 8)
+        fields: list[tuple[str, Any]] = [("count", ">i2")]
+        values: dict[str, Any] = {"count": _DIRECT_COLUMNS}
+        _text_field(fields, values, "symbol", symbol)
+        _text_field(fields, values, "ticker", tickers.get(symbol))
+        _text_field(fields, values, "timeframe", "1m")
+        fields += [("ts_len", ">i4"), ("ts", ">i8")]
+        values.update(ts_len=8, ts=ts[where] - _PG_EPOCH_US)
+        for name, column in prices.items():
+            fields += [(f"{name}_len", ">i4"), (name, ">f8")]
+            values.update({f"{name}_len": 8, name: column[where]})
+        for bit, name, column, width, kind in (
+            (1, "vol", vol, 8, ">f8"),
+            (2, "vwap", vwap, 8, ">f8"),
+            (4, "trade_count", counts, 4, ">i4"),
+        ):
+            fields.append((f"{name}_len", ">i4"))
+            if null & bit:
+                values[f"{name}_len"] = -1
+            else:
+                fields.append((name, kind))
+                values.update({f"{name}_len": width, name: column[where]})
+        fields += [("partial_len", ">i4"), ("partial", "u1")]
+        values.update(partial_len=1, partial=0)
+        _text_field(fields, values, "source", source)
+        dtype = np.dtype(fields)
+        # Constant fields (lengths, symbol, flags) come from one template row repeated (a memcpy);
+        # only the columns that vary are written field by field.
+        template = np.zeros(1, dtype=dtype)
+        varying = {}
+        for name, value in values.items():
+            if isinstance(value, np.ndarray):
+                varying[name] = value
+            else:
+                template[name] = value
+        out = np.repeat(template, n if single else len(where))
+        for name, value in varying.items():
+            out[name] = value
+        parts.append(memoryview(out.view(np.uint8)))
+    parts.append(_COPY_TRAILER)
+    return parts
+
+
+def _one_symbol_span(bars: pd.DataFrame, known: set[str]) -> tuple[str, pd.Timestamp, pd.Timestamp] | None:
+    """(symbol, first, last) when every row of the chunk has the same registered symbol and a time,
+    and the times strictly rise; None otherwise (the general, slower checks decide then)."""
+    if not len(bars):
+        return None
+    symbols = bars["canonical_symbol"]
+    symbol = symbols.iloc[0]
+    if pd.isna(symbol) or symbol not in known or not (symbols == symbol).all():
+        return None
+    times = bars["ts_utc"]
+    if times.isna().any():
+        return None
+    ticks = times.to_numpy(dtype="datetime64[us]").view("int64")
+    if len(ticks) > 1 and not (np.diff(ticks) > 0).all():
+        return None
+    return str(symbol), times.iloc[0], times.iloc[-1]
+
+
 def _may_repeat_times(bars: pd.DataFrame, newest_seen: dict[str, pd.Timestamp], known: set[str]) -> bool:
     """True when this chunk may repeat a (symbol, time): within itself, or of an earlier chunk.
 
     Cheap for the usual file sorted by time; ``newest_seen`` (symbol → newest time so far) is
     updated. Only registered symbols count (a row of any other is bad anyway), so it stays small.
     """
+    one = _one_symbol_span(bars, known)
+    if one is not None:  # the usual chunk: one symbol, times rising (no hashing needed)
+        symbol, first, last = one
+        seen = newest_seen.get(symbol)
+        newest_seen[symbol] = last if seen is None else max(seen, last)
+        return seen is not None and first <= seen
     keyed = bars[["canonical_symbol", "ts_utc"]].dropna()
     keyed = keyed[keyed["canonical_symbol"].isin(known)]
     if keyed.empty:
@@ -648,38 +806,106 @@ def ingest_file(
     """
     path = Path(path)
     reader = open_source(path, ignore_columns)
-    ignored = [name for position, name in enumerate(reader.header) if position not in reader.positions]
-    report = IngestReport(file=str(path), ignored_columns=ignored)
     if symbol is None and "canonical_symbol" not in reader.columns:
         raise InvalidInput(f"{path.name}: no canonical_symbol column; name the symbol with --symbol")
-    reject = None
     if reject_file is not None:
         check_reject_path(Path(reject_file), path)
-        reject = _RejectFile(Path(reject_file), reader.unit, reader.header)
-    bad = _BadRows(reject, max_rejects)
     csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))
-    # Duplicate times are looked for in SQL over the whole file only when a chunk could hold one: a
-    # repeat inside the chunk, or a time not after everything seen before for its symbol (unsorted).
-    may_have_duplicates = False
-    newest_seen: dict[str, pd.Timestamp] = {}
+    load = _Load(
+        db, reader, path, symbol=symbol, reject_file=reject_file, source=source,
+        on_progress=on_progress, max_rejects=max_rejects,
+    )  # fmt: skip
+    with db.connect() as conn:
+        tickers: dict[str, str | None] = dict(conn.execute(query("ingest_symbol_tickers")).fetchall())
+        if symbol is not None and symbol not in tickers:
+            raise InvalidInput(
+                f"unknown symbol '{shown(symbol)}': not in core_asset_registry_all "
+                f"(add it with: baragg registry add {shown(symbol)})"
+            )
+        try:
+            # Not on Citus: there the session days (a reference table) must be written before any bar.
+            on_citus = bool(conn.execute(query("ingest_on_citus")).fetchone()[0])
+            report = load.run(conn, tickers, direct=not on_citus)
+        except _Restart:
+            # An unsorted file after some chunks went straight into data_bars: the duplicate search
+            # needs every row in the staging table, so the file is read again, staged only.
+            conn.rollback()
+            log.debug("%s: times out of order after direct chunks; reading it again through the stage", path)
+            report = load.run(conn, tickers, direct=False)
+    load.finish_reject(report)
+    log.info("ingested %s", path, extra={"ingest": report.as_dict()})
+    return report
 
-    try:
-        with db.connect() as conn:
-            known = {name for (name,) in conn.execute(query("ingest_known_symbols"))}
-            if symbol is not None and symbol not in known:
-                raise InvalidInput(
-                    f"unknown symbol '{shown(symbol)}': not in core_asset_registry_all "
-                    f"(add it with: baragg registry add {shown(symbol)})"
-                )
+
+class _Restart(Exception):
+    """The direct path cannot go on (see ``_Load.run``); nothing is committed yet."""
+
+
+class _Load:
+    """One reading of the file into the database, in the caller's transaction.
+
+    Each chunk's good rows go one of two ways. **Direct**: when the chunk overlaps no stored row
+    (one index probe per symbol), no earlier chunk could repeat one of its times (the file is sorted
+    per symbol, as files of history are) and nothing is bad yet (or there is a reject file), its rows
+    are COPYed straight into data_bars in binary, under a savepoint (a row stored meanwhile by
+    someone else sends the chunk the other way): every row is new, so inserted = rows. **Staged**:
+    otherwise the chunk goes into the TEMP staging table, as every row did before, and one upsert at
+    the end inserts, updates or leaves each row (inserted / updated / unchanged counts). Both run in
+    one transaction, so a refusal still stores nothing. When a chunk turns out to repeat times after
+    direct chunks were written, ``_Restart`` is raised: the caller rolls back and reads the file
+    again with ``direct=False`` (everything staged: the duplicate search sees the whole file).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        reader: _Source,
+        path: Path,
+        *,
+        symbol: str | None,
+        reject_file: str | Path | None,
+        source: str,
+        on_progress: ProgressCallback | None,
+        max_rejects: int | None,
+    ) -> None:
+        self.db, self.reader, self.path, self.symbol, self.source = db, reader, path, symbol, source
+        self.months_ready: set[datetime] = set()  # months whose partitions exist (direct path)
+        self.reject_file, self.on_progress, self.max_rejects = reject_file, on_progress, max_rejects
+        self.reject: _RejectFile | None = None
+        self.copy_refused = False  # COPY into data_bars refused (row-level security): stage only
+
+    def run(self, conn: Any, tickers: dict[str, str | None], *, direct: bool) -> IngestReport:
+        reader, path = self.reader, self.path
+        ignored = [name for position, name in enumerate(reader.header) if position not in reader.positions]
+        report = IngestReport(file=str(path), ignored_columns=ignored)
+        if self.reject is not None:
+            self.reject.discard()
+        reject = self.reject = (
+            _RejectFile(Path(self.reject_file), reader.unit, reader.header)
+            if self.reject_file is not None
+            else None
+        )
+        bad = _BadRows(reject, self.max_rejects)
+        known = set(tickers)
+        # Duplicate times are looked for in SQL over the whole file only when a chunk could hold one: a
+        # repeat inside the chunk, or a time not after everything seen before for its symbol (unsorted).
+        may_have_duplicates = False
+        newest_seen: dict[str, pd.Timestamp] = {}
+        direct_rows = 0
+        direct_chunks = False  # a chunk went the direct way (its rows, good or bad, are not staged)
+        direct_spans: dict[str, tuple[Any, Any]] = {}
+        try:
             # The staging table lives in temp buffers, and the duplicate search hashes it: give both
             # room (this session only; memory is taken as used).
             conn.execute(query("ingest_session_settings"))
             conn.execute(query("ingest_create_stage"))
             try:
                 with conn.cursor() as cur:
-                    for chunk in reader.chunks(all_columns=reject is not None):
+                    for chunk, checked in _prefetch(
+                        (chunk, check_bars(chunk.raw, known_symbols=known, symbol=self.symbol))
+                        for chunk in reader.chunks(all_columns=reject is not None)
+                    ):
                         report.read += len(chunk.lines) + len(chunk.malformed)
-                        checked = check_bars(chunk.raw, known_symbols=known, symbol=symbol)
                         ok = checked.ok.to_numpy()
                         bad.add_malformed(chunk.malformed)
                         bad_positions = np.flatnonzero(~ok)
@@ -687,12 +913,26 @@ def ingest_file(
                             bad.add_chunk(chunk, checked, bad_positions)
                         if not may_have_duplicates:
                             may_have_duplicates = _may_repeat_times(checked.bars, newest_seen, known)
-                        payload = _stage_csv(chunk.lines, checked.bars, ok)
-                        if payload:
-                            with cur.copy(query("ingest_copy_stage")) as copy:
-                                copy.write(payload)
-                        if on_progress:
-                            on_progress(chunk.done, reader.total or None)
+                            if may_have_duplicates and direct_chunks:
+                                raise _Restart
+                        written = False
+                        if (
+                            direct
+                            and not self.copy_refused
+                            and not may_have_duplicates
+                            and (reject is not None or not bad.count)
+                        ):
+                            written = self._direct(conn, cur, checked.bars, ok, tickers, direct_spans)
+                        if written:
+                            direct_chunks = True
+                            direct_rows += int(ok.sum())
+                        else:
+                            payload = _stage_csv(chunk.lines, checked.bars, ok)
+                            if payload:
+                                with cur.copy(query("ingest_copy_stage")) as copy:
+                                    copy.write(payload)
+                        if self.on_progress:
+                            self.on_progress(chunk.done, reader.total or None)
                 if may_have_duplicates:
                     _add_duplicates(conn, reader, bad, with_fields=reject is not None)
             except _TooManyBadRows:
@@ -706,32 +946,158 @@ def ingest_file(
                     _bad_rows_message(path.name, reader.unit, bad.count, bad.first, _unknown_text(bad))
                 )
             report.rejected = bad.count
-            _ensure_partitions(db, conn)
-            spans = conn.execute(query("ingest_stage_symbols")).fetchall()
-            report.symbols = [s for s, _, _ in spans]
+            _ensure_partitions(self.db, conn)
+            spans = {sym: (first, last) for sym, first, last in conn.execute(query("ingest_stage_symbols"))}
+            for sym, (first, last) in direct_spans.items():
+                if sym in spans:
+                    first, last = min(first, spans[sym][0]), max(last, spans[sym][1])
+                spans[sym] = (first, last)
+            report.symbols = sorted(spans)
             # The symbols' sessions must know the trading days of the new rows (DESIGN.md 3b). Before
-            # the bars: on Citus a write to a reference table (the days) may not follow the parallel
-            # write to the bars' shards in one transaction.
-            for sym, first, last in spans:
-                sessions.ensure_for_range(conn, [sym], first, last)
-            counts = conn.execute(query("ingest_upsert"), {"source": source}).fetchone()
+            # the staged rows are written: on Citus a write to a reference table (the days) may not
+            # follow a parallel write to the bars' shards in one transaction (there the direct path,
+            # which writes during the reading, is off).
+            for sym in report.symbols:
+                sessions.ensure_for_range(conn, [sym], *spans[sym])
+            counts = conn.execute(query("ingest_upsert"), {"source": self.source}).fetchone()
             assert counts is not None
             report.inserted, report.updated, staged = (int(v) for v in counts)
             report.unchanged = staged - report.inserted - report.updated
+            report.inserted += direct_rows
             conn.commit()
-        if reject is not None:
-            try:
-                written = reject.finish()
-            except OSError as exc:
-                raise BaraggError(
-                    f"the good rows of {path.name} were stored, but the reject file could not be written: {exc}"
-                ) from exc
-            report.reject_file = str(reject_file) if written else None
-    finally:
-        if reject is not None:
+        except BaseException:
+            if reject is not None:
+                reject.discard()
+            raise
+        return report
+
+    def _direct(
+        self,
+        conn: Any,
+        cur: Any,
+        bars: pd.DataFrame,
+        ok: np.ndarray,
+        tickers: dict[str, str | None],
+        spans: dict[str, tuple[Any, Any]],
+    ) -> bool:
+        """COPY the chunk's good rows straight into data_bars when none of them can exist there;
+        False (nothing written) when the chunk must be staged."""
+        if not ok.any():
+            return True
+        good = bars[ok] if not ok.all() else bars
+        one = _one_symbol_span(good, set(tickers))
+        if one is not None:
+            symbols, firsts, lasts = [one[0]], [one[1].to_pydatetime()], [one[2].to_pydatetime()]
+        else:
+            span = good.groupby("canonical_symbol", observed=True)["ts_utc"].agg(["min", "max"])
+            symbols = [str(s) for s in span.index]
+            firsts = [t.to_pydatetime() for t in span["min"]]
+            lasts = [t.to_pydatetime() for t in span["max"]]
+        row = conn.execute(query("ingest_overlaps"), {"symbols": symbols, "firsts": firsts, "lasts": lasts})
+        if row.fetchone()[0]:
+            return False
+        self._partitions_for(min(firsts), max(lasts))
+        buffers = _copy_binary(bars, ok, tickers, self.source)
+        try:
+            with conn.transaction(), cur.copy(query("ingest_copy_direct")) as copy:
+                for buffer in buffers:
+                    copy.write(buffer)
+        except psycopg.errors.UniqueViolation:  # stored by someone else since the probe
+            return False
+        except psycopg.errors.FeatureNotSupported:
+            # COPY FROM is refused for a role under row-level security (a baragg_worker login on a
+            # database where RLS is on, issue 13): every chunk goes through the stage's INSERT then.
+            self.copy_refused = True
+            return False
+        for sym, first, last in zip(symbols, firsts, lasts, strict=True):
+            old = spans.get(sym)
+            spans[sym] = (first, last) if old is None else (min(first, old[0]), max(last, old[1]))
+        return True
+
+    def _partitions_for(self, first: datetime, last: datetime) -> None:
+        """The partitions of the months [first, last] before a direct COPY writes into them (once
+        rows of this transaction sit in the default partition, another connection could not move
+        them out). A no-op on unpartitioned tables; never fatal (the default partition takes them)."""
+        month = first.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        months = []
+        while month <= last:
+            if month not in self.months_ready:
+                months.append(month)
+            month = (month + timedelta(days=32)).replace(day=1)
+        if not months:
+            return
+        try:
+            for table in partitions.TABLES:
+                partitions.ensure_months(self.db, table, months)
+        except psycopg.Error as exc:
+            log.warning("could not create the partitions of the new rows' months (%s)", str(exc).strip())
+        self.months_ready.update(months)
+
+    def finish_reject(self, report: IngestReport) -> None:
+        """After the commit: move the reject file into place (only when there were bad rows)."""
+        reject = self.reject
+        if reject is None:
+            return
+        try:
+            written = reject.finish()
+        except OSError as exc:
+            raise BaraggError(
+                f"the good rows of {self.path.name} were stored, but the reject file could not be written: {exc}"
+            ) from exc
+        finally:
             reject.discard()
-    log.info("ingested %s", path, extra={"ingest": report.as_dict()})
-    return report
+        report.reject_file = str(self.reject_file) if written else None
+
+
+_DONE = object()
+
+
+def _prefetch(items: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """``items``, produced one ahead in a thread: the next chunk is read and checked (Arrow and
+    numpy release the GIL for most of it) while the database takes the current one. The queue holds
+    ``depth`` items, so memory stays at a few chunks; an error in the thread is raised here, and a
+    consumer that stops early stops the thread."""
+    results: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        results.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            outcome: tuple[Any, BaseException | None] = (_DONE, None)
+        except BaseException as exc:
+            outcome = (_DONE, exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+        while not stop.is_set():
+            try:
+                results.put(outcome, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    thread = threading.Thread(target=produce, name="ingest-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = results.get()
+            if item is _DONE:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _add_duplicates(conn: Any, reader: _Source, bad: _BadRows, *, with_fields: bool) -> None:

@@ -146,9 +146,6 @@ GROUP BY s.canonical_symbol, s.timeframe
 ORDER BY s.canonical_symbol, s.timeframe;
 -- ==== operator tools: ingest ====
 
--- name: ingest_known_symbols
-SELECT canonical_symbol FROM core_asset_registry_all;
-
 -- name: ingest_session_settings
 SELECT set_config('temp_buffers', '256MB', false), set_config('work_mem', '128MB', true);
 
@@ -236,6 +233,28 @@ FROM written;
 
 -- name: ingest_stage_symbols
 SELECT canonical_symbol, min(ts_utc), max(ts_utc) FROM ingest_stage WHERE ok GROUP BY 1 ORDER BY 1;
+
+-- name: ingest_symbol_tickers
+-- Each registered symbol's provider ticker, written with its rows by the direct path.
+SELECT canonical_symbol, provider_ticker FROM core_asset_registry_all;
+
+-- name: ingest_overlaps
+-- Does data_bars hold any 1m row of these symbols between these times (one index probe per symbol)?
+-- A chunk of new rows only (the usual case: a file of history not loaded before) is COPYed straight
+-- into data_bars; one that overlaps goes through the staging table and the upsert.
+SELECT EXISTS (
+    SELECT 1
+    FROM unnest(%(symbols)s::text[], %(firsts)s::timestamptz[], %(lasts)s::timestamptz[]) AS c(sym, lo, hi)
+    WHERE EXISTS (SELECT 1 FROM data_bars d
+                  WHERE d.canonical_symbol = c.sym AND d.timeframe = '1m' AND d.ts_utc BETWEEN c.lo AND c.hi)
+);
+
+-- name: ingest_copy_direct
+-- The direct path: good rows of a chunk that overlaps no stored row, in COPY's binary format (no text
+-- to parse on either side); the insert triggers see them as they see any insert.
+COPY data_bars (canonical_symbol, provider_ticker, timeframe, ts_utc, open, high, low, close, vol, vwap,
+                trade_count, is_partial, source)
+FROM STDIN WITH (FORMAT binary);
 
 -- ==== operator tools: registry ====
 
@@ -1128,3 +1147,7 @@ GROUP BY s.canonical_symbol
 ORDER BY bool_or(s.is_mandatory) DESC, min(t.bucket_interval), min(s.task_priority),
          min(s.last_successful_at_utc) NULLS FIRST, s.canonical_symbol
 LIMIT 4 * %(limit)s;
+
+-- name: ingest_on_citus
+-- Whether the bar tables are distributed (Citus): ingest then writes no bar before the session days.
+SELECT public._agg_on_citus();
