@@ -243,12 +243,17 @@ def upgrade(db: Database, migrations: list[Migration] | None = None) -> list[Mig
 
 def _maintain_partitions(conn: psycopg.Connection) -> None:
     """This month's partitions and the next ones (DESIGN.md 11), where the schema has the function."""
-    exists = conn.execute("SELECT to_regprocedure('public.baragg_partitions_maintain(integer)') IS NOT NULL")
+    exists = conn.execute(
+        "SELECT to_regprocedure('public.baragg_partitions_maintain(integer, text)') IS NOT NULL"
+    )
     row = exists.fetchone()
     if row and row[0]:
         from baragg import partitions
 
-        partitions.maintain(conn)
+        try:
+            partitions.maintain(conn)
+        except psycopg.Error as exc:  # housekeeping gives way to writers; the worker retries
+            log.warning("could not create the next partitions now (%s)", str(exc).strip().splitlines()[0])
 
 
 def reapply_repeatables(conn: psycopg.Connection, repeatables: list[Migration] | None = None) -> list[Migration]:

@@ -40,8 +40,12 @@ _SWAP_ATTEMPTS = 20
 def maintain(conn: psycopg.Connection, ahead: int = MONTHS_AHEAD) -> int:
     """Partitions for this month and ``ahead`` months, and for every month found in a default
     partition; returns how many were created (0 on an unpartitioned database)."""
-    row = conn.execute(query("partitions_maintain"), {"ahead": ahead}).fetchone()
-    return int(row[0]) if row and row[0] is not None else 0
+    created = 0
+    for table in TABLES:  # one transaction per table: housekeeping holds its locks briefly
+        with conn.transaction():
+            row = conn.execute(query("partitions_maintain"), {"ahead": ahead, "table": table}).fetchone()
+        created += int(row[0]) if row and row[0] is not None else 0
+    return created
 
 
 def ensure_months(db: Database, table: str, months: Sequence[datetime]) -> int:

@@ -972,7 +972,7 @@ ORDER BY open_utc;
 -- Time partitions and retention (baragg.partitions, functions/05_partitions.sql)
 -- ---------------------------------------------------------------------------------------------
 -- name: partitions_maintain
-SELECT public.baragg_partitions_maintain(%(ahead)s);
+SELECT public.baragg_partitions_maintain(%(ahead)s, %(table)s);
 
 -- name: partitions_ensure
 SELECT public.baragg_partitions_ensure(%(table)s, %(months)s::timestamptz[]);

@@ -13,14 +13,27 @@
 --
 -- Every function here that creates or attaches tables runs as their owner (SECURITY DEFINER): the
 -- worker role may write rows but owns no table. None of them is granted beyond baragg_worker
--- (functions/90_security.sql), and each pins search_path and TimeZone (months are UTC months).
+-- (functions/90_security.sql). Months are UTC months whatever the session's TimeZone (the helpers below).
 
 -- ---------------------------------------------------------------------------------------------
 -- Names, ownership, security of one partition
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION public._baragg_part_name(p_base text, p_month timestamptz)
-RETURNS text LANGUAGE sql STABLE SET search_path = '' SET TimeZone = 'UTC' AS $$
-    SELECT p_base || '_p' || pg_catalog.to_char(p_month, 'YYYYMMDD')
+RETURNS text LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT p_base || '_p' || pg_catalog.to_char(p_month AT TIME ZONE 'UTC', 'YYYYMMDD')
+$$;
+
+-- The UTC month p_k months after the one holding p_ts.
+CREATE OR REPLACE FUNCTION public._baragg_part_month(p_ts timestamptz, p_k integer DEFAULT 0)
+RETURNS timestamptz LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT (pg_catalog.date_trunc('month', p_ts AT TIME ZONE 'UTC') + pg_catalog.make_interval(months => p_k))
+           AT TIME ZONE 'UTC'
+$$;
+
+-- This month and the p_ahead next ones.
+CREATE OR REPLACE FUNCTION public._baragg_part_months_ahead(p_ahead integer)
+RETURNS timestamptz[] LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT ARRAY(SELECT public._baragg_part_month(pg_catalog.now(), k) FROM generate_series(0, p_ahead) k)
 $$;
 
 -- Whether baragg keeps this table's partitions: partitioned, and not registered with pg_partman.
@@ -55,8 +68,9 @@ BEGIN
     FROM pg_catalog.pg_roles r WHERE r.rolname IN ('anon', 'authenticated', 'baragg_worker', 'baragg_reader');
     EXECUTE format('REVOKE ALL ON TABLE public.%I FROM PUBLIC%s', p_name, COALESCE(', ' || v_roles, ''));
     EXECUTE format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', p_name);
-    -- Said as a policy too (Supabase's linter, lint 0008, reports row-level security with no policy):
-    -- nothing passes it; the parent's policies govern every read and write made through the parent.
+    -- Said as a policy too (the linter's 0008 asks every table with row-level security for one): no row
+    -- of a partition is visible or writable directly. Through the parent, only the parent's policies
+    -- apply. (The partitioned copy of a conversion loses it when it becomes the table.)
     EXECUTE format('DROP POLICY IF EXISTS baragg_through_parent_only ON public.%I', p_name);
     EXECUTE format('CREATE POLICY baragg_through_parent_only ON public.%I AS RESTRICTIVE FOR ALL TO PUBLIC '
                    'USING (false) WITH CHECK (false)', p_name);
@@ -67,16 +81,38 @@ $$;
 -- during a conversion), with that month's rows moved out of the default partition. The caller holds
 -- the partition lock. Returns the rows moved, NULL when the partition existed.
 CREATE OR REPLACE FUNCTION public._baragg_part_add(p_parent text, p_base text, p_month timestamptz)
-RETURNS bigint LANGUAGE plpgsql SET search_path = '' SET TimeZone = 'UTC' AS $$
+RETURNS bigint LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
-    v_month timestamptz := pg_catalog.date_trunc('month', p_month);
-    v_end timestamptz := pg_catalog.date_trunc('month', p_month) + interval '1 month';
-    v_name text := public._baragg_part_name(p_base, pg_catalog.date_trunc('month', p_month));
+    v_month timestamptz := public._baragg_part_month(p_month);
+    v_end timestamptz := public._baragg_part_month(p_month, 1);
+    v_name text := public._baragg_part_name(p_base, public._baragg_part_month(p_month));
     v_default text := p_base || '_default';
     v_moved bigint := 0;
+    v_has_rows boolean := false;
 BEGIN
     IF pg_catalog.to_regclass('public.' || pg_catalog.quote_ident(v_name)) IS NOT NULL THEN
         RETURN NULL;
+    END IF;
+    -- Locks up front, parent first (no upgrade half-way, which is how a writer and this could deadlock).
+    -- An empty month is attached under SHARE UPDATE EXCLUSIVE on the parent: readers and writers go on.
+    -- Moving rows out of the default partition needs ACCESS EXCLUSIVE on the parent: a statement planned
+    -- before the move (partitions as they were) but run after it would find the rows in neither place.
+    IF pg_catalog.to_regclass('public.' || pg_catalog.quote_ident(v_default)) IS NOT NULL THEN
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM public.%I WHERE ts_utc >= $1 AND ts_utc < $2)', v_default)
+            INTO v_has_rows USING v_month, v_end;
+        EXECUTE format('LOCK TABLE public.%I IN %s MODE', p_parent,
+                       CASE WHEN v_has_rows THEN 'ACCESS EXCLUSIVE' ELSE 'SHARE UPDATE EXCLUSIVE' END);
+        EXECUTE format('LOCK TABLE public.%I IN ACCESS EXCLUSIVE MODE', v_default);
+        IF NOT v_has_rows THEN
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM public.%I WHERE ts_utc >= $1 AND ts_utc < $2)', v_default)
+                INTO v_has_rows USING v_month, v_end;
+            IF v_has_rows THEN  -- rows arrived meanwhile: next time, under the stronger lock
+                RAISE EXCEPTION 'rows of % arrived in % meanwhile; try again', v_month, v_default
+                    USING ERRCODE = 'lock_not_available';
+            END IF;
+        END IF;
+    ELSE
+        EXECUTE format('LOCK TABLE public.%I IN SHARE UPDATE EXCLUSIVE MODE', p_parent);
     END IF;
     EXECUTE format('CREATE TABLE public.%I (LIKE public.%I INCLUDING CONSTRAINTS INCLUDING STORAGE)',
                    v_name, p_parent);
@@ -109,7 +145,7 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- Cheap when they exist (a catalog look-up per month, no lock). Returns the partitions created.
 CREATE OR REPLACE FUNCTION public.baragg_partitions_ensure(p_table text, p_months timestamptz[])
-RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' SET TimeZone = 'UTC' AS $$
+RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
 DECLARE
     v_missing timestamptz[];
     v_month timestamptz;
@@ -122,12 +158,16 @@ BEGIN
         RETURN 0;
     END IF;
     SELECT pg_catalog.array_agg(DISTINCT m.month ORDER BY m.month) INTO v_missing
-    FROM (SELECT pg_catalog.date_trunc('month', u.ts) AS month FROM unnest(p_months) u(ts)
+    FROM (SELECT public._baragg_part_month(u.ts) AS month FROM unnest(p_months) u(ts)
           WHERE u.ts IS NOT NULL AND pg_catalog.isfinite(u.ts)) m
     WHERE pg_catalog.to_regclass('public.' || pg_catalog.quote_ident(public._baragg_part_name(p_table, m.month))) IS NULL;
     IF v_missing IS NULL THEN
         RETURN 0;
     END IF;
+    -- Housekeeping gives way: it waits at most half a second for a lock (below deadlock_timeout, so in
+    -- a lock cycle with a writer it is this that fails, not the writer); the caller retries later, and a
+    -- row of a month without a partition meanwhile goes to the default partition.
+    PERFORM pg_catalog.set_config('lock_timeout', '500ms', true);
     PERFORM public._baragg_part_lock(p_table);
     FOREACH v_month IN ARRAY v_missing LOOP
         IF public._baragg_part_add(p_table, p_table, v_month) IS NOT NULL THEN
@@ -142,8 +182,9 @@ $$;
 -- baragg_partitions_maintain: this month and p_ahead months ahead, and every month found in a default
 -- partition (its rows move out). `db upgrade` and the worker's registry sync call it.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION public.baragg_partitions_maintain(p_ahead integer DEFAULT 2)
-RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' SET TimeZone = 'UTC' AS $$
+DROP FUNCTION IF EXISTS public.baragg_partitions_maintain(integer);
+CREATE OR REPLACE FUNCTION public.baragg_partitions_maintain(p_ahead integer DEFAULT 2, p_table text DEFAULT NULL)
+RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
 DECLARE
     v_table text;
     v_months timestamptz[];
@@ -154,13 +195,11 @@ BEGIN
         RAISE EXCEPTION 'baragg_partitions_maintain: months ahead must be 0 to 24, not %', p_ahead;
     END IF;
     FOREACH v_table IN ARRAY ARRAY['data_bars', 'derived_data_bars'] LOOP
+        CONTINUE WHEN p_table IS NOT NULL AND v_table <> p_table;
         CONTINUE WHEN NOT public._baragg_part_managed(v_table);
-        v_months := ARRAY(SELECT g FROM generate_series(pg_catalog.date_trunc('month', pg_catalog.now()),
-                                                        pg_catalog.date_trunc('month', pg_catalog.now())
-                                                            + pg_catalog.make_interval(months => p_ahead),
-                                                        interval '1 month') g);
+        v_months := public._baragg_part_months_ahead(p_ahead);
         IF pg_catalog.to_regclass('public.' || pg_catalog.quote_ident(v_table || '_default')) IS NOT NULL THEN
-            EXECUTE format('SELECT array_agg(DISTINCT pg_catalog.date_trunc(''month'', ts_utc)) FROM public.%I',
+            EXECUTE format('SELECT array_agg(DISTINCT public._baragg_part_month(ts_utc)) FROM public.%I',
                            v_table || '_default') INTO v_default_months;
             v_months := v_months || COALESCE(v_default_months, '{}');
         END IF;
@@ -205,7 +244,7 @@ $$;
 
 -- The partitioned copy of p_table, named p_table || '_partitioned', with its partitions.
 CREATE OR REPLACE FUNCTION public._baragg_part_clone(p_table text, p_months timestamptz[])
-RETURNS void LANGUAGE plpgsql SET search_path = '' SET TimeZone = 'UTC' AS $$
+RETURNS void LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_new text := p_table || '_partitioned';
     v_fk record;
@@ -225,7 +264,7 @@ BEGIN
     EXECUTE format('CREATE TABLE public.%I PARTITION OF public.%I DEFAULT', p_table || '_default', v_new);
     PERFORM public._baragg_part_secure(p_table || '_default');
     FOREACH v_month IN ARRAY ARRAY(
-        SELECT DISTINCT pg_catalog.date_trunc('month', m) FROM unnest(p_months) m
+        SELECT DISTINCT public._baragg_part_month(m) FROM unnest(p_months) m
         WHERE m IS NOT NULL AND pg_catalog.isfinite(m) ORDER BY 1)
     LOOP
         PERFORM public._baragg_part_add(v_new, p_table, v_month);
@@ -270,6 +309,7 @@ BEGIN
         EXECUTE format('CREATE POLICY baragg_reader_select ON public.%I AS PERMISSIVE FOR SELECT TO %s USING (true)',
                        p_table || '_partitioned', v_readers);
     END IF;
+    EXECUTE format('DROP POLICY IF EXISTS baragg_through_parent_only ON public.%I', p_table || '_partitioned');
     EXECUTE format('ALTER TABLE public.%I RENAME TO %I', p_table, p_table || '_unpartitioned');
     EXECUTE format('ALTER TABLE public.%I RENAME TO %I', p_table || '_partitioned', p_table);
     IF v_seq IS NOT NULL THEN
@@ -280,7 +320,7 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION public._baragg_part_setup(p_table text)
-RETURNS void LANGUAGE plpgsql SET search_path = '' SET TimeZone = 'UTC' AS $$
+RETURNS void LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_months timestamptz[];
 BEGIN
@@ -290,12 +330,9 @@ BEGIN
     -- The writers wait for this lock and then see the triggers: every row written after this commits
     -- is logged; every row written before is in the copy's snapshots.
     EXECUTE format('LOCK TABLE public.%I IN SHARE ROW EXCLUSIVE MODE', p_table);
-    EXECUTE format('SELECT array_agg(DISTINCT pg_catalog.date_trunc(''month'', ts_utc)) FROM public.%I', p_table)
+    EXECUTE format('SELECT array_agg(DISTINCT public._baragg_part_month(ts_utc)) FROM public.%I', p_table)
         INTO v_months;
-    v_months := COALESCE(v_months, '{}') || ARRAY(
-        SELECT g FROM generate_series(pg_catalog.date_trunc('month', pg_catalog.now()),
-                                      pg_catalog.date_trunc('month', pg_catalog.now()) + interval '2 months',
-                                      interval '1 month') g);
+    v_months := COALESCE(v_months, '{}') || public._baragg_part_months_ahead(2);
     PERFORM public._baragg_part_clone(p_table, v_months);
     EXECUTE format('CREATE TRIGGER baragg_partition_capture_insert AFTER INSERT ON public.%I '
                    'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION public._baragg_part_capture()',
@@ -484,7 +521,7 @@ $$;
 -- A new install (or any database whose two bar tables are still empty and plain) gets partitioned tables
 -- here; a table with rows stays as it is until `baragg db partition`.
 CREATE OR REPLACE FUNCTION public._baragg_part_new_install()
-RETURNS boolean LANGUAGE plpgsql SET search_path = '' SET TimeZone = 'UTC' AS $$
+RETURNS boolean LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_table text;
 BEGIN
@@ -498,10 +535,7 @@ BEGIN
         EXECUTE format('LOCK TABLE public.%I IN ACCESS EXCLUSIVE MODE', v_table);
         -- This month and the next two, as baragg_partitions_maintain() keeps them (so that the files
         -- applied with psql give what `db upgrade` gives).
-        PERFORM public._baragg_part_clone(v_table, ARRAY(
-            SELECT g FROM generate_series(pg_catalog.date_trunc('month', pg_catalog.now()),
-                                          pg_catalog.date_trunc('month', pg_catalog.now()) + interval '2 months',
-                                          interval '1 month') g));
+        PERFORM public._baragg_part_clone(v_table, public._baragg_part_months_ahead(2));
         PERFORM public._baragg_part_rename(v_table);
         EXECUTE format('DROP TABLE public.%I', v_table || '_unpartitioned');
     END LOOP;
