@@ -993,10 +993,13 @@ class _Load:
             symbols = [str(s) for s in span.index]
             firsts = [t.to_pydatetime() for t in span["min"]]
             lasts = [t.to_pydatetime() for t in span["max"]]
+        # Before the probe: creating a partition waits for every lock on the table's default partition,
+        # the probe's own included (a month first met after this transaction has read the table goes
+        # to the default partition, and the worker's upkeep moves it out after the commit).
+        self._partitions_for(min(firsts), max(lasts))
         row = conn.execute(query("ingest_overlaps"), {"symbols": symbols, "firsts": firsts, "lasts": lasts})
         if row.fetchone()[0]:
             return False
-        self._partitions_for(min(firsts), max(lasts))
         buffers = _copy_binary(bars, ok, tickers, self.source)
         try:
             with conn.transaction(), cur.copy(query("ingest_copy_direct")) as copy:
@@ -1015,9 +1018,9 @@ class _Load:
         return True
 
     def _partitions_for(self, first: datetime, last: datetime) -> None:
-        """The partitions of the months [first, last] before a direct COPY writes into them (once
-        rows of this transaction sit in the default partition, another connection could not move
-        them out). A no-op on unpartitioned tables; never fatal (the default partition takes them)."""
+        """The partitions of the months [first, last], created by another connection before this
+        transaction locks the table (see ``_direct``). A no-op on unpartitioned tables; never fatal
+        (the default partition takes the rows); each month is tried once."""
         month = first.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         months = []
         while month <= last:
