@@ -256,7 +256,9 @@ def _maintain_partitions(conn: psycopg.Connection) -> None:
             log.warning("could not create the next partitions now (%s)", str(exc).strip().splitlines()[0])
 
 
-def reapply_repeatables(conn: psycopg.Connection, repeatables: list[Migration] | None = None) -> list[Migration]:
+def reapply_repeatables(
+    conn: psycopg.Connection, repeatables: list[Migration] | None = None
+) -> list[Migration]:
     """Re-apply every repeatable file in ``conn``'s transaction, changed or not: after a change the
     files react to that no checksum shows (``baragg db distribute``: triggers on the new shards,
     functions/50_citus.sql; ``baragg db partition``: triggers on the new partitioned table)."""
