@@ -105,6 +105,12 @@ def convert(
     """
     from baragg import migrate
 
+    with db.connect(autocommit=True) as conn:
+        if conn.execute(query("ingest_on_citus")).fetchone()[0]:
+            raise BaraggError(
+                "db partition: the bar tables are distributed (Citus); time partitions of distributed "
+                "tables are not supported yet (see README, Scaling out)"
+            )
     report = ConversionReport()
     for table in TABLES:
         item = TableConversion(table)

@@ -519,7 +519,7 @@ END
 $$;
 
 -- A new install (or any database whose two bar tables are still empty and plain) gets partitioned tables
--- here; a table with rows stays as it is until `baragg db partition`.
+-- here, except on Citus; a table with rows stays as it is until `baragg db partition`.
 CREATE OR REPLACE FUNCTION public._baragg_part_new_install()
 RETURNS boolean LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
@@ -528,7 +528,10 @@ BEGIN
     IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = 'public.data_bars'::regclass) <> 'r'
        OR (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = 'public.derived_data_bars'::regclass) <> 'r'
        OR EXISTS (SELECT 1 FROM public.data_bars) OR EXISTS (SELECT 1 FROM public.derived_data_bars)
-       OR EXISTS (SELECT 1 FROM public.baragg_partition_progress) THEN
+       OR EXISTS (SELECT 1 FROM public.baragg_partition_progress)
+       -- On a Citus coordinator the bar tables stay plain, to be distributed (`baragg db distribute`):
+       -- distributing the partitioned tables is not supported yet (docs/decisions.md).
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_extension e WHERE e.extname = 'citus') THEN
         RETURN false;
     END IF;
     FOREACH v_table IN ARRAY ARRAY['data_bars', 'derived_data_bars'] LOOP
