@@ -48,6 +48,17 @@ LADDER = [
 ]
 
 
+# The columns a derived bar is written with, and the engine's upsert (the write-path benches).
+DERIVED_WRITE_COLUMNS = (
+    "canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count, is_partial, source,"
+    " source_timeframe, source_candles, expected_candles, quality_score, derivation_version"
+)
+DERIVED_UPSERT = """
+ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL DO UPDATE SET
+    open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+    vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count, updated_at = now()"""
+
+
 def ceiling_select(tf: str) -> str:
     """The hand-written GROUP BY for one level: the same bars (values, quality) as baragg's."""
     _, iv, src, _ = next(level for level in LADDER if level[0] == tf)

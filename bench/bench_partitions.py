@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql as pg_sql
 from psycopg.conninfo import make_conninfo
 
-from _common import add_symbols, generate_year, load, machine
+from _common import DERIVED_UPSERT, DERIVED_WRITE_COLUMNS, add_symbols, generate_year, load, machine
 from baragg import migrate, partitions
 from baragg.db import Database
 from baragg.worker import run_once
@@ -108,14 +108,8 @@ def one(server: str, partitioned: bool, args: argparse.Namespace, csv_path: Path
         drop(server, db)
 
 
-WRITE_COLUMNS = (
-    "canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count, is_partial, source,"
-    " source_timeframe, source_candles, expected_candles, quality_score, derivation_version"
-)
-UPSERT = """
-ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL DO UPDATE SET
-    open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
-    vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count, updated_at = now()"""
+WRITE_COLUMNS = DERIVED_WRITE_COLUMNS
+UPSERT = DERIVED_UPSERT
 
 
 def write_path(server: str, bars: int, runs: int) -> dict[str, list[float]]:

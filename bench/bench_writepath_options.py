@@ -29,17 +29,11 @@ import time
 import numpy as np
 import pandas as pd
 
-from _common import header, load, scratch_database
+from _common import DERIVED_UPSERT, DERIVED_WRITE_COLUMNS, header, load, scratch_database
 from baragg.ingest import _copy_binary
 
-DERIVED_COLUMNS = (
-    "canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count, is_partial, source,"
-    " source_timeframe, source_candles, expected_candles, quality_score, derivation_version"
-)
-UPSERT = """
-ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL DO UPDATE SET
-    open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
-    vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count, updated_at = now()"""
+DERIVED_COLUMNS = DERIVED_WRITE_COLUMNS
+UPSERT = DERIVED_UPSERT
 FK = (
     "ALTER TABLE {t} ADD FOREIGN KEY (canonical_symbol) REFERENCES core_asset_registry_all (canonical_symbol)"
 )
