@@ -777,11 +777,15 @@ def _ensure_partitions(db: Database, conn: psycopg.Connection) -> None:
     of their own before the rows are written. Never fatal: a row of a month without a partition lands
     in the default partition, which the worker empties into the month's partition later."""
     row = conn.execute(query("partitions_stage_months")).fetchone()
-    months = list(row[0]) if row and row[0] else []
+    _create_partitions(db, list(row[0]) if row and row[0] else [])
+
+
+def _create_partitions(db: Database, months: list[datetime]) -> None:
+    """The partitions of ``months`` in both bar tables (derived_data_bars too: the bars built from
+    these rows fall in the same months); a failure is logged, never fatal."""
     if not months:
         return
     try:
-        # derived_data_bars too: the bars built from these rows fall in the same months.
         for table in partitions.TABLES:
             partitions.ensure_months(db, table, months)
     except psycopg.Error as exc:
@@ -824,7 +828,7 @@ def ingest_file(
             )
         try:
             # Not on Citus: there the session days (a reference table) must be written before any bar.
-            on_citus = bool(conn.execute(query("ingest_on_citus")).fetchone()[0])
+            on_citus = bool(conn.execute(query("on_citus")).fetchone()[0])
             report = load.run(conn, tickers, direct=not on_citus)
         except _Restart:
             # An unsorted file after some chunks went straight into data_bars: the duplicate search
@@ -1027,13 +1031,7 @@ class _Load:
             if month not in self.months_ready:
                 months.append(month)
             month = (month + timedelta(days=32)).replace(day=1)
-        if not months:
-            return
-        try:
-            for table in partitions.TABLES:
-                partitions.ensure_months(self.db, table, months)
-        except psycopg.Error as exc:
-            log.warning("could not create the partitions of the new rows' months (%s)", str(exc).strip())
+        _create_partitions(self.db, months)
         self.months_ready.update(months)
 
     def finish_reject(self, report: IngestReport) -> None:

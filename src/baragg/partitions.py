@@ -106,7 +106,7 @@ def convert(
     from baragg import migrate
 
     with db.connect(autocommit=True) as conn:
-        if conn.execute(query("ingest_on_citus")).fetchone()[0]:
+        if conn.execute(query("on_citus")).fetchone()[0]:
             raise BaraggError(
                 "db partition: the bar tables are distributed (Citus); time partitions of distributed "
                 "tables are not supported yet (see README, Scaling out)"

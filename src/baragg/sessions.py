@@ -512,19 +512,17 @@ def ensure_for_sync(conn: psycopg.Connection, now: datetime | None = None) -> di
     return added
 
 
-def ensure_ahead(conn: psycopg.Connection, until: date) -> dict[str, date | None]:
+def ensure_ahead(conn: psycopg.Connection, until: date) -> None:
     """Store every session's trading days up to ``until`` (an exchange calendar stops where it can
-    compute); returns each session's stored end. For the pg_cron round, which runs in SQL and cannot
-    compute days: `db schedule` stores years ahead, `status` says when they run short."""
-    names = [name for (name,) in conn.execute(query("session_names"))]
-    out: dict[str, date | None] = {}
-    for name in names:
+    compute). For the pg_cron round, which runs in SQL and cannot compute days: `db schedule` stores
+    years ahead, `status` says when they run short."""
+    today = datetime.now(UTC).date()
+    for (name,) in conn.execute(query("session_names")).fetchall():
         session = get_session(conn, name)
-        first = session.days_from if session and session.days_from else until - LOOKBACK
-        ensure_days(conn, name, min(first, datetime.now(UTC).date() - LOOKBACK), until)
-        stored = get_session(conn, name)
-        out[name] = stored.days_to if stored else None
-    return out
+        first = today - LOOKBACK
+        if session and session.days_from:
+            first = min(first, session.days_from)
+        ensure_days(conn, name, first, until)
 
 
 def sessions_ending(conn: psycopg.Connection, before: date) -> list[tuple[str, date | None]]:

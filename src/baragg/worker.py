@@ -361,7 +361,7 @@ class _Claimer:
         s = self.settings
         with self.connect() as conn:
             if self.on_citus is None:
-                self.on_citus = bool(conn.execute(query("worker_on_citus")).fetchone()[0])
+                self.on_citus = bool(conn.execute(query("on_citus")).fetchone()[0])
             if self.on_citus:
                 rows = self.claim_per_symbol(conn)
             else:

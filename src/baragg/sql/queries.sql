@@ -1117,9 +1117,10 @@ SELECT create_distributed_table(%(table)s::regclass, 'canonical_symbol', colocat
 -- name: worker_live_sessions
 SELECT _agg_live_sessions();
 
--- name: worker_on_citus
--- Whether baragg's tables are distributed with Citus (the worker then claims and catches up symbol by
--- symbol: every statement names one symbol, DESIGN.md 11).
+-- name: on_citus
+-- Whether baragg's tables are distributed with Citus: the worker then claims and catches up symbol by
+-- symbol (every statement names one symbol, DESIGN.md 11), ingest writes no bar before the session
+-- days, and `db partition` refuses.
 SELECT _agg_on_citus();
 
 -- name: worker_citus_due_symbols
@@ -1147,7 +1148,3 @@ GROUP BY s.canonical_symbol
 ORDER BY bool_or(s.is_mandatory) DESC, min(t.bucket_interval), min(s.task_priority),
          min(s.last_successful_at_utc) NULLS FIRST, s.canonical_symbol
 LIMIT 4 * %(limit)s;
-
--- name: ingest_on_citus
--- Whether the bar tables are distributed (Citus): ingest then writes no bar before the session days.
-SELECT public._agg_on_citus();
