@@ -48,6 +48,17 @@ LADDER = [
 ]
 
 
+# A checksum of the active derived bars per timeframe: equal bars on both sides of a comparison.
+BARS_CHECKSUM = """
+SELECT timeframe, count(*), round(sum(open + high + low + close)::numeric, 4), sum(vol), sum(source_candles)
+FROM derived_data_bars WHERE deleted_at IS NULL GROUP BY timeframe ORDER BY timeframe"""
+
+
+def bars(conn: psycopg.Connection) -> dict[str, tuple]:
+    """BARS_CHECKSUM as {timeframe: (count, price sum, volume, source candles)}."""
+    return {r[0]: tuple(r[1:]) for r in conn.execute(BARS_CHECKSUM).fetchall()}
+
+
 # The columns a derived bar is written with, and the engine's upsert (the write-path benches).
 DERIVED_WRITE_COLUMNS = (
     "canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count, is_partial, source,"

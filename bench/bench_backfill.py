@@ -35,6 +35,7 @@ from _common import (
     BENCH_DIR,
     LADDER,
     add_symbols,
+    bars,
     ceiling_insert,
     fmt_rate,
     generate_year,
@@ -50,9 +51,6 @@ from baragg.db import Database
 START = "2024-01-01 00:00:00+00"
 NOW = datetime(2025, 1, 2, tzinfo=UTC)  # well after the data: every window is final
 TFS = [level[0] for level in LADDER]
-CHECK = """
-SELECT timeframe, count(*), round(sum(open + high + low + close)::numeric, 4), sum(vol), sum(source_candles)
-FROM derived_data_bars WHERE deleted_at IS NULL GROUP BY timeframe ORDER BY timeframe"""
 
 
 def reset(conn: psycopg.Connection) -> None:
@@ -64,10 +62,6 @@ def reset(conn: psycopg.Connection) -> None:
     conn.commit()
     conn.execute("CHECKPOINT")
     conn.commit()
-
-
-def bars(conn: psycopg.Connection) -> dict[str, tuple]:
-    return {r[0]: tuple(r[1:]) for r in conn.execute(CHECK).fetchall()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,14 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import citus_cluster
 import pg_cluster
-from _common import add_symbols, generate_year, header, load
+from _common import BARS_CHECKSUM, add_symbols, generate_year, header, load
 from baragg import citus, migrate
 from baragg.db import Database
 
 START = "2024-01-01 00:00:00+00"
-CHECK = """
-SELECT timeframe, count(*), round(sum(open + high + low + close)::numeric, 4), sum(vol), sum(source_candles)
-FROM derived_data_bars WHERE deleted_at IS NULL GROUP BY timeframe ORDER BY timeframe"""
 
 
 def prepare(url: str, symbols: list[str], days: int, *, distribute: bool) -> tuple[Database, int]:
@@ -88,7 +85,7 @@ def run(url: str, now: datetime, processes: int) -> float:
 
 def bars(url: str) -> list[tuple]:
     with psycopg.connect(url) as conn:
-        return conn.execute(CHECK).fetchall()
+        return conn.execute(BARS_CHECKSUM).fetchall()
 
 
 def main() -> None:

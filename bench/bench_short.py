@@ -38,6 +38,7 @@ from psycopg.conninfo import make_conninfo
 from _common import (
     LADDER,
     add_symbols,
+    bars,
     ceiling_insert,
     fmt_rate,
     generate_year,
@@ -50,9 +51,6 @@ from baragg import migrate, partitions
 from baragg.db import Database
 
 START = "2024-01-01 00:00:00+00"
-CHECK = """
-SELECT timeframe, count(*), round(sum(open + high + low + close)::numeric, 4), sum(vol), sum(source_candles)
-FROM derived_data_bars WHERE deleted_at IS NULL GROUP BY timeframe ORDER BY timeframe"""
 
 
 def reset(conn: psycopg.Connection) -> None:
@@ -67,10 +65,6 @@ def reset(conn: psycopg.Connection) -> None:
     conn.execute("VACUUM data_agg_state")
     conn.execute("CHECKPOINT")
     conn.autocommit = False
-
-
-def bars(conn: psycopg.Connection) -> dict[str, tuple]:
-    return {r[0]: tuple(r[1:]) for r in conn.execute(CHECK).fetchall()}
 
 
 COPY_TABLE = "bench_ceiling_copy"
