@@ -118,6 +118,7 @@ def distribute(
                             },
                         )
                         done.distributed.append(table)
+                conn.execute(query("citus_derived_fkey"))
                 # The triggers again (now on every shard) and the functions in their Citus form.
                 migrate.reapply_repeatables(conn)
         except psycopg.Error as exc:

@@ -1105,6 +1105,23 @@ BEGIN
             EXECUTE format('DROP TRIGGER IF EXISTS %I ON public.%I', 'agg_invalidate_' || v_op, v_table);
         END LOOP;
     END LOOP;
+    -- the registry's check of derived bars (0012): on Citus the foreign key does it (citus_derived_fkey)
+    DROP TRIGGER IF EXISTS agg_registry_keeps_derived ON public.core_asset_registry_all;
+    DROP TRIGGER IF EXISTS agg_registry_keeps_derived_truncate ON public.core_asset_registry_all;
+END
+$$;
+
+-- name: citus_derived_fkey
+-- Migration 0012 checks derived_data_bars' symbols per statement on one node; on Citus the foreign key
+-- to the registry (a reference table now) is back, checked by Citus on each shard.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
+                   WHERE conrelid = 'public.derived_data_bars'::regclass
+                     AND conname = 'derived_canonical_symbol_fkey') THEN
+        ALTER TABLE public.derived_data_bars ADD CONSTRAINT derived_canonical_symbol_fkey
+            FOREIGN KEY (canonical_symbol) REFERENCES public.core_asset_registry_all (canonical_symbol);
+    END IF;
 END
 $$;
 

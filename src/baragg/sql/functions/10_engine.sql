@@ -535,7 +535,9 @@ BEGIN
         LEFT JOIN public.data_agg_state st ON st.canonical_symbol = u.sym AND st.timeframe = p_to_tf
         LEFT JOIN public.core_asset_registry_all r ON r.canonical_symbol = u.sym
     ),
-    started AS (
+    started AS MATERIALIZED (
+        -- Materialized: s0 is read by several CTEs below, and inlined each would evaluate the
+        -- bootstrap (a chain of index probes) again.
         SELECT i.sym, i.ord, i.delay_seconds, i.agg_start_utc, i.is_sparse,
                GREATEST(
                    date_bin(v_iv, COALESCE(i.cur, public.agg_bootstrap_cursor(i.sym, p_to_tf, v_now)), v_origin),
@@ -586,20 +588,17 @@ BEGIN
              ORDER BY b.ts_utc DESC LIMIT 1)
         ) le ON true
     ),
-    windows AS (
-        -- Per task, its windows in [s0, nxt), numbered in time order. With a bound, only the first
-        -- v_read = p_max_windows * max_source_bars + 1 source rows are read (an ordered index scan
-        -- that stops there): a window holds at most max_source_bars rows, so the windows before the
-        -- last one read (which may be cut) are at least p_max_windows complete windows, and `handled`
-        -- takes the first p_max_windows of them. Every row is read once. (Before: a probe found the
-        -- (p_max_windows * max_source_bars)-th row first, reading the same rows twice.)
+    handled AS MATERIALIZED (
+        -- Per task, its first p_max_windows windows in [s0, nxt), in time order. With a bound, only
+        -- the first v_read = p_max_windows * max_source_bars + 1 source rows are read (an ordered
+        -- index scan that stops there): a window holds at most max_source_bars rows, so the windows
+        -- before the last one read (which may be cut) are at least p_max_windows complete windows,
+        -- and the LIMIT takes the first p_max_windows of them. Every row is read once.
         -- The aggregation is _agg_window_bars written out (a function call per task costs its
         -- tuplestore and plan; this plans once with the rest).
         SELECT b.sym, b.recheck, w.*
         FROM bounded b
         CROSS JOIN LATERAL (
-            SELECT g.*, row_number() OVER (ORDER BY g.ts_utc) AS rn
-            FROM (
                 SELECT date_bin(v_iv, s.ts_utc, v_origin) AS ts_utc,
                        (array_agg(s.open ORDER BY s.ts_utc))[1] AS open,
                        max(s.high) AS high,
@@ -634,12 +633,9 @@ BEGIN
                      ORDER BY x.ts_utc LIMIT v_read)
                 ) s
                 GROUP BY 1
-            ) g
+                ORDER BY 1 LIMIT p_max_windows  -- the groups come in time order: no sort; NULL: all
         ) w
         WHERE b.nxt > b.s0
-    ),
-    handled AS (
-        SELECT w.* FROM windows w WHERE p_max_windows IS NULL OR w.rn <= p_max_windows
     ),
     written_new AS (
         -- A task with no stored bar at or after s0 (recheck false: every backfill and every catch-up
@@ -655,7 +651,7 @@ BEGIN
                h.quality_score, p_derivation_version, '{}'::jsonb, NULL
         FROM handled h
         WHERE h.quality_score IS NOT NULL AND NOT h.recheck
-        RETURNING d.canonical_symbol, d.quality_score, true AS inserted
+        -- no RETURNING: every row handed over is inserted, so handled_counts counts them
     ),
     written_upd AS (
         -- A cursor moved back over stored bars: upsert. A recomputed window equal to its stored bar
@@ -687,25 +683,25 @@ BEGIN
                excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
         RETURNING d.canonical_symbol, d.quality_score, (d.id > v_id_floor) AS inserted
     ),
-    written AS (
-        SELECT * FROM written_new UNION ALL SELECT * FROM written_upd
-    ),
     handled_counts AS (
         SELECT h.sym, count(*) AS n_handled, max(h.ts_utc) AS last_ws,
-               count(*) FILTER (WHERE h.quality_score IS NULL) AS n_skipped
+               count(*) FILTER (WHERE h.quality_score IS NULL) AS n_skipped,
+               count(*) FILTER (WHERE h.quality_score IS NOT NULL AND NOT h.recheck) AS n_inserted,
+               count(*) FILTER (WHERE h.quality_score <= 0 AND NOT h.recheck) AS n_inserted_poor
         FROM handled h GROUP BY h.sym
     ),
     written_counts AS (
         SELECT w.canonical_symbol AS sym, count(*) FILTER (WHERE w.inserted) AS n_created,
                count(*) FILTER (WHERE NOT w.inserted) AS n_rewritten,
                count(*) FILTER (WHERE w.quality_score <= 0) AS n_poor
-        FROM written w GROUP BY w.canonical_symbol
+        FROM written_upd w GROUP BY w.canonical_symbol
     ),
     outcome AS (
         SELECT b.sym, b.ord, b.s0, b.agg_start_utc, b.recheck,
                COALESCE(hc.n_handled, 0) AS n_handled, COALESCE(hc.n_skipped, 0) AS n_skipped,
-               COALESCE(wc.n_created, 0) AS n_created, COALESCE(wc.n_rewritten, 0) AS n_rewritten,
-               COALESCE(wc.n_poor, 0) AS n_poor,
+               COALESCE(hc.n_inserted, 0) + COALESCE(wc.n_created, 0) AS n_created,
+               COALESCE(wc.n_rewritten, 0) AS n_rewritten,
+               COALESCE(hc.n_inserted_poor, 0) + COALESCE(wc.n_poor, 0) AS n_poor,
                CASE WHEN hc.n_handled >= p_max_windows THEN hc.last_ws + v_iv
                     ELSE LEAST(b.nxt, CASE WHEN b.last_source_ts IS NULL THEN b.s0
                                            ELSE GREATEST(b.s0, date_bin(v_iv, b.last_source_ts, v_origin)

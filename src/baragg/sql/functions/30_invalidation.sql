@@ -79,6 +79,80 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- derived_data_bars -> core_asset_registry_all, checked per statement (migration 0012)
+-- ---------------------------------------------------------------------------------------------
+-- The rule of the foreign key derived_canonical_symbol_fkey, which cost a trigger call, a registry
+-- probe and a row lock per derived bar (a quarter of a backfill): now one check per statement that
+-- writes derived bars (the invalidation trigger below calls it with the symbols written) and one per
+-- registry row deleted or renamed. Errors keep the constraint's name and SQLSTATE 23503, as before.
+-- On Citus the foreign key itself stays (Citus checks it on each shard): both stand aside there.
+--
+-- Concurrency, as the foreign key's: a writer KEY SHARE-locks the registry rows of its symbols (key
+-- order) before it checks that they exist, so a concurrent DELETE of such a row waits for the
+-- writer's commit and then (READ COMMITTED: each statement of the registry trigger takes a new
+-- snapshot) sees its bars and fails; a DELETE that went first makes the writer's check fail.
+CREATE OR REPLACE FUNCTION public._agg_require_registered(p_symbols text[]) RETURNS void
+LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    v_missing text;
+BEGIN
+    PERFORM 1 FROM public.core_asset_registry_all r
+    WHERE r.canonical_symbol = ANY (p_symbols)
+    ORDER BY r.canonical_symbol
+    FOR KEY SHARE;
+    SELECT x INTO v_missing
+    FROM unnest(p_symbols) x
+    WHERE NOT EXISTS (SELECT 1 FROM public.core_asset_registry_all r WHERE r.canonical_symbol = x)
+    ORDER BY x NULLS FIRST LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'insert or update on table "derived_data_bars" violates foreign key constraint "derived_canonical_symbol_fkey"'
+            USING ERRCODE = 'foreign_key_violation', CONSTRAINT = 'derived_canonical_symbol_fkey',
+                  TABLE = 'derived_data_bars',
+                  DETAIL = format('Key (canonical_symbol)=(%s) is not present in table "core_asset_registry_all".',
+                                  v_missing);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION public._agg_registry_keeps_derived() RETURNS trigger
+LANGUAGE plpgsql SET search_path = '' AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        IF EXISTS (SELECT 1 FROM public.derived_data_bars) THEN
+            RAISE EXCEPTION 'cannot truncate core_asset_registry_all: derived_data_bars holds bars of its symbols'
+                USING ERRCODE = 'feature_not_supported', TABLE = 'core_asset_registry_all',
+                      HINT = 'delete those derived bars first';
+        END IF;
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' AND NEW.canonical_symbol IS NOT DISTINCT FROM OLD.canonical_symbol THEN
+        RETURN NULL;
+    END IF;
+    IF EXISTS (SELECT 1 FROM public.derived_data_bars d WHERE d.canonical_symbol = OLD.canonical_symbol) THEN
+        RAISE EXCEPTION 'update or delete on table "core_asset_registry_all" violates foreign key constraint "derived_canonical_symbol_fkey" on table "derived_data_bars"'
+            USING ERRCODE = 'foreign_key_violation', CONSTRAINT = 'derived_canonical_symbol_fkey',
+                  TABLE = 'derived_data_bars',
+                  DETAIL = format('Key (canonical_symbol)=(%s) is still referenced from table "derived_data_bars".',
+                                  OLD.canonical_symbol);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+DO $registry$
+BEGIN
+    DROP TRIGGER IF EXISTS agg_registry_keeps_derived ON public.core_asset_registry_all;
+    DROP TRIGGER IF EXISTS agg_registry_keeps_derived_truncate ON public.core_asset_registry_all;
+    IF NOT public._agg_on_citus() THEN
+        CREATE TRIGGER agg_registry_keeps_derived AFTER DELETE OR UPDATE OF canonical_symbol
+            ON public.core_asset_registry_all FOR EACH ROW EXECUTE FUNCTION public._agg_registry_keeps_derived();
+        CREATE TRIGGER agg_registry_keeps_derived_truncate BEFORE TRUNCATE
+            ON public.core_asset_registry_all FOR EACH STATEMENT EXECUTE FUNCTION public._agg_registry_keeps_derived();
+    END IF;
+END
+$registry$;
+
+-- ---------------------------------------------------------------------------------------------
 -- _agg_lock_dependents: lock before reading a cursor, so that no late row is ever lost
 -- ---------------------------------------------------------------------------------------------
 -- A worker locks its tasks' rows (FOR NO KEY UPDATE, key order) at the start of every catch-up
@@ -275,6 +349,7 @@ DECLARE
     v_lad_sources text[];
     v_lad_ivs interval[];
     v_lad_origins timestamptz[];
+    v_citus boolean := public._agg_on_citus();  -- the foreign key checks the registry there
 BEGIN
     -- The ladder entries read from this table, and (below) the dependent tasks, each read by a
     -- statement of its own: no statement joins a transition table with a table, which Citus cannot
@@ -294,6 +369,9 @@ BEGIN
         FROM (SELECT n.canonical_symbol AS sym, n.timeframe AS tf,
                      min(n.ts_utc) FILTER (WHERE n.deleted_at IS NULL AND NOT n.is_partial) AS first_ts
               FROM new_rows n GROUP BY 1, 2) f;
+        IF NOT v_citus THEN
+            PERFORM public._agg_require_registered(ARRAY(SELECT DISTINCT unnest(v_syms)));
+        END IF;
         SELECT * INTO v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts
         FROM public._agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT unnest(v_syms)),
                                      ARRAY(SELECT DISTINCT unnest(v_tfs)));
@@ -340,6 +418,9 @@ BEGIN
           AND o.ts_utc < s.last_agg_bar_ts_utc
           AND w.ws >= s.agg_start_utc;
     ELSE
+        IF NOT v_citus THEN
+            PERFORM public._agg_require_registered(ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows));
+        END IF;
         SELECT * INTO v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts
         FROM public._agg_lock_dependents('derived_data_bars',
             ARRAY(SELECT canonical_symbol FROM old_rows UNION SELECT canonical_symbol FROM new_rows),
