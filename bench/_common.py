@@ -49,8 +49,10 @@ LADDER = [
 
 
 # A checksum of the active derived bars per timeframe: equal bars on both sides of a comparison.
+# Sums as numeric: exact per bar and independent of row order (a sum of doubles over millions of bars
+# differed in its last digit between two runs that wrote the same bars in another order).
 BARS_CHECKSUM = """
-SELECT timeframe, count(*), round(sum(open + high + low + close)::numeric, 4), sum(vol), sum(source_candles)
+SELECT timeframe, count(*), sum((open + high + low + close)::numeric), sum(vol::numeric), sum(source_candles)
 FROM derived_data_bars WHERE deleted_at IS NULL GROUP BY timeframe ORDER BY timeframe"""
 
 
