@@ -141,9 +141,11 @@ $$;
 
 DO $registry$
 BEGIN
-    DROP TRIGGER IF EXISTS agg_registry_keeps_derived ON public.core_asset_registry_all;
-    DROP TRIGGER IF EXISTS agg_registry_keeps_derived_truncate ON public.core_asset_registry_all;
+    -- (Citus refuses any trigger command on a reference table, DROP TRIGGER IF EXISTS included:
+    -- `db distribute` dropped these before the registry became one)
     IF NOT public._agg_on_citus() THEN
+        DROP TRIGGER IF EXISTS agg_registry_keeps_derived ON public.core_asset_registry_all;
+        DROP TRIGGER IF EXISTS agg_registry_keeps_derived_truncate ON public.core_asset_registry_all;
         CREATE TRIGGER agg_registry_keeps_derived AFTER DELETE OR UPDATE OF canonical_symbol
             ON public.core_asset_registry_all FOR EACH ROW EXECUTE FUNCTION public._agg_registry_keeps_derived();
         CREATE TRIGGER agg_registry_keeps_derived_truncate BEFORE TRUNCATE
