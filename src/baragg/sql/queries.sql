@@ -933,18 +933,22 @@ WHERE d.session = %(name)s AND d.trading_date = f.trading_date
 -- Every session in use, its materialised range, and the earliest agg_start_utc of its symbols' tasks
 -- (no bar is ever older), for the worker's sync to extend what is missing.
 -- A task starting at '-infinity' ("from the first source row", the default) needs its symbol's first
--- 1m bar (one index probe per such symbol).
-SELECT s.name, s.days_from, s.days_to,
-       min(CASE WHEN t.first_start = '-infinity'
-                THEN (SELECT min(b.ts_utc) FROM data_bars b
-                      WHERE b.canonical_symbol = t.canonical_symbol AND b.timeframe = '1m')
-                ELSE t.first_start END) AS first_needed
+-- 1m bar (one index probe per such task). The tasks are grouped by symbol in a subquery that joins
+-- only co-located tables on the symbol, so Citus runs it on the shards (DESIGN.md 11).
+SELECT s.name, s.days_from, s.days_to, min(t.first_start) AS first_needed
 FROM agg_sessions s
 JOIN core_asset_registry_all r ON r.session = s.name
-LEFT JOIN LATERAL (
-    SELECT r.canonical_symbol, min(st.agg_start_utc) AS first_start
-    FROM data_agg_state st WHERE st.canonical_symbol = r.canonical_symbol AND st.enabled
-) t ON true
+LEFT JOIN (
+    SELECT st.canonical_symbol,
+           min(CASE WHEN st.agg_start_utc = '-infinity' THEN fb.first_ts ELSE st.agg_start_utc END) AS first_start
+    FROM data_agg_state st
+    LEFT JOIN LATERAL (
+        SELECT min(b.ts_utc) AS first_ts FROM data_bars b
+        WHERE b.canonical_symbol = st.canonical_symbol AND b.timeframe = '1m' AND st.agg_start_utc = '-infinity'
+    ) fb ON true
+    WHERE st.enabled
+    GROUP BY st.canonical_symbol
+) t ON t.canonical_symbol = r.canonical_symbol
 GROUP BY s.name, s.days_from, s.days_to
 ORDER BY s.name;
 
