@@ -11,14 +11,16 @@
 -- (The invalidation triggers on the shards: functions/30_invalidation.sql.)
 
 -- ---------------------------------------------------------------------------------------------
--- _agg_session_window_bars_citus: _agg_session_window_bars (15_sessions.sql) in a form Citus routes to
--- the symbol's node. The original reads each trading day's source rows through a function call
--- (_agg_source_bars); Citus sees only reference tables in that query, may run it on any node, and
--- refuses the nested read of a distributed table there ("cannot execute a distributed query from a
--- query on a shard"). Here the call is replaced by the same rows as a lateral subquery on the bar
--- tables, filtered by the symbol: one statement on the node holding the symbol's shards (the trading
--- days are a reference table, local there). Made from the catalogue's body on every re-apply (it
--- cannot drift); it fails loudly if that body no longer reads the rows this way.
+-- _agg_session_window_bars (15_sessions.sql) in a form Citus routes to the symbol's node. The
+-- original reads each trading day's source rows through a function call (_agg_source_bars); Citus
+-- sees only reference tables in that query, may run it on any node, and refuses the nested read of a
+-- distributed table there ("cannot execute a distributed query from a query on a shard"). Here the
+-- call is replaced by the same rows as a lateral subquery on the bar tables, filtered by the symbol
+-- (as _agg_window_bars reads them): one statement on the node holding the symbol's shards, where the
+-- trading days (a reference table) are local. PL/pgSQL, so the parameters are values when Citus plans
+-- it. Made from the catalogue's body on every re-apply (it cannot drift); fails loudly if that body
+-- no longer reads its rows this way. Every caller on Citus (catch-up, re-aggregation, the seed's
+-- single-window functions, rebuilds after a session change) gets this form.
 -- ---------------------------------------------------------------------------------------------
 DO $windows$
 DECLARE
@@ -49,12 +51,12 @@ BEGIN
         '          AND b.ts_utc < LEAST(d.close_utc, p_to) AND b.deleted_at IS NULL AND NOT b.is_partial\n'
         '    ) s');
     IF v_body IS NULL OR v_new = v_body THEN
-        RAISE EXCEPTION '50_citus.sql: _agg_session_window_bars no longer reads its rows through _agg_source_bars as expected; update _agg_session_window_bars_citus';
+        RAISE EXCEPTION '50_citus.sql: _agg_session_window_bars no longer reads its rows through _agg_source_bars as expected; update its Citus form here';
     END IF;
     EXECUTE format($f$
-CREATE OR REPLACE FUNCTION public._agg_session_window_bars_citus(p_to_tf text, p_symbol text, p_session text,
-                                                          p_from timestamptz, p_to timestamptz,
-                                                          p_is_sparse boolean DEFAULT NULL)
+CREATE OR REPLACE FUNCTION public._agg_session_window_bars(p_to_tf text, p_symbol text, p_session text,
+                                                    p_from timestamptz, p_to timestamptz,
+                                                    p_is_sparse boolean DEFAULT NULL)
 RETURNS TABLE (ts_utc timestamptz, open double precision, high double precision, low double precision,
                close double precision, vol double precision, vwap double precision, trade_count integer,
                source_candles integer, expected_candles integer, quality_score integer, window_end timestamptz)
@@ -684,8 +686,8 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- The same plan (s0, limit, next, frontier, bound, bounded scan; the same session helpers, which read
 -- the trading days, a reference table) and the same writes, as one short statement per step, each
--- naming the symbol: the windows come from _agg_session_window_bars_citus (one statement on the
--- symbol's node), the bars are upserted from arrays, the withdrawal and the counts as in
+-- naming the symbol: the windows come from _agg_session_window_bars (in its Citus form above: one
+-- statement on the symbol's node), the bars are upserted from arrays, the withdrawal and the counts as in
 -- _agg_catchup_citus. Same result keys, same bars.
 CREATE OR REPLACE FUNCTION public._agg_catchup_session_citus(p_to_tf text, p_symbols text[], p_cursors timestamptz[],
                                                       p_max_windows integer, p_now_utc timestamptz,
@@ -810,7 +812,7 @@ BEGIN
                    array_agg(x.quality_score ORDER BY x.ts_utc), array_agg(x.window_end ORDER BY x.ts_utc)
             INTO w_ts, w_open, w_high, w_low, w_close, w_vol, w_vwap, w_trades, w_source, w_expected, w_quality,
                  w_end
-            FROM (SELECT * FROM public._agg_session_window_bars_citus(p_to_tf, v_sym, v_sess, v_s0, v_scan_end, v_sparse) y
+            FROM (SELECT * FROM public._agg_session_window_bars(p_to_tf, v_sym, v_sess, v_s0, v_scan_end, v_sparse) y
                   ORDER BY y.ts_utc LIMIT p_max_windows) x;
         END IF;
         v_handled := COALESCE(cardinality(w_ts), 0);
@@ -987,7 +989,7 @@ BEGIN
                array_agg(w.quality_score ORDER BY p.ws)
         INTO f_ws, f_open, f_high, f_low, f_close, f_vol, f_vwap, f_trades, f_source, f_expected, f_quality
         FROM unnest(p_ws, p_we) AS p(ws, we)
-        LEFT JOIN LATERAL public._agg_session_window_bars_citus(p_to_tf, v_sym, v_sess, p.ws, p.we) w ON true;
+        LEFT JOIN LATERAL public._agg_session_window_bars(p_to_tf, v_sym, v_sess, p.ws, p.we) w ON true;
         SELECT count(*) FILTER (WHERE q IS NOT NULL) INTO v_storable FROM unnest(f_quality) AS q;
         WITH written AS (
             INSERT INTO public.derived_data_bars AS d (
