@@ -11,6 +11,7 @@ database, build the same bars as on plain PostgreSQL, late data and a session ch
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -440,6 +441,11 @@ def test_sessions_and_1mo_on_citus_equal_plain_postgresql_with_late_data_and_a_s
     assert fx_days == [22, 22, 21, 21, 21]  # Thursday 7th, Friday 8th (EST); Monday 11th ... (EDT)
     done = cli(url, "verify", "EQ", "1d")
     assert " 0 missing, 0 extra, 0 different" in done.stdout, done.stdout
+    # status reads the session frontiers on Citus too: every task caught up with its data
+    done = cli(url, "status", "--json", "--symbol", "EQ", "--symbol", "FXS", "--now", SESSION_NOW)
+    tasks = json.loads(done.stdout)
+    assert {(t["symbol"], t["session"]) for t in tasks} == {("EQ", "XNYS"), ("FXS", "fx")}
+    assert {t["lag_frontier_seconds"] for t in tasks} == {0.0} and len(tasks) == 9, tasks
 
     # Late data: logged in session windows on the shards, re-aggregated up to 1mo as on plain.
     cli(url, "ingest", str(plain_sessions["late_file"]))
