@@ -141,8 +141,8 @@ $$;
 
 DO $registry$
 BEGIN
-    -- (Citus refuses any trigger command on a reference table, DROP TRIGGER IF EXISTS included:
-    -- `db distribute` dropped these before the registry became one)
+    -- On Citus the registry is a reference table, which takes no trigger (not even a DROP TRIGGER):
+    -- `baragg db distribute` dropped these before making it one (citus_drop_triggers).
     IF NOT public._agg_on_citus() THEN
         DROP TRIGGER IF EXISTS agg_registry_keeps_derived ON public.core_asset_registry_all;
         DROP TRIGGER IF EXISTS agg_registry_keeps_derived_truncate ON public.core_asset_registry_all;
@@ -243,6 +243,25 @@ $$;
 -- The cheap test comes first: `ts < cursor` on the raw row (the cursor is a bucket start, so a row at
 -- or after it lies in future work); only the few rows that pass it are bucketed and recorded.
 
+-- The gate of the INSERT triggers: does any (symbol, source timeframe, earliest eligible new row)
+-- lie before the cursor of a task built from it? Only then is the per-row join run: an insert ahead
+-- of every cursor (a backfill, an ingest of new history, the live edge) never gets there. (Planned on
+-- the transition table, whose row count the planner does not know, that join became a nested loop of
+-- every task x every new row: 19 s for 285,593 5m bars and 200 tasks.)
+CREATE OR REPLACE FUNCTION public._agg_any_behind(p_syms text[], p_tfs text[], p_first timestamptz[],
+                                                   p_lad_tfs text[], p_lad_sources text[],
+                                                   p_dep_syms text[], p_dep_tfs text[],
+                                                   p_dep_cursors timestamptz[])
+RETURNS boolean LANGUAGE sql IMMUTABLE SET search_path = '' AS $$
+    SELECT EXISTS (SELECT 1
+                   FROM unnest(p_syms, p_tfs, p_first) AS f(sym, tf, first_ts)
+                   JOIN unnest(p_lad_tfs, p_lad_sources) AS t(timeframe, source_timeframe)
+                       ON t.source_timeframe = f.tf
+                   JOIN unnest(p_dep_syms, p_dep_tfs, p_dep_cursors) AS s(canonical_symbol, timeframe, cursor)
+                       ON s.canonical_symbol = f.sym AND s.timeframe = t.timeframe
+                   WHERE f.first_ts < s.cursor)
+$$;
+
 CREATE OR REPLACE FUNCTION public._agg_invalidate_data_bars() RETURNS trigger LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
     v_syms text[];
@@ -265,23 +284,35 @@ BEGIN
     INTO v_lad_tfs, v_lad_sources, v_lad_ivs, v_lad_origins
     FROM public.agg_timeframes t WHERE t.source_table = 'data_bars';
     IF TG_OP = 'INSERT' THEN
-        SELECT * INTO v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts
-        FROM public._agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM new_rows),
-                                     ARRAY(SELECT DISTINCT timeframe FROM new_rows));
-        SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
-               array_agg(w.ws)
+        -- Per (symbol, timeframe) the earliest eligible new row first; the per-row join only if one
+        -- lies behind a dependent cursor (_agg_any_behind).
+        SELECT array_agg(f.sym), array_agg(f.tf), array_agg(f.first_ts)
         INTO v_syms, v_tfs, v_ws
-        FROM new_rows n
-        JOIN unnest(v_lad_tfs, v_lad_sources, v_lad_ivs, v_lad_origins)
-            AS t(timeframe, source_timeframe, bucket_interval, bucket_origin) ON t.source_timeframe = n.timeframe
-        JOIN unnest(v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts)
-            AS s(canonical_symbol, timeframe, last_agg_bar_ts_utc, agg_start_utc)
-            ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
-        CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval, t.bucket_origin,
-                                              n.ts_utc, s.last_agg_bar_ts_utc) w
-        WHERE NOT n.is_partial
-          AND n.ts_utc < s.last_agg_bar_ts_utc
-          AND w.ws >= s.agg_start_utc;
+        FROM (SELECT n.canonical_symbol AS sym, n.timeframe AS tf,
+                     min(n.ts_utc) FILTER (WHERE NOT n.is_partial) AS first_ts
+              FROM new_rows n GROUP BY 1, 2) f;
+        SELECT * INTO v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts
+        FROM public._agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT unnest(v_syms)),
+                                     ARRAY(SELECT DISTINCT unnest(v_tfs)));
+        IF public._agg_any_behind(v_syms, v_tfs, v_ws, v_lad_tfs, v_lad_sources,
+                                  v_dep_syms, v_dep_tfs, v_dep_cursors) THEN
+            SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
+                   array_agg(w.ws)
+            INTO v_syms, v_tfs, v_ws
+            FROM new_rows n
+            JOIN unnest(v_lad_tfs, v_lad_sources, v_lad_ivs, v_lad_origins)
+                AS t(timeframe, source_timeframe, bucket_interval, bucket_origin) ON t.source_timeframe = n.timeframe
+            JOIN unnest(v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts)
+                AS s(canonical_symbol, timeframe, last_agg_bar_ts_utc, agg_start_utc)
+                ON s.canonical_symbol = n.canonical_symbol AND s.timeframe = t.timeframe
+            CROSS JOIN LATERAL public._agg_passed_window(s.canonical_symbol, t.timeframe, t.bucket_interval,
+                                                  t.bucket_origin, n.ts_utc, s.last_agg_bar_ts_utc) w
+            WHERE NOT n.is_partial
+              AND n.ts_utc < s.last_agg_bar_ts_utc
+              AND w.ws >= s.agg_start_utc;
+        ELSE
+            v_syms := NULL;
+        END IF;
     ELSIF TG_OP = 'DELETE' THEN
         SELECT * INTO v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts
         FROM public._agg_lock_dependents('data_bars', ARRAY(SELECT DISTINCT canonical_symbol FROM old_rows),
@@ -361,11 +392,8 @@ BEGIN
     INTO v_lad_tfs, v_lad_sources, v_lad_ivs, v_lad_origins
     FROM public.agg_timeframes t WHERE t.source_table = 'derived_data_bars';
     IF TG_OP = 'INSERT' THEN
-        -- One pass over the new rows first: per (symbol, timeframe) the earliest eligible time. The
-        -- per-row join below runs only if one of them lies before a dependent cursor: a catch-up
-        -- inserting new bars ahead of every cursor (all of a backfill) never gets there. (Planned
-        -- on the transition table, whose row count the planner does not know, that join became a
-        -- nested loop of every task x every new row: 19 s for 285,593 5m bars and 200 tasks.)
+        -- Per (symbol, timeframe) the earliest eligible new bar first; the per-row join only if one
+        -- lies behind a dependent cursor (_agg_any_behind).
         SELECT array_agg(f.sym), array_agg(f.tf), array_agg(f.first_ts)
         INTO v_syms, v_tfs, v_ws
         FROM (SELECT n.canonical_symbol AS sym, n.timeframe AS tf,
@@ -377,13 +405,8 @@ BEGIN
         SELECT * INTO v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts
         FROM public._agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT unnest(v_syms)),
                                      ARRAY(SELECT DISTINCT unnest(v_tfs)));
-        IF EXISTS (SELECT 1
-                   FROM unnest(v_syms, v_tfs, v_ws) AS f(sym, tf, first_ts)
-                   JOIN unnest(v_lad_tfs, v_lad_sources) AS t(timeframe, source_timeframe)
-                       ON t.source_timeframe = f.tf
-                   JOIN unnest(v_dep_syms, v_dep_tfs, v_dep_cursors) AS s(canonical_symbol, timeframe, cursor)
-                       ON s.canonical_symbol = f.sym AND s.timeframe = t.timeframe
-                   WHERE f.first_ts < s.cursor) THEN
+        IF public._agg_any_behind(v_syms, v_tfs, v_ws, v_lad_tfs, v_lad_sources,
+                                  v_dep_syms, v_dep_tfs, v_dep_cursors) THEN
             SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
                    array_agg(w.ws)
             INTO v_syms, v_tfs, v_ws
