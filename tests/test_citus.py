@@ -25,6 +25,8 @@ import psycopg
 import pytest
 
 import citus_cluster
+from baragg import registry
+from baragg.db import Database
 from conftest import create_database, drop_database, url_for
 from scheduling_helpers import popen_cli, run_cli
 
@@ -314,21 +316,19 @@ def test_a_worker_killed_mid_run_is_taken_over_and_the_bars_end_equal(distribute
 # Trading sessions and 1mo on Citus
 # ---------------------------------------------------------------------------------------------
 SESSION_NOW = "2024-03-18T00:00:00+00:00"
-SESSION_SYMBOLS = {
+SESSION_SYMBOLS: dict[str, dict] = {
     # XNYS: February 2024, 09:30-16:00 New York (14:30-21:00Z), Presidents' Day (19th) closed
-    "EQ": [
-        "--session",
-        "XNYS",
-        "--calc-1d",
-        "--calc-1w",
-        "--calc-1mo",
-        "--agg-start",
-        "2024-01-29T00:00:00Z",
-    ],
+    "EQ": {
+        "session": "XNYS",
+        "calc_1d": True,
+        "calc_1w": True,
+        "calc_1mo": True,
+        "agg_start_utc": "2024-01-29",
+    },
     # fx: 17:00 New York days on both sides of the March change (22:00Z, then 21:00Z)
-    "FXS": ["--session", "fx", "--calc-4h", "--calc-1d", "--agg-start", "2024-03-01T00:00:00Z"],
+    "FXS": {"session": "fx", "calc_4h": True, "calc_1d": True, "agg_start_utc": "2024-03-01"},
     # 24x7, sparse: 1mo windows are session windows too
-    "SPR": ["--sparse", "--calc-1d", "--calc-1mo", "--agg-start", "2024-01-01T00:00:00Z"],
+    "SPR": {"is_sparse": True, "calc_1d": True, "calc_1mo": True, "agg_start_utc": "2024-01-01"},
 }
 SESSION_LATE = (
     "canonical_symbol,ts_utc,open,high,low,close,vol\n"
@@ -379,8 +379,11 @@ def session_minutes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def load_sessions(url: str, session_minutes: Path) -> None:
-    for symbol, flags in SESSION_SYMBOLS.items():
-        cli(url, "registry", "add", symbol, *flags)
+    """Registered in this process (`registry add` without the command's start-up: the XNYS calendar
+    is built once), then ingested by the command."""
+    for symbol, settings in SESSION_SYMBOLS.items():
+        start = datetime.fromisoformat(settings["agg_start_utc"]).replace(tzinfo=UTC)
+        registry.add(Database(url), symbol, **{**settings, "agg_start_utc": start})
     cli(url, "ingest", str(session_minutes))
 
 
