@@ -163,12 +163,22 @@ def main() -> None:
             conn.execute("UPDATE data_agg_state SET agg_start_utc = %s", (START,))
             conn.commit()
             t0 = time.perf_counter()
+            # A new install is partitioned by month, and rows written by SQL into a month without a
+            # partition land in the default partition, which the worker's first sync empties into
+            # its months (a one-time move, not aggregation): the months are made first, as ingest
+            # does before writing.
+            first = datetime.fromisoformat(START)
+            months = sorted(
+                {
+                    datetime(d.year, d.month, 1, tzinfo=first.tzinfo)
+                    for d in (first + timedelta(days=i) for i in range(args.days + 1))
+                }
+            )
+            for table in partitions.TABLES:
+                partitions.ensure_months(db, table, months)
             chunk = max(1, 3_000_000 // (args.days * 1440))
             rows = generate_year(conn, symbols, START, args.days, chunk=chunk)
             conn.commit()
-            # A new install is partitioned by month, and rows written by SQL into a month without a
-            # partition land in the default partition, which the worker's first sync empties into
-            # its months (a one-time move, not aggregation): done here, as ingest does before writing.
             partitions.maintain(conn)
             conn.autocommit = True
             conn.execute("VACUUM ANALYZE data_bars")

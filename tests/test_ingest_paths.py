@@ -113,6 +113,33 @@ def test_new_rows_before_a_task_cursor_are_logged_as_late_data_on_the_direct_pat
     assert [w for (w,) in logged] == [START + timedelta(minutes=5 * k) for k in range(20)]
 
 
+def test_every_month_of_a_long_file_gets_its_partition(
+    registered: Database, conn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_calls: list[int]
+) -> None:
+    """A file over a dozen months, read in many chunks: each chunk's months are attached before its
+    rows go in, and none lands in the default partition (the overlap probe, once psycopg prepared it,
+    locked every partition, so from the 6th chunk on no month could be attached: those rows waited in
+    the default partition for the worker to move them)."""
+    if conn.execute("SELECT to_regclass('data_bars_default')").fetchone() == (None,):
+        pytest.skip("data_bars is not partitioned on this server (Citus keeps plain tables)")
+    days = [START + timedelta(days=15 * k) for k in range(30)]  # 30 rows, 15 months
+    rows = [f"{ts:%Y-%m-%d %H:%M},1.1,1.3,1.0,1.2,10,1" for ts in days]
+    path = write_csv(tmp_path / "long.csv", HEADER, *rows)
+    monkeypatch.setenv("BARAGG_INGEST_BLOCK_BYTES", "64")  # about one row per chunk
+    report = ingest.ingest_file(registered, path, symbol="EURUSD")
+    assert counts(report) == (30, 30, 0, 0, 0)
+    assert len(direct_calls) >= 10
+    assert conn.execute("SELECT count(*) FROM data_bars_default").fetchone() == (0,)
+    months = {datetime(d.year, d.month, 1, tzinfo=UTC) for d in days}
+    attached = conn.execute(
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'data_bars'::regclass"
+        " AND inhrelid::regclass::text <> 'data_bars_default'"
+        " AND inhrelid::regclass::text = ANY (%s)",
+        ([f"data_bars_p{m:%Y%m%d}" for m in months],),
+    ).fetchone()
+    assert attached == (len(months),)
+
+
 def test_a_row_stored_after_the_probe_sends_its_chunk_to_the_upsert(
     registered: Database, conn, tmp_path: Path, small_blocks, monkeypatch: pytest.MonkeyPatch
 ) -> None:

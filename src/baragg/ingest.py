@@ -997,11 +997,16 @@ class _Load:
             symbols = [str(s) for s in span.index]
             firsts = [t.to_pydatetime() for t in span["min"]]
             lasts = [t.to_pydatetime() for t in span["max"]]
-        # Before the probe: creating a partition waits for every lock on the table's default partition,
-        # the probe's own included (a month first met after this transaction has read the table goes
-        # to the default partition, and the worker's upkeep moves it out after the commit).
-        self._partitions_for(min(firsts), max(lasts))
-        row = conn.execute(query("ingest_overlaps"), {"symbols": symbols, "firsts": firsts, "lasts": lasts})
+        # Before the probe: creating a partition waits for every lock on the table's default partition.
+        # The probe's bounds prune to this chunk's months (now all partitions), so this transaction
+        # never locks the default partition and later chunks' months can still be attached.
+        first, last = min(firsts), max(lasts)
+        self._partitions_for(first, last)
+        row = conn.execute(
+            query("ingest_overlaps"),
+            {"symbols": symbols, "firsts": firsts, "lasts": lasts, "first": first, "last": last},
+            prepare=False,
+        )
         if row.fetchone()[0]:
             return False
         buffers = _copy_binary(bars, ok, tickers, self.source)

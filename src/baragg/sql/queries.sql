@@ -242,11 +242,17 @@ SELECT canonical_symbol, provider_ticker FROM core_asset_registry_all;
 -- Does data_bars hold any 1m row of these symbols between these times (one index probe per symbol)?
 -- A chunk of new rows only (the usual case: a file of history not loaded before) is COPYed straight
 -- into data_bars; one that overlaps goes through the staging table and the upsert.
+-- The chunk's whole span as plain bounds too: they prune data_bars' monthly partitions when the query
+-- is planned, so the probe reads (and locks) only the chunk's months, not the default partition, which
+-- attaching a later month's partition must lock exclusively (ingest creates those on another
+-- connection while this transaction is open). Run unprepared (ingest.py): a prepared statement's plan
+-- locked every partition, and from the 6th chunk on no month could be attached.
 SELECT EXISTS (
     SELECT 1
     FROM unnest(%(symbols)s::text[], %(firsts)s::timestamptz[], %(lasts)s::timestamptz[]) AS c(sym, lo, hi)
     WHERE EXISTS (SELECT 1 FROM data_bars d
-                  WHERE d.canonical_symbol = c.sym AND d.timeframe = '1m' AND d.ts_utc BETWEEN c.lo AND c.hi)
+                  WHERE d.canonical_symbol = c.sym AND d.timeframe = '1m' AND d.ts_utc BETWEEN c.lo AND c.hi
+                    AND d.ts_utc >= %(first)s AND d.ts_utc <= %(last)s)
 );
 
 -- name: ingest_copy_direct

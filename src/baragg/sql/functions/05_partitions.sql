@@ -164,10 +164,15 @@ BEGIN
     IF v_missing IS NULL THEN
         RETURN 0;
     END IF;
-    -- Housekeeping gives way: it waits at most half a second for a lock (below deadlock_timeout, so in
-    -- a lock cycle with a writer it is this that fails, not the writer); the caller retries later, and a
-    -- row of a month without a partition meanwhile goes to the default partition.
-    PERFORM pg_catalog.set_config('lock_timeout', '500ms', true);
+    -- Housekeeping gives way, but not to autovacuum: it waits for a lock one second longer than
+    -- deadlock_timeout. PostgreSQL cancels an autovacuum that blocks a lock request only once the
+    -- request has waited deadlock_timeout (at the former 500 ms the autovacuum of a default partition made
+    -- attaches fail, and an ingest's rows of those months went to the default partition). Against
+    -- any other holder it fails after that and the caller retries later; a row of a month without a
+    -- partition meanwhile goes to the default partition.
+    PERFORM pg_catalog.set_config('lock_timeout',
+        (EXTRACT(epoch FROM pg_catalog.current_setting('deadlock_timeout')::interval) * 1000 + 1000)::bigint
+            || 'ms', true);
     PERFORM public._baragg_part_lock(p_table);
     FOREACH v_month IN ARRAY v_missing LOOP
         IF public._baragg_part_add(p_table, p_table, v_month) IS NOT NULL THEN
