@@ -3,12 +3,15 @@ machine (tests/citus_cluster.py; skipped with the reason where Citus is not inst
 
 After `db upgrade` + `db distribute`, the CLI's registry, ingest and run build the same bars as on
 plain PostgreSQL (the embedded test server), verify agrees, several workers at once build every bar
-once, a worker killed with SIGKILL mid-run is taken over, and late data rewrites the bars.
+once, a worker killed with SIGKILL mid-run is taken over, and late data rewrites the bars. Symbols on a
+trading session (an XNYS equity, FX on 17:00 New York) and the 1mo level, added to a distributed
+database, build the same bars as on plain PostgreSQL, late data and a session change included.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +25,8 @@ import psycopg
 import pytest
 
 import citus_cluster
+from baragg import registry
+from baragg.db import Database
 from conftest import create_database, drop_database, url_for
 from scheduling_helpers import popen_cli, run_cli
 
@@ -305,3 +310,162 @@ def test_a_worker_killed_mid_run_is_taken_over_and_the_bars_end_equal(distribute
     assert bars(url) == plain["bars"]
     rescued = sql(url, "SELECT count(*) FROM data_agg_state WHERE total_rescues > 0")[0][0]
     assert rescued >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Trading sessions and 1mo on Citus
+# ---------------------------------------------------------------------------------------------
+SESSION_NOW = "2024-03-18T00:00:00+00:00"
+SESSION_SYMBOLS: dict[str, dict] = {
+    # XNYS: February 2024, 09:30-16:00 New York (14:30-21:00Z), Presidents' Day (19th) closed
+    "EQ": {
+        "session": "XNYS",
+        "calc_1d": True,
+        "calc_1w": True,
+        "calc_1mo": True,
+        "agg_start_utc": "2024-01-29",
+    },
+    # fx: 17:00 New York days on both sides of the March change (22:00Z, then 21:00Z)
+    "FXS": {"session": "fx", "calc_4h": True, "calc_1d": True, "agg_start_utc": "2024-03-01"},
+    # 24x7, sparse: 1mo windows are session windows too
+    "SPR": {"is_sparse": True, "calc_1d": True, "calc_1mo": True, "agg_start_utc": "2024-01-01"},
+}
+SESSION_LATE = (
+    "canonical_symbol,ts_utc,open,high,low,close,vol\n"
+    "EQ,2024-02-14T15:07:00+00:00,100,999,1,100,5\n"  # inside the session: 5m ... 1mo rewritten
+    "EQ,2024-02-14T22:00:00+00:00,100,999,1,100,5\n"  # after the close: in no window, nothing logged
+    "FXS,2024-03-11T02:00:00+00:00,100,999,1,100,5\n"  # a missing FX minute arrives late
+)
+
+
+@pytest.fixture(scope="module")
+def session_minutes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1m bars of the three session symbols (every 11th EQ and 9th FXS minute missing)."""
+    path = tmp_path_factory.mktemp("citus_sessions") / "sessions.csv"
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["canonical_symbol", "ts_utc", "open", "high", "low", "close", "vol"])
+
+        def row(symbol: str, ts: datetime, k: int) -> None:
+            price = 100 + (k % 97) / 10
+            out.writerow([symbol, ts.isoformat(), price, price + 0.5, price - 0.5, price + 0.1, 1 + k % 13])
+
+        k = 0
+        for day in range(1, 30):
+            open_ = datetime(2024, 2, day, 14, 30, tzinfo=UTC)
+            if open_.weekday() >= 5 or day == 19:
+                continue
+            for m in range(390):
+                k += 1
+                if k % 11 != 5:
+                    row("EQ", open_ + timedelta(minutes=m), k)
+        # Wednesday 6 March 17:00 New York (22:00Z) to Wednesday 13 March 17:00 (21:00Z): the week
+        # end (Friday 17:00 to Sunday 17:00 New York) is closed.
+        ts = datetime(2024, 3, 6, 22, tzinfo=UTC)
+        while ts < datetime(2024, 3, 13, 21, tzinfo=UTC):
+            closed = (ts >= datetime(2024, 3, 8, 22, tzinfo=UTC)) and ts < datetime(
+                2024, 3, 10, 21, tzinfo=UTC
+            )
+            k += 1
+            if not closed and k % 9 != 2 and ts != datetime(2024, 3, 11, 2, tzinfo=UTC):
+                row("FXS", ts, k)
+            ts += timedelta(minutes=1)
+        ts = datetime(2024, 1, 1, tzinfo=UTC)
+        while ts < datetime(2024, 2, 1, tzinfo=UTC):
+            k += 1
+            row("SPR", ts, k)
+            ts += timedelta(hours=3)
+    return path
+
+
+def load_sessions(url: str, session_minutes: Path) -> None:
+    """Registered in this process (`registry add` without the command's start-up: the XNYS calendar
+    is built once), then ingested by the command."""
+    for symbol, settings in SESSION_SYMBOLS.items():
+        start = datetime.fromisoformat(settings["agg_start_utc"]).replace(tzinfo=UTC)
+        registry.add(Database(url), symbol, **{**settings, "agg_start_utc": start})
+    cli(url, "ingest", str(session_minutes))
+
+
+@pytest.fixture(scope="module")
+def plain_sessions(
+    server_url: str, template_db: str, session_minutes: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict]:
+    """The reference for the session symbols: the same commands on plain PostgreSQL."""
+    name = f"baragg_t_{uuid.uuid4().hex[:12]}"
+    create_database(server_url, name, template=template_db)
+    url = url_for(server_url, name)
+    try:
+        load_sessions(url, session_minutes)
+        cli(url, "run", "--once", "--now", SESSION_NOW)
+        first = bars(url)
+        late = tmp_path_factory.mktemp("late_sessions") / "late.csv"
+        late.write_text(SESSION_LATE)
+        cli(url, "ingest", str(late))
+        logged = sql(
+            url, "SELECT canonical_symbol, timeframe, window_start FROM agg_invalidations ORDER BY 1, 2, 3"
+        )
+        cli(url, "run", "--once", "--now", SESSION_NOW)
+        after_late = bars(url)
+        cli(url, "registry", "set", "FXS", "--session", "24x7")
+        yield {
+            "bars": first,
+            "logged": logged,
+            "after_late": after_late,
+            "after_change": bars(url),
+            "late_file": late,
+        }
+    finally:
+        drop_database(server_url, name)
+
+
+def test_sessions_and_1mo_on_citus_equal_plain_postgresql_with_late_data_and_a_session_change(
+    cluster: citus_cluster.CitusCluster, session_minutes: Path, plain_sessions: dict
+) -> None:
+    # Distributed first, then the symbols added: registry, session days, ingest and the worker's
+    # extension of the trading days all run on the distributed database.
+    url = cluster.new_database(f"t_{uuid.uuid4().hex[:10]}")
+    cli(url, "db", "upgrade")
+    cli(url, "db", "distribute")
+    load_sessions(url, session_minutes)
+    # (smaller calls than the plain run: the bounded scan and the cursor between calls are exercised)
+    done = cli(url, "run", "--once", "--now", SESSION_NOW, "--max-windows", "700")
+    assert "could not extend" not in done.stderr, done.stderr[-3000:]
+    assert sql(url, "SELECT count(*) FROM data_agg_state WHERE last_error IS NOT NULL") == [(0,)]
+    got = bars(url)
+    assert got == plain_sessions["bars"]
+    levels = {(r[0], r[1]) for r in got}
+    assert {("EQ", "1d"), ("EQ", "1w"), ("EQ", "1mo"), ("FXS", "4h"), ("FXS", "1d"), ("SPR", "1mo")} <= levels
+    eq_days = [r[2] for r in got if r[:2] == ("EQ", "1d")]
+    assert len(eq_days) == 20 and {t.astimezone(UTC).time() for t in eq_days} == {
+        datetime(2024, 1, 1, 14, 30).time()
+    }
+    fx_days = [r[2].astimezone(UTC).hour for r in got if r[:2] == ("FXS", "1d")]
+    assert fx_days == [22, 22, 21, 21, 21]  # Thursday 7th, Friday 8th (EST); Monday 11th ... (EDT)
+    done = cli(url, "verify", "EQ", "1d")
+    assert " 0 missing, 0 extra, 0 different" in done.stdout, done.stdout
+    # status reads the session frontiers on Citus too: every task caught up with its data
+    done = cli(url, "status", "--json", "--symbol", "EQ", "--symbol", "FXS", "--now", SESSION_NOW)
+    tasks = json.loads(done.stdout)
+    assert {(t["symbol"], t["session"]) for t in tasks} == {("EQ", "XNYS"), ("FXS", "fx")}
+    assert {t["lag_frontier_seconds"] for t in tasks} == {0.0} and len(tasks) == 9, tasks
+
+    # Late data: logged in session windows on the shards, re-aggregated up to 1mo as on plain.
+    cli(url, "ingest", str(plain_sessions["late_file"]))
+    logged = sql(
+        url, "SELECT canonical_symbol, timeframe, window_start FROM agg_invalidations ORDER BY 1, 2, 3"
+    )
+    assert logged == plain_sessions["logged"]
+    assert {(s, tf) for s, tf, _ in logged} == {("EQ", "5m"), ("FXS", "5m")}
+    cli(url, "run", "--once", "--now", SESSION_NOW)
+    after = bars(url)
+    assert after == plain_sessions["after_late"] != plain_sessions["bars"]
+    # the corrected minute's high reached the month (column 4: high)
+    assert [r[4] for r in after if r[:2] == ("EQ", "1mo")] == [999]
+    assert sql(url, "SELECT count(*) FROM agg_invalidations") == [(0,)]
+    assert sql(url, "SELECT count(*) FROM data_agg_state WHERE last_error IS NOT NULL") == [(0,)]
+
+    # A session change rebuilds the symbol's bars from the stored sources, as on plain PostgreSQL.
+    done = cli(url, "registry", "set", "FXS", "--session", "24x7")
+    assert "rebuilt FXS" in done.stdout, done.stdout
+    assert bars(url) == plain_sessions["after_change"] != plain_sessions["after_late"]

@@ -457,63 +457,72 @@ SELECT to_regclass('agg_timeframes') IS NOT NULL
 -- name: status_tasks
 -- The frontier of a task is the end of the last window its source data covers completely:
 -- the bucket that starts right after the newest source bar ends.
-SELECT s.canonical_symbol, s.timeframe, s.status, s.enabled, s.is_mandatory, s.last_agg_bar_ts_utc,
-       (SELECT r.session FROM core_asset_registry_all r WHERE r.canonical_symbol = s.canonical_symbol) AS session,
-       s.next_run_at, s.hard_fail_streak, s.last_error, s.last_successful_at_utc,
-       s.total_bars_created, s.total_bars_rewritten, s.total_bars_withdrawn, s.total_bars_unchanged,
-       s.total_bars_quality_poor, s.lease_owner,
-       -- '-infinity' (no explicit start: from the first source data) reads as NULL
-       NULLIF(s.agg_start_utc, '-infinity') AS agg_start_utc,
-       e.first_before_start, tf.source_timeframe AS ladder_source,
-       f.frontier,
-       CASE WHEN s.last_agg_bar_ts_utc IS NOT NULL AND f.frontier IS NOT NULL
-            THEN greatest(0, extract(epoch FROM f.frontier - s.last_agg_bar_ts_utc)) END AS lag_frontier_seconds,
-       CASE WHEN s.last_agg_bar_ts_utc IS NOT NULL
-            THEN greatest(0, extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - s.last_agg_bar_ts_utc))
-       END AS lag_now_seconds,
-       -- windows behind the cursor waiting to be re-aggregated (late or corrected source data, 0004)
-       (SELECT count(*) FROM agg_invalidations i
-        WHERE i.canonical_symbol = s.canonical_symbol AND i.timeframe = s.timeframe) AS pending_invalidations
-FROM data_agg_state s
-JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
-LEFT JOIN agg_timeframes src ON src.timeframe = tf.source_timeframe
-LEFT JOIN LATERAL (
-    SELECT CASE WHEN tf.source_table = 'data_bars' THEN
-                    (SELECT max(b.ts_utc) FROM data_bars b
-                     WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = tf.source_timeframe)
-                ELSE
-                    (SELECT max(d.ts_utc) FROM derived_data_bars d
-                     WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = tf.source_timeframe
-                       AND d.deleted_at IS NULL)
-           END AS newest
-) n ON true
-LEFT JOIN LATERAL (
-    -- (a symbol on a trading session, or 1mo: its session's windows, 15_sessions.sql; 24x7 inline)
-    SELECT CASE WHEN s.timeframe <> '1mo' AND COALESCE(
-                    (SELECT r.session FROM core_asset_registry_all r WHERE r.canonical_symbol = s.canonical_symbol),
-                    '24x7') = '24x7'
-                THEN date_bin(tf.bucket_interval, n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
-                              tf.bucket_origin)
-                ELSE _agg_frontier(s.canonical_symbol, s.timeframe,
-                                   n.newest + COALESCE(src.bucket_interval, interval '1 minute'),
-                                   tf.bucket_interval, tf.bucket_origin) END AS frontier
-) f ON true
-LEFT JOIN LATERAL (
+-- Shaped for Citus too (DESIGN.md 11): the per-task reads are lateral subqueries joined on the
+-- symbol (Citus runs them on the shards), and the session frontier, which reads the trading days, is
+-- computed from their materialised result (on the coordinator: a function reading a table may not
+-- run inside a query on a shard).
+WITH t AS MATERIALIZED (
+    SELECT s.canonical_symbol, s.timeframe, s.status, s.enabled, s.is_mandatory, s.last_agg_bar_ts_utc,
+           r.session, s.next_run_at, s.hard_fail_streak, s.last_error, s.last_successful_at_utc,
+           s.total_bars_created, s.total_bars_rewritten, s.total_bars_withdrawn, s.total_bars_unchanged,
+           s.total_bars_quality_poor, s.lease_owner,
+           -- '-infinity' (no explicit start: from the first source data) reads as NULL
+           NULLIF(s.agg_start_utc, '-infinity') AS agg_start_utc,
+           COALESCE(eb.first_ts, ed.first_ts) AS first_before_start, tf.source_timeframe AS ladder_source,
+           COALESCE(nb.newest, nd.newest) + COALESCE(src.bucket_interval, interval '1 minute') AS newest_end,
+           tf.bucket_interval, tf.bucket_origin, tf.duration_rank,
+           CASE WHEN s.last_agg_bar_ts_utc IS NOT NULL
+                THEN greatest(0, extract(epoch FROM COALESCE(%(now)s::timestamptz, now()) - s.last_agg_bar_ts_utc))
+           END AS lag_now_seconds,
+           -- windows behind the cursor waiting to be re-aggregated (late or corrected source data, 0004)
+           pi.n AS pending_invalidations
+    FROM data_agg_state s
+    JOIN agg_timeframes tf ON tf.timeframe = s.timeframe
+    LEFT JOIN agg_timeframes src ON src.timeframe = tf.source_timeframe
+    LEFT JOIN core_asset_registry_all r ON r.canonical_symbol = s.canonical_symbol
+    LEFT JOIN LATERAL (
+        SELECT max(b.ts_utc) AS newest FROM data_bars b
+        WHERE tf.source_table = 'data_bars'
+          AND b.canonical_symbol = s.canonical_symbol AND b.timeframe = tf.source_timeframe
+    ) nb ON true
+    LEFT JOIN LATERAL (
+        SELECT max(d.ts_utc) AS newest FROM derived_data_bars d
+        WHERE tf.source_table = 'derived_data_bars'
+          AND d.canonical_symbol = s.canonical_symbol AND d.timeframe = tf.source_timeframe
+          AND d.deleted_at IS NULL
+    ) nd ON true
     -- The first source row before the task's start: rows the task will never aggregate (rule 1).
     -- One index probe; none when the task has no explicit start.
-    SELECT CASE WHEN s.agg_start_utc = '-infinity' THEN NULL
-                WHEN tf.source_table = 'data_bars' THEN
-                    (SELECT min(b.ts_utc) FROM data_bars b
-                     WHERE b.canonical_symbol = s.canonical_symbol AND b.timeframe = tf.source_timeframe
-                       AND b.ts_utc < s.agg_start_utc)
-                ELSE
-                    (SELECT min(d.ts_utc) FROM derived_data_bars d
-                     WHERE d.canonical_symbol = s.canonical_symbol AND d.timeframe = tf.source_timeframe
-                       AND d.ts_utc < s.agg_start_utc AND d.deleted_at IS NULL)
-           END AS first_before_start
-) e ON true
-WHERE %(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[])
-ORDER BY s.canonical_symbol, tf.duration_rank;
+    LEFT JOIN LATERAL (
+        SELECT min(b.ts_utc) AS first_ts FROM data_bars b
+        WHERE s.agg_start_utc <> '-infinity' AND tf.source_table = 'data_bars'
+          AND b.canonical_symbol = s.canonical_symbol AND b.timeframe = tf.source_timeframe
+          AND b.ts_utc < s.agg_start_utc
+    ) eb ON true
+    LEFT JOIN LATERAL (
+        SELECT min(d.ts_utc) AS first_ts FROM derived_data_bars d
+        WHERE s.agg_start_utc <> '-infinity' AND tf.source_table = 'derived_data_bars'
+          AND d.canonical_symbol = s.canonical_symbol AND d.timeframe = tf.source_timeframe
+          AND d.ts_utc < s.agg_start_utc AND d.deleted_at IS NULL
+    ) ed ON true
+    LEFT JOIN LATERAL (
+        SELECT count(*) AS n FROM agg_invalidations i
+        WHERE i.canonical_symbol = s.canonical_symbol AND i.timeframe = s.timeframe
+    ) pi ON true
+    WHERE %(symbols)s::text[] IS NULL OR s.canonical_symbol = ANY (%(symbols)s::text[])
+)
+SELECT t.*, f.frontier,
+       CASE WHEN t.last_agg_bar_ts_utc IS NOT NULL AND f.frontier IS NOT NULL
+            THEN greatest(0, extract(epoch FROM f.frontier - t.last_agg_bar_ts_utc)) END AS lag_frontier_seconds
+FROM t
+CROSS JOIN LATERAL (
+    -- (a symbol on a trading session, or 1mo: its session's windows, 15_sessions.sql; 24x7 inline)
+    SELECT CASE WHEN t.timeframe <> '1mo' AND COALESCE(t.session, '24x7') = '24x7'
+                THEN date_bin(t.bucket_interval, t.newest_end, t.bucket_origin)
+                ELSE _agg_frontier(t.canonical_symbol, t.timeframe, t.newest_end, t.bucket_interval, t.bucket_origin)
+           END AS frontier
+) f
+ORDER BY t.canonical_symbol, t.duration_rank;
 
 -- name: status_reenable_check
 -- What `baragg reenable` needs to know first: the task's state, and whether the registry wants it in
@@ -939,18 +948,22 @@ WHERE d.session = %(name)s AND d.trading_date = f.trading_date
 -- Every session in use, its materialised range, and the earliest agg_start_utc of its symbols' tasks
 -- (no bar is ever older), for the worker's sync to extend what is missing.
 -- A task starting at '-infinity' ("from the first source row", the default) needs its symbol's first
--- 1m bar (one index probe per such symbol).
-SELECT s.name, s.days_from, s.days_to,
-       min(CASE WHEN t.first_start = '-infinity'
-                THEN (SELECT min(b.ts_utc) FROM data_bars b
-                      WHERE b.canonical_symbol = t.canonical_symbol AND b.timeframe = '1m')
-                ELSE t.first_start END) AS first_needed
+-- 1m bar (one index probe per such task). The tasks are grouped by symbol in a subquery that joins
+-- only co-located tables on the symbol, so Citus runs it on the shards (DESIGN.md 11).
+SELECT s.name, s.days_from, s.days_to, min(t.first_start) AS first_needed
 FROM agg_sessions s
 JOIN core_asset_registry_all r ON r.session = s.name
-LEFT JOIN LATERAL (
-    SELECT r.canonical_symbol, min(st.agg_start_utc) AS first_start
-    FROM data_agg_state st WHERE st.canonical_symbol = r.canonical_symbol AND st.enabled
-) t ON true
+LEFT JOIN (
+    SELECT st.canonical_symbol,
+           min(CASE WHEN st.agg_start_utc = '-infinity' THEN fb.first_ts ELSE st.agg_start_utc END) AS first_start
+    FROM data_agg_state st
+    LEFT JOIN LATERAL (
+        SELECT min(b.ts_utc) AS first_ts FROM data_bars b
+        WHERE b.canonical_symbol = st.canonical_symbol AND b.timeframe = '1m' AND st.agg_start_utc = '-infinity'
+    ) fb ON true
+    WHERE st.enabled
+    GROUP BY st.canonical_symbol
+) t ON t.canonical_symbol = r.canonical_symbol
 GROUP BY s.name, s.days_from, s.days_to
 ORDER BY s.name;
 

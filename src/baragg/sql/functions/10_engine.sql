@@ -506,12 +506,9 @@ BEGIN
     IF (SELECT count(DISTINCT x) FROM unnest(p_symbols) x) <> cardinality(p_symbols) THEN
         RAISE EXCEPTION 'p_symbols must be distinct and not NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- Citus (`baragg db distribute`): symbol by symbol, each statement on one shard (50_citus.sql).
+    -- Citus (`baragg db distribute`): symbol by symbol, each statement on one shard (50_citus.sql;
+    -- symbols on a trading session and 1mo included).
     IF public._agg_on_citus() THEN
-        IF cardinality(p_symbols) > 0 AND public._agg_needs_sessions(p_to_tf, p_symbols) THEN
-            RAISE EXCEPTION 'trading sessions and 1mo bars are not supported on Citus yet (%)', p_to_tf
-                USING ERRCODE = 'feature_not_supported';
-        END IF;
         RETURN QUERY SELECT * FROM public._agg_catchup_citus(p_to_tf, p_symbols, p_cursors, p_max_windows, p_now_utc,
                                                             p_derivation_version, p_ignore_confirmation);
         RETURN;

@@ -583,7 +583,7 @@ BEGIN
                 is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
                 source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
                 expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
-                derivation_version = excluded.derivation_version, updated_at = now()
+                derivation_version = excluded.derivation_version, updated_at = excluded.ingested_at  -- (= now(); Citus: no function here)
             WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
                    d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
                    d.derivation_version)
@@ -935,7 +935,7 @@ BEGIN
             is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
             source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
             expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
-            derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = now()
+            derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = excluded.ingested_at  -- (= now(); Citus: no function here)
         RETURNING d.quality_score
     ),
     removed AS (

@@ -571,12 +571,9 @@ BEGIN
         ORDER BY u.ord;
         RETURN;
     END IF;
-    -- Citus (`baragg db distribute`): symbol by symbol, each statement on one shard (50_citus.sql).
+    -- Citus (`baragg db distribute`): symbol by symbol, each statement on one shard (50_citus.sql;
+    -- symbols on a trading session and 1mo included).
     IF public._agg_on_citus() THEN
-        IF public._agg_needs_sessions(p_to_tf, p_symbols) THEN
-            RAISE EXCEPTION 'trading sessions and 1mo bars are not supported on Citus yet (%)', p_to_tf
-                USING ERRCODE = 'feature_not_supported';
-        END IF;
         RETURN QUERY SELECT * FROM public._agg_reaggregate_citus(p_to_tf, p_symbols, p_derivation_version, p_now_utc);
         RETURN;
     END IF;
