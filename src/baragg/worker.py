@@ -474,7 +474,7 @@ class _Claimer:
         progress = {t.symbol: _Progress(t) for t in tasks}
         pending = list(tasks)
         first = True
-        max_windows = _first_max_windows(s.max_windows, len(tasks))
+        max_windows = s.max_windows
         try:
             with self.connect() as conn:
                 self.active = conn
@@ -636,28 +636,16 @@ class _Claimer:
 # A call is sized to at most this share of the time budget left (the rate is the last call's).
 _BUDGET_SHARE = 0.8
 _MAX_WINDOWS_CAP = 1_000_000
-# Windows of all tasks together in one call: the call's bars (the statement's work table and the
-# insert trigger's transition table) then stay within the catch-up's work_mem (64MB, 10_engine.sql)
-# instead of spilling to temporary files (measured: -15% per bar at 100 symbols x 2 weeks).
-_CALL_WINDOWS_CAP = 250_000
-
-
-def _first_max_windows(floor: int, tasks: int) -> int:
-    """Windows per task in a backlog's first call: ``floor`` (--max-windows), fewer when many tasks
-    share the call (at most _CALL_WINDOWS_CAP windows in all)."""
-    return max(1, min(floor, _CALL_WINDOWS_CAP // max(tasks, 1)))
 
 
 def _next_max_windows(floor: int, windows: int, seconds: float, remaining: float, tasks: int) -> int:
     """Windows per task for the next catch-up call of a backlog: as many as the last call's rate says
-    fit into most of the time budget left (and _CALL_WINDOWS_CAP in all), never fewer than the first
-    call's. Fewer, larger calls: each call costs its planning, probes, locks and commit per task,
-    whatever its size."""
-    floor = _first_max_windows(floor, tasks)
+    fit into most of the time budget left, never fewer than ``floor`` (--max-windows). Fewer, larger
+    calls: each call costs its planning, probes, locks and commit per task, whatever its size."""
     if windows <= 0 or seconds <= 0 or remaining <= 0 or tasks <= 0:
         return floor
     fit = windows / seconds * remaining * _BUDGET_SHARE / tasks
-    return max(floor, int(min(fit, _MAX_WINDOWS_CAP, _CALL_WINDOWS_CAP // tasks)))
+    return max(floor, int(min(fit, _MAX_WINDOWS_CAP)))
 
 
 class _Call:

@@ -483,7 +483,8 @@ CREATE OR REPLACE FUNCTION public.agg_catchup_tasks(p_to_tf text, p_symbols text
                                              p_ignore_confirmation boolean DEFAULT false)
 RETURNS TABLE (canonical_symbol text, result jsonb)
 -- work_mem: the call's bars (the materialized `handled`, and the insert trigger's transition table) stay
--- in memory up to 64MB (the worker keeps a call at 250,000 windows): spilled, they cost 15% per bar.
+-- in memory up to 64MB (about 250,000 windows): spilled, they cost 15% per bar at 100 symbols x 2 weeks.
+-- (Capping calls at that size instead cost more than the spill: 215 s vs 155 s at 1,000 x 30 days.)
 LANGUAGE plpgsql SET search_path = '' SET enable_seqscan = off SET enable_bitmapscan = off
 SET work_mem = '64MB' AS $$
 #variable_conflict use_column
