@@ -85,6 +85,24 @@ def test_a_registry_row_with_derived_bars_stays(conn: psycopg.Connection) -> Non
     assert conn.execute("SELECT count(*) FROM core_asset_registry_all").fetchone() == (1,)
 
 
+def in_thread(conn: psycopg.Connection, statement: str, params: tuple = ()) -> tuple[threading.Thread, list]:
+    """Run ``statement`` and commit on ``conn`` in a thread; the list gets None or the error."""
+    outcome: list[BaseException | None] = []
+
+    def work() -> None:
+        try:
+            conn.execute(statement, params)
+            conn.commit()
+            outcome.append(None)
+        except psycopg.Error as exc:
+            conn.rollback()
+            outcome.append(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    return thread, outcome
+
+
 def test_a_delete_racing_a_write_leaves_no_orphan(db: Database) -> None:
     """The writer locks the symbol's registry row (KEY SHARE) before it checks it: a DELETE of that
     row waits for the writer's commit and then fails; in the other order the write fails."""
@@ -92,19 +110,9 @@ def test_a_delete_racing_a_write_leaves_no_orphan(db: Database) -> None:
         register(writer, "AAA")
         writer.execute(INSERT_BAR, ("AAA", TS))  # not committed yet
         deleter.execute("SET lock_timeout = '20s'")
-        outcome: list[BaseException | None] = []
-
-        def delete() -> None:
-            try:
-                deleter.execute("DELETE FROM core_asset_registry_all WHERE canonical_symbol = 'AAA'")
-                deleter.commit()
-                outcome.append(None)
-            except psycopg.Error as exc:
-                deleter.rollback()
-                outcome.append(exc)
-
-        thread = threading.Thread(target=delete)
-        thread.start()
+        thread, outcome = in_thread(
+            deleter, "DELETE FROM core_asset_registry_all WHERE canonical_symbol = 'AAA'"
+        )
         thread.join(1.0)
         assert thread.is_alive(), "the DELETE must wait for the writer's lock"
         writer.commit()
@@ -114,23 +122,12 @@ def test_a_delete_racing_a_write_leaves_no_orphan(db: Database) -> None:
         # The other order: the DELETE first (it holds the row), the write waits, then fails.
         register(writer, "BBB")
         deleter.execute("DELETE FROM core_asset_registry_all WHERE canonical_symbol = 'BBB'")
-        failed: list[BaseException] = []
-
-        def write() -> None:
-            try:
-                writer.execute(INSERT_BAR, ("BBB", TS))
-                writer.commit()
-            except psycopg.Error as exc:
-                writer.rollback()
-                failed.append(exc)
-
-        thread = threading.Thread(target=write)
-        thread.start()
+        thread, outcome = in_thread(writer, INSERT_BAR, ("BBB", TS))
         thread.join(1.0)
         assert thread.is_alive(), "the write must wait for the DELETE's lock"
         deleter.commit()
         thread.join(20)
-        assert failed and isinstance(failed[0], psycopg.errors.ForeignKeyViolation)
+        assert isinstance(outcome[0], psycopg.errors.ForeignKeyViolation)
         orphans = writer.execute(
             "SELECT count(*) FROM derived_data_bars d WHERE NOT EXISTS"
             " (SELECT 1 FROM core_asset_registry_all r WHERE r.canonical_symbol = d.canonical_symbol)"
