@@ -106,12 +106,8 @@ def fresh_database(server: str, months: list[datetime] | None = None) -> Databas
 
 def file_months(rows: int) -> list[datetime]:
     """The months write_files' rows fall in (one row a minute from 2015-01-01)."""
-    first, last = datetime(2015, 1, 1, tzinfo=UTC), datetime(2015, 1, 1, tzinfo=UTC) + timedelta(minutes=rows)
-    months, month = [], first
-    while month <= last:
-        months.append(month)
-        month = (month + timedelta(days=32)).replace(day=1)
-    return months
+    start = datetime(2015, 1, 1, tzinfo=UTC)
+    return partitions.months(start, start + timedelta(minutes=rows))
 
 
 def drop_database(server: str, db: Database) -> None:

@@ -168,12 +168,7 @@ def main() -> None:
             # its months (a one-time move, not aggregation): the months are made first, as ingest
             # does before writing.
             first = datetime.fromisoformat(START)
-            months = sorted(
-                {
-                    datetime(d.year, d.month, 1, tzinfo=first.tzinfo)
-                    for d in (first + timedelta(days=i) for i in range(args.days + 1))
-                }
-            )
+            months = partitions.months(first, first + timedelta(days=args.days))
             for table in partitions.TABLES:
                 partitions.ensure_months(db, table, months)
             chunk = max(1, 3_000_000 // (args.days * 1440))

@@ -26,7 +26,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -1030,12 +1030,7 @@ class _Load:
         """The partitions of the months [first, last], created by another connection before this
         transaction locks the table (see ``_direct``). A no-op on unpartitioned tables; never fatal
         (the default partition takes the rows); each month is tried once."""
-        month = first.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        months = []
-        while month <= last:
-            if month not in self.months_ready:
-                months.append(month)
-            month = (month + timedelta(days=32)).replace(day=1)
+        months = [m for m in partitions.months(first, last) if m not in self.months_ready]
         _create_partitions(self.db, months)
         self.months_ready.update(months)
 

@@ -48,6 +48,17 @@ def maintain(conn: psycopg.Connection, ahead: int = MONTHS_AHEAD) -> int:
     return created
 
 
+def months(first: datetime, last: datetime) -> list[datetime]:
+    """The start of every month from ``first``'s to ``last``'s (in ``first``'s time zone): the months a
+    span of rows needs partitions for."""
+    month = first.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    found = []
+    while month <= last:
+        found.append(month)
+        month = (month + timedelta(days=32)).replace(day=1)
+    return found
+
+
 def ensure_months(db: Database, table: str, months: Sequence[datetime]) -> int:
     """Create the partitions of ``months`` that are missing, in a transaction of their own."""
     if not months:

@@ -383,6 +383,7 @@ DECLARE
     v_lad_ivs interval[];
     v_lad_origins timestamptz[];
     v_citus boolean := public._agg_on_citus();  -- the foreign key checks the registry there
+    v_written text[];  -- the symbols an INSERT wrote
 BEGIN
     -- The ladder entries read from this table, and (below) the dependent tasks, each read by a
     -- statement of its own: no statement joins a transition table with a table, which Citus cannot
@@ -399,12 +400,12 @@ BEGIN
         FROM (SELECT n.canonical_symbol AS sym, n.timeframe AS tf,
                      min(n.ts_utc) FILTER (WHERE n.deleted_at IS NULL AND NOT n.is_partial) AS first_ts
               FROM new_rows n GROUP BY 1, 2) f;
+        v_written := ARRAY(SELECT DISTINCT unnest(v_syms));
         IF NOT v_citus THEN
-            PERFORM public._agg_require_registered(ARRAY(SELECT DISTINCT unnest(v_syms)));
+            PERFORM public._agg_require_registered(v_written);
         END IF;
         SELECT * INTO v_dep_syms, v_dep_tfs, v_dep_cursors, v_dep_starts
-        FROM public._agg_lock_dependents('derived_data_bars', ARRAY(SELECT DISTINCT unnest(v_syms)),
-                                     ARRAY(SELECT DISTINCT unnest(v_tfs)));
+        FROM public._agg_lock_dependents('derived_data_bars', v_written, ARRAY(SELECT DISTINCT unnest(v_tfs)));
         IF public._agg_any_behind(v_syms, v_tfs, v_ws, v_lad_tfs, v_lad_sources,
                                   v_dep_syms, v_dep_tfs, v_dep_cursors) THEN
             SELECT array_agg(s.canonical_symbol), array_agg(s.timeframe),
