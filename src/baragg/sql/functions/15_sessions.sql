@@ -121,7 +121,7 @@ LANGUAGE sql STABLE SET search_path = '' AS $$
            (array_agg(s.open ORDER BY s.ts_utc))[1],
            max(s.high),
            min(s.low),
-           (array_agg(s.close ORDER BY s.ts_utc DESC))[1],
+           (array_agg(s.close ORDER BY s.ts_utc))[count(*)],
            sum(s.vol),
            sum(s.vwap * s.vol) / NULLIF(sum(s.vol) FILTER (WHERE s.vwap IS NOT NULL), 0),
            sum(s.trade_count)::integer,

@@ -512,6 +512,108 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- _agg_citus_store_windows: the write half of a re-aggregation on Citus, for one symbol (shared by
+-- _agg_reaggregate_citus and _agg_reaggregate_session_citus, which differ in how they find and
+-- compute the windows): upsert the recomputed windows (f_*: one element per window, quality NULL:
+-- nothing storable), soft-delete the active bars of the windows with nothing storable, add the
+-- counts to data_agg_state when log entries were taken (p_taken > 0), and return the result row of
+-- agg_reaggregate_tasks. Each statement names the symbol, so each runs on its node.
+CREATE OR REPLACE FUNCTION public._agg_citus_store_windows(
+    p_to_tf text, p_symbol text, p_derivation_version integer, p_now timestamptz,
+    f_ws timestamptz[], f_open double precision[], f_high double precision[], f_low double precision[],
+    f_close double precision[], f_vol double precision[], f_vwap double precision[], f_trades integer[],
+    f_source integer[], f_expected integer[], f_quality integer[],
+    p_windows integer, p_taken integer, p_entries bigint)
+RETURNS jsonb LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
+    v_storable bigint;
+    v_created bigint;
+    v_rewritten bigint;
+    v_poor bigint;
+    v_withdrawn bigint;
+    v_old jsonb;
+BEGIN
+    SELECT count(*) FILTER (WHERE q IS NOT NULL) INTO v_storable FROM unnest(f_quality) AS q;
+    WITH written AS (
+        INSERT INTO public.derived_data_bars AS d (
+            canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
+            is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
+            quality_score, derivation_version, raw, deleted_at)
+        SELECT p_symbol, p_to_tf, f.ws, f.open, f.high, f.low, f.close, f.vol, f.vwap, f.trade_count,
+               false, 'agg', p_now, v_tf.source_timeframe, f.source_candles, f.expected_candles,
+               f.quality_score, p_derivation_version, '{}'::jsonb, NULL
+        FROM unnest(f_ws, f_open, f_high, f_low, f_close, f_vol, f_vwap, f_trades, f_source, f_expected, f_quality)
+            AS f(ws, open, high, low, close, vol, vwap, trade_count, source_candles, expected_candles, quality_score)
+        WHERE f.quality_score IS NOT NULL
+        ORDER BY f.ws
+        ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
+        DO UPDATE SET
+            open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+            vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
+            is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
+            source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
+            expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
+            derivation_version = excluded.derivation_version, updated_at = excluded.ingested_at
+        WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
+               d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
+               d.derivation_version)
+              IS DISTINCT FROM
+              (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
+               excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
+               excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
+        RETURNING d.quality_score, (d.xmax = 0) AS inserted
+    )
+    SELECT count(*) FILTER (WHERE w.inserted), count(*) FILTER (WHERE NOT w.inserted),
+           count(*) FILTER (WHERE w.quality_score <= 0)
+    INTO v_created, v_rewritten, v_poor
+    FROM written w;
+    WITH withdrawn AS (
+        UPDATE public.derived_data_bars d
+        SET deleted_at = p_now, updated_at = p_now
+        WHERE d.canonical_symbol = p_symbol AND d.timeframe = p_to_tf AND d.deleted_at IS NULL
+          AND d.ts_utc = ANY (COALESCE(ARRAY(SELECT k.ws FROM unnest(f_ws, f_quality) AS k(ws, q)
+                                             WHERE k.q IS NULL), '{}'))
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_withdrawn FROM withdrawn;
+    IF p_taken > 0 THEN
+        SELECT COALESCE(s.last_run_stats, '{}'::jsonb) INTO v_old FROM public.data_agg_state s
+        WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf FOR NO KEY UPDATE;
+        UPDATE public.data_agg_state s
+        SET total_bars_created = s.total_bars_created + v_created,
+            total_bars_rewritten = s.total_bars_rewritten + v_rewritten,
+            total_bars_unchanged = s.total_bars_unchanged + (v_storable - v_created - v_rewritten),
+            total_bars_quality_poor = s.total_bars_quality_poor + v_poor,
+            total_bars_reaggregated = s.total_bars_reaggregated + v_created + v_rewritten,
+            total_bars_withdrawn = s.total_bars_withdrawn + v_withdrawn,
+            last_run_stats = v_old || jsonb_build_object(
+                'windows_reaggregated', COALESCE((v_old->>'windows_reaggregated')::bigint, 0) + p_windows,
+                'bars_reaggregated', COALESCE((v_old->>'bars_reaggregated')::bigint, 0) + v_created + v_rewritten,
+                'bars_created', COALESCE((v_old->>'bars_created')::bigint, 0) + v_created,
+                'bars_rewritten', COALESCE((v_old->>'bars_rewritten')::bigint, 0) + v_rewritten,
+                'bars_unchanged', COALESCE((v_old->>'bars_unchanged')::bigint, 0)
+                                  + (v_storable - v_created - v_rewritten),
+                'bars_quality_poor', COALESCE((v_old->>'bars_quality_poor')::bigint, 0) + v_poor,
+                'bars_withdrawn', COALESCE((v_old->>'bars_withdrawn')::bigint, 0) + v_withdrawn),
+            updated_at = p_now
+        WHERE s.canonical_symbol = p_symbol AND s.timeframe = p_to_tf;
+    END IF;
+    RETURN jsonb_build_object(
+        'success', true,
+        'windows', p_windows,
+        'bars_created', v_created,
+        'bars_rewritten', v_rewritten,
+        'bars_unchanged', v_storable - v_created - v_rewritten,
+        'bars_withdrawn', v_withdrawn,
+        'bars_quality_poor', v_poor,
+        'bars_reaggregated', v_created + v_rewritten,
+        'entries_dropped', p_taken - p_windows,
+        'entries_waiting', p_entries - p_taken);
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- _agg_reaggregate_citus: agg_reaggregate_tasks on Citus (it calls this first there), symbol by symbol.
 -- ---------------------------------------------------------------------------------------------
 -- The same rules (functions/30_invalidation.sql): take the logged windows that are final or out of
@@ -548,12 +650,6 @@ DECLARE
     f_source integer[];
     f_expected integer[];
     f_quality integer[];
-    v_storable bigint;
-    v_created bigint;
-    v_rewritten bigint;
-    v_poor bigint;
-    v_withdrawn bigint;
-    v_old jsonb;
 BEGIN
     FOREACH v_sym IN ARRAY p_symbols LOOP
         -- Symbols on a trading session, and 1mo: session windows, symbol by symbol.
@@ -598,83 +694,11 @@ BEGIN
         INTO f_ws, f_open, f_high, f_low, f_close, f_vol, f_vwap, f_trades, f_source, f_expected, f_quality
         FROM unnest(v_pending) AS p(ws)
         LEFT JOIN LATERAL public._agg_window_bars(p_to_tf, v_sym, p.ws, p.ws + v_iv) w ON true;
-        SELECT count(*) FILTER (WHERE q IS NOT NULL) INTO v_storable FROM unnest(f_quality) AS q;
-        WITH written AS (
-            INSERT INTO public.derived_data_bars AS d (
-                canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
-                is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
-                quality_score, derivation_version, raw, deleted_at)
-            SELECT v_sym, p_to_tf, f.ws, f.open, f.high, f.low, f.close, f.vol, f.vwap, f.trade_count,
-                   false, 'agg', v_real_now, v_tf.source_timeframe, f.source_candles, f.expected_candles,
-                   f.quality_score, p_derivation_version, '{}'::jsonb, NULL
-            FROM unnest(f_ws, f_open, f_high, f_low, f_close, f_vol, f_vwap, f_trades, f_source, f_expected, f_quality)
-                AS f(ws, open, high, low, close, vol, vwap, trade_count, source_candles, expected_candles, quality_score)
-            WHERE f.quality_score IS NOT NULL
-            ORDER BY f.ws
-            ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
-            DO UPDATE SET
-                open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
-                vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
-                is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
-                source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
-                expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
-                derivation_version = excluded.derivation_version, updated_at = excluded.ingested_at
-            WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
-                   d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
-                   d.derivation_version)
-                  IS DISTINCT FROM
-                  (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
-                   excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
-                   excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
-            RETURNING d.quality_score, (d.xmax = 0) AS inserted
-        )
-        SELECT count(*) FILTER (WHERE w.inserted), count(*) FILTER (WHERE NOT w.inserted),
-               count(*) FILTER (WHERE w.quality_score <= 0)
-        INTO v_created, v_rewritten, v_poor
-        FROM written w;
-        WITH withdrawn AS (
-            UPDATE public.derived_data_bars d
-            SET deleted_at = v_real_now, updated_at = v_real_now
-            WHERE d.canonical_symbol = v_sym AND d.timeframe = p_to_tf AND d.deleted_at IS NULL
-              AND d.ts_utc = ANY (COALESCE(ARRAY(SELECT k.ws FROM unnest(f_ws, f_quality) AS k(ws, q)
-                                                 WHERE k.q IS NULL), '{}'))
-            RETURNING 1
-        )
-        SELECT count(*) INTO v_withdrawn FROM withdrawn;
-        IF cardinality(v_taken) > 0 THEN
-            SELECT COALESCE(s.last_run_stats, '{}'::jsonb) INTO v_old FROM public.data_agg_state s
-            WHERE s.canonical_symbol = v_sym AND s.timeframe = p_to_tf FOR NO KEY UPDATE;
-            UPDATE public.data_agg_state s
-            SET total_bars_created = s.total_bars_created + v_created,
-                total_bars_rewritten = s.total_bars_rewritten + v_rewritten,
-                total_bars_unchanged = s.total_bars_unchanged + (v_storable - v_created - v_rewritten),
-                total_bars_quality_poor = s.total_bars_quality_poor + v_poor,
-                total_bars_reaggregated = s.total_bars_reaggregated + v_created + v_rewritten,
-                total_bars_withdrawn = s.total_bars_withdrawn + v_withdrawn,
-                last_run_stats = v_old || jsonb_build_object(
-                    'windows_reaggregated', COALESCE((v_old->>'windows_reaggregated')::bigint, 0) + cardinality(v_pending),
-                    'bars_reaggregated', COALESCE((v_old->>'bars_reaggregated')::bigint, 0) + v_created + v_rewritten,
-                    'bars_created', COALESCE((v_old->>'bars_created')::bigint, 0) + v_created,
-                    'bars_rewritten', COALESCE((v_old->>'bars_rewritten')::bigint, 0) + v_rewritten,
-                    'bars_unchanged', COALESCE((v_old->>'bars_unchanged')::bigint, 0)
-                                      + (v_storable - v_created - v_rewritten),
-                    'bars_quality_poor', COALESCE((v_old->>'bars_quality_poor')::bigint, 0) + v_poor,
-                    'bars_withdrawn', COALESCE((v_old->>'bars_withdrawn')::bigint, 0) + v_withdrawn),
-                updated_at = v_real_now
-            WHERE s.canonical_symbol = v_sym AND s.timeframe = p_to_tf;
-        END IF;
         canonical_symbol := v_sym;
-        result := jsonb_build_object(
-            'success', true,
-            'windows', cardinality(v_pending),
-            'bars_created', v_created,
-            'bars_rewritten', v_rewritten,
-            'bars_unchanged', v_storable - v_created - v_rewritten,
-            'bars_withdrawn', v_withdrawn,
-            'bars_quality_poor', v_poor,
-            'bars_reaggregated', v_created + v_rewritten,
-            'entries_dropped', cardinality(v_taken) - cardinality(v_pending),
-            'entries_waiting', v_entries - cardinality(v_taken));
+        result := public._agg_citus_store_windows(
+            p_to_tf, v_sym, p_derivation_version, v_real_now, f_ws, f_open, f_high, f_low, f_close, f_vol,
+            f_vwap, f_trades, f_source, f_expected, f_quality, cardinality(v_pending), cardinality(v_taken),
+            v_entries);
         RETURN NEXT;
     END LOOP;
 END
@@ -939,12 +963,6 @@ DECLARE
     f_source integer[];
     f_expected integer[];
     f_quality integer[];
-    v_storable bigint;
-    v_created bigint;
-    v_rewritten bigint;
-    v_poor bigint;
-    v_withdrawn bigint;
-    v_old jsonb;
 BEGIN
     FOREACH v_sym IN ARRAY p_symbols LOOP
         v_cur := NULL; v_start := NULL; v_delay := NULL; v_sess := NULL;
@@ -990,83 +1008,11 @@ BEGIN
         INTO f_ws, f_open, f_high, f_low, f_close, f_vol, f_vwap, f_trades, f_source, f_expected, f_quality
         FROM unnest(p_ws, p_we) AS p(ws, we)
         LEFT JOIN LATERAL public._agg_session_window_bars(p_to_tf, v_sym, v_sess, p.ws, p.we) w ON true;
-        SELECT count(*) FILTER (WHERE q IS NOT NULL) INTO v_storable FROM unnest(f_quality) AS q;
-        WITH written AS (
-            INSERT INTO public.derived_data_bars AS d (
-                canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
-                is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
-                quality_score, derivation_version, raw, deleted_at)
-            SELECT v_sym, p_to_tf, f.ws, f.open, f.high, f.low, f.close, f.vol, f.vwap, f.trade_count,
-                   false, 'agg', v_real_now, v_tf.source_timeframe, f.source_candles, f.expected_candles,
-                   f.quality_score, p_derivation_version, '{}'::jsonb, NULL
-            FROM unnest(f_ws, f_open, f_high, f_low, f_close, f_vol, f_vwap, f_trades, f_source, f_expected, f_quality)
-                AS f(ws, open, high, low, close, vol, vwap, trade_count, source_candles, expected_candles, quality_score)
-            WHERE f.quality_score IS NOT NULL
-            ORDER BY f.ws
-            ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
-            DO UPDATE SET
-                open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
-                vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
-                is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
-                source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
-                expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
-                derivation_version = excluded.derivation_version, updated_at = excluded.ingested_at
-            WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
-                   d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
-                   d.derivation_version)
-                  IS DISTINCT FROM
-                  (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
-                   excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
-                   excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
-            RETURNING d.quality_score, (d.xmax = 0) AS inserted
-        )
-        SELECT count(*) FILTER (WHERE w.inserted), count(*) FILTER (WHERE NOT w.inserted),
-               count(*) FILTER (WHERE w.quality_score <= 0)
-        INTO v_created, v_rewritten, v_poor
-        FROM written w;
-        WITH withdrawn AS (
-            UPDATE public.derived_data_bars d
-            SET deleted_at = v_real_now, updated_at = v_real_now
-            WHERE d.canonical_symbol = v_sym AND d.timeframe = p_to_tf AND d.deleted_at IS NULL
-              AND d.ts_utc = ANY (COALESCE(ARRAY(SELECT k.ws FROM unnest(f_ws, f_quality) AS k(ws, q)
-                                                 WHERE k.q IS NULL), '{}'))
-            RETURNING 1
-        )
-        SELECT count(*) INTO v_withdrawn FROM withdrawn;
-        IF cardinality(v_taken) > 0 THEN
-            SELECT COALESCE(s.last_run_stats, '{}'::jsonb) INTO v_old FROM public.data_agg_state s
-            WHERE s.canonical_symbol = v_sym AND s.timeframe = p_to_tf FOR NO KEY UPDATE;
-            UPDATE public.data_agg_state s
-            SET total_bars_created = s.total_bars_created + v_created,
-                total_bars_rewritten = s.total_bars_rewritten + v_rewritten,
-                total_bars_unchanged = s.total_bars_unchanged + (v_storable - v_created - v_rewritten),
-                total_bars_quality_poor = s.total_bars_quality_poor + v_poor,
-                total_bars_reaggregated = s.total_bars_reaggregated + v_created + v_rewritten,
-                total_bars_withdrawn = s.total_bars_withdrawn + v_withdrawn,
-                last_run_stats = v_old || jsonb_build_object(
-                    'windows_reaggregated', COALESCE((v_old->>'windows_reaggregated')::bigint, 0) + cardinality(p_ws),
-                    'bars_reaggregated', COALESCE((v_old->>'bars_reaggregated')::bigint, 0) + v_created + v_rewritten,
-                    'bars_created', COALESCE((v_old->>'bars_created')::bigint, 0) + v_created,
-                    'bars_rewritten', COALESCE((v_old->>'bars_rewritten')::bigint, 0) + v_rewritten,
-                    'bars_unchanged', COALESCE((v_old->>'bars_unchanged')::bigint, 0)
-                                      + (v_storable - v_created - v_rewritten),
-                    'bars_quality_poor', COALESCE((v_old->>'bars_quality_poor')::bigint, 0) + v_poor,
-                    'bars_withdrawn', COALESCE((v_old->>'bars_withdrawn')::bigint, 0) + v_withdrawn),
-                updated_at = v_real_now
-            WHERE s.canonical_symbol = v_sym AND s.timeframe = p_to_tf;
-        END IF;
         canonical_symbol := v_sym;
-        result := jsonb_build_object(
-            'success', true,
-            'windows', cardinality(p_ws),
-            'bars_created', v_created,
-            'bars_rewritten', v_rewritten,
-            'bars_unchanged', v_storable - v_created - v_rewritten,
-            'bars_withdrawn', v_withdrawn,
-            'bars_quality_poor', v_poor,
-            'bars_reaggregated', v_created + v_rewritten,
-            'entries_dropped', cardinality(v_taken) - cardinality(p_ws),
-            'entries_waiting', v_entries - cardinality(v_taken));
+        result := public._agg_citus_store_windows(
+            p_to_tf, v_sym, p_derivation_version, v_real_now, f_ws, f_open, f_high, f_low, f_close, f_vol,
+            f_vwap, f_trades, f_source, f_expected, f_quality, cardinality(p_ws), cardinality(v_taken),
+            v_entries);
         RETURN NEXT;
     END LOOP;
 END
