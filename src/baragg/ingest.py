@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 # Chunk sizes: enough to amortise per-chunk overhead, small enough to keep memory flat.
 # BARAGG_INGEST_BLOCK_BYTES overrides the CSV block size (tests use tiny blocks to cross chunk borders).
 CSV_BLOCK_BYTES = 8 << 20
+FIRST_BLOCK_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 250_000
 # A line of 1m bars is well under 200 bytes; a longer line than this is not a CSV of bars (and would
 # have to be held in memory whole).
@@ -97,7 +98,7 @@ class _Chunk:
     reader could not split into fields."""
 
     lines: np.ndarray
-    raw: pd.DataFrame
+    raw: pd.DataFrame | None  # None once checked
     done: int  # progress position after this chunk
     fields: list[pd.Series] | None = None  # one per file column, in file order (all_columns only)
     malformed: list[tuple[int, str, str]] = field(default_factory=list)  # (line, text, reason)
@@ -203,13 +204,17 @@ class _CsvSource(_Source):
     def _blocks(self) -> Iterator[tuple[int, bytes, int]]:
         """(number of the block's first line, the block: whole lines, bytes read so far)."""
         block_bytes = int(os.environ.get("BARAGG_INGEST_BLOCK_BYTES") or CSV_BLOCK_BYTES)
+        # The first block is small: the database waits for it (nothing else to do yet), while every
+        # later block is read while the one before it is written.
+        size = min(block_bytes, FIRST_BLOCK_BYTES)
         with self._stream() as stream:
             carry = b""
             header_done = False
             line = 1
             read = 0
             while True:
-                data = stream.read(block_bytes)
+                data = stream.read(size)
+                size = block_bytes
                 read += len(data)
                 at_end = not data
                 data = carry + data
@@ -1012,6 +1017,7 @@ class _Load:
         try:
             for chunk in self.reader.chunks(all_columns=with_reject):
                 checked = check_bars(chunk.raw, known_symbols=known, symbol=self.symbol)
+                chunk.raw = None  # parsed into checked.bars: not kept while the chunk waits and is written
                 ok = checked.ok.to_numpy()
                 prepared = _Prepared(chunk, checked, ok)
                 clean = with_reject or (ok.all() and not chunk.malformed)
