@@ -1051,7 +1051,8 @@ class _Load:
             return True
         if prepared.span is None or prepared.payload is None:  # the reader did not expect this chunk direct
             prepared.span = _spans(bars[ok] if not ok.all() else bars, set(tickers))
-            self._partitions_for(min(prepared.span[1]), max(prepared.span[2]))
+            # On a connection of its own (the reader thread's side connection is its own).
+            _create_partitions(self.db, partitions.months(min(prepared.span[1]), max(prepared.span[2])))
             prepared.payload = _copy_binary(bars, ok, tickers, self.source)
         symbols, firsts, lasts = prepared.span
         first, last = min(firsts), max(lasts)
