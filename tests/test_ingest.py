@@ -320,8 +320,9 @@ def test_naive_parquet_timestamps_are_utc(registered: Database, conn, tmp_path: 
 def test_parquet_times_beyond_what_postgresql_holds_are_bad_rows(
     registered: Database, conn, tmp_path: Path
 ) -> None:
-    """A Parquet time in seconds too large for microseconds is named as a bad row; it used to wrap
-    around silently into 1970 (pandas' conversion overflowed) and be stored as a wrong bar."""
+    """A Parquet time in seconds too large for microseconds is named as a bad row. pandas' conversion
+    wrapped it around into 1970: this one was refused as "not on a minute (1970-05-20 17:46:40)", and
+    a wrapped time that fell on a whole minute would have been stored as a wrong bar."""
     table = pa.table(
         {
             "ts_utc": pa.array([1_704_189_600, 10**13], pa.timestamp("s", tz="UTC")),
