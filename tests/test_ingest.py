@@ -317,6 +317,28 @@ def test_naive_parquet_timestamps_are_utc(registered: Database, conn, tmp_path: 
     assert bars(conn)[0][1] == datetime(2024, 1, 2, 10, 0, tzinfo=UTC)
 
 
+def test_parquet_times_beyond_what_postgresql_holds_are_bad_rows(
+    registered: Database, conn, tmp_path: Path
+) -> None:
+    """A Parquet time in seconds too large for microseconds is named as a bad row. pandas' conversion
+    wrapped it around into 1970: this one was refused as "not on a minute (1970-05-20 17:46:40)", and
+    a wrapped time that fell on a whole minute would have been stored as a wrong bar."""
+    table = pa.table(
+        {
+            "ts_utc": pa.array([1_704_189_600, 10**13], pa.timestamp("s", tz="UTC")),
+            "open": [1.0, 1.0],
+            "high": [2.0, 2.0],
+            "low": [0.5, 0.5],
+            "close": [1.0, 1.0],
+        }
+    )
+    pq.write_table(table, tmp_path / "far.parquet")
+    done = baragg(registered, "ingest", tmp_path / "far.parquet", "--symbol", "EURUSD")
+    assert done.returncode == 2, done.stderr
+    assert "far.parquet: 1 bad row; row 2: ts_utc: cannot parse '318857-05-20 17:46:40" in done.stderr
+    assert bars(conn) == []
+
+
 def test_many_chunks_and_duplicates_across_chunks(
     registered: Database, conn, tmp_path: Path, monkeypatch
 ) -> None:

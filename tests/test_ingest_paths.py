@@ -8,6 +8,8 @@ stored values, late-data log, refusals, memory) must not depend on which way a c
 from __future__ import annotations
 
 import csv
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 from baragg import ingest
 from baragg.db import Database
 from baragg.errors import InvalidInput
-from ops_helpers import write_csv
+from ops_helpers import baragg, write_csv
 from rss_helpers import baragg_peak_rss
 
 START = datetime(2024, 1, 2, 10, 0, tzinfo=UTC)
@@ -37,15 +39,19 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def direct_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Rows per chunk that went the direct way (the binary COPY into data_bars)."""
+    """Rows per chunk that went the direct way (the binary COPY into data_bars). Counted where the
+    chunk is written, not where it is encoded: the reader thread encodes a chunk ahead, before the
+    overlap probe decides which way it goes."""
     calls: list[int] = []
-    real = ingest._copy_binary
+    real = ingest._Load._direct
 
-    def spy(bars, good, tickers, source):  # type: ignore[no-untyped-def]
-        calls.append(int(good.sum()))
-        return real(bars, good, tickers, source)
+    def spy(self, conn, cur, prepared, tickers, spans):  # type: ignore[no-untyped-def]
+        written = real(self, conn, cur, prepared, tickers, spans)
+        if written and prepared.ok.any():
+            calls.append(int(prepared.ok.sum()))
+        return written
 
-    monkeypatch.setattr(ingest, "_copy_binary", spy)
+    monkeypatch.setattr(ingest._Load, "_direct", spy)
     return calls
 
 
@@ -202,3 +208,95 @@ def test_memory_stays_flat_with_ten_times_the_rows(registered: Database, conn, t
         assert f"inserted {n:,}" in done.stdout or f"inserted {n}" in done.stdout, done.stdout
         peaks.append(peak)
     assert peaks[1] - peaks[0] < 20, f"peak RSS {peaks[0]:.0f} MiB -> {peaks[1]:.0f} MiB"
+
+
+def test_a_bad_row_in_a_later_chunk_stores_nothing_though_earlier_chunks_went_in(
+    registered: Database, conn, tmp_path: Path, small_blocks, direct_calls: list[int]
+) -> None:
+    """Chunks are read, checked and encoded one ahead of the one being written, so earlier chunks are
+    already in data_bars (in the load's transaction) when a bad row turns up: the command still exits
+    2 naming the row, on one line, and nothing is stored."""
+    rows = [line(m) for m in range(300)]
+    rows[247] = rows[247].replace(",1.3,", ",0.5,")  # line 249: high below low
+    path = write_csv(tmp_path / "late_bad.csv", HEADER, *rows)
+    with pytest.raises(InvalidInput, match=r"^late_bad.csv: 1 bad row; line 249: high: high 0.5 below low 1"):
+        ingest.ingest_file(registered, path, symbol="EURUSD")
+    assert sum(direct_calls) >= 200  # the chunks before it had gone the direct way
+    assert stored(conn) == {}
+    done = baragg(registered, "ingest", path, "--symbol", "EURUSD", env={"BARAGG_INGEST_BLOCK_BYTES": "1024"})
+    assert done.returncode == 2
+    assert "line 249: high: high 0.5 below low 1" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert stored(conn) == {}
+
+
+@pytest.mark.timeout(60)
+def test_an_error_in_the_reader_thread_is_raised_and_nothing_is_stored(
+    registered: Database, conn, tmp_path: Path, small_blocks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader thread fails on its fourth chunk while the main thread writes the third: the same
+    exception comes out of ingest_file (no wait for ever), the transaction is rolled back, and the
+    thread is gone."""
+    calls = []
+    real = ingest.check_bars
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError("disk went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "check_bars", failing)
+    path = write_csv(tmp_path / "bars.csv", HEADER, *[line(m) for m in range(300)])
+    with pytest.raises(OSError, match="disk went away"):
+        ingest.ingest_file(registered, path, symbol="EURUSD")
+    assert stored(conn) == {}
+    assert not [t for t in threading.enumerate() if t.name == "ingest-read"]
+
+
+@pytest.mark.timeout(30)
+def test_prefetch_raises_what_the_producer_raised_even_from_its_cleanup() -> None:
+    """``_prefetch`` hands over each item and then the producer's error; an error while the producer
+    closes its source (after its last item, so no item carries it) is raised too, never waited for."""
+
+    def failing() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise ValueError("bad block")
+
+    assert_items = []
+    with pytest.raises(ValueError, match="bad block"):
+        for item in ingest._prefetch(failing()):
+            assert_items.append(item)
+    assert assert_items == [1, 2]
+
+    class Source:
+        def __iter__(self) -> Iterator[int]:
+            return iter([1, 2, 3])
+
+        def close(self) -> None:
+            raise RuntimeError("cannot close the file")
+
+    items = []
+    with pytest.raises(RuntimeError, match="cannot close the file"):
+        for item in ingest._prefetch(Source()):  # type: ignore[arg-type]
+            items.append(item)
+    assert items == [1, 2, 3]
+
+
+@pytest.mark.timeout(30)
+def test_prefetch_stops_its_thread_when_the_consumer_stops() -> None:
+    produced = []
+
+    def endless() -> Iterator[int]:
+        n = 0
+        while n < 1_000_000:  # bounded; the consumer stops long before
+            produced.append(n)
+            yield n
+            n += 1
+
+    for item in ingest._prefetch(endless()):
+        if item == 3:
+            break
+    assert not [t for t in threading.enumerate() if t.name == "ingest-read"]
+    assert len(produced) <= 6  # one handed over, one waiting in the queue, one being made

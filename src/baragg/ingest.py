@@ -41,13 +41,14 @@ from baragg import partitions, sessions
 from baragg.db import Database
 from baragg.errors import BaraggError, InvalidInput, shown
 from baragg.sql import query
-from baragg.validation import REQUIRED, check_bars, column_names
+from baragg.validation import REQUIRED, Checked, check_bars, column_names
 
 log = logging.getLogger(__name__)
 
 # Chunk sizes: enough to amortise per-chunk overhead, small enough to keep memory flat.
 # BARAGG_INGEST_BLOCK_BYTES overrides the CSV block size (tests use tiny blocks to cross chunk borders).
 CSV_BLOCK_BYTES = 8 << 20
+FIRST_BLOCK_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 250_000
 # A line of 1m bars is well under 200 bytes; a longer line than this is not a CSV of bars (and would
 # have to be held in memory whole).
@@ -97,10 +98,23 @@ class _Chunk:
     reader could not split into fields."""
 
     lines: np.ndarray
-    raw: pd.DataFrame
+    raw: pd.DataFrame | None  # None once checked
     done: int  # progress position after this chunk
     fields: list[pd.Series] | None = None  # one per file column, in file order (all_columns only)
     malformed: list[tuple[int, str, str]] = field(default_factory=list)  # (line, text, reason)
+
+
+@dataclass
+class _Prepared:
+    """A chunk as the reader thread hands it over: read, checked, and, when it may go straight into
+    data_bars, its good rows' span per symbol and their COPY payload (so that the main thread only
+    streams bytes while the server works)."""
+
+    chunk: _Chunk
+    checked: Checked
+    ok: np.ndarray
+    span: tuple[list[str], list[datetime], list[datetime]] | None = None  # symbols, first, last times
+    payload: list[Any] | None = None  # from _copy_binary
 
 
 class _Source:
@@ -190,13 +204,17 @@ class _CsvSource(_Source):
     def _blocks(self) -> Iterator[tuple[int, bytes, int]]:
         """(number of the block's first line, the block: whole lines, bytes read so far)."""
         block_bytes = int(os.environ.get("BARAGG_INGEST_BLOCK_BYTES") or CSV_BLOCK_BYTES)
+        # The first block is small: the database waits for it (nothing else to do yet), while every
+        # later block is read while the one before it is written.
+        size = min(block_bytes, FIRST_BLOCK_BYTES)
         with self._stream() as stream:
             carry = b""
             header_done = False
             line = 1
             read = 0
             while True:
-                data = stream.read(block_bytes)
+                data = stream.read(size)
+                size = block_bytes
                 read += len(data)
                 at_end = not data
                 data = carry + data
@@ -726,6 +744,19 @@ def _copy_binary(
     return parts
 
 
+def _spans(good: pd.DataFrame, known: set[str]) -> tuple[list[str], list[datetime], list[datetime]]:
+    """The good rows' symbols, each with its first and last time."""
+    one = _one_symbol_span(good, known)
+    if one is not None:
+        return [one[0]], [one[1].to_pydatetime()], [one[2].to_pydatetime()]
+    span = good.groupby("canonical_symbol", observed=True)["ts_utc"].agg(["min", "max"])
+    return (
+        [str(s) for s in span.index],
+        [t.to_pydatetime() for t in span["min"]],
+        [t.to_pydatetime() for t in span["max"]],
+    )
+
+
 def _one_symbol_span(bars: pd.DataFrame, known: set[str]) -> tuple[str, pd.Timestamp, pd.Timestamp] | None:
     """(symbol, first, last) when every row of the chunk has the same registered symbol and a time,
     and the times strictly rise; None otherwise (the general, slower checks decide then)."""
@@ -877,6 +908,7 @@ class _Load:
         self.reject_file, self.on_progress, self.max_rejects = reject_file, on_progress, max_rejects
         self.reject: _RejectFile | None = None
         self.copy_refused = False  # COPY into data_bars refused (row-level security): stage only
+        self.side: psycopg.Connection | None = None  # the reader thread's, for partitions (see _prepared)
 
     def run(self, conn: Any, tickers: dict[str, str | None], *, direct: bool) -> IngestReport:
         reader, path = self.reader, self.path
@@ -905,12 +937,11 @@ class _Load:
             conn.execute(query("ingest_create_stage"))
             try:
                 with conn.cursor() as cur:
-                    for chunk, checked in _prefetch(
-                        (chunk, check_bars(chunk.raw, known_symbols=known, symbol=self.symbol))
-                        for chunk in reader.chunks(all_columns=reject is not None)
+                    for prepared in _prefetch(
+                        self._prepared(tickers, direct=direct, with_reject=reject is not None)
                     ):
+                        chunk, checked, ok = prepared.chunk, prepared.checked, prepared.ok
                         report.read += len(chunk.lines) + len(chunk.malformed)
-                        ok = checked.ok.to_numpy()
                         bad.add_malformed(chunk.malformed)
                         bad_positions = np.flatnonzero(~ok)
                         if len(bad_positions):
@@ -926,7 +957,7 @@ class _Load:
                             and not may_have_duplicates
                             and (reject is not None or not bad.count)
                         ):
-                            written = self._direct(conn, cur, checked.bars, ok, tickers, direct_spans)
+                            written = self._direct(conn, cur, prepared, tickers, direct_spans)
                         if written:
                             direct_chunks = True
                             direct_rows += int(ok.sum())
@@ -975,33 +1006,56 @@ class _Load:
             raise
         return report
 
+    def _prepared(
+        self, tickers: dict[str, str | None], *, direct: bool, with_reject: bool
+    ) -> Iterator[_Prepared]:
+        """The file's chunks, each checked, and (on the direct path) its months' partitions made and its
+        good rows encoded: run in the reader thread (see ``_prefetch``), one chunk ahead of the one the
+        main thread streams into COPY. A chunk that will be staged (a bad row and no reject file: the
+        file is refused anyway) is not encoded."""
+        known = set(tickers)
+        try:
+            for chunk in self.reader.chunks(all_columns=with_reject):
+                checked = check_bars(chunk.raw, known_symbols=known, symbol=self.symbol)
+                chunk.raw = None  # parsed into checked.bars: not kept while the chunk waits and is written
+                ok = checked.ok.to_numpy()
+                prepared = _Prepared(chunk, checked, ok)
+                clean = with_reject or (ok.all() and not chunk.malformed)
+                if direct and not self.copy_refused and clean and ok.any():
+                    good = checked.bars[ok] if not ok.all() else checked.bars
+                    prepared.span = _spans(good, known)
+                    # Before the main thread's probe of this chunk: creating a partition waits for every
+                    # lock on the table's default partition. The probe's bounds prune to the chunk's
+                    # months (then all partitions), so the load never locks the default partition and
+                    # later chunks' months can still be attached while it writes.
+                    self._partitions_for(min(prepared.span[1]), max(prepared.span[2]))
+                    prepared.payload = _copy_binary(checked.bars, ok, tickers, self.source)
+                yield prepared
+        finally:
+            if self.side is not None:
+                self.side.close()
+                self.side = None
+
     def _direct(
         self,
         conn: Any,
         cur: Any,
-        bars: pd.DataFrame,
-        ok: np.ndarray,
+        prepared: _Prepared,
         tickers: dict[str, str | None],
         spans: dict[str, tuple[Any, Any]],
     ) -> bool:
         """COPY the chunk's good rows straight into data_bars when none of them can exist there;
         False (nothing written) when the chunk must be staged."""
+        ok, bars = prepared.ok, prepared.checked.bars
         if not ok.any():
             return True
-        good = bars[ok] if not ok.all() else bars
-        one = _one_symbol_span(good, set(tickers))
-        if one is not None:
-            symbols, firsts, lasts = [one[0]], [one[1].to_pydatetime()], [one[2].to_pydatetime()]
-        else:
-            span = good.groupby("canonical_symbol", observed=True)["ts_utc"].agg(["min", "max"])
-            symbols = [str(s) for s in span.index]
-            firsts = [t.to_pydatetime() for t in span["min"]]
-            lasts = [t.to_pydatetime() for t in span["max"]]
-        # Before the probe: creating a partition waits for every lock on the table's default partition.
-        # The probe's bounds prune to this chunk's months (now all partitions), so this transaction
-        # never locks the default partition and later chunks' months can still be attached.
+        if prepared.span is None or prepared.payload is None:  # the reader did not expect this chunk direct
+            prepared.span = _spans(bars[ok] if not ok.all() else bars, set(tickers))
+            # On a connection of its own (the reader thread's side connection is its own).
+            _create_partitions(self.db, partitions.months(min(prepared.span[1]), max(prepared.span[2])))
+            prepared.payload = _copy_binary(bars, ok, tickers, self.source)
+        symbols, firsts, lasts = prepared.span
         first, last = min(firsts), max(lasts)
-        self._partitions_for(first, last)
         row = conn.execute(
             query("ingest_overlaps"),
             {"symbols": symbols, "firsts": firsts, "lasts": lasts, "first": first, "last": last},
@@ -1009,10 +1063,9 @@ class _Load:
         )
         if row.fetchone()[0]:
             return False
-        buffers = _copy_binary(bars, ok, tickers, self.source)
         try:
             with conn.transaction(), cur.copy(query("ingest_copy_direct")) as copy:
-                for buffer in buffers:
+                for buffer in prepared.payload:
                     copy.write(buffer)
         except psycopg.errors.UniqueViolation:  # stored by someone else since the probe
             return False
@@ -1021,17 +1074,30 @@ class _Load:
             # database where RLS is on, issue 13): every chunk goes through the stage's INSERT then.
             self.copy_refused = True
             return False
+        prepared.payload = None  # the bytes are on the server: free them before the next chunk
         for sym, first, last in zip(symbols, firsts, lasts, strict=True):
             old = spans.get(sym)
             spans[sym] = (first, last) if old is None else (min(first, old[0]), max(last, old[1]))
         return True
 
     def _partitions_for(self, first: datetime, last: datetime) -> None:
-        """The partitions of the months [first, last], created by another connection before this
-        transaction locks the table (see ``_direct``). A no-op on unpartitioned tables; never fatal
-        (the default partition takes the rows); each month is tried once."""
+        """The partitions of the months [first, last], created on a connection of their own (not in
+        this load's transaction) before the rows are written. A no-op on unpartitioned tables; never
+        fatal (the default partition takes the rows); each month is tried once. The connection stays
+        open for the whole load (a new one per chunk cost ~40 ms of server start each time)."""
         months = [m for m in partitions.months(first, last) if m not in self.months_ready]
-        _create_partitions(self.db, months)
+        if not months:
+            return
+        try:
+            if self.side is None or self.side.closed:
+                self.side = partitions.side_connection(self.db)
+            for table in partitions.TABLES:
+                partitions.ensure_months_on(self.side, table, months)
+        except (psycopg.Error, BaraggError) as exc:
+            log.warning("could not create the partitions of the new rows' months (%s)", str(exc).strip())
+            if self.side is not None:
+                self.side.close()
+                self.side = None
         self.months_ready.update(months)
 
     def finish_reject(self, report: IngestReport) -> None:
@@ -1054,43 +1120,51 @@ _DONE = object()
 
 
 def _prefetch(items: Iterator[T], depth: int = 1) -> Iterator[T]:
-    """``items``, produced one ahead in a thread: the next chunk is read and checked (Arrow and
+    """``items``, produced ahead in a thread: the next chunk is read, checked and encoded (Arrow and
     numpy release the GIL for most of it) while the database takes the current one. The queue holds
-    ``depth`` items, so memory stays at a few chunks; an error in the thread is raised here, and a
+    ``depth`` items, so memory stays at a few chunks; an error in the thread is raised here (the same
+    exception), a thread that dies without a word is an error too (never a wait for ever), and a
     consumer that stops early stops the thread."""
     results: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def hand_over(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
+        outcome: tuple[Any, BaseException | None] = (_DONE, None)
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        results.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            outcome: tuple[Any, BaseException | None] = (_DONE, None)
+                if not hand_over((item, None)):
+                    break
         except BaseException as exc:
             outcome = (_DONE, exc)
         finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-        while not stop.is_set():
             try:
-                results.put(outcome, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+                close = getattr(items, "close", None)
+                if close is not None:
+                    close()
+            except BaseException as exc:
+                if outcome[1] is None:
+                    outcome = (_DONE, exc)
+            hand_over(outcome)
 
     thread = threading.Thread(target=produce, name="ingest-read", daemon=True)
     thread.start()
     try:
         while True:
-            item, error = results.get()
+            try:
+                item, error = results.get(timeout=0.5)
+            except queue.Empty:
+                if thread.is_alive() or not results.empty():
+                    continue
+                raise BaraggError("ingest: the file reader stopped without a result") from None
             if item is _DONE:
                 if error is not None:
                     raise error

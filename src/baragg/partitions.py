@@ -63,10 +63,23 @@ def ensure_months(db: Database, table: str, months: Sequence[datetime]) -> int:
     """Create the partitions of ``months`` that are missing, in a transaction of their own."""
     if not months:
         return 0
-    with db.connect(autocommit=True) as conn:
-        # Never queue behind a long transaction (the caller's own ingest may hold the default partition).
-        conn.execute("SET lock_timeout = '2s'")
-        row = conn.execute(query("partitions_ensure"), {"table": table, "months": list(months)}).fetchone()
+    with side_connection(db) as conn:
+        return ensure_months_on(conn, table, months)
+
+
+def side_connection(db: Database) -> psycopg.Connection:
+    """An autocommit connection for ``ensure_months_on``, beside a caller's long transaction."""
+    conn = db.connect(autocommit=True)
+    # Never queue behind a long transaction (the caller's own ingest may hold the default partition).
+    conn.execute("SET lock_timeout = '2s'")
+    return conn
+
+
+def ensure_months_on(conn: psycopg.Connection, table: str, months: Sequence[datetime]) -> int:
+    """``ensure_months`` on an open ``side_connection`` (an ingest keeps one for all its chunks)."""
+    if not months:
+        return 0
+    row = conn.execute(query("partitions_ensure"), {"table": table, "months": list(months)}).fetchone()
     return int(row[0]) if row and row[0] is not None else 0
 
 
