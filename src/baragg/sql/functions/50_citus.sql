@@ -114,6 +114,59 @@ $citus$;
 
 
 -- ---------------------------------------------------------------------------------------------
+-- _agg_citus_upsert: write one symbol's computed windows on Citus (the catch-ups and re-aggregations
+-- of 50_citus.sql): one element per window in the arrays, quality NULL: nothing storable, skipped.
+-- The engine's upsert (a bar equal to the stored one writes nothing), as one statement naming the
+-- symbol, so it runs on the symbol's node. Returns the bars inserted, rewritten, and written with
+-- quality <= 0.
+CREATE OR REPLACE FUNCTION public._agg_citus_upsert(
+    p_to_tf text, p_symbol text, p_derivation_version integer, p_now timestamptz,
+    p_ws timestamptz[], p_open double precision[], p_high double precision[], p_low double precision[],
+    p_close double precision[], p_vol double precision[], p_vwap double precision[], p_trades integer[],
+    p_source integer[], p_expected integer[], p_quality integer[],
+    OUT created bigint, OUT rewritten bigint, OUT poor bigint)
+LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    v_tf public.agg_timeframes := public._agg_ladder(p_to_tf);
+BEGIN
+    WITH written AS (
+        INSERT INTO public.derived_data_bars AS d (
+            canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
+            is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
+            quality_score, derivation_version, raw, deleted_at)
+        SELECT p_symbol, p_to_tf, h.ts_utc, h.open, h.high, h.low, h.close, h.vol, h.vwap, h.trade_count,
+               false, 'agg', p_now, v_tf.source_timeframe, h.source_candles, h.expected_candles,
+               h.quality_score, p_derivation_version, '{}'::jsonb, NULL
+        FROM unnest(p_ws, p_open, p_high, p_low, p_close, p_vol, p_vwap, p_trades, p_source, p_expected, p_quality)
+            AS h(ts_utc, open, high, low, close, vol, vwap, trade_count, source_candles, expected_candles,
+                 quality_score)
+        WHERE h.quality_score IS NOT NULL
+        ORDER BY h.ts_utc
+        ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
+        DO UPDATE SET
+            open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
+            vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
+            is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
+            source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
+            expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
+            derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = excluded.ingested_at
+        WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
+               d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
+               d.derivation_version)
+              IS DISTINCT FROM
+              (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
+               excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
+               excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
+        RETURNING d.quality_score, (d.xmax = 0) AS inserted
+    )
+    SELECT count(*) FILTER (WHERE w.inserted), count(*) FILTER (WHERE NOT w.inserted),
+           count(*) FILTER (WHERE w.quality_score <= 0)
+    INTO created, rewritten, poor
+    FROM written w;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- _agg_catchup_citus: agg_catchup_tasks on Citus (it calls this first there), symbol by symbol.
 -- ---------------------------------------------------------------------------------------------
 -- The same plan as agg_catchup_tasks (functions/10_engine.sql: s0, limit, next, scan end, windows,
@@ -245,40 +298,10 @@ BEGIN
         v_last_ws := w_ts[v_handled];
         SELECT count(*) FILTER (WHERE q IS NULL) INTO v_skipped FROM unnest(w_quality) AS q;
         -- written: changed bars only (an equal recompute writes nothing)
-        WITH written AS (
-            INSERT INTO public.derived_data_bars AS d (
-                canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
-                is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
-                quality_score, derivation_version, raw, deleted_at)
-            SELECT v_sym, p_to_tf, h.ts_utc, h.open, h.high, h.low, h.close, h.vol, h.vwap, h.trade_count,
-                   false, 'agg', v_now_real.t, v_tf.source_timeframe, h.source_candles, h.expected_candles,
-                   h.quality_score, p_derivation_version, '{}'::jsonb, NULL
-            FROM unnest(w_ts, w_open, w_high, w_low, w_close, w_vol, w_vwap, w_trades, w_source, w_expected, w_quality)
-                AS h(ts_utc, open, high, low, close, vol, vwap, trade_count, source_candles, expected_candles,
-                     quality_score)
-            CROSS JOIN (SELECT now() AS t) v_now_real
-            WHERE h.quality_score IS NOT NULL
-            ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
-            DO UPDATE SET
-                open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
-                vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
-                is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
-                source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
-                expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
-                derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = excluded.ingested_at
-            WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
-                   d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
-                   d.derivation_version)
-                  IS DISTINCT FROM
-                  (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
-                   excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
-                   excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
-            RETURNING d.quality_score, (d.xmax = 0) AS inserted
-        )
-        SELECT count(*) FILTER (WHERE w.inserted), count(*) FILTER (WHERE NOT w.inserted),
-               count(*) FILTER (WHERE w.quality_score <= 0)
-        INTO v_created, v_rewritten, v_poor
-        FROM written w;
+        SELECT u.created, u.rewritten, u.poor INTO v_created, v_rewritten, v_poor
+        FROM public._agg_citus_upsert(p_to_tf, v_sym, p_derivation_version, now(),
+                                      w_ts, w_open, w_high, w_low, w_close, w_vol,
+                                      w_vwap, w_trades, w_source, w_expected, w_quality) u;
         -- outcome: the new cursor
         v_new := CASE WHEN v_handled >= p_max_windows THEN v_last_ws + v_iv
                       WHEN v_scan_end < v_nxt THEN v_scan_end
@@ -535,39 +558,10 @@ DECLARE
     v_old jsonb;
 BEGIN
     SELECT count(*) FILTER (WHERE q IS NOT NULL) INTO v_storable FROM unnest(f_quality) AS q;
-    WITH written AS (
-        INSERT INTO public.derived_data_bars AS d (
-            canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
-            is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
-            quality_score, derivation_version, raw, deleted_at)
-        SELECT p_symbol, p_to_tf, f.ws, f.open, f.high, f.low, f.close, f.vol, f.vwap, f.trade_count,
-               false, 'agg', p_now, v_tf.source_timeframe, f.source_candles, f.expected_candles,
-               f.quality_score, p_derivation_version, '{}'::jsonb, NULL
-        FROM unnest(f_ws, f_open, f_high, f_low, f_close, f_vol, f_vwap, f_trades, f_source, f_expected, f_quality)
-            AS f(ws, open, high, low, close, vol, vwap, trade_count, source_candles, expected_candles, quality_score)
-        WHERE f.quality_score IS NOT NULL
-        ORDER BY f.ws
-        ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
-        DO UPDATE SET
-            open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
-            vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
-            is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
-            source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
-            expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
-            derivation_version = excluded.derivation_version, updated_at = excluded.ingested_at
-        WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
-               d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
-               d.derivation_version)
-              IS DISTINCT FROM
-              (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
-               excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
-               excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
-        RETURNING d.quality_score, (d.xmax = 0) AS inserted
-    )
-    SELECT count(*) FILTER (WHERE w.inserted), count(*) FILTER (WHERE NOT w.inserted),
-           count(*) FILTER (WHERE w.quality_score <= 0)
-    INTO v_created, v_rewritten, v_poor
-    FROM written w;
+    SELECT u.created, u.rewritten, u.poor INTO v_created, v_rewritten, v_poor
+    FROM public._agg_citus_upsert(p_to_tf, p_symbol, p_derivation_version, p_now,
+                                  f_ws, f_open, f_high, f_low, f_close, f_vol,
+                                  f_vwap, f_trades, f_source, f_expected, f_quality) u;
     WITH withdrawn AS (
         UPDATE public.derived_data_bars d
         SET deleted_at = p_now, updated_at = p_now
@@ -843,40 +837,10 @@ BEGIN
         v_last_we := w_end[v_handled];
         SELECT count(*) FILTER (WHERE q IS NULL) INTO v_skipped FROM unnest(w_quality) AS q;
         -- written: changed bars only (an equal recompute writes nothing)
-        WITH written AS (
-            INSERT INTO public.derived_data_bars AS d (
-                canonical_symbol, timeframe, ts_utc, open, high, low, close, vol, vwap, trade_count,
-                is_partial, source, ingested_at, source_timeframe, source_candles, expected_candles,
-                quality_score, derivation_version, raw, deleted_at)
-            SELECT v_sym, p_to_tf, h.ts_utc, h.open, h.high, h.low, h.close, h.vol, h.vwap, h.trade_count,
-                   false, 'agg', v_now_real.t, v_tf.source_timeframe, h.source_candles, h.expected_candles,
-                   h.quality_score, p_derivation_version, '{}'::jsonb, NULL
-            FROM unnest(w_ts, w_open, w_high, w_low, w_close, w_vol, w_vwap, w_trades, w_source, w_expected, w_quality)
-                AS h(ts_utc, open, high, low, close, vol, vwap, trade_count, source_candles, expected_candles,
-                     quality_score)
-            CROSS JOIN (SELECT now() AS t) v_now_real
-            WHERE h.quality_score IS NOT NULL
-            ON CONFLICT (canonical_symbol, timeframe, ts_utc) WHERE deleted_at IS NULL
-            DO UPDATE SET
-                open = excluded.open, high = excluded.high, low = excluded.low, close = excluded.close,
-                vol = excluded.vol, vwap = excluded.vwap, trade_count = excluded.trade_count,
-                is_partial = false, source = excluded.source, ingested_at = excluded.ingested_at,
-                source_timeframe = excluded.source_timeframe, source_candles = excluded.source_candles,
-                expected_candles = excluded.expected_candles, quality_score = excluded.quality_score,
-                derivation_version = excluded.derivation_version, raw = excluded.raw, updated_at = excluded.ingested_at
-            WHERE (d.open, d.high, d.low, d.close, d.vol, d.vwap, d.trade_count, d.is_partial,
-                   d.source_timeframe, d.source_candles, d.expected_candles, d.quality_score,
-                   d.derivation_version)
-                  IS DISTINCT FROM
-                  (excluded.open, excluded.high, excluded.low, excluded.close, excluded.vol, excluded.vwap,
-                   excluded.trade_count, false, excluded.source_timeframe, excluded.source_candles,
-                   excluded.expected_candles, excluded.quality_score, excluded.derivation_version)
-            RETURNING d.quality_score, (d.xmax = 0) AS inserted
-        )
-        SELECT count(*) FILTER (WHERE w.inserted), count(*) FILTER (WHERE NOT w.inserted),
-               count(*) FILTER (WHERE w.quality_score <= 0)
-        INTO v_created, v_rewritten, v_poor
-        FROM written w;
+        SELECT u.created, u.rewritten, u.poor INTO v_created, v_rewritten, v_poor
+        FROM public._agg_citus_upsert(p_to_tf, v_sym, p_derivation_version, now(),
+                                      w_ts, w_open, w_high, w_low, w_close, w_vol,
+                                      w_vwap, w_trades, w_source, w_expected, w_quality) u;
         -- outcome: the new cursor
         v_new := CASE WHEN v_s0 IS NULL THEN v_cur
                       WHEN v_handled >= p_max_windows
