@@ -261,6 +261,45 @@ def test_bars_equal_plain_postgresql_and_late_data_rewrites_them(distributed: st
     assert sql(url, "SELECT count(*) FROM agg_invalidations") == [(0,)]
 
 
+def test_a_task_moved_back_withdraws_the_bar_of_a_window_that_lost_its_rows(distributed: str) -> None:
+    """The catch-up's withdrawal on Citus (a cursor moved back over stored bars, as `backfill --from`
+    does): a window whose 1m rows are no longer eligible loses its bar (soft-deleted), the others are
+    recomputed equal."""
+    url = distributed
+    cli(url, "run", "--once", "--now", NOW)
+    window = T0 + timedelta(hours=10)  # CCC has all five minutes of 10:00-10:05
+    gone = "canonical_symbol = 'CCC' AND timeframe = '1m' AND ts_utc >= %s AND ts_utc < %s"
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                f"UPDATE data_bars SET is_partial = true WHERE {gone}",
+                (window, window + timedelta(minutes=5)),
+            )
+            conn.execute("TRUNCATE agg_invalidations")  # the catch-up, not the late-data path, handles it
+            conn.execute(
+                "UPDATE data_agg_state SET last_agg_bar_ts_utc = %s, next_run_at = NULL"
+                " WHERE canonical_symbol = 'CCC' AND timeframe = '5m'",
+                (T0,),
+            )
+            assert conn.execute("SELECT agg_start('CCC', '5m', %s, 'seed')", (NOW,)).fetchone()[0]["claimed"]
+            step = conn.execute(
+                "SELECT catchup_aggregation_range('CCC', '5m', %s, 1000, %s)", (T0, NOW)
+            ).fetchone()[0]
+        assert step["success"] and step["bars_withdrawn"] == 1 and step["bars_unchanged"] == 287, step
+        assert sql(
+            url,
+            "SELECT ts_utc FROM derived_data_bars WHERE canonical_symbol = 'CCC' AND timeframe = '5m'"
+            " AND deleted_at IS NOT NULL",
+        ) == [(window,)]
+    finally:
+        sql(
+            url,
+            f"UPDATE data_bars SET is_partial = false WHERE {gone} RETURNING 1",
+            window,
+            window + timedelta(minutes=5),
+        )
+
+
 def test_three_workers_at_once_build_every_bar_once(distributed: str, plain: dict) -> None:
     url = distributed
     procs = [popen_cli("run", "--once", "--now", NOW, "--batch-size", "2", url=url) for _ in range(3)]

@@ -167,6 +167,32 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- _agg_citus_withdraw: a Citus catch-up's withdrawal for one symbol (both catch-ups below): the active
+-- bars in [p_from, p_to), the windows the call passed over, that have no storable bar now (p_ws /
+-- p_quality: the windows it computed, quality NULL: nothing storable) are soft-deleted. Returns how
+-- many. One statement naming the symbol, so it runs on the symbol's node.
+CREATE OR REPLACE FUNCTION public._agg_citus_withdraw(p_to_tf text, p_symbol text, p_from timestamptz,
+                                               p_to timestamptz, p_ws timestamptz[], p_quality integer[])
+RETURNS bigint LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    v_withdrawn bigint;
+BEGIN
+    WITH wd AS (
+        UPDATE public.derived_data_bars d
+        SET deleted_at = v_now_real.t, updated_at = v_now_real.t
+        FROM (SELECT now() AS t) v_now_real
+        WHERE d.canonical_symbol = p_symbol AND d.timeframe = p_to_tf
+          AND d.ts_utc >= p_from AND d.ts_utc < p_to AND d.deleted_at IS NULL
+          AND NOT (d.ts_utc = ANY (COALESCE(
+              ARRAY(SELECT k.ts FROM unnest(p_ws, p_quality) AS k(ts, q) WHERE k.q IS NOT NULL), '{}')))
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_withdrawn FROM wd;
+    RETURN v_withdrawn;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- _agg_catchup_citus: agg_catchup_tasks on Citus (it calls this first there), symbol by symbol.
 -- ---------------------------------------------------------------------------------------------
 -- The same plan as agg_catchup_tasks (functions/10_engine.sql: s0, limit, next, scan end, windows,
@@ -310,20 +336,8 @@ BEGIN
                  END;
         v_more := COALESCE(v_handled >= p_max_windows OR v_scan_end < v_nxt, false);
         -- withdrawn: stored bars in the windows passed over that have no storable bar now
-        v_withdrawn := 0;
-        IF v_recheck THEN
-            WITH wd AS (
-                UPDATE public.derived_data_bars d
-                SET deleted_at = v_now_real.t, updated_at = v_now_real.t
-                FROM (SELECT now() AS t) v_now_real
-                WHERE d.canonical_symbol = v_sym AND d.timeframe = p_to_tf
-                  AND d.ts_utc >= v_s0 AND d.ts_utc < v_new AND d.deleted_at IS NULL
-                  AND NOT (d.ts_utc = ANY (COALESCE(
-                      ARRAY(SELECT k.ts FROM unnest(w_ts, w_quality) AS k(ts, q) WHERE k.q IS NOT NULL), '{}')))
-                RETURNING 1
-            )
-            SELECT count(*) INTO v_withdrawn FROM wd;
-        END IF;
+        v_withdrawn := CASE WHEN v_recheck
+                            THEN public._agg_citus_withdraw(p_to_tf, v_sym, v_s0, v_new, w_ts, w_quality) ELSE 0 END;
         canonical_symbol := v_sym;
         result := jsonb_build_object(
             'success', true,
@@ -850,20 +864,8 @@ BEGIN
                       ELSE v_bound END;
         v_more := COALESCE(v_handled >= p_max_windows OR v_scan_end < v_bound, false);
         -- withdrawn: stored bars in the windows passed over that have no storable bar now
-        v_withdrawn := 0;
-        IF v_recheck THEN
-            WITH wd AS (
-                UPDATE public.derived_data_bars d
-                SET deleted_at = v_now_real.t, updated_at = v_now_real.t
-                FROM (SELECT now() AS t) v_now_real
-                WHERE d.canonical_symbol = v_sym AND d.timeframe = p_to_tf
-                  AND d.ts_utc >= v_s0 AND d.ts_utc < v_new AND d.deleted_at IS NULL
-                  AND NOT (d.ts_utc = ANY (COALESCE(
-                      ARRAY(SELECT k.ts FROM unnest(w_ts, w_quality) AS k(ts, q) WHERE k.q IS NOT NULL), '{}')))
-                RETURNING 1
-            )
-            SELECT count(*) INTO v_withdrawn FROM wd;
-        END IF;
+        v_withdrawn := CASE WHEN v_recheck
+                            THEN public._agg_citus_withdraw(p_to_tf, v_sym, v_s0, v_new, w_ts, w_quality) ELSE 0 END;
         canonical_symbol := v_sym;
         result := jsonb_build_object(
             'success', true,
