@@ -45,8 +45,8 @@ def direct_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = ingest._Load._direct
 
-    def spy(self, conn, cur, prepared, tickers, spans):  # type: ignore[no-untyped-def]
-        written = real(self, conn, cur, prepared, tickers, spans)
+    def spy(self, conn, cur, prepared, spans):  # type: ignore[no-untyped-def]
+        written = real(self, conn, cur, prepared, spans)
         if written and prepared.ok.any():
             calls.append(int(prepared.ok.sum()))
         return written

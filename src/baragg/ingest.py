@@ -803,26 +803,6 @@ def _may_repeat_times(bars: pd.DataFrame, newest_seen: dict[str, pd.Timestamp], 
     return repeat
 
 
-def _ensure_partitions(db: Database, conn: psycopg.Connection) -> None:
-    """The monthly partitions of the staged rows' months, in both bar tables (DESIGN.md 11), created in a short transaction
-    of their own before the rows are written. Never fatal: a row of a month without a partition lands
-    in the default partition, which the worker empties into the month's partition later."""
-    row = conn.execute(query("partitions_stage_months")).fetchone()
-    _create_partitions(db, list(row[0]) if row and row[0] else [])
-
-
-def _create_partitions(db: Database, months: list[datetime]) -> None:
-    """The partitions of ``months`` in both bar tables (derived_data_bars too: the bars built from
-    these rows fall in the same months); a failure is logged, never fatal."""
-    if not months:
-        return
-    try:
-        for table in partitions.TABLES:
-            partitions.ensure_months(db, table, months)
-    except psycopg.Error as exc:
-        log.warning("could not create the partitions of the new rows' months (%s)", str(exc).strip())
-
-
 def ingest_file(
     db: Database,
     path: str | Path,
@@ -957,7 +937,7 @@ class _Load:
                             and not may_have_duplicates
                             and (reject is not None or not bad.count)
                         ):
-                            written = self._direct(conn, cur, prepared, tickers, direct_spans)
+                            written = self._direct(conn, cur, prepared, direct_spans)
                         if written:
                             direct_chunks = True
                             direct_rows += int(ok.sum())
@@ -981,7 +961,10 @@ class _Load:
                     _bad_rows_message(path.name, reader.unit, bad.count, bad.first, _unknown_text(bad))
                 )
             report.rejected = bad.count
-            _ensure_partitions(self.db, conn)
+            # The staged rows' months (the direct chunks' months were made by the reader).
+            row = conn.execute(query("partitions_stage_months")).fetchone()
+            self._make_partitions(list(row[0]) if row and row[0] else [])
+            self._close_side()
             spans = {sym: (first, last) for sym, first, last in conn.execute(query("ingest_stage_symbols"))}
             for sym, (first, last) in direct_spans.items():
                 if sym in spans:
@@ -1028,32 +1011,27 @@ class _Load:
                     # lock on the table's default partition. The probe's bounds prune to the chunk's
                     # months (then all partitions), so the load never locks the default partition and
                     # later chunks' months can still be attached while it writes.
-                    self._partitions_for(min(prepared.span[1]), max(prepared.span[2]))
+                    self._make_partitions(partitions.months(min(prepared.span[1]), max(prepared.span[2])))
                     prepared.payload = _copy_binary(checked.bars, ok, tickers, self.source)
                 yield prepared
         finally:
-            if self.side is not None:
-                self.side.close()
-                self.side = None
+            self._close_side()
 
     def _direct(
         self,
         conn: Any,
         cur: Any,
         prepared: _Prepared,
-        tickers: dict[str, str | None],
         spans: dict[str, tuple[Any, Any]],
     ) -> bool:
         """COPY the chunk's good rows straight into data_bars when none of them can exist there;
         False (nothing written) when the chunk must be staged."""
-        ok, bars = prepared.ok, prepared.checked.bars
-        if not ok.any():
+        if not prepared.ok.any():
             return True
-        if prepared.span is None or prepared.payload is None:  # the reader did not expect this chunk direct
-            prepared.span = _spans(bars[ok] if not ok.all() else bars, set(tickers))
-            # On a connection of its own (the reader thread's side connection is its own).
-            _create_partitions(self.db, partitions.months(min(prepared.span[1]), max(prepared.span[2])))
-            prepared.payload = _copy_binary(bars, ok, tickers, self.source)
+        if prepared.span is None or prepared.payload is None:
+            # Not encoded by the reader, which encodes every chunk this is called for (the same
+            # conditions, and copy_refused only ever turns true): staged, never written unprepared.
+            return False
         symbols, firsts, lasts = prepared.span
         first, last = min(firsts), max(lasts)
         row = conn.execute(
@@ -1080,12 +1058,14 @@ class _Load:
             spans[sym] = (first, last) if old is None else (min(first, old[0]), max(last, old[1]))
         return True
 
-    def _partitions_for(self, first: datetime, last: datetime) -> None:
-        """The partitions of the months [first, last], created on a connection of their own (not in
-        this load's transaction) before the rows are written. A no-op on unpartitioned tables; never
-        fatal (the default partition takes the rows); each month is tried once. The connection stays
-        open for the whole load (a new one per chunk cost ~40 ms of server start each time)."""
-        months = [m for m in partitions.months(first, last) if m not in self.months_ready]
+    def _make_partitions(self, months: list[datetime]) -> None:
+        """The partitions of ``months`` in both bar tables (DESIGN.md 11; derived_data_bars too: the
+        bars built from these rows fall in the same months), created on a connection of their own (not
+        in this load's transaction) before the rows are written. A no-op on unpartitioned tables; never
+        fatal (the default partition takes the rows, and the worker moves them out later); each month
+        is tried once. The connection stays open for the load (a new one per chunk cost ~40 ms of
+        server start each time): the reader thread's while it reads, then the stage path's."""
+        months = [m for m in months if m not in self.months_ready]
         if not months:
             return
         try:
@@ -1095,10 +1075,13 @@ class _Load:
                 partitions.ensure_months_on(self.side, table, months)
         except (psycopg.Error, BaraggError) as exc:
             log.warning("could not create the partitions of the new rows' months (%s)", str(exc).strip())
-            if self.side is not None:
-                self.side.close()
-                self.side = None
+            self._close_side()
         self.months_ready.update(months)
+
+    def _close_side(self) -> None:
+        if self.side is not None:
+            self.side.close()
+            self.side = None
 
     def finish_reject(self, report: IngestReport) -> None:
         """After the commit: move the reject file into place (only when there were bad rows)."""
