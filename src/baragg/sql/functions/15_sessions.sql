@@ -204,7 +204,7 @@ CREATE OR REPLACE FUNCTION public.agg_catchup_session_tasks(p_to_tf text, p_symb
                                                      p_derivation_version integer DEFAULT 1,
                                                      p_ignore_confirmation boolean DEFAULT false)
 RETURNS TABLE (canonical_symbol text, result jsonb)
-LANGUAGE plpgsql SET search_path = '' AS $$
+LANGUAGE plpgsql SET search_path = '' SET plan_cache_mode = 'force_custom_plan' AS $$
 #variable_conflict use_column
 DECLARE
     -- RETURNING xmax cannot tell an insert from an update on a partitioned table: a bar whose id was
@@ -325,7 +325,7 @@ BEGIN
     ),
     windows AS (
         SELECT p.sym, w.*
-        FROM plan p
+        FROM (SELECT * FROM plan ORDER BY sym) p  -- neighbouring symbols share heap pages (10_engine.sql)
         CROSS JOIN LATERAL (
             SELECT x.*, row_number() OVER (ORDER BY x.ts_utc) AS rn
             FROM public._agg_session_window_bars(p_to_tf, p.sym, p.sess, p.s0, p.scan_end, p.is_sparse) x
@@ -671,7 +671,7 @@ CREATE OR REPLACE FUNCTION public.agg_reaggregate_session_tasks(p_to_tf text, p_
                                                          p_derivation_version integer DEFAULT 1,
                                                          p_now_utc timestamptz DEFAULT NULL)
 RETURNS TABLE (canonical_symbol text, result jsonb)
-LANGUAGE plpgsql SET search_path = '' AS $$
+LANGUAGE plpgsql SET search_path = '' SET plan_cache_mode = 'force_custom_plan' AS $$
 #variable_conflict use_column
 DECLARE
     -- RETURNING xmax cannot tell an insert from an update on a partitioned table: a bar whose id was

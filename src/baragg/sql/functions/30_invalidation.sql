@@ -550,7 +550,9 @@ CREATE OR REPLACE FUNCTION public.agg_reaggregate_tasks(p_to_tf text, p_symbols 
                                                  p_derivation_version integer DEFAULT 1,
                                                  p_now_utc timestamptz DEFAULT NULL)
 RETURNS TABLE (canonical_symbol text, result jsonb)
-LANGUAGE plpgsql SET search_path = '' SET enable_seqscan = off SET enable_bitmapscan = off AS $$
+-- plan_cache_mode: as agg_catchup_tasks (10_engine.sql), a plan for each call's arguments.
+LANGUAGE plpgsql SET search_path = '' SET enable_seqscan = off SET enable_bitmapscan = off
+SET plan_cache_mode = 'force_custom_plan' AS $$
 #variable_conflict use_column
 DECLARE
     -- RETURNING xmax cannot tell an insert from an update on a partitioned table: a bar whose id was
