@@ -532,3 +532,25 @@ def test_catchup_tasks_refuses_repeated_symbols(conn: psycopg.Connection) -> Non
             "SELECT * FROM agg_catchup_tasks('5m', ARRAY['EURUSD', 'EURUSD'], ARRAY[%s, %s]::timestamptz[])",
             (FRI, FRI),
         )
+
+
+@pytest.mark.parametrize(
+    "function",
+    [
+        "agg_catchup_tasks",
+        "agg_catchup_session_tasks",
+        "agg_reaggregate_tasks",
+        "agg_reaggregate_session_tasks",
+    ],
+)
+def test_set_based_calls_are_planned_for_their_arguments_in_every_call(
+    conn: psycopg.Connection, function: str
+) -> None:
+    """A worker makes thousands of these calls in one database session. After five, PL/pgSQL may keep
+    a generic plan, and the one it kept read the tasks in another order than their symbols': a
+    1M-window call at 1,000 symbols x 30 days took 40-43 s instead of 22-25 s (bench/README.md)."""
+    config = conn.execute(
+        "SELECT p.proconfig FROM pg_proc p WHERE p.oid = to_regproc(%s)", (f"public.{function}",)
+    ).fetchone()
+    assert config is not None, f"{function} is missing"
+    assert "plan_cache_mode=force_custom_plan" in (config[0] or []), config[0]

@@ -1159,6 +1159,11 @@ SELECT _agg_live_sessions();
 -- days, and `db partition` refuses.
 SELECT _agg_on_citus();
 
+-- name: worker_buffer_pages
+-- The server's shared buffers, in pages: how large a grown catch-up call may read per task (worker.py,
+-- _read_cap).
+SELECT setting::bigint FROM pg_settings WHERE name = 'shared_buffers';
+
 -- name: worker_citus_due_symbols
 -- Citus: the symbols that have a due task (as agg_claim_tasks defines due), in due order, read without
 -- locks; each is then claimed by agg_claim_tasks for that symbol alone (worker_claim). The live worker
