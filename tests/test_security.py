@@ -347,10 +347,17 @@ def test_every_function_pins_an_empty_search_path(supabase_db: Database) -> None
         ).fetchall()
     assert len(rows) > 40
     assert [ident for ident, config in rows if 'search_path=""' not in (config or [])] == []
-    # The only other settings: the catch-up's planner switches (index plans whatever the statistics)
-    # and its work_mem (a call's bars in memory), and UTC months for the partition functions.
+    # The only other settings: the catch-up's planner switches (index plans whatever the statistics,
+    # a plan for each call's arguments) and its work_mem (a call's bars in memory), and UTC months for
+    # the partition functions.
     others = {c for _, config in rows for c in config or [] if c != 'search_path=""'}
-    assert others <= {"enable_seqscan=off", "enable_bitmapscan=off", "work_mem=64MB", "TimeZone=UTC"}
+    assert others <= {
+        "enable_seqscan=off",
+        "enable_bitmapscan=off",
+        "plan_cache_mode=force_custom_plan",
+        "work_mem=64MB",
+        "TimeZone=UTC",
+    }
 
 
 def test_function_files_name_baragg_objects_with_their_schema() -> None:

@@ -1081,7 +1081,8 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
             "--max-windows",
             type=_positive(int),
             default=env("BARAGG_MAX_WINDOWS", "2000"),
-            help="windows per task in the first catch-up call (one transaction) of a backlog; later calls grow to fit the time budget left (env BARAGG_MAX_WINDOWS; default 2000)",
+            help="windows per task in the first catch-up call (one transaction) of a backlog; later calls grow to fit "
+            "the time budget left, within half the server's shared_buffers per task (env BARAGG_MAX_WINDOWS; default 2000)",
         )
         p.add_argument(
             "--batch-size",
