@@ -1088,8 +1088,8 @@ def add_worker_commands(commands: argparse._SubParsersAction) -> None:
             "--batch-size",
             type=_positive(int),
             default=env("BARAGG_BATCH_SIZE", "500"),
-            help="tasks claimed per statement (env BARAGG_BATCH_SIZE; default 500). One process catching up "
-            "1,000+ symbols alone is faster with 1000; several workers share a level better with 500",
+            help="tasks claimed per statement (env BARAGG_BATCH_SIZE; default 500, which lets several workers "
+            "share a level)",
         )
 
     p = commands.add_parser(
