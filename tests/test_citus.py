@@ -219,6 +219,19 @@ def test_distribute_places_the_tables_once_and_refuses_where_it_cannot(
     assert done.returncode == 1 and "Citus is not installed" in done.stderr, done.stderr
 
 
+def seed_step_from_t0(conn: psycopg.Connection) -> dict:
+    """The seed's RPC loop over CCC's 5m task moved back to T0: agg_start (claimed), then one
+    catchup_aggregation_range step; its result (agg_finish is the caller's)."""
+    conn.execute(
+        "UPDATE data_agg_state SET last_agg_bar_ts_utc = %s, next_run_at = NULL"
+        " WHERE canonical_symbol = 'CCC' AND timeframe = '5m'",
+        (T0,),
+    )
+    assert conn.execute("SELECT agg_start('CCC', '5m', %s, 'seed')", (NOW,)).fetchone()[0]["claimed"]
+    row = conn.execute("SELECT catchup_aggregation_range('CCC', '5m', %s, 1000, %s)", (T0, NOW)).fetchone()
+    return row[0]
+
+
 def test_bars_equal_plain_postgresql_and_late_data_rewrites_them(distributed: str, plain: dict) -> None:
     url = distributed
     cli(url, "run", "--once", "--now", NOW)
@@ -232,15 +245,7 @@ def test_bars_equal_plain_postgresql_and_late_data_rewrites_them(distributed: st
     # The seed's RPC loop (agg_start -> catchup_aggregation_range -> agg_finish) over a task moved back:
     # every window recomputed equal, nothing written.
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "UPDATE data_agg_state SET last_agg_bar_ts_utc = %s, next_run_at = NULL"
-            " WHERE canonical_symbol = 'CCC' AND timeframe = '5m'",
-            (T0,),
-        )
-        assert conn.execute("SELECT agg_start('CCC', '5m', %s, 'seed')", (NOW,)).fetchone()[0]["claimed"]
-        step = conn.execute(
-            "SELECT catchup_aggregation_range('CCC', '5m', %s, 1000, %s)", (T0, NOW)
-        ).fetchone()[0]
+        step = seed_step_from_t0(conn)
         assert step["success"] and step["bars_created"] == 0 and step["bars_unchanged"] == 288, step
         done = conn.execute(
             "SELECT agg_finish('CCC', '5m', true, %s, NULL, NULL, NULL, %s, 'seed')",
@@ -276,15 +281,7 @@ def test_a_task_moved_back_withdraws_the_bar_of_a_window_that_lost_its_rows(dist
                 (window, window + timedelta(minutes=5)),
             )
             conn.execute("TRUNCATE agg_invalidations")  # the catch-up, not the late-data path, handles it
-            conn.execute(
-                "UPDATE data_agg_state SET last_agg_bar_ts_utc = %s, next_run_at = NULL"
-                " WHERE canonical_symbol = 'CCC' AND timeframe = '5m'",
-                (T0,),
-            )
-            assert conn.execute("SELECT agg_start('CCC', '5m', %s, 'seed')", (NOW,)).fetchone()[0]["claimed"]
-            step = conn.execute(
-                "SELECT catchup_aggregation_range('CCC', '5m', %s, 1000, %s)", (T0, NOW)
-            ).fetchone()[0]
+            step = seed_step_from_t0(conn)
         assert step["success"] and step["bars_withdrawn"] == 1 and step["bars_unchanged"] == 287, step
         assert sql(
             url,
